@@ -1,0 +1,1 @@
+"""torch.library custom ops, one module per op family."""

@@ -1,0 +1,1 @@
+"""Plain-PyTorch implementations: the spec, the test oracle, the fallback backend."""

@@ -1,0 +1,70 @@
+"""Builds pyclloss._C: the C++ CPU kernels always, the CUDA kernels when torch
+has CUDA and nvcc is found.
+
+Environment overrides:
+  PYCLLOSS_CUDA=0   never build the CUDA kernels
+  PYCLLOSS_CUDA=1   require them (fail if torch has no CUDA or nvcc is missing)
+  PYCLLOSS_CUDA_ARCH="80;90"  compute capabilities for nvcc (default 80;90)
+  MAX_JOBS          parallel compile jobs (torch's ninja builder)
+"""
+
+import glob
+import os
+
+from setuptools import setup
+
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError as exc:  # pragma: no cover - build-time message
+    raise SystemExit(
+        "pyclloss builds against the installed PyTorch: install torch first, then "
+        "`pip install --no-build-isolation .`"
+    ) from exc
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _want_cuda():
+    flag = os.environ.get("PYCLLOSS_CUDA", "auto")
+    available = torch.version.cuda is not None and CUDA_HOME is not None
+    if flag == "0":
+        return False
+    if flag == "1" and not available:
+        raise SystemExit("PYCLLOSS_CUDA=1 but torch has no CUDA or nvcc was not found")
+    return available
+
+
+def _openmp_flags():
+    return ["-fopenmp"] if os.name != "nt" else ["/openmp"]
+
+
+def _extension():
+    rel = lambda pattern: sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
+    sources = ["csrc/bindings.cpp"] + rel("csrc/cpu/*.cpp")
+    include_dirs = [os.path.join(HERE, "csrc", "include")]
+    cxx = ["-O3", "-std=c++17"] + _openmp_flags()
+    if not _want_cuda():
+        return CppExtension(
+            "pyclloss._C",
+            sources,
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx},
+            extra_link_args=_openmp_flags(),
+        )
+    archs = os.environ.get("PYCLLOSS_CUDA_ARCH", "80;90").replace(",", ";").split(";")
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs if a]
+    return CUDAExtension(
+        "pyclloss._C",
+        sources + rel("csrc/cuda/*.cu") + rel("csrc/cuda/*.cpp"),
+        include_dirs=include_dirs,
+        define_macros=[("PYCLLOSS_WITH_CUDA", None)],
+        extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"] + gencode},
+        extra_link_args=_openmp_flags(),
+    )
+
+
+setup(
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)

@@ -1,3 +1,37 @@
-"""pyclloss: fused contrastive-learning losses for PyTorch."""
+"""pyclloss: fused contrastive-learning losses for PyTorch.
+
+Functions (``pyclloss.nt_xent`` ...) and modules (``pyclloss.NTXentLoss`` ...)
+of the InfoNCE family, each with ``backend="auto" | "cpp" | "cuda" | "triton" |
+"reference"``; ``pyclloss.backends()`` says which backends are available here.
+"""
+
+from .backends import backends
+from .functional import clip_loss, info_nce, nt_xent, pair_nt_xent, siglip_loss, supcon
+from .losses import (
+    ClipLoss,
+    InfoNCELoss,
+    MoCoLoss,
+    NTXentLoss,
+    PairNTXentLoss,
+    SigLipLoss,
+    SupConLoss,
+)
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "backends",
+    "clip_loss",
+    "info_nce",
+    "nt_xent",
+    "pair_nt_xent",
+    "siglip_loss",
+    "supcon",
+    "ClipLoss",
+    "InfoNCELoss",
+    "MoCoLoss",
+    "NTXentLoss",
+    "PairNTXentLoss",
+    "SigLipLoss",
+    "SupConLoss",
+]

@@ -1,0 +1,116 @@
+"""Input validation shared by the public entry points.
+
+Every message names the argument and the expected form. Value checks that
+need a device sync (finiteness, positivity of a tensor) are skipped while
+torch.compile traces, where they would break the graph.
+"""
+
+import numbers
+from typing import Optional, Sequence
+
+import torch
+
+Tensor = torch.Tensor
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _tracing() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def features(name: str, x, ndims: Sequence[int] = (2,), min_rows: int = 1) -> Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if x.dim() not in ndims:
+        shapes = " or ".join({2: "(N, D)", 3: "(B, V, D)"}[d] for d in ndims)
+        raise ValueError(f"{name} must have shape {shapes}, got {tuple(x.shape)}")
+    if x.shape[0] < min_rows:
+        raise ValueError(f"{name} needs at least {min_rows} rows, got {x.shape[0]}")
+    if x.shape[-1] == 0:
+        raise ValueError(f"{name} has an empty feature dimension: {tuple(x.shape)}")
+    if not _tracing() and x.device.type != "meta" and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or Inf")
+    return x
+
+
+def same_kind(name: str, x: Tensor, ref_name: str, ref: Tensor, same_rows: bool = False) -> None:
+    if x.device != ref.device:
+        raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}")
+    if x.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {x.dtype} but {ref_name} has {ref.dtype}")
+    if x.shape[-1] != ref.shape[-1]:
+        raise ValueError(
+            f"{name} has feature dimension {x.shape[-1]} but {ref_name} has {ref.shape[-1]}")
+    if same_rows and x.shape[0] != ref.shape[0]:
+        raise ValueError(f"{name} has {x.shape[0]} rows but {ref_name} has {ref.shape[0]}")
+
+
+def labels(name: str, y, n: int, device: torch.device) -> Tensor:
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of integer labels, got {type(y).__name__}")
+    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integers, got {y.dtype}")
+    if y.dim() != 1 or y.shape[0] != n:
+        raise ValueError(f"{name} must have shape ({n},), got {tuple(y.shape)}")
+    if y.device != device:
+        raise ValueError(f"{name} is on {y.device} but the features are on {device}")
+    return y.to(torch.int64).contiguous()
+
+
+def index_targets(name: str, t, n: int, m: int, device: torch.device) -> Tensor:
+    t = labels(name, t, n, device)
+    if not _tracing() and n > 0 and bool(((t < 0) | (t >= m)).any()):
+        raise ValueError(f"{name} must index the {m} keys (0 <= target < {m})")
+    return t
+
+
+def positive(name: str, value, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """A positive scalar (float or 0-dim tensor, which keeps its autograd graph)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a scalar, got shape {tuple(value.shape)}")
+        if not value.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
+        if not _tracing() and not bool(value.detach().reshape(()) > 0):
+            raise ValueError(f"{name} must be > 0, got {value.item()}")
+        return value.reshape(()).to(device=device, dtype=dtype)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a positive number, got {type(value).__name__}")
+    if not value > 0 or value != value or value == float("inf"):
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return torch.tensor(float(value), device=device, dtype=dtype)
+
+
+def scalar(name: str, value, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """A finite scalar of any sign (float or 0-dim tensor)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a scalar, got shape {tuple(value.shape)}")
+        return value.reshape(()).to(device=device, dtype=dtype)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    return torch.tensor(float(value), device=device, dtype=dtype)
+
+
+def weights(name: str, w: Optional[Tensor], n: int, device: torch.device) -> Optional[Tensor]:
+    if w is None:
+        return None
+    if not isinstance(w, torch.Tensor) or not w.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating torch.Tensor of shape ({n},)")
+    if w.dim() != 1 or w.shape[0] != n:
+        raise ValueError(f"{name} must have shape ({n},), got {tuple(w.shape)}")
+    if w.device != device:
+        raise ValueError(f"{name} is on {w.device} but the features are on {device}")
+    if not _tracing() and not bool((torch.isfinite(w) & (w >= 0)).all()):
+        raise ValueError(f"{name} must be finite and >= 0")
+    return w.detach()
+
+
+def reduction(value: str) -> str:
+    if value not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {value!r}")
+    return value

@@ -1,0 +1,117 @@
+"""Which backends exist here, and how ``backend="auto"`` chooses.
+
+Backends: ``"cpp"`` (compiled C++ CPU kernels), ``"cuda"`` (compiled CUDA
+kernels), ``"triton"`` (Triton kernels; CUDA tensors, or CPU tensors under
+``TRITON_INTERPRET=1``), ``"reference"`` (plain PyTorch, always available).
+``auto`` picks the CUDA kernels on CUDA tensors when built, else Triton; the
+C++ kernels on CPU tensors, else the reference. It never fails for lack of a
+compiled piece; asking explicitly for a missing backend raises.
+"""
+
+import functools
+import importlib
+import os
+from typing import Dict, NamedTuple
+
+import torch
+
+BACKENDS = ("cpp", "cuda", "triton", "reference")
+
+
+class Availability(NamedTuple):
+    available: bool
+    reason: str
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled():
+    """The compiled extension module, or the ImportError that prevented it."""
+    try:
+        return importlib.import_module("pyclloss._C")
+    except ImportError as exc:
+        return exc
+
+
+def _triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error():
+    try:
+        importlib.import_module("triton")
+    except ImportError as exc:
+        return f"triton is not installed ({exc})"
+    return None
+
+
+def _availability(name: str) -> Availability:
+    ext = _compiled()
+    if name == "reference":
+        return Availability(True, "plain PyTorch")
+    if name == "cpp":
+        if isinstance(ext, Exception):
+            return Availability(False, f"extension pyclloss._C not importable: {ext}")
+        omp = "OpenMP" if ext.built_with_openmp() else "no OpenMP"
+        return Availability(True, f"compiled C++ kernels ({omp}, {torch.get_num_threads()} threads)")
+    if name == "cuda":
+        if isinstance(ext, Exception):
+            return Availability(False, f"extension pyclloss._C not importable: {ext}")
+        if not ext.built_with_cuda():
+            return Availability(False, "extension built without CUDA")
+        if not torch.cuda.is_available():
+            return Availability(False, "no CUDA device")
+        return Availability(True, f"compiled CUDA kernels on {torch.cuda.get_device_name()}")
+    if name == "triton":
+        error = _triton_import_error()
+        if error:
+            return Availability(False, error)
+        if torch.cuda.is_available():
+            return Availability(True, f"Triton on {torch.cuda.get_device_name()}")
+        if _triton_interpreting():
+            return Availability(True, "Triton interpreter on the CPU (TRITON_INTERPRET=1)")
+        return Availability(False, "no CUDA device (set TRITON_INTERPRET=1 to interpret on the CPU)")
+    raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {name!r}")
+
+
+def backends() -> Dict[str, Availability]:
+    """Availability of every backend here, with the reason: ``{name: (available, reason)}``."""
+    return {name: _availability(name) for name in BACKENDS}
+
+
+def _runs_on(name: str, device: torch.device) -> bool:
+    if name == "cpp":
+        return device.type == "cpu"
+    if name == "cuda":
+        return device.type == "cuda"
+    if name == "triton":
+        return device.type == "cuda" or (device.type == "cpu" and _triton_interpreting())
+    return True
+
+
+def resolve(backend: str, device: torch.device) -> str:
+    """The concrete backend that runs for tensors on ``device``."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    if backend == "auto":
+        order = ("cuda", "triton") if device.type == "cuda" else ("cpp",)
+        for name in order:
+            if _availability(name).available and _runs_on(name, device):
+                return name
+        return "reference"
+    available, reason = _availability(backend)
+    if not available:
+        raise RuntimeError(f"backend={backend!r} is not available: {reason}")
+    if not _runs_on(backend, device):
+        raise ValueError(f"backend={backend!r} cannot run on {device.type} tensors")
+    return backend
+
+
+def kernel(backend: str, family: str, name: str):
+    """The kernel ``name`` of op family ``family`` in a concrete backend."""
+    if backend in ("cpp", "cuda"):
+        _compiled()  # loading the extension registers torch.ops.pyclloss_C
+        return getattr(torch.ops.pyclloss_C, name)
+    if backend == "triton":
+        return getattr(importlib.import_module(f"pyclloss.triton_kernels.{family}"), name)
+    return getattr(importlib.import_module(f"pyclloss.reference.{family}"), name)

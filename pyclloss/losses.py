@@ -1,0 +1,136 @@
+"""nn.Module wrappers of the losses in ``pyclloss.functional``, with the state
+some of them own (MoCo's queue)."""
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import functional as fn
+
+Tensor = torch.Tensor
+
+
+class NTXentLoss(nn.Module):
+    """SimCLR's NT-Xent; ``forward(z1, z2)``. See :func:`pyclloss.nt_xent`."""
+
+    def __init__(self, temperature: float = 0.5, reduction: str = "mean", backend: str = "auto"):
+        super().__init__()
+        self.temperature, self.reduction, self.backend = temperature, reduction, backend
+
+    def forward(self, z1: Tensor, z2: Tensor, weights: Optional[Tensor] = None) -> Tensor:
+        return fn.nt_xent(z1, z2, self.temperature, weights=weights, reduction=self.reduction,
+                          backend=self.backend)
+
+
+class PairNTXentLoss(nn.Module):
+    """pytorch-metric-learning's NTXentLoss with labels; ``forward(embeddings, labels)``.
+    See :func:`pyclloss.pair_nt_xent`."""
+
+    def __init__(self, temperature: float = 0.07, reduction: str = "mean", backend: str = "auto"):
+        super().__init__()
+        self.temperature, self.reduction, self.backend = temperature, reduction, backend
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        return fn.pair_nt_xent(embeddings, labels, self.temperature, reduction=self.reduction,
+                               backend=self.backend)
+
+
+class SupConLoss(nn.Module):
+    """Supervised contrastive loss; ``forward(features, labels=None)``.
+    See :func:`pyclloss.supcon`."""
+
+    def __init__(self, temperature: float = 0.1, base_temperature: Optional[float] = None,
+                 reduction: str = "mean", backend: str = "auto"):
+        super().__init__()
+        self.temperature, self.base_temperature = temperature, base_temperature
+        self.reduction, self.backend = reduction, backend
+
+    def forward(self, features: Tensor, labels: Optional[Tensor] = None,
+                weights: Optional[Tensor] = None) -> Tensor:
+        return fn.supcon(features, labels, self.temperature, self.base_temperature,
+                         weights=weights, reduction=self.reduction, backend=self.backend)
+
+
+class InfoNCELoss(nn.Module):
+    """One-direction InfoNCE; ``forward(query, key, targets=None, queue=None, weights=None)``.
+    See :func:`pyclloss.info_nce`."""
+
+    def __init__(self, temperature: float = 0.07, normalize: bool = True,
+                 reduction: str = "mean", backend: str = "auto"):
+        super().__init__()
+        self.temperature, self.normalize = temperature, normalize
+        self.reduction, self.backend = reduction, backend
+
+    def forward(self, query: Tensor, key: Tensor, targets: Optional[Tensor] = None,
+                queue: Optional[Tensor] = None, weights: Optional[Tensor] = None) -> Tensor:
+        return fn.info_nce(query, key, self.temperature, targets, queue, weights, self.normalize,
+                           reduction=self.reduction, backend=self.backend)
+
+
+class ClipLoss(nn.Module):
+    """open_clip's ``ClipLoss`` (single process); ``forward(image_features,
+    text_features, logit_scale)``. See :func:`pyclloss.clip_loss`."""
+
+    def __init__(self, reduction: str = "mean", backend: str = "auto"):
+        super().__init__()
+        self.reduction, self.backend = reduction, backend
+
+    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale) -> Tensor:
+        return fn.clip_loss(image_features, text_features, logit_scale, reduction=self.reduction,
+                            backend=self.backend)
+
+
+class SigLipLoss(nn.Module):
+    """open_clip's ``SigLipLoss`` (single process); ``forward(image_features,
+    text_features, logit_scale, logit_bias)``. See :func:`pyclloss.siglip_loss`."""
+
+    def __init__(self, reduction: str = "mean", backend: str = "auto"):
+        super().__init__()
+        self.reduction, self.backend = reduction, backend
+
+    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale,
+                logit_bias) -> Tensor:
+        return fn.siglip_loss(image_features, text_features, logit_scale, logit_bias,
+                              reduction=self.reduction, backend=self.backend)
+
+
+class MoCoLoss(nn.Module):
+    """MoCo's InfoNCE with a FIFO queue of negatives (He et al., CVPR 2020).
+
+    ``forward(query, key)`` computes :func:`pyclloss.info_nce` of the queries
+    against their keys plus the queue, then enqueues the normalised, detached
+    keys, overwriting the oldest entries. The queue starts, as in MoCo, filled
+    with random unit vectors.
+
+    Args:
+        dim: embedding size D. queue_size: number of queued negatives.
+        temperature: τ (MoCo v2: 0.2).
+    """
+
+    def __init__(self, dim: int, queue_size: int = 65536, temperature: float = 0.2,
+                 backend: str = "auto"):
+        super().__init__()
+        if not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        if not isinstance(queue_size, int) or queue_size < 1:
+            raise ValueError(f"queue_size must be a positive int, got {queue_size!r}")
+        self.temperature, self.backend = temperature, backend
+        self.register_buffer("queue", F.normalize(torch.randn(queue_size, dim), dim=1))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    def forward(self, query: Tensor, key: Tensor) -> Tensor:
+        queue = self.queue.to(query.dtype)
+        loss = fn.info_nce(query, key, self.temperature, queue=queue, backend=self.backend)
+        self._enqueue(key)
+        return loss
+
+    @torch.no_grad()
+    def _enqueue(self, key: Tensor) -> None:
+        size = self.queue.shape[0]
+        keys = F.normalize(key.detach().to(self.queue.dtype), dim=1)[-size:]
+        start = int(self.queue_ptr)
+        rows = (start + torch.arange(keys.shape[0], device=keys.device)) % size
+        self.queue[rows] = keys
+        self.queue_ptr.fill_((start + keys.shape[0]) % size)

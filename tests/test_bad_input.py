@@ -1,0 +1,82 @@
+"""Bad input raises ValueError/TypeError naming the argument; nothing returns NaN."""
+
+import pytest
+import torch
+
+import pyclloss
+
+X = torch.randn(6, 4)
+Y = torch.randint(0, 2, (6,))
+
+
+@pytest.mark.parametrize("call, error, word", [
+    (lambda: pyclloss.nt_xent(X, torch.randn(5, 4)), ValueError, "z2"),
+    (lambda: pyclloss.nt_xent(X, torch.randn(6, 3)), ValueError, "feature dimension"),
+    (lambda: pyclloss.nt_xent(X, X.double()), TypeError, "z2"),
+    (lambda: pyclloss.nt_xent(X, X, temperature=0.0), ValueError, "temperature"),
+    (lambda: pyclloss.nt_xent(X, X, temperature=-1.0), ValueError, "temperature"),
+    (lambda: pyclloss.nt_xent(X, X, temperature=torch.tensor(-0.1)), ValueError, "temperature"),
+    (lambda: pyclloss.nt_xent(X, X, temperature="hot"), TypeError, "temperature"),
+    (lambda: pyclloss.nt_xent(X.long(), X.long()), TypeError, "z1"),
+    (lambda: pyclloss.nt_xent(X.tolist(), X), TypeError, "z1"),
+    (lambda: pyclloss.nt_xent(torch.randn(6), X), ValueError, "z1"),
+    (lambda: pyclloss.nt_xent(torch.randn(0, 4), torch.randn(0, 4)), ValueError, "z1"),
+    (lambda: pyclloss.nt_xent(X, X, reduction="avg"), ValueError, "reduction"),
+    (lambda: pyclloss.nt_xent(X, X, weights=torch.ones(5)), ValueError, "weights"),
+    (lambda: pyclloss.nt_xent(X, X, weights=-torch.ones(6)), ValueError, "weights"),
+    (lambda: pyclloss.supcon(X, Y[:5]), ValueError, "labels"),
+    (lambda: pyclloss.supcon(X, Y.float()), TypeError, "labels"),
+    (lambda: pyclloss.supcon(X), ValueError, "labels"),
+    (lambda: pyclloss.supcon(X[:1], Y[:1]), ValueError, "features"),
+    (lambda: pyclloss.supcon(torch.randn(2, 2, 2, 2)), ValueError, "features"),
+    (lambda: pyclloss.supcon(X, Y, base_temperature=0), ValueError, "base_temperature"),
+    (lambda: pyclloss.pair_nt_xent(X[:1], Y[:1]), ValueError, "embeddings"),
+    (lambda: pyclloss.info_nce(X, X[:3]), ValueError, "key"),
+    (lambda: pyclloss.info_nce(X, X, targets=torch.full((6,), 6)), ValueError, "targets"),
+    (lambda: pyclloss.info_nce(X, X, queue=torch.randn(3, 5)), ValueError, "queue"),
+    (lambda: pyclloss.clip_loss(X, X, logit_scale=0.0), ValueError, "logit_scale"),
+    (lambda: pyclloss.clip_loss(X, X[:4], logit_scale=1.0), ValueError, "text_features"),
+    (lambda: pyclloss.siglip_loss(X, X, 10.0, torch.zeros(2)), ValueError, "logit_bias"),
+    (lambda: pyclloss.nt_xent(X, X, backend="gpu"), ValueError, "backend"),
+    (lambda: pyclloss.nt_xent(X, X, backend=3), TypeError, "backend"),
+    (lambda: pyclloss.MoCoLoss(dim=0), ValueError, "dim"),
+])
+def test_bad_input_names_the_argument(call, error, word):
+    with pytest.raises(error, match=word):
+        call()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_input_is_rejected(bad):
+    x = X.clone()
+    x[2, 1] = bad
+    with pytest.raises(ValueError, match="z1 contains NaN or Inf"):
+        pyclloss.nt_xent(x, X)
+    with pytest.raises(ValueError, match="features contains NaN or Inf"):
+        pyclloss.supcon(x, Y)
+
+
+def test_devices_must_match():
+    meta = torch.randn(6, 4, device="meta")
+    with pytest.raises(ValueError, match="z2 is on meta"):
+        pyclloss.nt_xent(X, meta)
+
+
+def test_unavailable_backend_is_a_clear_error():
+    available = pyclloss.backends()
+    if not available["cuda"].available:
+        with pytest.raises(RuntimeError, match="backend='cuda' is not available"):
+            pyclloss.nt_xent(X, X, backend="cuda")
+    if available["cpp"].available and not torch.cuda.is_available():
+        # the C++ kernels only take CPU tensors: asking for them elsewhere is refused
+        from pyclloss.backends import resolve
+        with pytest.raises(ValueError, match="cannot run on cuda"):
+            resolve("cpp", torch.device("cuda"))
+
+
+def test_backends_report():
+    report = pyclloss.backends()
+    assert set(report) == {"cpp", "cuda", "triton", "reference"}
+    assert report["reference"].available
+    for available, reason in report.values():
+        assert isinstance(available, bool) and reason

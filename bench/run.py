@@ -1,0 +1,6 @@
+"""Benchmark table of the InfoNCE losses (same as `pyclloss bench`)."""
+
+from pyclloss.benchmark import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())

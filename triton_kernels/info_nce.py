@@ -35,9 +35,9 @@ _MAX_BLOCK_D_OUT = 128
 def _configs():
     if _INTERPRET:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
-    shapes = [
-        (128, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3), (64, 64, 4, 2),
-        (64, 64, 4, 4), (128, 128, 8, 2), (128, 128, 8, 3), (64, 128, 8, 4),
+    shapes = [  # BLOCK_M, BLOCK_N, num_warps, num_stages
+        (128, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3),
+        (64, 64, 4, 2), (64, 64, 4, 4), (128, 128, 8, 3),
     ]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
             for bm, bn, w, s in shapes]
@@ -147,6 +147,22 @@ def _grad_tile(dot, scale, bias, offs_m, offs_n, N, M, q_labels_ptr, k_labels_pt
                 pos_term = pos_term * _sigmoid(pair_lse[:, None] - logits)
             grad += pos_term
     return grad
+
+
+@triton.jit
+def _grad_dot(grad, x, acc, DOT_PRECISION: tl.constexpr):
+    """acc + grad @ x with grad (fp32) cast to x's dtype for the tensor cores.
+
+    Gradient entries are often far below 1 (coefficients of 1/N), under fp16's
+    normal range: for fp16 each row of grad is divided by its largest
+    magnitude before the cast and the product multiplied back, so they keep
+    fp16's relative precision instead of underflowing. bf16 has fp32's range."""
+    if x.dtype == tl.float16:
+        row_max = tl.max(tl.abs(grad), axis=1)
+        row_max = tl.where(row_max > 0, row_max, 1.0)
+        unit_rows = (grad * (1.0 / row_max)[:, None]).to(tl.float16)
+        return acc + tl.dot(unit_rows, x) * row_max[:, None]
+    return tl.dot(grad.to(x.dtype), x, acc, input_precision=DOT_PRECISION)
 
 
 # --------------------------------------------------------------------- forward kernels
@@ -277,7 +293,7 @@ def _dq_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, q_labels_ptr, k_labels_ptr,
             row_dbias += tl.sum(grad, axis=1)
         k_slice = tl.load(k_ptr + offs_n.to(tl.int64)[:, None] * D + offs_d[None, :],
                           mask=(offs_n < M)[:, None] & d_in, other=0.0)
-        dq = tl.dot(grad.to(k_slice.dtype), k_slice, dq, input_precision=DOT_PRECISION)
+        dq = _grad_dot(grad, k_slice, dq, DOT_PRECISION)
     row_in = offs_m < N
     tl.store(dq_ptr + offs_m.to(tl.int64)[:, None] * D + offs_d[None, :],
              (scale * dq).to(dq_ptr.dtype.element_ty), mask=row_in[:, None] & d_in)
@@ -314,7 +330,7 @@ def _dk_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, q_labels_ptr, k_labels_ptr,
                           NEG_ONLY, ROW_TERM, COL_TERM, POS_TERM, HAS_PAIR_LSE)
         q_slice = tl.load(q_ptr + offs_m.to(tl.int64)[:, None] * D + offs_d[None, :],
                           mask=(offs_m < N)[:, None] & d_in, other=0.0)
-        dk = tl.dot(tl.trans(grad).to(q_slice.dtype), q_slice, dk, input_precision=DOT_PRECISION)
+        dk = _grad_dot(tl.trans(grad), q_slice, dk, DOT_PRECISION)
     tl.store(dk_ptr + offs_n.to(tl.int64)[:, None] * D + offs_d[None, :],
              (scale * dk).to(dk_ptr.dtype.element_ty), mask=(offs_n < M)[:, None] & d_in)
 

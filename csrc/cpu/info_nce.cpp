@@ -1,0 +1,778 @@
+// CPU kernels of the fused InfoNCE core: the five ops of docs/fused_core.md.
+//
+// Every kernel streams (row block x key block) tiles of dot products from a
+// GEMM into a thread-local buffer; a vectorized epilogue turns each tile into
+// statistics (forward) or into the logit gradient G, which a second GEMM
+// multiplies into dq or dk (backward). Nothing N x M is allocated: backward
+// recomputes the tiles, dq in a pass over query blocks and dk in a pass over
+// key blocks, so no thread ever adds into another's rows. Every reduction
+// runs in an order fixed by the sizes alone: results do not depend on the
+// number of threads.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "pyclloss/cpu_math.h"
+#include "pyclloss/cpu_tile.h"
+
+namespace pyclloss::cpu {
+namespace {
+
+using at::Tensor;
+using OptionalTensor = std::optional<Tensor>;
+
+constexpr int64_t kOuterBlock = 64;   // rows of a tile, one parallel task each
+constexpr int64_t kInnerBlock = 512;  // columns of a tile, streamed
+// infonce_fwd's column statistics come from per-group partials over row
+// blocks, merged in group order: at most this many groups, and at most this
+// many partial entries per statistic in all.
+constexpr int64_t kMaxColumnGroups = 64;
+constexpr int64_t kColumnPartialBudget = int64_t(1) << 20;
+
+// ------------------------------------------------------------------ masks
+
+// Which pairs of a tile are excluded or positive, in tile-local indices
+// (i: query, j: key). Label pointers are never null: without labels the
+// kernels pass two constant vectors that never match. Conditions combine
+// with `&` rather than `&&` throughout the epilogues: short-circuits are
+// branches, and GCC falls back to scalar code for them.
+struct PairMask {
+  const int64_t* q_labels;  // at the tile's first query
+  const int64_t* k_labels;  // at the tile's first key
+  int64_t diagonal;         // (i, j) is excluded iff j == i + diagonal
+
+  bool excluded(int64_t i, int64_t j) const { return j == i + diagonal; }
+  bool positive(int64_t i, int64_t j) const {
+    return (q_labels[i] == k_labels[j]) & !excluded(i, j);
+  }
+  bool same_label(int64_t i, int64_t j) const { return q_labels[i] == k_labels[j]; }
+};
+
+// A tile is row-major (outer x inner). Query-major: outer rows are queries,
+// inner columns keys (forward, dq); key-major: the transpose (dk).
+template <bool kKeyMajor>
+inline int64_t query_index(int64_t outer, int64_t inner) {
+  return kKeyMajor ? inner : outer;
+}
+
+template <bool kKeyMajor>
+inline int64_t key_index(int64_t outer, int64_t inner) {
+  return kKeyMajor ? outer : inner;
+}
+
+template <typename T>
+inline T max_of(T a, T b) {
+  return a > b ? a : b;
+}
+
+template <typename T>
+inline T* shifted(T* pointer, int64_t offset) {
+  return pointer == nullptr ? nullptr : pointer + offset;
+}
+
+// -------------------------------------------------------- tile epilogues
+
+// Running per-query statistics of infonce_fwd (pointers at the tile's first
+// query). `sum` is relative to `max`.
+template <typename acc_t>
+struct RowStats {
+  acc_t* max;
+  acc_t* sum;
+  acc_t* pos_sum;
+  acc_t* pos_count;
+};
+
+// Folds one query-major tile of dot products into the row statistics, and
+// leaves the tile holding the logits of den(i, j), -inf elsewhere.
+template <typename acc_t>
+PYCLLOSS_VECTOR_CLONES void infonce_row_stats_tile(acc_t* tile, int64_t rows, int64_t cols,
+                                                   acc_t scale, PairMask mask, bool neg_only,
+                                                   RowStats<acc_t> stats) {
+  for (int64_t i = 0; i < rows; ++i) {
+    acc_t* logits = tile + i * cols;
+    acc_t tile_max = kNegInf<acc_t>;
+    acc_t pos_sum = 0;
+    acc_t pos_count = 0;
+#pragma omp simd reduction(max : tile_max) reduction(+ : pos_sum, pos_count)
+    for (int64_t j = 0; j < cols; ++j) {
+      const acc_t logit = scale * logits[j];
+      const bool pos = mask.positive(i, j);
+      const bool den = !mask.excluded(i, j) & !(neg_only & pos);
+      pos_sum += pos ? logit : acc_t(0);
+      pos_count += pos ? acc_t(1) : acc_t(0);
+      logits[j] = den ? logit : kNegInf<acc_t>;
+      tile_max = max_of(tile_max, logits[j]);
+    }
+    stats.pos_sum[i] += pos_sum;
+    stats.pos_count[i] += pos_count;
+    const acc_t new_max = max_of(stats.max[i], tile_max);
+    if (new_max == kNegInf<acc_t>) {
+      continue;  // nothing in the set yet: the state stays (-inf, 0)
+    }
+    acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < cols; ++j) {
+      sum += exp_approx(logits[j] - new_max);
+    }
+    stats.sum[i] = stats.sum[i] * rescale_factor(stats.max[i], new_max) + sum;
+    stats.max[i] = new_max;
+  }
+}
+
+// Folds a query-major tile of masked logits (-inf where excluded) into running
+// per-key (max, sum) states (pointers at the tile's first key).
+template <typename acc_t>
+PYCLLOSS_VECTOR_CLONES void column_lse_tile(const acc_t* logits, int64_t rows, int64_t cols,
+                                            acc_t* col_max, acc_t* col_sum) {
+  acc_t tile_max[kInnerBlock];
+  std::fill(tile_max, tile_max + cols, kNegInf<acc_t>);
+  for (int64_t i = 0; i < rows; ++i) {
+#pragma omp simd
+    for (int64_t j = 0; j < cols; ++j) {
+      tile_max[j] = max_of(tile_max[j], logits[i * cols + j]);
+    }
+  }
+#pragma omp simd
+  for (int64_t j = 0; j < cols; ++j) {
+    const acc_t new_max = max_of(col_max[j], tile_max[j]);
+    col_sum[j] *= rescale_factor(col_max[j], new_max);
+    col_max[j] = new_max;
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+#pragma omp simd
+    for (int64_t j = 0; j < cols; ++j) {
+      const acc_t logit = logits[i * cols + j];
+      // An excluded entry may meet a column whose max is still -inf.
+      col_sum[j] += logit == kNegInf<acc_t> ? acc_t(0) : exp_approx(logit - col_max[j]);
+    }
+  }
+}
+
+// Adds softplus and sigmoid of (neg_lse_i - l_ij) over the positives of a
+// query-major tile (pointers at the tile's first query).
+template <typename acc_t>
+PYCLLOSS_VECTOR_CLONES void infonce_pair_tile(const acc_t* dots, int64_t rows, int64_t cols,
+                                              acc_t scale, PairMask mask, const acc_t* neg_lse,
+                                              acc_t* loss_sum, acc_t* sigmoid_sum) {
+  for (int64_t i = 0; i < rows; ++i) {
+    acc_t loss = 0;
+    acc_t weight = 0;
+#pragma omp simd reduction(+ : loss, weight)
+    for (int64_t j = 0; j < cols; ++j) {
+      const bool pos = mask.positive(i, j);
+      const acc_t margin = neg_lse[i] - scale * dots[i * cols + j];
+      loss += pos ? softplus(margin) : acc_t(0);
+      weight += pos ? sigmoid(margin) : acc_t(0);
+    }
+    loss_sum[i] += loss;
+    sigmoid_sum[i] += weight;
+  }
+}
+
+// Adds -logsigmoid(z_ij (l_ij + b)) = softplus(-z_ij (l_ij + b)) over a
+// query-major tile, z = +1 on same labels, -1 elsewhere.
+template <typename acc_t>
+PYCLLOSS_VECTOR_CLONES void siglip_loss_tile(const acc_t* dots, int64_t rows, int64_t cols,
+                                             acc_t scale, acc_t bias, PairMask mask,
+                                             acc_t* row_loss) {
+  for (int64_t i = 0; i < rows; ++i) {
+    acc_t loss = 0;
+#pragma omp simd reduction(+ : loss)
+    for (int64_t j = 0; j < cols; ++j) {
+      const acc_t shifted_logit = scale * dots[i * cols + j] + bias;
+      loss += softplus(mask.same_label(i, j) ? -shifted_logit : shifted_logit);
+    }
+    row_loss[i] += loss;
+  }
+}
+
+// The optional terms of infonce_bwd's logit gradient; a null coefficient
+// leaves its term out. Pointers at the tile's first query (row_*, pos_coef,
+// pair_lse) or first key (col_*).
+template <typename acc_t>
+struct LogitGradTerms {
+  const acc_t* row_lse;
+  const acc_t* row_coef;
+  const acc_t* col_lse;
+  const acc_t* col_coef;
+  const acc_t* pos_coef;
+  const acc_t* pair_lse;
+  bool neg_only;
+
+  LogitGradTerms at(int64_t query, int64_t key) const {
+    return {shifted(row_lse, query), shifted(row_coef, query), shifted(col_lse, key),
+            shifted(col_coef, key),  shifted(pos_coef, query), shifted(pair_lse, query),
+            neg_only};
+  }
+};
+
+// Replaces a tile of dot products by G (docs/fused_core.md) and returns
+// sum G * dot, the tile's share of dscale. One pass per present term keeps
+// every loop branch-free; a term is active only where its coefficient is
+// nonzero, so a zero coefficient never meets an infinite LSE.
+template <typename acc_t, bool kKeyMajor>
+PYCLLOSS_VECTOR_CLONES acc_t infonce_grad_tile(acc_t* tile, int64_t outer, int64_t inner,
+                                               acc_t scale, PairMask mask,
+                                               LogitGradTerms<acc_t> terms) {
+  acc_t grad[kInnerBlock];
+  acc_t dscale = 0;
+  for (int64_t o = 0; o < outer; ++o) {
+    acc_t* dots = tile + o * inner;
+    if (terms.row_coef != nullptr) {
+#pragma omp simd
+      for (int64_t n = 0; n < inner; ++n) {
+        const int64_t i = query_index<kKeyMajor>(o, n);
+        const int64_t j = key_index<kKeyMajor>(o, n);
+        const bool den = !mask.excluded(i, j) & !(terms.neg_only & mask.positive(i, j));
+        const acc_t coef = terms.row_coef[i];
+        const acc_t prob = exp_approx(scale * dots[n] - terms.row_lse[i]);
+        grad[n] = den & (coef != acc_t(0)) ? coef * prob : acc_t(0);
+      }
+    } else {
+      std::fill(grad, grad + inner, acc_t(0));
+    }
+    if (terms.col_coef != nullptr) {
+#pragma omp simd
+      for (int64_t n = 0; n < inner; ++n) {
+        const int64_t i = query_index<kKeyMajor>(o, n);
+        const int64_t j = key_index<kKeyMajor>(o, n);
+        const acc_t coef = terms.col_coef[j];
+        const acc_t prob = exp_approx(scale * dots[n] - terms.col_lse[j]);
+        grad[n] += !mask.excluded(i, j) & (coef != acc_t(0)) ? coef * prob : acc_t(0);
+      }
+    }
+    if (terms.pos_coef != nullptr && terms.pair_lse != nullptr) {
+#pragma omp simd
+      for (int64_t n = 0; n < inner; ++n) {
+        const int64_t i = query_index<kKeyMajor>(o, n);
+        const int64_t j = key_index<kKeyMajor>(o, n);
+        const acc_t weight = sigmoid(terms.pair_lse[i] - scale * dots[n]);
+        grad[n] += mask.positive(i, j) ? terms.pos_coef[i] * weight : acc_t(0);
+      }
+    } else if (terms.pos_coef != nullptr) {
+#pragma omp simd
+      for (int64_t n = 0; n < inner; ++n) {
+        const int64_t i = query_index<kKeyMajor>(o, n);
+        const int64_t j = key_index<kKeyMajor>(o, n);
+        grad[n] += mask.positive(i, j) ? terms.pos_coef[i] : acc_t(0);
+      }
+    }
+#pragma omp simd reduction(+ : dscale)
+    for (int64_t n = 0; n < inner; ++n) {
+      dscale += grad[n] * dots[n];
+      dots[n] = grad[n];
+    }
+  }
+  return dscale;
+}
+
+template <typename acc_t>
+struct SiglipGradSums {
+  acc_t dscale = 0;
+  acc_t dbias = 0;
+};
+
+// Replaces a tile of dot products by SigLIP's
+// G_ij = row_coef_i * (-z_ij) * sigmoid(-z_ij (l_ij + b)) and returns the
+// tile's shares of dscale and dbias.
+template <typename acc_t, bool kKeyMajor>
+PYCLLOSS_VECTOR_CLONES SiglipGradSums<acc_t> siglip_grad_tile(acc_t* tile, int64_t outer,
+                                                              int64_t inner, acc_t scale,
+                                                              acc_t bias, PairMask mask,
+                                                              const acc_t* row_coef) {
+  acc_t dscale = 0;
+  acc_t dbias = 0;
+  for (int64_t o = 0; o < outer; ++o) {
+    acc_t* dots = tile + o * inner;
+#pragma omp simd reduction(+ : dscale, dbias)
+    for (int64_t n = 0; n < inner; ++n) {
+      const int64_t i = query_index<kKeyMajor>(o, n);
+      const int64_t j = key_index<kKeyMajor>(o, n);
+      const bool same = mask.same_label(i, j);
+      const acc_t shifted_logit = scale * dots[n] + bias;
+      const acc_t magnitude = row_coef[i] * sigmoid(same ? -shifted_logit : shifted_logit);
+      const acc_t grad = same ? -magnitude : magnitude;
+      dscale += grad * dots[n];
+      dbias += grad;
+      dots[n] = grad;
+    }
+  }
+  return {dscale, dbias};
+}
+
+// ---------------------------------------------------------------- passes
+
+// For every tile of q * k^T: epilogue(tile, query0, queries, key0, keys,
+// group). Row blocks are split into `groups` consecutive runs, one parallel
+// task each; a task visits its row blocks in order, each over all key blocks
+// in order.
+template <typename scalar_t, typename acc_t, typename Epilogue>
+void for_each_logit_tile(const scalar_t* q, int64_t n, const scalar_t* k, int64_t m, int64_t d,
+                         int64_t groups, const Epilogue& epilogue) {
+  const int64_t row_blocks = num_blocks(n, kOuterBlock);
+  at::parallel_for(0, groups, 1, [&](int64_t group_begin, int64_t group_end) {
+    c10::InferenceMode no_autograd;
+    std::vector<acc_t> tile(kOuterBlock * kInnerBlock);
+    std::vector<acc_t> q_buffer(kOuterBlock * d);
+    std::vector<acc_t> k_buffer(kInnerBlock * d);
+    for (int64_t group = group_begin; group < group_end; ++group) {
+      const int64_t block_end = (group + 1) * row_blocks / groups;
+      for (int64_t block = group * row_blocks / groups; block < block_end; ++block) {
+        const int64_t query0 = block * kOuterBlock;
+        const int64_t queries = std::min(kOuterBlock, n - query0);
+        const acc_t* q_rows = rows_as<acc_t>(q + query0 * d, queries, d, q_buffer.data());
+        for (int64_t key0 = 0; key0 < m; key0 += kInnerBlock) {
+          const int64_t keys = std::min(kInnerBlock, m - key0);
+          const acc_t* k_rows = rows_as<acc_t>(k + key0 * d, keys, d, k_buffer.data());
+          matmul_transposed_b(q_rows, k_rows, tile.data(), queries, keys, d);
+          epilogue(tile.data(), query0, queries, key0, keys, group);
+        }
+      }
+    }
+  });
+}
+
+// d_outer = scale * G * inner, one parallel task per block of `outer` rows.
+// For each block of `inner` rows, the tile of outer * inner^T dot products
+// is turned into G by grad_tile(tile, outer0, outer_rows, inner0,
+// inner_rows, outer_block).
+template <typename scalar_t, typename acc_t, typename GradTile>
+void gradient_pass(const scalar_t* outer, int64_t n_outer, const scalar_t* inner,
+                   int64_t n_inner, int64_t d, acc_t scale, scalar_t* d_outer,
+                   const GradTile& grad_tile) {
+  at::parallel_for(0, num_blocks(n_outer, kOuterBlock), 1, [&](int64_t begin, int64_t end) {
+    c10::InferenceMode no_autograd;
+    std::vector<acc_t> tile(kOuterBlock * kInnerBlock);
+    std::vector<acc_t> outer_buffer(kOuterBlock * d);
+    std::vector<acc_t> inner_buffer(kInnerBlock * d);
+    std::vector<acc_t> grad_sum(kOuterBlock * d);
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t outer0 = block * kOuterBlock;
+      const int64_t outer_rows = std::min(kOuterBlock, n_outer - outer0);
+      const acc_t* outer_block =
+          rows_as<acc_t>(outer + outer0 * d, outer_rows, d, outer_buffer.data());
+      std::fill(grad_sum.begin(), grad_sum.end(), acc_t(0));
+      for (int64_t inner0 = 0; inner0 < n_inner; inner0 += kInnerBlock) {
+        const int64_t inner_rows = std::min(kInnerBlock, n_inner - inner0);
+        const acc_t* inner_block =
+            rows_as<acc_t>(inner + inner0 * d, inner_rows, d, inner_buffer.data());
+        matmul_transposed_b(outer_block, inner_block, tile.data(), outer_rows, inner_rows, d);
+        grad_tile(tile.data(), outer0, outer_rows, inner0, inner_rows, block);
+        matmul_accumulate(tile.data(), inner_block, grad_sum.data(), outer_rows, d, inner_rows);
+      }
+      scalar_t* out = d_outer + outer0 * d;
+      for (int64_t e = 0; e < outer_rows * d; ++e) {
+        out[e] = static_cast<scalar_t>(scale * grad_sum[e]);
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------ arguments
+
+at::ScalarType stats_dtype(at::ScalarType input) {
+  return input == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_core_inputs(const char* op, const Tensor& q, const Tensor& k, const Tensor& scale,
+                       const OptionalTensor& q_labels, const OptionalTensor& k_labels) {
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu(), op,
+              ": q and k must be CPU tensors, got ", q.device(), " and ", k.device());
+  TORCH_CHECK(q.dim() == 2 && k.dim() == 2, op, ": q and k must be 2-D (N x D and M x D), got ",
+              q.sizes(), " and ", k.sizes());
+  TORCH_CHECK(q.size(1) == k.size(1), op, ": q and k must have the same feature size, got ",
+              q.sizes(), " and ", k.sizes());
+  TORCH_CHECK(q.scalar_type() == k.scalar_type(), op, ": q and k must have the same dtype, got ",
+              q.scalar_type(), " and ", k.scalar_type());
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK(dtype == at::kDouble || dtype == at::kFloat || dtype == at::kHalf ||
+                  dtype == at::kBFloat16,
+              op, ": q and k must be float64, float32, float16 or bfloat16, got ", dtype);
+  TORCH_CHECK(q.is_contiguous() && k.is_contiguous(), op, ": q and k must be contiguous");
+  TORCH_CHECK(scale.device().is_cpu() && scale.dim() == 0 &&
+                  scale.scalar_type() == stats_dtype(dtype),
+              op, ": scale must be a 0-dim CPU tensor of dtype ", stats_dtype(dtype),
+              ", got shape ", scale.sizes(), " and dtype ", scale.scalar_type());
+  TORCH_CHECK(q_labels.has_value() == k_labels.has_value(), op,
+              ": q_labels and k_labels must be given together");
+  if (!q_labels) {
+    return;
+  }
+  const auto check_labels = [op](const char* name, const Tensor& labels, int64_t length) {
+    TORCH_CHECK(labels.device().is_cpu() && labels.scalar_type() == at::kLong &&
+                    labels.dim() == 1 && labels.size(0) == length && labels.is_contiguous(),
+                op, ": ", name, " must be a contiguous int64 CPU vector of length ", length,
+                ", got shape ", labels.sizes(), " and dtype ", labels.scalar_type());
+  };
+  check_labels("q_labels", *q_labels, q.size(0));
+  check_labels("k_labels", *k_labels, k.size(0));
+}
+
+void check_stats_vector(const char* op, const char* name, const Tensor& t, int64_t length,
+                        at::ScalarType dtype) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.dim() == 1 &&
+                  t.size(0) == length && t.is_contiguous(),
+              op, ": ", name, " must be a contiguous ", dtype, " CPU vector of length ", length,
+              ", got shape ", t.sizes(), " and dtype ", t.scalar_type());
+}
+
+void check_optional_stats(const char* op, const char* name, const OptionalTensor& t,
+                          int64_t length, at::ScalarType dtype) {
+  if (t) {
+    check_stats_vector(op, name, *t, length, dtype);
+  }
+}
+
+// Label vectors for PairMask: the given ones, or two constants that never match.
+struct MaskLabels {
+  Tensor q;
+  Tensor k;
+};
+
+MaskLabels mask_labels(const OptionalTensor& q_labels, const OptionalTensor& k_labels, int64_t n,
+                       int64_t m) {
+  if (q_labels) {
+    return {*q_labels, *k_labels};
+  }
+  return {at::zeros({n}, at::kLong), at::ones({m}, at::kLong)};
+}
+
+// The exclusion as a diagonal j == i + offset. An offset that no (i, j) in
+// range reaches becomes m, which none reaches either and keeps the tile-local
+// diagonal free of overflow.
+int64_t exclusion_diagonal(std::optional<int64_t> exclude_offset, int64_t n, int64_t m) {
+  if (!exclude_offset || *exclude_offset <= -n || *exclude_offset >= m) {
+    return m;
+  }
+  return *exclude_offset;
+}
+
+// The mask of the tile starting at (query0, key0).
+PairMask tile_mask(const int64_t* q_labels, const int64_t* k_labels, int64_t diagonal,
+                   int64_t query0, int64_t key0) {
+  return {q_labels + query0, k_labels + key0, query0 + diagonal - key0};
+}
+
+template <typename T>
+const T* data_or_null(const OptionalTensor& t) {
+  return t ? t->data_ptr<T>() : nullptr;
+}
+
+int64_t column_groups(int64_t row_blocks, int64_t m) {
+  const int64_t by_memory = kColumnPartialBudget / std::max<int64_t>(m, 1);
+  return std::max<int64_t>(1, std::min({row_blocks, kMaxColumnGroups, by_memory}));
+}
+
+// lse = max + log(sum) for (max, sum) states; -inf for an empty set.
+template <typename acc_t>
+void finish_lse(const acc_t* max, const acc_t* sum, acc_t* lse, int64_t count) {
+  for (int64_t e = 0; e < count; ++e) {
+    lse[e] = max[e] == kNegInf<acc_t> ? kNegInf<acc_t> : max[e] + std::log(sum[e]);
+  }
+}
+
+// Merges per-group (max, sum) column states (groups x m), in group order.
+template <typename acc_t>
+PYCLLOSS_VECTOR_CLONES void merge_column_groups(acc_t* col_max, acc_t* col_sum, int64_t groups,
+                                                int64_t m) {
+  for (int64_t g = 1; g < groups; ++g) {
+    const acc_t* group_max = col_max + g * m;
+    const acc_t* group_sum = col_sum + g * m;
+#pragma omp simd
+    for (int64_t j = 0; j < m; ++j) {
+      const acc_t new_max = max_of(col_max[j], group_max[j]);
+      col_sum[j] = col_sum[j] * rescale_factor(col_max[j], new_max) +
+                   group_sum[j] * rescale_factor(group_max[j], new_max);
+      col_max[j] = new_max;
+    }
+  }
+}
+
+// ------------------------------------------------------------------- ops
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> infonce_fwd(
+    const Tensor& q, const Tensor& k, const Tensor& scale, const OptionalTensor& q_labels,
+    const OptionalTensor& k_labels, std::optional<int64_t> exclude_offset, bool neg_only,
+    bool col_stats) {
+  constexpr const char* op = "infonce_fwd";
+  check_core_inputs(op, q, k, scale, q_labels, k_labels);
+  TORCH_CHECK(!(col_stats && neg_only), op, ": col_stats cannot be combined with neg_only");
+  const int64_t n = q.size(0);
+  const int64_t m = k.size(0);
+  const int64_t d = q.size(1);
+  const auto stats = q.options().dtype(stats_dtype(q.scalar_type()));
+  Tensor row_max = at::full({n}, -INFINITY, stats);
+  Tensor row_sum = at::zeros({n}, stats);
+  Tensor pos_sum = at::zeros({n}, stats);
+  Tensor pos_count = at::zeros({n}, stats);
+  const int64_t row_blocks = num_blocks(n, kOuterBlock);
+  const int64_t groups = col_stats ? column_groups(row_blocks, m) : row_blocks;
+  Tensor col_max = col_stats ? at::full({groups, m}, -INFINITY, stats) : at::empty({0}, stats);
+  Tensor col_sum = col_stats ? at::zeros({groups, m}, stats) : at::empty({0}, stats);
+  Tensor col_lse = at::empty({col_stats ? m : 0}, stats);
+  const MaskLabels labels = mask_labels(q_labels, k_labels, n, m);
+  const int64_t diagonal = exclusion_diagonal(exclude_offset, n, m);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), op, [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t s = scale.item<acc_t>();
+    const RowStats<acc_t> rows{row_max.data_ptr<acc_t>(), row_sum.data_ptr<acc_t>(),
+                               pos_sum.data_ptr<acc_t>(), pos_count.data_ptr<acc_t>()};
+    acc_t* col_max_data = col_max.data_ptr<acc_t>();
+    acc_t* col_sum_data = col_sum.data_ptr<acc_t>();
+    const int64_t* qy_data = labels.q.data_ptr<int64_t>();
+    const int64_t* ky_data = labels.k.data_ptr<int64_t>();
+    for_each_logit_tile<scalar_t, acc_t>(
+        q.data_ptr<scalar_t>(), n, k.data_ptr<scalar_t>(), m, d, groups,
+        [&](acc_t* tile, int64_t query0, int64_t queries, int64_t key0, int64_t keys,
+            int64_t group) {
+          const PairMask mask = tile_mask(qy_data, ky_data, diagonal, query0, key0);
+          infonce_row_stats_tile(tile, queries, keys, s, mask, neg_only,
+                                 RowStats<acc_t>{rows.max + query0, rows.sum + query0,
+                                                 rows.pos_sum + query0,
+                                                 rows.pos_count + query0});
+          if (col_stats) {
+            const int64_t state = group * m + key0;
+            column_lse_tile(tile, queries, keys, col_max_data + state, col_sum_data + state);
+          }
+        });
+    finish_lse(rows.max, rows.sum, rows.sum, n);
+    if (col_stats) {
+      merge_column_groups(col_max_data, col_sum_data, groups, m);
+      finish_lse(col_max_data, col_sum_data, col_lse.data_ptr<acc_t>(), m);
+    }
+  });
+  return {row_sum, pos_sum, pos_count, col_lse};
+}
+
+std::tuple<Tensor, Tensor> infonce_pair_fwd(const Tensor& q, const Tensor& k,
+                                            const Tensor& scale, const Tensor& q_labels,
+                                            const Tensor& k_labels,
+                                            std::optional<int64_t> exclude_offset,
+                                            const Tensor& neg_lse) {
+  constexpr const char* op = "infonce_pair_fwd";
+  check_core_inputs(op, q, k, scale, q_labels, k_labels);
+  const int64_t n = q.size(0);
+  const int64_t m = k.size(0);
+  const auto stats = stats_dtype(q.scalar_type());
+  check_stats_vector(op, "neg_lse", neg_lse, n, stats);
+  Tensor loss_sum = at::zeros({n}, q.options().dtype(stats));
+  Tensor sigmoid_sum = at::zeros({n}, q.options().dtype(stats));
+  const int64_t diagonal = exclusion_diagonal(exclude_offset, n, m);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), op, [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t s = scale.item<acc_t>();
+    const acc_t* neg_lse_data = neg_lse.data_ptr<acc_t>();
+    acc_t* loss_data = loss_sum.data_ptr<acc_t>();
+    acc_t* sigmoid_data = sigmoid_sum.data_ptr<acc_t>();
+    const int64_t* qy = q_labels.data_ptr<int64_t>();
+    const int64_t* ky = k_labels.data_ptr<int64_t>();
+    for_each_logit_tile<scalar_t, acc_t>(
+        q.data_ptr<scalar_t>(), n, k.data_ptr<scalar_t>(), m, q.size(1),
+        num_blocks(n, kOuterBlock),
+        [&](acc_t* tile, int64_t query0, int64_t queries, int64_t key0, int64_t keys, int64_t) {
+          infonce_pair_tile(tile, queries, keys, s, tile_mask(qy, ky, diagonal, query0, key0),
+                            neg_lse_data + query0, loss_data + query0, sigmoid_data + query0);
+        });
+  });
+  return {loss_sum, sigmoid_sum};
+}
+
+std::tuple<Tensor, Tensor, Tensor> infonce_bwd(
+    const Tensor& q, const Tensor& k, const Tensor& scale, const OptionalTensor& q_labels,
+    const OptionalTensor& k_labels, std::optional<int64_t> exclude_offset, bool neg_only,
+    const OptionalTensor& row_lse, const OptionalTensor& row_coef, const OptionalTensor& col_lse,
+    const OptionalTensor& col_coef, const OptionalTensor& pos_coef,
+    const OptionalTensor& pair_lse, bool need_dk) {
+  constexpr const char* op = "infonce_bwd";
+  check_core_inputs(op, q, k, scale, q_labels, k_labels);
+  const int64_t n = q.size(0);
+  const int64_t m = k.size(0);
+  const int64_t d = q.size(1);
+  const auto stats = stats_dtype(q.scalar_type());
+  TORCH_CHECK(row_lse.has_value() == row_coef.has_value(), op,
+              ": row_lse and row_coef must be given together");
+  TORCH_CHECK(col_lse.has_value() == col_coef.has_value(), op,
+              ": col_lse and col_coef must be given together");
+  check_optional_stats(op, "row_lse", row_lse, n, stats);
+  check_optional_stats(op, "row_coef", row_coef, n, stats);
+  check_optional_stats(op, "col_lse", col_lse, m, stats);
+  check_optional_stats(op, "col_coef", col_coef, m, stats);
+  check_optional_stats(op, "pos_coef", pos_coef, n, stats);
+  check_optional_stats(op, "pair_lse", pair_lse, n, stats);
+  Tensor dq = at::empty_like(q);
+  Tensor dk = need_dk ? at::empty_like(k) : at::empty({0}, k.options());
+  Tensor dscale = at::empty({}, q.options().dtype(stats));
+  const MaskLabels labels = mask_labels(q_labels, k_labels, n, m);
+  const int64_t diagonal = exclusion_diagonal(exclude_offset, n, m);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), op, [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t s = scale.item<acc_t>();
+    const LogitGradTerms<acc_t> terms{
+        data_or_null<acc_t>(row_lse), data_or_null<acc_t>(row_coef),
+        data_or_null<acc_t>(col_lse), data_or_null<acc_t>(col_coef),
+        data_or_null<acc_t>(pos_coef), data_or_null<acc_t>(pair_lse), neg_only};
+    const int64_t* qy_data = labels.q.data_ptr<int64_t>();
+    const int64_t* ky_data = labels.k.data_ptr<int64_t>();
+    const scalar_t* q_data = q.data_ptr<scalar_t>();
+    const scalar_t* k_data = k.data_ptr<scalar_t>();
+    std::vector<acc_t> dscale_parts(num_blocks(n, kOuterBlock), acc_t(0));
+    gradient_pass(q_data, n, k_data, m, d, s, dq.data_ptr<scalar_t>(),
+                  [&](acc_t* tile, int64_t query0, int64_t queries, int64_t key0, int64_t keys,
+                      int64_t block) {
+                    dscale_parts[block] += infonce_grad_tile<acc_t, false>(
+                        tile, queries, keys, s, tile_mask(qy_data, ky_data, diagonal, query0, key0),
+                        terms.at(query0, key0));
+                  });
+    if (need_dk) {
+      gradient_pass(k_data, m, q_data, n, d, s, dk.data_ptr<scalar_t>(),
+                    [&](acc_t* tile, int64_t key0, int64_t keys, int64_t query0, int64_t queries,
+                        int64_t) {
+                      infonce_grad_tile<acc_t, true>(
+                          tile, keys, queries, s,
+                          tile_mask(qy_data, ky_data, diagonal, query0, key0),
+                          terms.at(query0, key0));
+                    });
+    }
+    acc_t total = 0;
+    for (const acc_t part : dscale_parts) {
+      total += part;
+    }
+    dscale.fill_(total);
+  });
+  return {dq, dk, dscale};
+}
+
+Tensor siglip_fwd(const Tensor& q, const Tensor& k, const Tensor& scale, const Tensor& bias,
+                  const OptionalTensor& q_labels, const OptionalTensor& k_labels) {
+  constexpr const char* op = "siglip_fwd";
+  check_core_inputs(op, q, k, scale, q_labels, k_labels);
+  TORCH_CHECK(bias.device().is_cpu() && bias.dim() == 0 &&
+                  bias.scalar_type() == scale.scalar_type(),
+              op, ": bias must be a 0-dim CPU tensor of dtype ", scale.scalar_type());
+  const int64_t n = q.size(0);
+  const int64_t m = k.size(0);
+  Tensor row_loss = at::zeros({n}, q.options().dtype(stats_dtype(q.scalar_type())));
+  const MaskLabels labels = mask_labels(q_labels, k_labels, n, m);
+  const int64_t no_exclusion = exclusion_diagonal(std::nullopt, n, m);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), op, [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t s = scale.item<acc_t>();
+    const acc_t b = bias.item<acc_t>();
+    acc_t* loss = row_loss.data_ptr<acc_t>();
+    const int64_t* qy_data = labels.q.data_ptr<int64_t>();
+    const int64_t* ky_data = labels.k.data_ptr<int64_t>();
+    for_each_logit_tile<scalar_t, acc_t>(
+        q.data_ptr<scalar_t>(), n, k.data_ptr<scalar_t>(), m, q.size(1),
+        num_blocks(n, kOuterBlock),
+        [&](acc_t* tile, int64_t query0, int64_t queries, int64_t key0, int64_t keys, int64_t) {
+          siglip_loss_tile(tile, queries, keys, s, b,
+                           tile_mask(qy_data, ky_data, no_exclusion, query0, key0),
+                           loss + query0);
+        });
+  });
+  return row_loss;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> siglip_bwd(const Tensor& q, const Tensor& k,
+                                                      const Tensor& scale, const Tensor& bias,
+                                                      const OptionalTensor& q_labels,
+                                                      const OptionalTensor& k_labels,
+                                                      const Tensor& row_coef, bool need_dk) {
+  constexpr const char* op = "siglip_bwd";
+  check_core_inputs(op, q, k, scale, q_labels, k_labels);
+  TORCH_CHECK(bias.device().is_cpu() && bias.dim() == 0 &&
+                  bias.scalar_type() == scale.scalar_type(),
+              op, ": bias must be a 0-dim CPU tensor of dtype ", scale.scalar_type());
+  const int64_t n = q.size(0);
+  const int64_t m = k.size(0);
+  const int64_t d = q.size(1);
+  const auto stats = stats_dtype(q.scalar_type());
+  check_stats_vector(op, "row_coef", row_coef, n, stats);
+  Tensor dq = at::empty_like(q);
+  Tensor dk = need_dk ? at::empty_like(k) : at::empty({0}, k.options());
+  Tensor dscale = at::empty({}, q.options().dtype(stats));
+  Tensor dbias = at::empty({}, q.options().dtype(stats));
+  const MaskLabels labels = mask_labels(q_labels, k_labels, n, m);
+  const int64_t no_exclusion = exclusion_diagonal(std::nullopt, n, m);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), op, [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t s = scale.item<acc_t>();
+    const acc_t b = bias.item<acc_t>();
+    const acc_t* coef = row_coef.data_ptr<acc_t>();
+    const int64_t* qy_data = labels.q.data_ptr<int64_t>();
+    const int64_t* ky_data = labels.k.data_ptr<int64_t>();
+    const scalar_t* q_data = q.data_ptr<scalar_t>();
+    const scalar_t* k_data = k.data_ptr<scalar_t>();
+    std::vector<SiglipGradSums<acc_t>> parts(num_blocks(n, kOuterBlock));
+    gradient_pass(q_data, n, k_data, m, d, s, dq.data_ptr<scalar_t>(),
+                  [&](acc_t* tile, int64_t query0, int64_t queries, int64_t key0, int64_t keys,
+                      int64_t block) {
+                    const auto sums = siglip_grad_tile<acc_t, false>(
+                        tile, queries, keys, s, b,
+                        tile_mask(qy_data, ky_data, no_exclusion, query0, key0), coef + query0);
+                    parts[block].dscale += sums.dscale;
+                    parts[block].dbias += sums.dbias;
+                  });
+    if (need_dk) {
+      gradient_pass(k_data, m, q_data, n, d, s, dk.data_ptr<scalar_t>(),
+                    [&](acc_t* tile, int64_t key0, int64_t keys, int64_t query0, int64_t queries,
+                        int64_t) {
+                      siglip_grad_tile<acc_t, true>(
+                          tile, keys, queries, s, b,
+                          tile_mask(qy_data, ky_data, no_exclusion, query0, key0), coef + query0);
+                    });
+    }
+    SiglipGradSums<acc_t> total;
+    for (const auto& part : parts) {
+      total.dscale += part.dscale;
+      total.dbias += part.dbias;
+    }
+    dscale.fill_(total.dscale);
+    dbias.fill_(total.dbias);
+  });
+  return {dq, dk, dscale, dbias};
+}
+
+}  // namespace
+}  // namespace pyclloss::cpu
+
+TORCH_LIBRARY_FRAGMENT(pyclloss_C, m) {
+  m.def(
+      "infonce_fwd(Tensor q, Tensor k, Tensor scale, Tensor? q_labels, Tensor? k_labels, "
+      "int? exclude_offset, bool neg_only, bool col_stats) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "infonce_pair_fwd(Tensor q, Tensor k, Tensor scale, Tensor q_labels, Tensor k_labels, "
+      "int? exclude_offset, Tensor neg_lse) -> (Tensor, Tensor)");
+  m.def(
+      "infonce_bwd(Tensor q, Tensor k, Tensor scale, Tensor? q_labels, Tensor? k_labels, "
+      "int? exclude_offset, bool neg_only, Tensor? row_lse, Tensor? row_coef, Tensor? col_lse, "
+      "Tensor? col_coef, Tensor? pos_coef, Tensor? pair_lse, bool need_dk) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "siglip_fwd(Tensor q, Tensor k, Tensor scale, Tensor bias, Tensor? q_labels, "
+      "Tensor? k_labels) -> Tensor");
+  m.def(
+      "siglip_bwd(Tensor q, Tensor k, Tensor scale, Tensor bias, Tensor? q_labels, "
+      "Tensor? k_labels, Tensor row_coef, bool need_dk) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(pyclloss_C, CPU, m) {
+  m.impl("infonce_fwd", &pyclloss::cpu::infonce_fwd);
+  m.impl("infonce_pair_fwd", &pyclloss::cpu::infonce_pair_fwd);
+  m.impl("infonce_bwd", &pyclloss::cpu::infonce_bwd);
+  m.impl("siglip_fwd", &pyclloss::cpu::siglip_fwd);
+  m.impl("siglip_bwd", &pyclloss::cpu::siglip_bwd);
+}

@@ -1,0 +1,112 @@
+// Elementwise math for the CPU tile epilogues, written so that a loop calling
+// it vectorizes: branch-free selects, no libm calls, no integer/float
+// conversions the vectorizer cannot map. float gets polynomial versions (the
+// epilogue must keep pace with the tile GEMMs); double, used for checks rather
+// than speed, uses libm.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+// Builds a function once per x86-64 feature level, picked at load time, so one
+// binary runs AVX-512 epilogues where the CPU has them and still runs anywhere.
+#if defined(__x86_64__) && defined(__ELF__) && (defined(__GNUC__) || defined(__clang__))
+#define PYCLLOSS_VECTOR_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define PYCLLOSS_VECTOR_CLONES
+#endif
+
+namespace pyclloss::cpu {
+
+template <typename T>
+constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+
+inline float float_from_bits(int32_t bits) {
+  float value;
+  std::memcpy(&value, &bits, sizeof value);
+  return value;
+}
+
+inline int32_t float_bits(float value) {
+  int32_t bits;
+  std::memcpy(&bits, &value, sizeof bits);
+  return bits;
+}
+
+// exp(x) = 2^n * e^r with n = round(x * log2 e), |r| <= ln2 / 2, and e^r from
+// the Cephes expf polynomial (about 1 ulp). exp(-inf) = 0 exactly,
+// exp(+inf) = inf, NaN stays NaN.
+inline float exp_approx(float x) {
+  constexpr float kLog2e = 1.44269504088896341f;
+  constexpr float kLn2Hi = 0.693359375f;  // few mantissa bits: n * kLn2Hi is exact
+  constexpr float kLn2Lo = -2.12194440e-4f;
+  // Adding 1.5 * 2^23 rounds to the nearest integer, which then sits in the
+  // low mantissa bits (no float -> int conversion needed).
+  constexpr float kRoundShift = 12582912.0f;
+  // Clamping keeps n within [-159, 129]; beyond it the result has already
+  // underflowed to 0 or overflowed to inf, which the scaling below reproduces.
+  const float clamped = x < -110.0f ? -110.0f : (x > 89.0f ? 89.0f : x);
+  const float shifted = clamped * kLog2e + kRoundShift;
+  const float n = shifted - kRoundShift;
+  const float r = (clamped - n * kLn2Hi) - n * kLn2Lo;
+  const float r2 = r * r;
+  float poly = 1.9875691500e-4f;
+  poly = poly * r + 1.3981999507e-3f;
+  poly = poly * r + 8.3334519073e-3f;
+  poly = poly * r + 4.1665795894e-2f;
+  poly = poly * r + 1.6666665459e-1f;
+  poly = poly * r + 5.0000001201e-1f;
+  const float exp_r = poly * r2 + r + 1.0f;
+  // 2^n as two normal factors, so that results in the subnormal range and
+  // overflow to inf come out of the multiplications themselves.
+  const int32_t exponent = float_bits(shifted) - float_bits(kRoundShift);
+  const int32_t half = exponent / 2;
+  const float scale_a = float_from_bits((half + 127) << 23);
+  const float scale_b = float_from_bits((exponent - half + 127) << 23);
+  return exp_r * scale_a * scale_b;
+}
+
+inline double exp_approx(double x) { return std::exp(x); }
+
+// log(1 + u) for u in [0, 1]: with f = u / (2 + u) in [0, 1/3],
+// log(1 + u) = 2 atanh(f) = 2f (1 + f^2/3 + f^4/5 + ...); the series is cut
+// where its remainder drops below float precision. Accurate for tiny u too.
+inline float log1p_unit(float u) {
+  const float f = u / (2.0f + u);
+  const float f2 = f * f;
+  float series = 1.0f / 15.0f;
+  series = series * f2 + 1.0f / 13.0f;
+  series = series * f2 + 1.0f / 11.0f;
+  series = series * f2 + 1.0f / 9.0f;
+  series = series * f2 + 1.0f / 7.0f;
+  series = series * f2 + 1.0f / 5.0f;
+  series = series * f2 + 1.0f / 3.0f;
+  return 2.0f * f + 2.0f * f * f2 * series;
+}
+
+inline double log1p_unit(double u) { return std::log1p(u); }
+
+// softplus(x) = log(1 + e^x) = max(x, 0) + log(1 + e^-|x|); softplus(-inf) = 0.
+template <typename T>
+inline T softplus(T x) {
+  const T magnitude = x < T(0) ? -x : x;
+  return (x > T(0) ? x : T(0)) + log1p_unit(exp_approx(-magnitude));
+}
+
+// sigmoid(x) = 1 / (1 + e^-x); sigmoid(-inf) = 0, sigmoid(inf) = 1.
+template <typename T>
+inline T sigmoid(T x) {
+  return T(1) / (T(1) + exp_approx(-x));
+}
+
+// e^(a - b) for two running maxima a <= b, with e^(-inf - (-inf)) taken as 0:
+// rescales a running sum that is still empty.
+template <typename T>
+inline T rescale_factor(T old_max, T new_max) {
+  return old_max == kNegInf<T> ? T(0) : exp_approx(old_max - new_max);
+}
+
+}  // namespace pyclloss::cpu

@@ -159,7 +159,8 @@ def _grad_dot(grad, x, acc, DOT_PRECISION: tl.constexpr):
     fp16's relative precision instead of underflowing. bf16 has fp32's range."""
     if x.dtype == tl.float16:
         row_max = tl.max(tl.abs(grad), axis=1)
-        row_max = tl.where(row_max > 0, row_max, 1.0)
+        # rows below 1e-30 would overflow 1/row_max; their products are 0 in fp16 anyway
+        row_max = tl.where(row_max > 1e-30, row_max, 1.0)
         unit_rows = (grad * (1.0 / row_max)[:, None]).to(tl.float16)
         return acc + tl.dot(unit_rows, x) * row_max[:, None]
     return tl.dot(grad.to(x.dtype), x, acc, input_precision=DOT_PRECISION)

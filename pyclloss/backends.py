@@ -89,6 +89,7 @@ def _runs_on(name: str, device: torch.device) -> bool:
     return True
 
 
+@torch.compiler.assume_constant_result  # a trace bakes the choice in, no graph break
 def resolve(backend: str, device: torch.device) -> str:
     """The concrete backend that runs for tensors on ``device``."""
     if not isinstance(backend, str):

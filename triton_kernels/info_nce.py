@@ -7,7 +7,8 @@ come from the label vectors and ``exclude_offset`` inside the kernel; nothing
 N×M is ever stored. The backward recomputes the logit tiles: one kernel for dq
 (programs over row blocks), one for dk (programs over key blocks), no atomics.
 Gradients of the scalar scale and bias come from per-row partial sums reduced by
-torch, so every result is deterministic and independent of the tile config.
+torch in a fixed order: results are deterministic for a given tile config (the
+autotuner picks one per D and dtype; another config rounds differently).
 
 The five Python entry points take and return exactly what the dense reference
 ``pyclloss.reference.info_nce`` does. ``scale`` and ``bias`` are read from device

@@ -1,0 +1,275 @@
+// Unit tests of the CPU kernels of the fused InfoNCE core. The five ops are
+// called through the dispatcher and checked against naive double-precision
+// loops written straight from docs/fused_core.md, on small sizes that still
+// cross the kernels' tile edges. The exit status is the number of failures.
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <cmath>
+#include <cstdio>
+#include <limits>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+using OptionalTensor = std::optional<Tensor>;
+constexpr double kInf = std::numeric_limits<double>::infinity();
+
+int failures = 0;
+
+// Max of |got - want| / (1 + |want|); infinities must match exactly.
+void expect_close(const std::string& what, const Tensor& got, const Tensor& want, double tol) {
+  const Tensor g = got.to(at::kDouble).contiguous();
+  const Tensor w = want.to(at::kDouble).contiguous();
+  bool ok = g.sizes() == w.sizes();
+  double worst = 0;
+  for (int64_t e = 0; ok && e < g.numel(); ++e) {
+    const double a = g.data_ptr<double>()[e];
+    const double b = w.data_ptr<double>()[e];
+    if (std::isinf(b)) {
+      ok = a == b;
+    } else {
+      worst = std::max(worst, std::abs(a - b) / (1 + std::abs(b)));  // NaN fails below
+      ok = std::abs(a - b) <= tol * (1 + std::abs(b));
+    }
+  }
+  std::printf("%s %-44s max rel. error %.3g\n", ok ? "ok  " : "FAIL", what.c_str(), worst);
+  failures += ok ? 0 : 1;
+}
+
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+// One problem and its naive evaluation, all in double.
+struct Problem {
+  int64_t n, m, d;
+  Tensor q, k;                  // input dtype
+  std::vector<double> qv, kv;   // the same values, row-major
+  double scale;
+  std::vector<int64_t> q_labels, k_labels;  // empty: no labels
+  std::optional<int64_t> exclude_offset;
+  bool neg_only;
+
+  double dot(int64_t i, int64_t j) const {
+    double sum = 0;
+    for (int64_t e = 0; e < d; ++e) sum += qv[i * d + e] * kv[j * d + e];
+    return sum;
+  }
+  bool excluded(int64_t i, int64_t j) const {
+    return exclude_offset.has_value() && j == i + *exclude_offset;
+  }
+  bool positive(int64_t i, int64_t j) const {
+    return !q_labels.empty() && q_labels[i] == k_labels[j] && !excluded(i, j);
+  }
+  bool den(int64_t i, int64_t j) const {
+    return !excluded(i, j) && !(neg_only && positive(i, j));
+  }
+  OptionalTensor labels(const std::vector<int64_t>& v) const {
+    if (v.empty()) {
+      return std::nullopt;
+    }
+    return at::tensor(v, at::kLong);
+  }
+};
+
+double lse(const std::vector<double>& values) {
+  double top = -kInf;
+  for (double v : values) top = std::max(top, v);
+  if (top == -kInf) return -kInf;
+  double sum = 0;
+  for (double v : values) sum += std::exp(v - top);
+  return top + std::log(sum);
+}
+
+double softplus(double x) { return std::max(x, 0.0) + std::log1p(std::exp(-std::abs(x))); }
+double sigmoid(double x) { return 1 / (1 + std::exp(-x)); }
+
+Tensor vec(const std::vector<double>& v) { return at::tensor(v, at::kDouble); }
+
+std::vector<double> values(const Tensor& t) {
+  const Tensor c = t.to(at::kDouble).contiguous();
+  return {c.data_ptr<double>(), c.data_ptr<double>() + c.numel()};
+}
+
+Tensor unit_rows(int64_t rows, int64_t cols) {
+  const Tensor x = at::randn({rows, cols}, at::kDouble);
+  return x / x.norm(2, {1}, true);
+}
+
+Problem make_problem(int64_t n, int64_t m, int64_t d, at::ScalarType dtype, bool labels,
+                     std::optional<int64_t> exclude_offset, bool neg_only) {
+  Problem p{n, m, d};
+  p.q = unit_rows(n, d).to(dtype);
+  p.k = unit_rows(m, d).to(dtype);
+  p.qv = values(p.q);
+  p.kv = values(p.k);
+  p.scale = 9.0;
+  if (labels) {
+    for (int64_t i = 0; i < n; ++i) p.q_labels.push_back(i % 3);
+    for (int64_t j = 0; j < m; ++j) p.k_labels.push_back((j * 7) % 4);
+  }
+  p.exclude_offset = exclude_offset;
+  p.neg_only = neg_only;
+  return p;
+}
+
+void check(const Problem& p, const std::string& name) {
+  const auto stats = p.q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const double tol = stats == at::kDouble ? 1e-11 : 2e-5;
+  // dq and dk come back rounded to the input dtype.
+  const double grad_tol = p.q.scalar_type() == at::kBFloat16 ? 1e-2 : 10 * tol;
+  const Tensor s = at::scalar_tensor(p.scale, stats);
+  const OptionalTensor ql = p.labels(p.q_labels);
+  const OptionalTensor kl = p.labels(p.k_labels);
+  const bool col_stats = !p.neg_only;
+
+  // Naive logits and forward statistics.
+  std::vector<std::vector<double>> dot(p.n, std::vector<double>(p.m));
+  for (int64_t i = 0; i < p.n; ++i)
+    for (int64_t j = 0; j < p.m; ++j) dot[i][j] = p.dot(i, j);
+  std::vector<double> row_lse(p.n), pos_sum(p.n, 0), pos_count(p.n, 0), col_lse;
+  for (int64_t i = 0; i < p.n; ++i) {
+    std::vector<double> set;
+    for (int64_t j = 0; j < p.m; ++j) {
+      if (p.den(i, j)) set.push_back(p.scale * dot[i][j]);
+      if (p.positive(i, j)) {
+        pos_sum[i] += p.scale * dot[i][j];
+        pos_count[i] += 1;
+      }
+    }
+    row_lse[i] = lse(set);
+  }
+  for (int64_t j = 0; col_stats && j < p.m; ++j) {
+    std::vector<double> set;
+    for (int64_t i = 0; i < p.n; ++i)
+      if (!p.excluded(i, j)) set.push_back(p.scale * dot[i][j]);
+    col_lse.push_back(lse(set));
+  }
+  const auto fwd = op<std::tuple<Tensor, Tensor, Tensor, Tensor>(
+      const Tensor&, const Tensor&, const Tensor&, const OptionalTensor&, const OptionalTensor&,
+      std::optional<int64_t>, bool, bool)>("pyclloss_C::infonce_fwd");
+  const auto [got_row_lse, got_pos_sum, got_pos_count, got_col_lse] =
+      fwd.call(p.q, p.k, s, ql, kl, p.exclude_offset, p.neg_only, col_stats);
+  expect_close(name + " infonce_fwd row_lse", got_row_lse, vec(row_lse), tol);
+  expect_close(name + " infonce_fwd pos_sum", got_pos_sum, vec(pos_sum), tol);
+  expect_close(name + " infonce_fwd pos_count", got_pos_count, vec(pos_count), 0);
+  expect_close(name + " infonce_fwd col_lse", got_col_lse, vec(col_lse), tol);
+
+  // Pair forward against the negatives' LSE (finite rows only feed it).
+  if (ql) {
+    std::vector<double> neg_lse(p.n), loss(p.n, 0), weight(p.n, 0);
+    for (int64_t i = 0; i < p.n; ++i) {
+      neg_lse[i] = 0.5 * static_cast<double>(i % 5) + 1;
+      for (int64_t j = 0; j < p.m; ++j) {
+        if (!p.positive(i, j)) continue;
+        loss[i] += softplus(neg_lse[i] - p.scale * dot[i][j]);
+        weight[i] += sigmoid(neg_lse[i] - p.scale * dot[i][j]);
+      }
+    }
+    const auto pair_fwd = op<std::tuple<Tensor, Tensor>(
+        const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+        std::optional<int64_t>, const Tensor&)>("pyclloss_C::infonce_pair_fwd");
+    const auto [got_loss, got_weight] =
+        pair_fwd.call(p.q, p.k, s, *ql, *kl, p.exclude_offset, vec(neg_lse).to(stats));
+    expect_close(name + " infonce_pair_fwd loss_sum", got_loss, vec(loss), tol);
+    expect_close(name + " infonce_pair_fwd sigmoid_sum", got_weight, vec(weight), tol);
+  }
+
+  // Backward with every term present; coefficients 0 where an LSE is -inf.
+  std::vector<double> row_coef(p.n), col_coef(p.m), pos_coef(p.n), pair_lse(p.n);
+  for (int64_t i = 0; i < p.n; ++i) {
+    row_coef[i] = std::isinf(row_lse[i]) ? 0 : 0.25 * static_cast<double>(i % 4);
+    pos_coef[i] = -0.5 + 0.1 * static_cast<double>(i % 7);
+    pair_lse[i] = std::isinf(row_lse[i]) ? 0 : row_lse[i] - 0.3;
+  }
+  for (int64_t j = 0; j < p.m; ++j)
+    col_coef[j] = !col_stats || std::isinf(col_lse[j]) ? 0 : 0.1 * static_cast<double>(j % 3);
+  std::vector<double> dq(p.n * p.d, 0), dk(p.m * p.d, 0);
+  double dscale = 0;
+  for (int64_t i = 0; i < p.n; ++i) {
+    for (int64_t j = 0; j < p.m; ++j) {
+      const double l = p.scale * dot[i][j];
+      double g = 0;
+      if (p.den(i, j) && row_coef[i] != 0) g += row_coef[i] * std::exp(l - row_lse[i]);
+      if (col_stats && !p.excluded(i, j) && col_coef[j] != 0)
+        g += col_coef[j] * std::exp(l - col_lse[j]);
+      if (p.positive(i, j)) g += pos_coef[i] * sigmoid(pair_lse[i] - l);
+      dscale += g * dot[i][j];
+      for (int64_t e = 0; e < p.d; ++e) {
+        dq[i * p.d + e] += p.scale * g * p.kv[j * p.d + e];
+        dk[j * p.d + e] += p.scale * g * p.qv[i * p.d + e];
+      }
+    }
+  }
+  const auto bwd = op<std::tuple<Tensor, Tensor, Tensor>(
+      const Tensor&, const Tensor&, const Tensor&, const OptionalTensor&, const OptionalTensor&,
+      std::optional<int64_t>, bool, const OptionalTensor&, const OptionalTensor&,
+      const OptionalTensor&, const OptionalTensor&, const OptionalTensor&, const OptionalTensor&,
+      bool)>("pyclloss_C::infonce_bwd");
+  OptionalTensor col_lse_arg, col_coef_arg;
+  if (col_stats) {
+    col_lse_arg = vec(col_lse).to(stats);
+    col_coef_arg = vec(col_coef).to(stats);
+  }
+  const auto [got_dq, got_dk, got_dscale] =
+      bwd.call(p.q, p.k, s, ql, kl, p.exclude_offset, p.neg_only, vec(row_lse).to(stats),
+               vec(row_coef).to(stats), col_lse_arg, col_coef_arg, vec(pos_coef).to(stats),
+               vec(pair_lse).to(stats), true);
+  expect_close(name + " infonce_bwd dq", got_dq, vec(dq).view({p.n, p.d}), grad_tol);
+  expect_close(name + " infonce_bwd dk", got_dk, vec(dk).view({p.m, p.d}), grad_tol);
+  expect_close(name + " infonce_bwd dscale", got_dscale, at::scalar_tensor(dscale, at::kDouble), grad_tol);
+
+  // SigLIP: z = +1 on same labels, no exclusion.
+  const double bias = -3.0;
+  std::vector<double> row_loss(p.n, 0), sig_dq(p.n * p.d, 0), sig_dk(p.m * p.d, 0);
+  double sig_dscale = 0, sig_dbias = 0;
+  for (int64_t i = 0; i < p.n; ++i) {
+    for (int64_t j = 0; j < p.m; ++j) {
+      const double z = !p.q_labels.empty() && p.q_labels[i] == p.k_labels[j] ? 1.0 : -1.0;
+      const double x = p.scale * dot[i][j] + bias;
+      row_loss[i] += softplus(-z * x);
+      const double g = row_coef[i] * -z * sigmoid(-z * x);
+      sig_dscale += g * dot[i][j];
+      sig_dbias += g;
+      for (int64_t e = 0; e < p.d; ++e) {
+        sig_dq[i * p.d + e] += p.scale * g * p.kv[j * p.d + e];
+        sig_dk[j * p.d + e] += p.scale * g * p.qv[i * p.d + e];
+      }
+    }
+  }
+  const Tensor b = at::scalar_tensor(bias, stats);
+  const auto siglip_fwd = op<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                    const OptionalTensor&, const OptionalTensor&)>(
+      "pyclloss_C::siglip_fwd");
+  expect_close(name + " siglip_fwd", siglip_fwd.call(p.q, p.k, s, b, ql, kl), vec(row_loss), tol);
+  const auto siglip_bwd = op<std::tuple<Tensor, Tensor, Tensor, Tensor>(
+      const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptionalTensor&,
+      const OptionalTensor&, const Tensor&, bool)>("pyclloss_C::siglip_bwd");
+  const auto [sdq, sdk, sds, sdb] =
+      siglip_bwd.call(p.q, p.k, s, b, ql, kl, vec(row_coef).to(stats), true);
+  expect_close(name + " siglip_bwd dq", sdq, vec(sig_dq).view({p.n, p.d}), grad_tol);
+  expect_close(name + " siglip_bwd dk", sdk, vec(sig_dk).view({p.m, p.d}), grad_tol);
+  expect_close(name + " siglip_bwd dscale", sds, at::scalar_tensor(sig_dscale, at::kDouble), grad_tol);
+  expect_close(name + " siglip_bwd dbias", sdb, at::scalar_tensor(sig_dbias, at::kDouble), grad_tol);
+}
+
+}  // namespace
+
+int main() {
+  at::manual_seed(0);
+  // (N, M, D) below and across the 64 x 512 tiles, never multiples of them.
+  check(make_problem(70, 530, 5, at::kFloat, true, 0, false), "f32 70x530 labels offset 0");
+  check(make_problem(70, 530, 5, at::kDouble, true, -2, false), "f64 70x530 labels offset -2");
+  check(make_problem(33, 20, 7, at::kFloat, true, 1, true), "f32 33x20 neg_only offset 1");
+  check(make_problem(3, 2, 4, at::kBFloat16, false, std::nullopt, false), "bf16 3x2 no labels");
+  check(make_problem(1, 1, 3, at::kFloat, true, 0, false), "f32 1x1 excluded");
+  std::printf("%d failure(s)\n", failures);
+  return failures;
+}

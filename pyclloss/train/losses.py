@@ -1,0 +1,111 @@
+"""The trainer's losses: ``--loss`` name -> a module ``forward(z1, z2, labels)``.
+
+Adding a loss is one ``LOSSES`` entry: a factory taking (embedding dim, config)
+and returning such a module.
+"""
+
+import functools
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _loss_library():
+    """The module with nt_xent, supcon, info_nce and clip_loss."""
+    from pyclloss.reference import info_nce as library
+
+    return library
+
+
+def loss_function(name: str, backend: str) -> Callable:
+    """``name`` from the loss library, bound to ``backend``."""
+    function = getattr(_loss_library(), name)
+    if "backend" in inspect.signature(function).parameters:
+        return functools.partial(function, backend=backend)
+    if backend not in ("auto", "reference"):
+        raise ValueError(f"--backend {backend}: only the reference losses are available")
+    return function
+
+
+class PairLoss(nn.Module):
+    """A loss of two views' embeddings (and labels, for the supervised ones)."""
+
+    def __init__(self, function: Callable, temperature: float, use_labels: bool):
+        super().__init__()
+        self.function = function
+        self.temperature = temperature
+        self.use_labels = use_labels
+
+    def forward(self, z1, z2, labels):
+        if self.use_labels:  # SupCon's multi-view layout (B, V, D)
+            return self.function(torch.stack([z1, z2], dim=1), labels, self.temperature)
+        return self.function(z1, z2, self.temperature)
+
+
+class ClipLoss(nn.Module):
+    """CLIP's symmetric loss between the two views, with a learnable logit scale
+    (stored as its log, initialised to 1/temperature, capped at 100 as in CLIP)."""
+
+    def __init__(self, function: Callable, temperature: float):
+        super().__init__()
+        self.function = function
+        self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
+
+    def forward(self, z1, z2, labels):
+        scale = self.log_scale.exp().clamp(max=100.0)
+        return self.function(F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1), scale)
+
+
+class QueueInfoNCE(nn.Module):
+    """InfoNCE of queries against their keys plus a queue of earlier keys (MoCo);
+    each call then enqueues the new keys, replacing the oldest. The queue must
+    hold at least one batch."""
+
+    def __init__(self, function: Callable, dim: int, queue_size: int, temperature: float):
+        super().__init__()
+        self.function = function
+        self.temperature = temperature
+        self.register_buffer("queue", F.normalize(torch.randn(queue_size, dim), dim=1))
+        self.register_buffer("next_slot", torch.zeros((), dtype=torch.int64))
+
+    def forward(self, query, key, labels):
+        loss = self.function(query, key, self.temperature, queue=self.queue)
+        self._enqueue(F.normalize(key.detach().float(), dim=1))
+        return loss
+
+    @torch.no_grad()
+    def _enqueue(self, keys):
+        slots = (self.next_slot + torch.arange(keys.shape[0], device=keys.device)) % len(self.queue)
+        self.queue[slots] = keys
+        self.next_slot.copy_((self.next_slot + keys.shape[0]) % len(self.queue))
+
+
+@dataclass(frozen=True)
+class LossEntry:
+    build: Callable[[int, "object"], nn.Module]  # (embedding dim, config) -> loss module
+    temperature: float  # the default of the loss's paper / code
+    needs_labels: bool = False
+    momentum_encoder: bool = False  # keys from an EMA copy of the model (MoCo)
+    about: str = ""
+
+
+LOSSES: Dict[str, LossEntry] = {
+    "nt_xent": LossEntry(
+        lambda dim, cfg: PairLoss(loss_function("nt_xent", cfg.backend), cfg.temperature, False),
+        temperature=0.5, about="SimCLR's NT-Xent"),
+    "supcon": LossEntry(
+        lambda dim, cfg: PairLoss(loss_function("supcon", cfg.backend), cfg.temperature, True),
+        temperature=0.1, needs_labels=True, about="supervised contrastive (uses the labels)"),
+    "clip": LossEntry(
+        lambda dim, cfg: ClipLoss(loss_function("clip_loss", cfg.backend), cfg.temperature),
+        temperature=0.07, about="CLIP's symmetric loss between the views, learnable scale"),
+    "moco": LossEntry(
+        lambda dim, cfg: QueueInfoNCE(loss_function("info_nce", cfg.backend), dim, cfg.queue_size,
+                                  cfg.temperature),
+        temperature=0.2, momentum_encoder=True, about="MoCo v2: momentum encoder and key queue"),
+}

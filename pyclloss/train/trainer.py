@@ -1,0 +1,303 @@
+"""The training loop: configuration, precision, checkpoints that resume exactly,
+and the run's summary."""
+
+import dataclasses
+import os
+import random
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from pyclloss.energy import EnergyMeter, energy_report, gpus_of
+from pyclloss.train.data import augment, epoch_generator, load_dataset, train_test_split
+from pyclloss.train.evaluate import evaluate
+from pyclloss.train.losses import LOSSES
+from pyclloss.train.model import ContrastiveLearner, Encoder
+
+PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+BACKENDS = ("auto", "cpp", "triton", "cuda", "reference")
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class TrainConfig:
+    loss: str = "nt_xent"
+    precision: str = "fp32"
+    backend: str = "auto"
+    batch_size: int = 256
+    epochs: int = 40
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    temperature: Optional[float] = None  # None: the loss's own default
+    embedding_dim: int = 64
+    width: int = 32
+    queue_size: int = 1024  # moco
+    momentum: float = 0.99  # moco's key encoder
+    seed: int = 0
+    device: str = "auto"
+    data: Optional[str] = None  # None: scikit-learn's digits
+    image_size: int = 32  # image folders are resized to this
+    checkpoint: Optional[str] = None
+    resume: Optional[str] = None
+    summary: Optional[str] = None
+
+
+# What may change between a run and its resumption without changing the result.
+RESUMABLE_CHANGES = ("epochs", "device", "checkpoint", "resume", "summary")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available to this torch "
+                         f"({torch.__version__})")
+    return device
+
+
+def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype of ``precision``, checked to work on ``device``: some
+    torch versions have no fp16 autocast on the CPU (they warn and run fp32)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return None
+    ones = torch.ones(1, 1, device=device)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with torch.autocast(device.type, dtype=dtype):
+                works = torch.nn.functional.linear(ones, ones).dtype == dtype
+    except RuntimeError:
+        works = False
+    if not works:
+        raise ValueError(f"--precision {precision}: torch {torch.__version__} has no {dtype} "
+                         f"autocast on {device.type}; use "
+                         f"{'bf16' if precision == 'fp16' else 'fp32'}")
+    return dtype
+
+
+def check_config(cfg: TrainConfig) -> None:
+    if cfg.loss not in LOSSES:
+        raise ValueError(f"--loss {cfg.loss!r}: expected one of {', '.join(LOSSES)}")
+    if cfg.backend not in BACKENDS:
+        raise ValueError(f"--backend {cfg.backend!r}: expected one of {', '.join(BACKENDS)}")
+    for name in ("batch_size", "epochs", "embedding_dim", "width", "queue_size", "image_size"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    if cfg.batch_size < 2:
+        raise ValueError("--batch-size must be at least 2 (a contrastive batch needs negatives)")
+    if cfg.loss == "moco" and cfg.queue_size < cfg.batch_size:
+        raise ValueError("--queue-size must hold at least one batch (>= --batch-size)")
+    if cfg.temperature is not None and cfg.temperature <= 0:
+        raise ValueError("--temperature must be > 0")
+    if not 0.0 <= cfg.momentum < 1.0:
+        raise ValueError("--momentum must be in [0, 1)")
+    if cfg.resume is not None and not os.path.isfile(cfg.resume):
+        raise FileNotFoundError(f"--resume {cfg.resume}: no such checkpoint")
+
+
+# ----------------------------------------------------------------------- checkpoints
+
+
+def rng_states() -> dict:
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": (np_state[0], np_state[1].tolist(), *np_state[2:]),
+            "python": random.getstate()}
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    name, keys, *rest = states["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+    random.setstate(states["python"])
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    """Writes to a temporary file beside ``path`` and renames it over ``path``, so
+    that an interrupted write never leaves a truncated checkpoint."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pt")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path: str, cfg: TrainConfig) -> dict:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"--resume {path}: not a checkpoint of this trainer")
+    for name, saved in state["config"].items():
+        if name not in RESUMABLE_CHANGES and getattr(cfg, name) != saved:
+            raise ValueError(f"--resume {path}: the checkpoint was trained with "
+                             f"{name}={saved!r}, this run asks for {getattr(cfg, name)!r}")
+    if state["epoch"] > cfg.epochs:
+        raise ValueError(f"--resume {path}: the checkpoint is at epoch {state['epoch']}, "
+                         f"past --epochs {cfg.epochs}")
+    return state
+
+
+# -------------------------------------------------------------------------- training
+
+
+def build_learner(cfg: TrainConfig, in_channels: int, mean, std) -> ContrastiveLearner:
+    entry = LOSSES[cfg.loss]
+    loss_cfg = dataclasses.replace(
+        cfg, temperature=entry.temperature if cfg.temperature is None else cfg.temperature)
+    encoder = Encoder(in_channels, cfg.width, mean, std)
+    return ContrastiveLearner(encoder, cfg.embedding_dim, entry.build(cfg.embedding_dim, loss_cfg),
+                              cfg.momentum if entry.momentum_encoder else None)
+
+
+def train_step(learner, optimizer, scaler, view1, view2, labels, amp_dtype) -> torch.Tensor:
+    """One optimisation step; returns the loss (a 0-dim tensor, not synchronised)."""
+    loss = learner(view1, view2, labels, amp_dtype)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    learner.update_momentum_encoder()
+    return loss.detach()
+
+
+class Progress:
+    """A tqdm bar on a terminal, else one plain line per epoch (on stderr)."""
+
+    def __init__(self, total_steps: int, done_steps: int):
+        self.bar = None
+        if sys.stderr.isatty():
+            try:
+                from tqdm import tqdm
+                self.bar = tqdm(total=total_steps, initial=done_steps, unit="step",
+                                file=sys.stderr)
+            except ImportError:
+                pass
+
+    def step(self, loss: float, samples_per_second: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{samples_per_second:.0f}")
+            self.bar.update()
+
+    def epoch(self, epoch: int, epochs: int, loss: float, samples_per_second: float) -> None:
+        if self.bar is None:
+            print(f"epoch {epoch}/{epochs}  loss {loss:.4f}  {samples_per_second:.0f} samples/s",
+                  file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Trains, evaluates before and after, and returns the run's summary."""
+    started = time.perf_counter()
+    check_config(cfg)
+    device = resolve_device(cfg.device)
+    amp_dtype = autocast_dtype(cfg.precision, device)
+    data = load_dataset(cfg.data, cfg.image_size)
+    if LOSSES[cfg.loss].needs_labels and data.labels is None:
+        raise ValueError(f"--loss {cfg.loss} needs labels; {data.source} has none")
+    train_set, test_set = train_test_split(data)
+    steps_per_epoch = len(train_set) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"--batch-size {cfg.batch_size} is larger than the "
+                         f"{len(train_set)} training images")
+    train_set, test_set = train_set.to(device), test_set.to(device)
+    can_evaluate = data.labels is not None and len(test_set) > 0
+
+    torch.manual_seed(cfg.seed)
+    mean = train_set.images.mean(dim=(0, 2, 3))
+    std = train_set.images.std(dim=(0, 2, 3)).clamp_min(1e-6)
+    learner = build_learner(cfg, train_set.images.shape[1], mean, std).to(device)
+    optimizer = torch.optim.AdamW([p for p in learner.parameters() if p.requires_grad],
+                                  lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+
+    def evaluation():
+        if not can_evaluate:
+            return None
+        return evaluate(learner.encoder, train_set.images, train_set.labels,
+                        test_set.images, test_set.labels)
+
+    if cfg.resume:
+        state = load_checkpoint(cfg.resume, cfg)
+        learner.load_state_dict(state["learner"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        set_rng_states(state["rng"])
+        first_epoch, step, epoch_losses, initial = (
+            state["epoch"], state["step"], state["epoch_losses"], state["initial_eval"])
+    else:
+        first_epoch, step, epoch_losses, initial = 0, 0, [], evaluation()
+
+    progress = Progress(cfg.epochs * steps_per_epoch, first_epoch * steps_per_epoch)
+    samples, train_seconds = 0, 0.0
+    learner.train()
+    with EnergyMeter(gpus=gpus_of(device)) as meter:
+        for epoch in range(first_epoch, cfg.epochs):
+            generator = epoch_generator(cfg.seed, epoch, device)
+            order = torch.randperm(len(train_set), generator=generator, device=device)
+            losses = []
+            epoch_start = time.perf_counter()
+            for index in order[:steps_per_epoch * cfg.batch_size].view(steps_per_epoch, -1):
+                images = train_set.images[index]
+                labels = train_set.labels[index] if train_set.labels is not None else None
+                view1, view2 = augment(images, generator), augment(images, generator)
+                loss = train_step(learner, optimizer, scaler, view1, view2, labels, amp_dtype)
+                losses.append(loss.item())
+                step += 1
+                samples += len(index)
+                progress.step(losses[-1], samples / (train_seconds + time.perf_counter()
+                                                     - epoch_start))
+            train_seconds += time.perf_counter() - epoch_start
+            epoch_losses.append(sum(losses) / len(losses))
+            progress.epoch(epoch + 1, cfg.epochs, epoch_losses[-1], samples / train_seconds)
+            meter.sample()
+            if cfg.checkpoint:
+                save_checkpoint(cfg.checkpoint, {
+                    "version": CHECKPOINT_VERSION, "config": dataclasses.asdict(cfg),
+                    "epoch": epoch + 1, "step": step, "epoch_losses": epoch_losses,
+                    "initial_eval": initial, "learner": learner.state_dict(),
+                    "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                    "rng": rng_states()})
+    progress.close()
+
+    final = evaluation()
+    summary = {
+        "config": dataclasses.asdict(cfg),
+        "device": str(device),
+        "torch": torch.__version__,
+        "data": {"source": data.source, "image_shape": list(data.images.shape[1:]),
+                 "train_images": len(train_set), "test_images": len(test_set)},
+        "resumed_from_epoch": first_epoch if cfg.resume else None,
+        "epochs_done": cfg.epochs,
+        "steps_done": step,
+        "epoch_losses": epoch_losses,
+        "final_loss": epoch_losses[-1] if epoch_losses else None,
+        "train_seconds": train_seconds,
+        "samples_per_second": samples / train_seconds if train_seconds > 0 else None,
+        "evaluation": ({"initial": initial, "final": final} if can_evaluate
+                       else "skipped: the data has no labels"),
+        "energy": energy_report(meter.result, step - first_epoch * steps_per_epoch, samples),
+        "wall_seconds": time.perf_counter() - started,
+    }
+    return summary

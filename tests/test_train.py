@@ -1,0 +1,248 @@
+"""The reference trainer: a tiny run end to end, exact resumption, clear errors,
+and the pieces (data, losses, evaluation, checkpoints) on known values."""
+
+import contextlib
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+from pyclloss.reference import info_nce as reference
+from pyclloss.train import LOSSES, TrainConfig, main, train
+from pyclloss.train import trainer as trainer_module
+from pyclloss.train.data import augment, epoch_generator, load_dataset, load_tensor_file
+from pyclloss.train.evaluate import knn_accuracy, linear_probe_accuracy
+from pyclloss.train.losses import QueueInfoNCE, loss_function
+
+
+@pytest.fixture
+def tiny_data(tmp_path):
+    """80 labelled 8×8 images of 4 classes (a .pt file)."""
+    generator = torch.Generator().manual_seed(1)
+    labels = torch.arange(80) % 4
+    images = torch.rand(80, 1, 8, 8, generator=generator) * 0.3
+    images[torch.arange(80), 0, 2 * labels, :] += 0.7  # a class-dependent bright row
+    path = tmp_path / "tiny.pt"
+    torch.save({"images": images, "labels": labels}, path)
+    return str(path)
+
+
+def tiny_config(data, **changes):
+    cfg = TrainConfig(data=data, batch_size=16, epochs=2, width=4, embedding_dim=8,
+                      queue_size=32, device="cpu")
+    for name, value in changes.items():
+        setattr(cfg, name, value)
+    return cfg
+
+
+def test_default_data_end_to_end_writes_the_summary(tmp_path, capsys):
+    summary_path = tmp_path / "summary.json"
+    assert main(["--epochs", "1", "--batch-size", "128", "--width", "8",
+                 "--summary", str(summary_path)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    summary = json.loads(summary_path.read_text())
+    assert printed["steps_done"] == summary["steps_done"] == 1348 // 128
+    assert summary["data"] == {"source": "sklearn digits", "image_shape": [1, 8, 8],
+                               "train_images": 1348, "test_images": 449}
+    assert len(summary["epoch_losses"]) == 1 and 0 < summary["final_loss"] < 10
+    for when in ("initial", "final"):
+        for metric in ("knn_accuracy", "linear_probe_accuracy"):
+            assert 0.3 < summary["evaluation"][when][metric] <= 1.0  # 10 classes: chance 0.1
+    energy = summary["energy"]
+    assert energy["steps"] == summary["steps_done"] and energy["samples"] == 10 * 128
+    assert ("joules_per_step" in energy) != ("energy" in energy)  # a figure or the reason
+
+
+@pytest.mark.parametrize("loss, precision", [("nt_xent", "fp32"), ("moco", "bf16"),
+                                             ("clip", "fp16"), ("supcon", "fp32")])
+def test_resume_equals_an_uninterrupted_run(tiny_data, tmp_path, loss, precision):
+    straight = str(tmp_path / "straight.pt")
+    split = str(tmp_path / "split.pt")
+    full = train(tiny_config(tiny_data, loss=loss, precision=precision, checkpoint=straight))
+    train(tiny_config(tiny_data, loss=loss, precision=precision, epochs=1, checkpoint=split))
+    resumed = train(tiny_config(tiny_data, loss=loss, precision=precision, resume=split,
+                                checkpoint=split))
+    assert resumed["resumed_from_epoch"] == 1
+    assert resumed["epoch_losses"] == full["epoch_losses"]
+    assert resumed["evaluation"] == full["evaluation"]
+    a = torch.load(straight, weights_only=True)["learner"]
+    b = torch.load(split, weights_only=True)["learner"]
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
+
+
+def test_a_different_seed_trains_differently(tiny_data):
+    losses = [train(tiny_config(tiny_data, epochs=1, seed=s))["epoch_losses"] for s in (0, 1)]
+    assert losses[0] != losses[1]
+
+
+def run_main_expecting_error(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--loss", "triplet"], "--loss 'triplet': expected one of nt_xent, supcon, clip, moco"),
+    (["--precision", "fp8"], "--precision 'fp8': expected one of fp32, fp16, bf16"),
+    (["--backend", "tpu"], "--backend 'tpu'"),
+    (["--data", "/nonexistent/images.pt"], "--data /nonexistent/images.pt: no such file"),
+    (["--resume", "/nonexistent/ckpt.pt"], "--resume /nonexistent/ckpt.pt: no such checkpoint"),
+    (["--batch-size", "1"], "--batch-size must be at least 2"),
+    (["--temperature", "0"], "--temperature must be > 0"),
+    (["--loss", "moco", "--queue-size", "8", "--batch-size", "16"], "--queue-size must hold"),
+    (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--epochs", "0"],
+     "CUDA is not available" if not torch.cuda.is_available() else "--epochs must be"),
+])
+def test_bad_arguments_give_clear_errors(argv, message, capsys):
+    assert message in run_main_expecting_error(argv, capsys)
+
+
+def test_errors_that_depend_on_the_data(tiny_data, tmp_path, capsys):
+    unlabelled = tmp_path / "unlabelled.pt"
+    torch.save(torch.rand(20, 1, 8, 8), unlabelled)
+    err = run_main_expecting_error(["--data", str(unlabelled), "--loss", "supcon"], capsys)
+    assert "--loss supcon needs labels" in err
+    err = run_main_expecting_error(["--data", tiny_data, "--batch-size", "512"], capsys)
+    assert "--batch-size 512 is larger than the 60 training images" in err
+
+
+def test_resume_refuses_a_changed_configuration(tiny_data, tmp_path, capsys):
+    checkpoint = str(tmp_path / "c.pt")
+    train(tiny_config(tiny_data, epochs=1, checkpoint=checkpoint))
+    err = run_main_expecting_error(["--data", tiny_data, "--batch-size", "8", "--width", "4",
+                                    "--embedding-dim", "8", "--resume", checkpoint], capsys)
+    assert "trained with batch_size=16, this run asks for 8" in err
+
+
+def test_unsupported_autocast_is_a_clear_error(monkeypatch):
+    # Older torch warns and leaves fp16 CPU autocast off: the output stays fp32.
+    monkeypatch.setattr(torch, "autocast", lambda *args, **kwargs: contextlib.nullcontext())
+    with pytest.raises(ValueError, match="has no torch.float16 autocast on cpu; use bf16"):
+        trainer_module.autocast_dtype("fp16", torch.device("cpu"))
+    assert trainer_module.autocast_dtype("fp32", torch.device("cpu")) is None
+
+
+# ------------------------------------------------------------------------ the pieces
+
+
+def test_tensor_files_in_every_accepted_layout(tmp_path):
+    images = torch.randint(0, 256, (6, 5, 5), dtype=torch.uint8)
+    labels = torch.tensor([0, 1, 0, 1, 2, 2])
+    for name, obj in {"plain": images, "pair": (images, labels),
+                      "dict": {"images": images, "labels": labels}}.items():
+        path = tmp_path / f"{name}.pt"
+        torch.save(obj, path)
+        data = load_tensor_file(str(path))
+        assert data.images.shape == (6, 1, 5, 5) and data.images.dtype == torch.float32
+        assert torch.equal(data.images, images.unsqueeze(1).float() / 255)
+        assert data.labels is None if name == "plain" else torch.equal(data.labels, labels)
+    torch.save({"images": images, "labels": labels[:3]}, tmp_path / "short.pt")
+    with pytest.raises(ValueError, match="3 labels for 6 images"):
+        load_tensor_file(str(tmp_path / "short.pt"))
+
+
+def test_image_folder_needs_pillow(tmp_path, monkeypatch):
+    (tmp_path / "cats").mkdir()
+    monkeypatch.setitem(sys.modules, "PIL", None)
+    with pytest.raises(RuntimeError, match="needs Pillow"):
+        load_dataset(str(tmp_path), 16)
+
+
+def test_image_folder_with_pillow(tmp_path):
+    image_module = pytest.importorskip("PIL.Image")
+    for label, color in (("a", (255, 0, 0)), ("b", (0, 0, 255))):
+        (tmp_path / label).mkdir()
+        image_module.new("RGB", (10, 7), color).save(tmp_path / label / "x.png")
+    data = load_dataset(str(tmp_path), 4)
+    assert data.images.shape == (2, 3, 4, 4) and data.labels.tolist() == [0, 1]
+    assert data.images[0, 0].min() == 1.0 and data.images[1, 2].min() == 1.0
+
+
+def test_data_order_and_views_are_a_function_of_seed_and_epoch():
+    images = torch.rand(5, 1, 8, 8)
+
+    def draw(seed, epoch):
+        generator = epoch_generator(seed, epoch, "cpu")
+        return torch.randperm(5, generator=generator), augment(images, generator)
+
+    order, views = draw(3, 7)
+    again_order, again_views = draw(3, 7)
+    assert torch.equal(order, again_order) and torch.equal(views, again_views)
+    assert not torch.equal(views, draw(3, 8)[1]) and not torch.equal(views, draw(4, 7)[1])
+    assert views.shape == images.shape and not torch.allclose(views, images)
+
+
+def test_identity_augmentation_returns_the_image():
+    images = torch.rand(3, 2, 6, 6)
+    same = augment(images, torch.Generator().manual_seed(0), min_crop=1.0, max_shift=0.0,
+                   noise=0.0)
+    torch.testing.assert_close(same, images)
+
+
+def test_every_registered_loss_trains(tiny_data):
+    for name in LOSSES:
+        summary = train(tiny_config(tiny_data, loss=name, epochs=1))
+        assert torch.isfinite(torch.tensor(summary["epoch_losses"])).all(), name
+
+
+def test_queue_loss_matches_info_nce_with_the_queue_and_enqueues():
+    torch.manual_seed(0)
+    loss = QueueInfoNCE(loss_function("info_nce", "auto"), dim=6, queue_size=5, temperature=0.2)
+    query, key = torch.randn(3, 6), torch.randn(3, 6)
+    queue_before = loss.queue.clone()
+    expected = reference.info_nce(query, key, 0.2, queue=queue_before)
+    torch.testing.assert_close(loss(query, key, None), expected)
+    normalized = torch.nn.functional.normalize(key, dim=1)
+    torch.testing.assert_close(loss.queue[:3], normalized)
+    loss(query, key * 2, None)  # wraps around: slots 3, 4, 0
+    torch.testing.assert_close(loss.queue[[3, 4, 0]], normalized)
+    torch.testing.assert_close(loss.queue[[1, 2]], normalized[1:])
+    assert int(loss.next_slot) == 1
+
+
+def test_the_backend_is_passed_to_losses_that_take_one(monkeypatch):
+    def fused(z1, z2, temperature=0.5, *, backend="auto"):
+        return backend
+
+    def plain(z1, z2, temperature=0.5):
+        return "reference"
+
+    library = type("Library", (), {"fused": staticmethod(fused), "plain": staticmethod(plain)})
+    monkeypatch.setattr("pyclloss.train.losses._loss_library", lambda: library)
+    assert loss_function("fused", "triton")(None, None) == "triton"
+    assert loss_function("plain", "auto")(None, None) == "reference"
+    with pytest.raises(ValueError, match="--backend cpp: only the reference losses"):
+        loss_function("plain", "cpp")
+
+
+def test_knn_and_linear_probe_on_known_features():
+    generator = torch.Generator().manual_seed(0)
+    centers = torch.eye(4) * 5
+    labels = torch.arange(200) % 4
+    x = centers[labels] + 0.3 * torch.randn(200, 4, generator=generator)
+    assert knn_accuracy(x[:150], labels[:150], x[150:], labels[150:]) == 1.0
+    assert linear_probe_accuracy(x[:150], labels[:150], x[150:], labels[150:]) == 1.0
+    noise = torch.randn(200, 4, generator=generator)  # features unrelated to the labels
+    assert knn_accuracy(noise[:150], labels[:150], noise[150:], labels[150:]) < 0.6
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "c.pt")
+    trainer_module.save_checkpoint(path, {"epoch": 1})
+
+    def failing_save(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        trainer_module.save_checkpoint(path, {"epoch": 2})
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"epoch": 1}
+    assert os.listdir(tmp_path) == ["c.pt"]

@@ -16,6 +16,15 @@ from .losses import (
     SigLipLoss,
     SupConLoss,
 )
+from .sorting import (
+    DiffSortNet,
+    GroCoLoss,
+    diff_sort,
+    diff_sort_apply,
+    groco_loss,
+    soft_rank,
+    soft_top_k_mask,
+)
 
 __version__ = "0.1.0"
 
@@ -34,4 +43,11 @@ __all__ = [
     "PairNTXentLoss",
     "SigLipLoss",
     "SupConLoss",
+    "diff_sort",
+    "diff_sort_apply",
+    "groco_loss",
+    "soft_rank",
+    "soft_top_k_mask",
+    "DiffSortNet",
+    "GroCoLoss",
 ]

@@ -1,4 +1,4 @@
-"""The ``pyclloss`` console script: ``info`` and ``bench``."""
+"""The ``pyclloss`` console script: ``info``, ``train``, ``bench`` and ``energy``."""
 
 import argparse
 import platform
@@ -43,19 +43,48 @@ def info(args: argparse.Namespace) -> int:
     return 0
 
 
-def bench(args: argparse.Namespace) -> int:
+def bench(argv: List[str]) -> int:
     from pyclloss.benchmark import main as bench_main
 
-    return bench_main(args.rest)
+    return bench_main(argv)
+
+
+def train(argv: List[str]) -> int:
+    from pyclloss.train.cli import main as train_main
+
+    return train_main(argv)
+
+
+def energy(argv: List[str]) -> int:
+    # The energy benchmark lives in the source tree's bench/ (not installed).
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench",
+                        "energy.py")
+    if not os.path.exists(path):
+        print("pyclloss energy runs from a source checkout (bench/energy.py)", file=sys.stderr)
+        return 2
+    spec = importlib.util.spec_from_file_location("pyclloss_bench_energy", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(argv)
+
+
+# Subcommands with parsers of their own get the rest of the command line.
+SUBCOMMANDS = {"train": train, "bench": bench, "energy": energy}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        return SUBCOMMANDS[argv[0]](argv[1:])
     parser = argparse.ArgumentParser(prog="pyclloss", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions and available backends").set_defaults(func=info)
-    p = sub.add_parser("bench", help="benchmark table of the InfoNCE losses (pyclloss bench --help)")
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=bench)
+    sub.add_parser("train", help="the reference trainer (pyclloss train --help)")
+    sub.add_parser("bench", help="InfoNCE benchmark table (pyclloss bench --help)")
+    sub.add_parser("energy", help="fp32 vs mixed-precision energy benchmark (source checkout)")
     args = parser.parse_args(argv)
     return args.func(args)
 

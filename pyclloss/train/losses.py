@@ -5,7 +5,6 @@ and returning such a module.
 """
 
 import functools
-import inspect
 import math
 from dataclasses import dataclass
 from typing import Callable, Dict
@@ -17,19 +16,14 @@ from torch import nn
 
 def _loss_library():
     """The module with nt_xent, supcon, info_nce and clip_loss."""
-    from pyclloss.reference import info_nce as library
+    from pyclloss import functional as library
 
     return library
 
 
 def loss_function(name: str, backend: str) -> Callable:
     """``name`` from the loss library, bound to ``backend``."""
-    function = getattr(_loss_library(), name)
-    if "backend" in inspect.signature(function).parameters:
-        return functools.partial(function, backend=backend)
-    if backend not in ("auto", "reference"):
-        raise ValueError(f"--backend {backend}: only the reference losses are available")
-    return function
+    return functools.partial(getattr(_loss_library(), name), backend=backend)
 
 
 class PairLoss(nn.Module):

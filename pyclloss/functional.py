@@ -173,7 +173,7 @@ def info_nce(query: Tensor, key: Tensor, temperature=0.07, targets: Optional[Ten
     Args:
         query: (N, D); key: (M, D); targets: (N,) key index of each query's
             positive (default arange(N), which needs M ≥ N).
-        queue: optional (Q, D) extra negatives (detached).
+        queue: optional (Q, D) extra negatives (detached, cast to the query's dtype).
         weights: optional (N,) per-anchor weights.
         normalize: L2-normalise query, key and queue first (default True).
     """
@@ -188,7 +188,8 @@ def info_nce(query: Tensor, key: Tensor, temperature=0.07, targets: Optional[Ten
         targets = torch.arange(n, device=device)
     targets = _checks.index_targets("targets", targets, n, m, device)
     if queue is not None:
-        _checks.features("queue", queue)
+        # a stored queue (often float32 under autocast) joins in the query's dtype
+        queue = _checks.features("queue", queue).to(query.dtype)
         _checks.same_kind("queue", queue, "query", query)
     weights = _checks.weights("weights", weights, n, device)
     reduction = _checks.reduction(reduction)

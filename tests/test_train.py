@@ -206,19 +206,14 @@ def test_queue_loss_matches_info_nce_with_the_queue_and_enqueues():
     assert int(loss.next_slot) == 1
 
 
-def test_the_backend_is_passed_to_losses_that_take_one(monkeypatch):
+def test_the_backend_is_passed_to_the_loss(monkeypatch):
     def fused(z1, z2, temperature=0.5, *, backend="auto"):
         return backend
 
-    def plain(z1, z2, temperature=0.5):
-        return "reference"
-
-    library = type("Library", (), {"fused": staticmethod(fused), "plain": staticmethod(plain)})
+    library = type("Library", (), {"fused": staticmethod(fused)})
     monkeypatch.setattr("pyclloss.train.losses._loss_library", lambda: library)
     assert loss_function("fused", "triton")(None, None) == "triton"
-    assert loss_function("plain", "auto")(None, None) == "reference"
-    with pytest.raises(ValueError, match="--backend cpp: only the reference losses"):
-        loss_function("plain", "cpp")
+    assert loss_function("fused", "auto")(None, None) == "auto"
 
 
 def test_knn_and_linear_probe_on_known_features():

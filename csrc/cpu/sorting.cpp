@@ -17,7 +17,9 @@
 // Arithmetic in double for double inputs, float otherwise (half and bfloat16
 // inputs included).
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
 
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>

@@ -310,29 +310,60 @@ PYCLLOSS_VECTOR_CLONES SiglipGradSums<acc_t> siglip_grad_tile(acc_t* tile, int64
 
 // ---------------------------------------------------------------- passes
 
+// q or k in the two layouts the tile products read, in the accumulation
+// type: `rows` (n x d) and, for an operand that supplies the columns of logit
+// tiles, `blocked_t`: its transpose per block of kInnerBlock rows
+// (transposed_blocks). Both are O(n * d), built once per call.
+struct TileOperand {
+  Tensor rows;
+  Tensor blocked_t;
+};
+
+TileOperand tile_operand(const Tensor& x, at::ScalarType acc, bool transposed) {
+  Tensor rows = x.to(acc);  // x itself when it already is acc
+  return {rows, transposed ? transposed_blocks(rows, kInnerBlock) : Tensor()};
+}
+
+struct TileOperands {
+  TileOperand q;
+  TileOperand k;
+};
+
+// One shared copy when q and k are the same memory (self-similarity losses).
+TileOperands tile_operands(const Tensor& q, const Tensor& k, at::ScalarType acc,
+                           bool q_transposed, bool k_transposed) {
+  if (q.data_ptr() == k.data_ptr() && q.sizes() == k.sizes()) {
+    const TileOperand shared = tile_operand(q, acc, q_transposed || k_transposed);
+    return {shared, shared};
+  }
+  return {tile_operand(q, acc, q_transposed), tile_operand(k, acc, k_transposed)};
+}
+
 // For every tile of q * k^T: epilogue(tile, query0, queries, key0, keys,
 // group). Row blocks are split into `groups` consecutive runs, one parallel
 // task each; a task visits its row blocks in order, each over all key blocks
-// in order.
-template <typename scalar_t, typename acc_t, typename Epilogue>
-void for_each_logit_tile(const scalar_t* q, int64_t n, const scalar_t* k, int64_t m, int64_t d,
-                         int64_t groups, const Epilogue& epilogue) {
+// in order. Needs q.rows and k.blocked_t.
+template <typename acc_t, typename Epilogue>
+void for_each_logit_tile(const TileOperand& q, const TileOperand& k, int64_t groups,
+                         const Epilogue& epilogue) {
+  const int64_t n = q.rows.size(0);
+  const int64_t m = k.rows.size(0);
+  const int64_t d = q.rows.size(1);
+  const acc_t* q_rows = q.rows.data_ptr<acc_t>();
+  const acc_t* k_blocked_t = m > 0 ? k.blocked_t.data_ptr<acc_t>() : nullptr;
   const int64_t row_blocks = num_blocks(n, kOuterBlock);
   at::parallel_for(0, groups, 1, [&](int64_t group_begin, int64_t group_end) {
     c10::InferenceMode no_autograd;
     std::vector<acc_t> tile(kOuterBlock * kInnerBlock);
-    std::vector<acc_t> q_buffer(kOuterBlock * d);
-    std::vector<acc_t> k_buffer(kInnerBlock * d);
     for (int64_t group = group_begin; group < group_end; ++group) {
       const int64_t block_end = (group + 1) * row_blocks / groups;
       for (int64_t block = group * row_blocks / groups; block < block_end; ++block) {
         const int64_t query0 = block * kOuterBlock;
         const int64_t queries = std::min(kOuterBlock, n - query0);
-        const acc_t* q_rows = rows_as<acc_t>(q + query0 * d, queries, d, q_buffer.data());
         for (int64_t key0 = 0; key0 < m; key0 += kInnerBlock) {
           const int64_t keys = std::min(kInnerBlock, m - key0);
-          const acc_t* k_rows = rows_as<acc_t>(k + key0 * d, keys, d, k_buffer.data());
-          matmul_transposed_b(q_rows, k_rows, tile.data(), queries, keys, d);
+          matmul(queries, keys, d, q_rows + query0 * d, d, k_blocked_t + key0 * d, keys,
+                 tile.data(), keys, false);
           epilogue(tile.data(), query0, queries, key0, keys, group);
         }
       }
@@ -340,36 +371,37 @@ void for_each_logit_tile(const scalar_t* q, int64_t n, const scalar_t* k, int64_
   });
 }
 
-// d_outer = scale * G * inner, one parallel task per block of `outer` rows.
-// For each block of `inner` rows, the tile of outer * inner^T dot products
-// is turned into G by grad_tile(tile, outer0, outer_rows, inner0,
-// inner_rows, outer_block).
+// d_outer = scale * G * inner.rows, one parallel task per block of `outer`
+// rows. For each block of `inner` rows, the tile of outer * inner^T dot
+// products is turned into G by grad_tile(tile, outer0, outer_rows, inner0,
+// inner_rows, outer_block). Needs outer.rows, inner.rows, inner.blocked_t.
 template <typename scalar_t, typename acc_t, typename GradTile>
-void gradient_pass(const scalar_t* outer, int64_t n_outer, const scalar_t* inner,
-                   int64_t n_inner, int64_t d, acc_t scale, scalar_t* d_outer,
-                   const GradTile& grad_tile) {
+void gradient_pass(const TileOperand& outer, const TileOperand& inner, acc_t scale,
+                   scalar_t* d_outer, const GradTile& grad_tile) {
+  const int64_t n_outer = outer.rows.size(0);
+  const int64_t n_inner = inner.rows.size(0);
+  const int64_t d = outer.rows.size(1);
+  const acc_t* outer_rows = outer.rows.data_ptr<acc_t>();
+  const acc_t* inner_rows = inner.rows.data_ptr<acc_t>();
+  const acc_t* inner_blocked_t = n_inner > 0 ? inner.blocked_t.data_ptr<acc_t>() : nullptr;
   at::parallel_for(0, num_blocks(n_outer, kOuterBlock), 1, [&](int64_t begin, int64_t end) {
     c10::InferenceMode no_autograd;
     std::vector<acc_t> tile(kOuterBlock * kInnerBlock);
-    std::vector<acc_t> outer_buffer(kOuterBlock * d);
-    std::vector<acc_t> inner_buffer(kInnerBlock * d);
     std::vector<acc_t> grad_sum(kOuterBlock * d);
     for (int64_t block = begin; block < end; ++block) {
       const int64_t outer0 = block * kOuterBlock;
-      const int64_t outer_rows = std::min(kOuterBlock, n_outer - outer0);
-      const acc_t* outer_block =
-          rows_as<acc_t>(outer + outer0 * d, outer_rows, d, outer_buffer.data());
+      const int64_t rows = std::min(kOuterBlock, n_outer - outer0);
       std::fill(grad_sum.begin(), grad_sum.end(), acc_t(0));
       for (int64_t inner0 = 0; inner0 < n_inner; inner0 += kInnerBlock) {
-        const int64_t inner_rows = std::min(kInnerBlock, n_inner - inner0);
-        const acc_t* inner_block =
-            rows_as<acc_t>(inner + inner0 * d, inner_rows, d, inner_buffer.data());
-        matmul_transposed_b(outer_block, inner_block, tile.data(), outer_rows, inner_rows, d);
-        grad_tile(tile.data(), outer0, outer_rows, inner0, inner_rows, block);
-        matmul_accumulate(tile.data(), inner_block, grad_sum.data(), outer_rows, d, inner_rows);
+        const int64_t cols = std::min(kInnerBlock, n_inner - inner0);
+        matmul(rows, cols, d, outer_rows + outer0 * d, d, inner_blocked_t + inner0 * d, cols,
+               tile.data(), cols, false);
+        grad_tile(tile.data(), outer0, rows, inner0, cols, block);
+        matmul(rows, d, cols, tile.data(), cols, inner_rows + inner0 * d, d, grad_sum.data(), d,
+               true);
       }
       scalar_t* out = d_outer + outer0 * d;
-      for (int64_t e = 0; e < outer_rows * d; ++e) {
+      for (int64_t e = 0; e < rows * d; ++e) {
         out[e] = static_cast<scalar_t>(scale * grad_sum[e]);
       }
     }
@@ -507,19 +539,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> infonce_fwd(
   TORCH_CHECK(!(col_stats && neg_only), op, ": col_stats cannot be combined with neg_only");
   const int64_t n = q.size(0);
   const int64_t m = k.size(0);
-  const int64_t d = q.size(1);
-  const auto stats = q.options().dtype(stats_dtype(q.scalar_type()));
-  Tensor row_max = at::full({n}, -INFINITY, stats);
-  Tensor row_sum = at::zeros({n}, stats);
-  Tensor pos_sum = at::zeros({n}, stats);
-  Tensor pos_count = at::zeros({n}, stats);
+  const auto stats = stats_dtype(q.scalar_type());
+  const auto options = q.options().dtype(stats);
+  Tensor row_max = at::full({n}, -INFINITY, options);
+  Tensor row_sum = at::zeros({n}, options);
+  Tensor pos_sum = at::zeros({n}, options);
+  Tensor pos_count = at::zeros({n}, options);
   const int64_t row_blocks = num_blocks(n, kOuterBlock);
   const int64_t groups = col_stats ? column_groups(row_blocks, m) : row_blocks;
-  Tensor col_max = col_stats ? at::full({groups, m}, -INFINITY, stats) : at::empty({0}, stats);
-  Tensor col_sum = col_stats ? at::zeros({groups, m}, stats) : at::empty({0}, stats);
-  Tensor col_lse = at::empty({col_stats ? m : 0}, stats);
+  Tensor col_max = at::full({col_stats ? groups : 0, m}, -INFINITY, options);
+  Tensor col_sum = at::zeros({col_stats ? groups : 0, m}, options);
+  Tensor col_lse = at::empty({col_stats ? m : 0}, options);
   const MaskLabels labels = mask_labels(q_labels, k_labels, n, m);
   const int64_t diagonal = exclusion_diagonal(exclude_offset, n, m);
+  const TileOperands operands = tile_operands(q, k, stats, false, true);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -530,8 +563,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> infonce_fwd(
     acc_t* col_sum_data = col_sum.data_ptr<acc_t>();
     const int64_t* qy_data = labels.q.data_ptr<int64_t>();
     const int64_t* ky_data = labels.k.data_ptr<int64_t>();
-    for_each_logit_tile<scalar_t, acc_t>(
-        q.data_ptr<scalar_t>(), n, k.data_ptr<scalar_t>(), m, d, groups,
+    for_each_logit_tile<acc_t>(
+        operands.q, operands.k, groups,
         [&](acc_t* tile, int64_t query0, int64_t queries, int64_t key0, int64_t keys,
             int64_t group) {
           const PairMask mask = tile_mask(qy_data, ky_data, diagonal, query0, key0);
@@ -567,6 +600,7 @@ std::tuple<Tensor, Tensor> infonce_pair_fwd(const Tensor& q, const Tensor& k,
   Tensor loss_sum = at::zeros({n}, q.options().dtype(stats));
   Tensor sigmoid_sum = at::zeros({n}, q.options().dtype(stats));
   const int64_t diagonal = exclusion_diagonal(exclude_offset, n, m);
+  const TileOperands operands = tile_operands(q, k, stats, false, true);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -576,9 +610,8 @@ std::tuple<Tensor, Tensor> infonce_pair_fwd(const Tensor& q, const Tensor& k,
     acc_t* sigmoid_data = sigmoid_sum.data_ptr<acc_t>();
     const int64_t* qy = q_labels.data_ptr<int64_t>();
     const int64_t* ky = k_labels.data_ptr<int64_t>();
-    for_each_logit_tile<scalar_t, acc_t>(
-        q.data_ptr<scalar_t>(), n, k.data_ptr<scalar_t>(), m, q.size(1),
-        num_blocks(n, kOuterBlock),
+    for_each_logit_tile<acc_t>(
+        operands.q, operands.k, num_blocks(n, kOuterBlock),
         [&](acc_t* tile, int64_t query0, int64_t queries, int64_t key0, int64_t keys, int64_t) {
           infonce_pair_tile(tile, queries, keys, s, tile_mask(qy, ky, diagonal, query0, key0),
                             neg_lse_data + query0, loss_data + query0, sigmoid_data + query0);
@@ -597,7 +630,6 @@ std::tuple<Tensor, Tensor, Tensor> infonce_bwd(
   check_core_inputs(op, q, k, scale, q_labels, k_labels);
   const int64_t n = q.size(0);
   const int64_t m = k.size(0);
-  const int64_t d = q.size(1);
   const auto stats = stats_dtype(q.scalar_type());
   TORCH_CHECK(row_lse.has_value() == row_coef.has_value(), op,
               ": row_lse and row_coef must be given together");
@@ -614,6 +646,7 @@ std::tuple<Tensor, Tensor, Tensor> infonce_bwd(
   Tensor dscale = at::empty({}, q.options().dtype(stats));
   const MaskLabels labels = mask_labels(q_labels, k_labels, n, m);
   const int64_t diagonal = exclusion_diagonal(exclude_offset, n, m);
+  const TileOperands operands = tile_operands(q, k, stats, need_dk, true);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -624,10 +657,8 @@ std::tuple<Tensor, Tensor, Tensor> infonce_bwd(
         data_or_null<acc_t>(pos_coef), data_or_null<acc_t>(pair_lse), neg_only};
     const int64_t* qy_data = labels.q.data_ptr<int64_t>();
     const int64_t* ky_data = labels.k.data_ptr<int64_t>();
-    const scalar_t* q_data = q.data_ptr<scalar_t>();
-    const scalar_t* k_data = k.data_ptr<scalar_t>();
     std::vector<acc_t> dscale_parts(num_blocks(n, kOuterBlock), acc_t(0));
-    gradient_pass(q_data, n, k_data, m, d, s, dq.data_ptr<scalar_t>(),
+    gradient_pass(operands.q, operands.k, s, dq.data_ptr<scalar_t>(),
                   [&](acc_t* tile, int64_t query0, int64_t queries, int64_t key0, int64_t keys,
                       int64_t block) {
                     dscale_parts[block] += infonce_grad_tile<acc_t, false>(
@@ -635,7 +666,7 @@ std::tuple<Tensor, Tensor, Tensor> infonce_bwd(
                         terms.at(query0, key0));
                   });
     if (need_dk) {
-      gradient_pass(k_data, m, q_data, n, d, s, dk.data_ptr<scalar_t>(),
+      gradient_pass(operands.k, operands.q, s, dk.data_ptr<scalar_t>(),
                     [&](acc_t* tile, int64_t key0, int64_t keys, int64_t query0, int64_t queries,
                         int64_t) {
                       infonce_grad_tile<acc_t, true>(
@@ -665,6 +696,7 @@ Tensor siglip_fwd(const Tensor& q, const Tensor& k, const Tensor& scale, const T
   Tensor row_loss = at::zeros({n}, q.options().dtype(stats_dtype(q.scalar_type())));
   const MaskLabels labels = mask_labels(q_labels, k_labels, n, m);
   const int64_t no_exclusion = exclusion_diagonal(std::nullopt, n, m);
+  const TileOperands operands = tile_operands(q, k, stats_dtype(q.scalar_type()), false, true);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -673,9 +705,8 @@ Tensor siglip_fwd(const Tensor& q, const Tensor& k, const Tensor& scale, const T
     acc_t* loss = row_loss.data_ptr<acc_t>();
     const int64_t* qy_data = labels.q.data_ptr<int64_t>();
     const int64_t* ky_data = labels.k.data_ptr<int64_t>();
-    for_each_logit_tile<scalar_t, acc_t>(
-        q.data_ptr<scalar_t>(), n, k.data_ptr<scalar_t>(), m, q.size(1),
-        num_blocks(n, kOuterBlock),
+    for_each_logit_tile<acc_t>(
+        operands.q, operands.k, num_blocks(n, kOuterBlock),
         [&](acc_t* tile, int64_t query0, int64_t queries, int64_t key0, int64_t keys, int64_t) {
           siglip_loss_tile(tile, queries, keys, s, b,
                            tile_mask(qy_data, ky_data, no_exclusion, query0, key0),
@@ -697,7 +728,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> siglip_bwd(const Tensor& q, const Ten
               op, ": bias must be a 0-dim CPU tensor of dtype ", scale.scalar_type());
   const int64_t n = q.size(0);
   const int64_t m = k.size(0);
-  const int64_t d = q.size(1);
   const auto stats = stats_dtype(q.scalar_type());
   check_stats_vector(op, "row_coef", row_coef, n, stats);
   Tensor dq = at::empty_like(q);
@@ -706,6 +736,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> siglip_bwd(const Tensor& q, const Ten
   Tensor dbias = at::empty({}, q.options().dtype(stats));
   const MaskLabels labels = mask_labels(q_labels, k_labels, n, m);
   const int64_t no_exclusion = exclusion_diagonal(std::nullopt, n, m);
+  const TileOperands operands = tile_operands(q, k, stats, need_dk, true);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -714,10 +745,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> siglip_bwd(const Tensor& q, const Ten
     const acc_t* coef = row_coef.data_ptr<acc_t>();
     const int64_t* qy_data = labels.q.data_ptr<int64_t>();
     const int64_t* ky_data = labels.k.data_ptr<int64_t>();
-    const scalar_t* q_data = q.data_ptr<scalar_t>();
-    const scalar_t* k_data = k.data_ptr<scalar_t>();
     std::vector<SiglipGradSums<acc_t>> parts(num_blocks(n, kOuterBlock));
-    gradient_pass(q_data, n, k_data, m, d, s, dq.data_ptr<scalar_t>(),
+    gradient_pass(operands.q, operands.k, s, dq.data_ptr<scalar_t>(),
                   [&](acc_t* tile, int64_t query0, int64_t queries, int64_t key0, int64_t keys,
                       int64_t block) {
                     const auto sums = siglip_grad_tile<acc_t, false>(
@@ -727,7 +756,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> siglip_bwd(const Tensor& q, const Ten
                     parts[block].dbias += sums.dbias;
                   });
     if (need_dk) {
-      gradient_pass(k_data, m, q_data, n, d, s, dk.data_ptr<scalar_t>(),
+      gradient_pass(operands.k, operands.q, s, dk.data_ptr<scalar_t>(),
                     [&](acc_t* tile, int64_t key0, int64_t keys, int64_t query0, int64_t queries,
                         int64_t) {
                       siglip_grad_tile<acc_t, true>(

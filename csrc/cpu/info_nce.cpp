@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -41,30 +42,33 @@ constexpr int64_t kColumnPartialBudget = int64_t(1) << 20;
 
 // Which pairs of a tile are excluded or positive, in tile-local indices
 // (i: query, j: key). Label pointers are never null: without labels the
-// kernels pass two constant vectors that never match. Conditions combine
-// with `&` rather than `&&` throughout the epilogues: short-circuits are
-// branches, and GCC falls back to scalar code for them.
+// kernels pass two constant vectors that never match.
+//
+// The epilogue loops stay vectorizable only without control flow: conditions
+// combine with `&` rather than `&&`, and every value is loaded and computed
+// before a select picks it (a load under a condition is a branch to GCC,
+// which then emits scalar code).
 struct PairMask {
-  const int64_t* q_labels;  // at the tile's first query
-  const int64_t* k_labels;  // at the tile's first key
-  int64_t diagonal;         // (i, j) is excluded iff j == i + diagonal
+  const int32_t* q_labels;  // at the tile's first query
+  const int32_t* k_labels;  // at the tile's first key
+  int32_t diagonal;         // (i, j) is excluded iff j == i + diagonal
 
-  bool excluded(int64_t i, int64_t j) const { return j == i + diagonal; }
-  bool positive(int64_t i, int64_t j) const {
+  bool excluded(int32_t i, int32_t j) const { return j == i + diagonal; }
+  bool positive(int32_t i, int32_t j) const {
     return (q_labels[i] == k_labels[j]) & !excluded(i, j);
   }
-  bool same_label(int64_t i, int64_t j) const { return q_labels[i] == k_labels[j]; }
+  bool same_label(int32_t i, int32_t j) const { return q_labels[i] == k_labels[j]; }
 };
 
 // A tile is row-major (outer x inner). Query-major: outer rows are queries,
 // inner columns keys (forward, dq); key-major: the transpose (dk).
 template <bool kKeyMajor>
-inline int64_t query_index(int64_t outer, int64_t inner) {
+inline int32_t query_index(int32_t outer, int32_t inner) {
   return kKeyMajor ? inner : outer;
 }
 
 template <bool kKeyMajor>
-inline int64_t key_index(int64_t outer, int64_t inner) {
+inline int32_t key_index(int32_t outer, int32_t inner) {
   return kKeyMajor ? outer : inner;
 }
 
@@ -93,16 +97,16 @@ struct RowStats {
 // Folds one query-major tile of dot products into the row statistics, and
 // leaves the tile holding the logits of den(i, j), -inf elsewhere.
 template <typename acc_t>
-PYCLLOSS_VECTOR_CLONES void infonce_row_stats_tile(acc_t* tile, int64_t rows, int64_t cols,
+PYCLLOSS_VECTOR_CLONES void infonce_row_stats_tile(acc_t* tile, int32_t rows, int32_t cols,
                                                    acc_t scale, PairMask mask, bool neg_only,
                                                    RowStats<acc_t> stats) {
-  for (int64_t i = 0; i < rows; ++i) {
+  for (int32_t i = 0; i < rows; ++i) {
     acc_t* logits = tile + i * cols;
     acc_t tile_max = kNegInf<acc_t>;
     acc_t pos_sum = 0;
     acc_t pos_count = 0;
 #pragma omp simd reduction(max : tile_max) reduction(+ : pos_sum, pos_count)
-    for (int64_t j = 0; j < cols; ++j) {
+    for (int32_t j = 0; j < cols; ++j) {
       const acc_t logit = scale * logits[j];
       const bool pos = mask.positive(i, j);
       const bool den = !mask.excluded(i, j) & !(neg_only & pos);
@@ -119,7 +123,7 @@ PYCLLOSS_VECTOR_CLONES void infonce_row_stats_tile(acc_t* tile, int64_t rows, in
     }
     acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < cols; ++j) {
+    for (int32_t j = 0; j < cols; ++j) {
       sum += exp_approx(logits[j] - new_max);
     }
     stats.sum[i] = stats.sum[i] * rescale_factor(stats.max[i], new_max) + sum;
@@ -130,25 +134,25 @@ PYCLLOSS_VECTOR_CLONES void infonce_row_stats_tile(acc_t* tile, int64_t rows, in
 // Folds a query-major tile of masked logits (-inf where excluded) into running
 // per-key (max, sum) states (pointers at the tile's first key).
 template <typename acc_t>
-PYCLLOSS_VECTOR_CLONES void column_lse_tile(const acc_t* logits, int64_t rows, int64_t cols,
+PYCLLOSS_VECTOR_CLONES void column_lse_tile(const acc_t* logits, int32_t rows, int32_t cols,
                                             acc_t* col_max, acc_t* col_sum) {
   acc_t tile_max[kInnerBlock];
   std::fill(tile_max, tile_max + cols, kNegInf<acc_t>);
-  for (int64_t i = 0; i < rows; ++i) {
+  for (int32_t i = 0; i < rows; ++i) {
 #pragma omp simd
-    for (int64_t j = 0; j < cols; ++j) {
+    for (int32_t j = 0; j < cols; ++j) {
       tile_max[j] = max_of(tile_max[j], logits[i * cols + j]);
     }
   }
 #pragma omp simd
-  for (int64_t j = 0; j < cols; ++j) {
+  for (int32_t j = 0; j < cols; ++j) {
     const acc_t new_max = max_of(col_max[j], tile_max[j]);
     col_sum[j] *= rescale_factor(col_max[j], new_max);
     col_max[j] = new_max;
   }
-  for (int64_t i = 0; i < rows; ++i) {
+  for (int32_t i = 0; i < rows; ++i) {
 #pragma omp simd
-    for (int64_t j = 0; j < cols; ++j) {
+    for (int32_t j = 0; j < cols; ++j) {
       const acc_t logit = logits[i * cols + j];
       // An excluded entry may meet a column whose max is still -inf.
       col_sum[j] += logit == kNegInf<acc_t> ? acc_t(0) : exp_approx(logit - col_max[j]);
@@ -159,14 +163,14 @@ PYCLLOSS_VECTOR_CLONES void column_lse_tile(const acc_t* logits, int64_t rows, i
 // Adds softplus and sigmoid of (neg_lse_i - l_ij) over the positives of a
 // query-major tile (pointers at the tile's first query).
 template <typename acc_t>
-PYCLLOSS_VECTOR_CLONES void infonce_pair_tile(const acc_t* dots, int64_t rows, int64_t cols,
+PYCLLOSS_VECTOR_CLONES void infonce_pair_tile(const acc_t* dots, int32_t rows, int32_t cols,
                                               acc_t scale, PairMask mask, const acc_t* neg_lse,
                                               acc_t* loss_sum, acc_t* sigmoid_sum) {
-  for (int64_t i = 0; i < rows; ++i) {
+  for (int32_t i = 0; i < rows; ++i) {
     acc_t loss = 0;
     acc_t weight = 0;
 #pragma omp simd reduction(+ : loss, weight)
-    for (int64_t j = 0; j < cols; ++j) {
+    for (int32_t j = 0; j < cols; ++j) {
       const bool pos = mask.positive(i, j);
       const acc_t margin = neg_lse[i] - scale * dots[i * cols + j];
       loss += pos ? softplus(margin) : acc_t(0);
@@ -180,13 +184,13 @@ PYCLLOSS_VECTOR_CLONES void infonce_pair_tile(const acc_t* dots, int64_t rows, i
 // Adds -logsigmoid(z_ij (l_ij + b)) = softplus(-z_ij (l_ij + b)) over a
 // query-major tile, z = +1 on same labels, -1 elsewhere.
 template <typename acc_t>
-PYCLLOSS_VECTOR_CLONES void siglip_loss_tile(const acc_t* dots, int64_t rows, int64_t cols,
+PYCLLOSS_VECTOR_CLONES void siglip_loss_tile(const acc_t* dots, int32_t rows, int32_t cols,
                                              acc_t scale, acc_t bias, PairMask mask,
                                              acc_t* row_loss) {
-  for (int64_t i = 0; i < rows; ++i) {
+  for (int32_t i = 0; i < rows; ++i) {
     acc_t loss = 0;
 #pragma omp simd reduction(+ : loss)
-    for (int64_t j = 0; j < cols; ++j) {
+    for (int32_t j = 0; j < cols; ++j) {
       const acc_t shifted_logit = scale * dots[i * cols + j] + bias;
       loss += softplus(mask.same_label(i, j) ? -shifted_logit : shifted_logit);
     }
@@ -219,18 +223,18 @@ struct LogitGradTerms {
 // every loop branch-free; a term is active only where its coefficient is
 // nonzero, so a zero coefficient never meets an infinite LSE.
 template <typename acc_t, bool kKeyMajor>
-PYCLLOSS_VECTOR_CLONES acc_t infonce_grad_tile(acc_t* tile, int64_t outer, int64_t inner,
+PYCLLOSS_VECTOR_CLONES acc_t infonce_grad_tile(acc_t* tile, int32_t outer, int32_t inner,
                                                acc_t scale, PairMask mask,
                                                LogitGradTerms<acc_t> terms) {
   acc_t grad[kInnerBlock];
   acc_t dscale = 0;
-  for (int64_t o = 0; o < outer; ++o) {
+  for (int32_t o = 0; o < outer; ++o) {
     acc_t* dots = tile + o * inner;
     if (terms.row_coef != nullptr) {
 #pragma omp simd
-      for (int64_t n = 0; n < inner; ++n) {
-        const int64_t i = query_index<kKeyMajor>(o, n);
-        const int64_t j = key_index<kKeyMajor>(o, n);
+      for (int32_t n = 0; n < inner; ++n) {
+        const int32_t i = query_index<kKeyMajor>(o, n);
+        const int32_t j = key_index<kKeyMajor>(o, n);
         const bool den = !mask.excluded(i, j) & !(terms.neg_only & mask.positive(i, j));
         const acc_t coef = terms.row_coef[i];
         const acc_t prob = exp_approx(scale * dots[n] - terms.row_lse[i]);
@@ -241,9 +245,9 @@ PYCLLOSS_VECTOR_CLONES acc_t infonce_grad_tile(acc_t* tile, int64_t outer, int64
     }
     if (terms.col_coef != nullptr) {
 #pragma omp simd
-      for (int64_t n = 0; n < inner; ++n) {
-        const int64_t i = query_index<kKeyMajor>(o, n);
-        const int64_t j = key_index<kKeyMajor>(o, n);
+      for (int32_t n = 0; n < inner; ++n) {
+        const int32_t i = query_index<kKeyMajor>(o, n);
+        const int32_t j = key_index<kKeyMajor>(o, n);
         const acc_t coef = terms.col_coef[j];
         const acc_t prob = exp_approx(scale * dots[n] - terms.col_lse[j]);
         grad[n] += !mask.excluded(i, j) & (coef != acc_t(0)) ? coef * prob : acc_t(0);
@@ -251,22 +255,23 @@ PYCLLOSS_VECTOR_CLONES acc_t infonce_grad_tile(acc_t* tile, int64_t outer, int64
     }
     if (terms.pos_coef != nullptr && terms.pair_lse != nullptr) {
 #pragma omp simd
-      for (int64_t n = 0; n < inner; ++n) {
-        const int64_t i = query_index<kKeyMajor>(o, n);
-        const int64_t j = key_index<kKeyMajor>(o, n);
-        const acc_t weight = sigmoid(terms.pair_lse[i] - scale * dots[n]);
-        grad[n] += mask.positive(i, j) ? terms.pos_coef[i] * weight : acc_t(0);
+      for (int32_t n = 0; n < inner; ++n) {
+        const int32_t i = query_index<kKeyMajor>(o, n);
+        const int32_t j = key_index<kKeyMajor>(o, n);
+        const acc_t term = terms.pos_coef[i] * sigmoid(terms.pair_lse[i] - scale * dots[n]);
+        grad[n] += mask.positive(i, j) ? term : acc_t(0);
       }
     } else if (terms.pos_coef != nullptr) {
 #pragma omp simd
-      for (int64_t n = 0; n < inner; ++n) {
-        const int64_t i = query_index<kKeyMajor>(o, n);
-        const int64_t j = key_index<kKeyMajor>(o, n);
-        grad[n] += mask.positive(i, j) ? terms.pos_coef[i] : acc_t(0);
+      for (int32_t n = 0; n < inner; ++n) {
+        const int32_t i = query_index<kKeyMajor>(o, n);
+        const int32_t j = key_index<kKeyMajor>(o, n);
+        const acc_t term = terms.pos_coef[i];
+        grad[n] += mask.positive(i, j) ? term : acc_t(0);
       }
     }
 #pragma omp simd reduction(+ : dscale)
-    for (int64_t n = 0; n < inner; ++n) {
+    for (int32_t n = 0; n < inner; ++n) {
       dscale += grad[n] * dots[n];
       dots[n] = grad[n];
     }
@@ -284,18 +289,18 @@ struct SiglipGradSums {
 // G_ij = row_coef_i * (-z_ij) * sigmoid(-z_ij (l_ij + b)) and returns the
 // tile's shares of dscale and dbias.
 template <typename acc_t, bool kKeyMajor>
-PYCLLOSS_VECTOR_CLONES SiglipGradSums<acc_t> siglip_grad_tile(acc_t* tile, int64_t outer,
-                                                              int64_t inner, acc_t scale,
+PYCLLOSS_VECTOR_CLONES SiglipGradSums<acc_t> siglip_grad_tile(acc_t* tile, int32_t outer,
+                                                              int32_t inner, acc_t scale,
                                                               acc_t bias, PairMask mask,
                                                               const acc_t* row_coef) {
   acc_t dscale = 0;
   acc_t dbias = 0;
-  for (int64_t o = 0; o < outer; ++o) {
+  for (int32_t o = 0; o < outer; ++o) {
     acc_t* dots = tile + o * inner;
 #pragma omp simd reduction(+ : dscale, dbias)
-    for (int64_t n = 0; n < inner; ++n) {
-      const int64_t i = query_index<kKeyMajor>(o, n);
-      const int64_t j = key_index<kKeyMajor>(o, n);
+    for (int32_t n = 0; n < inner; ++n) {
+      const int32_t i = query_index<kKeyMajor>(o, n);
+      const int32_t j = key_index<kKeyMajor>(o, n);
       const bool same = mask.same_label(i, j);
       const acc_t shifted_logit = scale * dots[n] + bias;
       const acc_t magnitude = row_coef[i] * sigmoid(same ? -shifted_logit : shifted_logit);
@@ -463,7 +468,10 @@ void check_optional_stats(const char* op, const char* name, const OptionalTensor
   }
 }
 
-// Label vectors for PairMask: the given ones, or two constants that never match.
+// Label vectors for PairMask, as int32 codes equal exactly where the labels
+// are (narrower lanes for the epilogues): the labels themselves when they fit,
+// else their indices among the distinct values. Without labels, two constants
+// that never match.
 struct MaskLabels {
   Tensor q;
   Tensor k;
@@ -471,10 +479,16 @@ struct MaskLabels {
 
 MaskLabels mask_labels(const OptionalTensor& q_labels, const OptionalTensor& k_labels, int64_t n,
                        int64_t m) {
-  if (q_labels) {
-    return {*q_labels, *k_labels};
+  if (!q_labels) {
+    return {at::zeros({n}, at::kInt), at::ones({m}, at::kInt)};
   }
-  return {at::zeros({n}, at::kLong), at::ones({m}, at::kLong)};
+  const Tensor all = at::cat({*q_labels, *k_labels});
+  const bool fits = all.numel() == 0 ||
+                    (all.min().item<int64_t>() >= std::numeric_limits<int32_t>::min() &&
+                     all.max().item<int64_t>() <= std::numeric_limits<int32_t>::max());
+  const Tensor codes =
+      fits ? all.to(at::kInt) : std::get<1>(at::_unique(all, false, true)).to(at::kInt);
+  return {codes.narrow(0, 0, n), codes.narrow(0, n, m)};
 }
 
 // The exclusion as a diagonal j == i + offset. An offset that no (i, j) in
@@ -487,10 +501,14 @@ int64_t exclusion_diagonal(std::optional<int64_t> exclude_offset, int64_t n, int
   return *exclude_offset;
 }
 
-// The mask of the tile starting at (query0, key0).
-PairMask tile_mask(const int64_t* q_labels, const int64_t* k_labels, int64_t diagonal,
+// The mask of the tile starting at (query0, key0). The tile-local diagonal is
+// clamped to a value that, like the one it replaces, no pair of a tile
+// reaches whenever it lies beyond the tile's extent.
+PairMask tile_mask(const int32_t* q_labels, const int32_t* k_labels, int64_t diagonal,
                    int64_t query0, int64_t key0) {
-  return {q_labels + query0, k_labels + key0, query0 + diagonal - key0};
+  constexpr int64_t kBeyondTile = kOuterBlock + kInnerBlock;
+  const int64_t local = std::clamp(query0 + diagonal - key0, -kBeyondTile, kBeyondTile);
+  return {q_labels + query0, k_labels + key0, static_cast<int32_t>(local)};
 }
 
 template <typename T>
@@ -561,8 +579,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> infonce_fwd(
                                pos_sum.data_ptr<acc_t>(), pos_count.data_ptr<acc_t>()};
     acc_t* col_max_data = col_max.data_ptr<acc_t>();
     acc_t* col_sum_data = col_sum.data_ptr<acc_t>();
-    const int64_t* qy_data = labels.q.data_ptr<int64_t>();
-    const int64_t* ky_data = labels.k.data_ptr<int64_t>();
+    const int32_t* qy_data = labels.q.data_ptr<int32_t>();
+    const int32_t* ky_data = labels.k.data_ptr<int32_t>();
     for_each_logit_tile<acc_t>(
         operands.q, operands.k, groups,
         [&](acc_t* tile, int64_t query0, int64_t queries, int64_t key0, int64_t keys,
@@ -599,6 +617,7 @@ std::tuple<Tensor, Tensor> infonce_pair_fwd(const Tensor& q, const Tensor& k,
   check_stats_vector(op, "neg_lse", neg_lse, n, stats);
   Tensor loss_sum = at::zeros({n}, q.options().dtype(stats));
   Tensor sigmoid_sum = at::zeros({n}, q.options().dtype(stats));
+  const MaskLabels labels = mask_labels(q_labels, k_labels, n, m);
   const int64_t diagonal = exclusion_diagonal(exclude_offset, n, m);
   const TileOperands operands = tile_operands(q, k, stats, false, true);
 
@@ -608,8 +627,8 @@ std::tuple<Tensor, Tensor> infonce_pair_fwd(const Tensor& q, const Tensor& k,
     const acc_t* neg_lse_data = neg_lse.data_ptr<acc_t>();
     acc_t* loss_data = loss_sum.data_ptr<acc_t>();
     acc_t* sigmoid_data = sigmoid_sum.data_ptr<acc_t>();
-    const int64_t* qy = q_labels.data_ptr<int64_t>();
-    const int64_t* ky = k_labels.data_ptr<int64_t>();
+    const int32_t* qy = labels.q.data_ptr<int32_t>();
+    const int32_t* ky = labels.k.data_ptr<int32_t>();
     for_each_logit_tile<acc_t>(
         operands.q, operands.k, num_blocks(n, kOuterBlock),
         [&](acc_t* tile, int64_t query0, int64_t queries, int64_t key0, int64_t keys, int64_t) {
@@ -655,8 +674,8 @@ std::tuple<Tensor, Tensor, Tensor> infonce_bwd(
         data_or_null<acc_t>(row_lse), data_or_null<acc_t>(row_coef),
         data_or_null<acc_t>(col_lse), data_or_null<acc_t>(col_coef),
         data_or_null<acc_t>(pos_coef), data_or_null<acc_t>(pair_lse), neg_only};
-    const int64_t* qy_data = labels.q.data_ptr<int64_t>();
-    const int64_t* ky_data = labels.k.data_ptr<int64_t>();
+    const int32_t* qy_data = labels.q.data_ptr<int32_t>();
+    const int32_t* ky_data = labels.k.data_ptr<int32_t>();
     std::vector<acc_t> dscale_parts(num_blocks(n, kOuterBlock), acc_t(0));
     gradient_pass(operands.q, operands.k, s, dq.data_ptr<scalar_t>(),
                   [&](acc_t* tile, int64_t query0, int64_t queries, int64_t key0, int64_t keys,
@@ -703,8 +722,8 @@ Tensor siglip_fwd(const Tensor& q, const Tensor& k, const Tensor& scale, const T
     const acc_t s = scale.item<acc_t>();
     const acc_t b = bias.item<acc_t>();
     acc_t* loss = row_loss.data_ptr<acc_t>();
-    const int64_t* qy_data = labels.q.data_ptr<int64_t>();
-    const int64_t* ky_data = labels.k.data_ptr<int64_t>();
+    const int32_t* qy_data = labels.q.data_ptr<int32_t>();
+    const int32_t* ky_data = labels.k.data_ptr<int32_t>();
     for_each_logit_tile<acc_t>(
         operands.q, operands.k, num_blocks(n, kOuterBlock),
         [&](acc_t* tile, int64_t query0, int64_t queries, int64_t key0, int64_t keys, int64_t) {
@@ -743,8 +762,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> siglip_bwd(const Tensor& q, const Ten
     const acc_t s = scale.item<acc_t>();
     const acc_t b = bias.item<acc_t>();
     const acc_t* coef = row_coef.data_ptr<acc_t>();
-    const int64_t* qy_data = labels.q.data_ptr<int64_t>();
-    const int64_t* ky_data = labels.k.data_ptr<int64_t>();
+    const int32_t* qy_data = labels.q.data_ptr<int32_t>();
+    const int32_t* ky_data = labels.k.data_ptr<int32_t>();
     std::vector<SiglipGradSums<acc_t>> parts(num_blocks(n, kOuterBlock));
     gradient_pass(operands.q, operands.k, s, dq.data_ptr<scalar_t>(),
                   [&](acc_t* tile, int64_t query0, int64_t queries, int64_t key0, int64_t keys,

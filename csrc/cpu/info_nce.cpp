@@ -3,11 +3,12 @@
 // Every kernel streams (row block x key block) tiles of dot products from a
 // GEMM into a thread-local buffer; a vectorized epilogue turns each tile into
 // statistics (forward) or into the logit gradient G, which a second GEMM
-// multiplies into dq or dk (backward). Nothing N x M is allocated: backward
-// recomputes the tiles, dq in a pass over query blocks and dk in a pass over
-// key blocks, so no thread ever adds into another's rows. Every reduction
-// runs in an order fixed by the sizes alone: results do not depend on the
-// number of threads.
+// multiplies into dq or dk (backward). The GEMMs read q and k converted to
+// the accumulation type and laid out once per call (TileOperand, O((N+M)*D)).
+// Nothing N x M is allocated: backward recomputes the tiles, dq in a pass
+// over query blocks and dk in a pass over key blocks, so no thread ever adds
+// into another's rows. Every reduction runs in an order fixed by the sizes
+// alone: results do not depend on the number of threads.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>

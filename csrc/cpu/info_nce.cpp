@@ -140,9 +140,10 @@ PYCLLOSS_VECTOR_CLONES void column_lse_tile(const acc_t* logits, int32_t rows, i
   acc_t tile_max[kInnerBlock];
   std::fill(tile_max, tile_max + cols, kNegInf<acc_t>);
   for (int32_t i = 0; i < rows; ++i) {
+    const acc_t* row = logits + i * cols;  // per-row pointers keep the loads contiguous
 #pragma omp simd
     for (int32_t j = 0; j < cols; ++j) {
-      tile_max[j] = max_of(tile_max[j], logits[i * cols + j]);
+      tile_max[j] = max_of(tile_max[j], row[j]);
     }
   }
 #pragma omp simd
@@ -152,9 +153,10 @@ PYCLLOSS_VECTOR_CLONES void column_lse_tile(const acc_t* logits, int32_t rows, i
     col_max[j] = new_max;
   }
   for (int32_t i = 0; i < rows; ++i) {
+    const acc_t* row = logits + i * cols;
 #pragma omp simd
     for (int32_t j = 0; j < cols; ++j) {
-      const acc_t logit = logits[i * cols + j];
+      const acc_t logit = row[j];
       // An excluded entry may meet a column whose max is still -inf.
       col_sum[j] += logit == kNegInf<acc_t> ? acc_t(0) : exp_approx(logit - col_max[j]);
     }
@@ -168,12 +170,13 @@ PYCLLOSS_VECTOR_CLONES void infonce_pair_tile(const acc_t* dots, int32_t rows, i
                                               acc_t scale, PairMask mask, const acc_t* neg_lse,
                                               acc_t* loss_sum, acc_t* sigmoid_sum) {
   for (int32_t i = 0; i < rows; ++i) {
+    const acc_t* row = dots + i * cols;
     acc_t loss = 0;
     acc_t weight = 0;
 #pragma omp simd reduction(+ : loss, weight)
     for (int32_t j = 0; j < cols; ++j) {
       const bool pos = mask.positive(i, j);
-      const acc_t margin = neg_lse[i] - scale * dots[i * cols + j];
+      const acc_t margin = neg_lse[i] - scale * row[j];
       loss += pos ? softplus(margin) : acc_t(0);
       weight += pos ? sigmoid(margin) : acc_t(0);
     }
@@ -189,10 +192,11 @@ PYCLLOSS_VECTOR_CLONES void siglip_loss_tile(const acc_t* dots, int32_t rows, in
                                              acc_t scale, acc_t bias, PairMask mask,
                                              acc_t* row_loss) {
   for (int32_t i = 0; i < rows; ++i) {
+    const acc_t* row = dots + i * cols;
     acc_t loss = 0;
 #pragma omp simd reduction(+ : loss)
     for (int32_t j = 0; j < cols; ++j) {
-      const acc_t shifted_logit = scale * dots[i * cols + j] + bias;
+      const acc_t shifted_logit = scale * row[j] + bias;
       loss += softplus(mask.same_label(i, j) ? -shifted_logit : shifted_logit);
     }
     row_loss[i] += loss;

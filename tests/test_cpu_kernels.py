@@ -94,6 +94,19 @@ def test_infonce_fwd_many_row_groups():
     _check_fwd(q, k, s, ql, kl, 0, False, True)
 
 
+def test_labels_beyond_int32_keep_their_identity():
+    # Labels that differ only above 32 bits must stay different classes.
+    q, k, s, ql, kl, g = _problem(90, 70, 9, torch.float32)
+    ql, kl = ql * (1 << 40) - 5, kl * (1 << 40) - 5
+    _check_fwd(q, k, s, ql, kl, 0, False, True)
+    args = _bwd_args(q, k, s, ql, kl, 0, False, ("row", "pos", "pair"), g)
+    got = ops.infonce_bwd(q, k, s, ql, kl, 0, False, *args.values(), True)
+    f64_args = [_f64(v) for v in args.values()]
+    want = ref.infonce_bwd(_f64(q), _f64(k), _f64(s), ql, kl, 0, False, *f64_args, True)
+    grad_logits = ref.infonce_grad_logits(_f64(q), _f64(k), _f64(s), ql, kl, 0, False, *f64_args)
+    _check_grads(q, k, s, got, want, grad_logits, True)
+
+
 def test_infonce_fwd_empty_sets_are_minus_inf():
     # One row, one key, the pair excluded: every LSE is over an empty set.
     q, k, s, ql, kl, _ = _problem(1, 1, 5, torch.float32)

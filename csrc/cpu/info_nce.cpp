@@ -3,11 +3,12 @@
 // Every kernel streams (row block x key block) tiles of dot products from a
 // GEMM into a thread-local buffer; a vectorized epilogue turns each tile into
 // statistics (forward) or into the logit gradient G, which a second GEMM
-// multiplies into dq or dk (backward). Nothing N x M is allocated: backward
-// recomputes the tiles, dq in a pass over query blocks and dk in a pass over
-// key blocks, so no thread ever adds into another's rows. Every reduction
-// runs in an order fixed by the sizes alone: results do not depend on the
-// number of threads.
+// multiplies into dq or dk (backward). The GEMMs read q and k converted to
+// the accumulation type and laid out once per call (TileOperand, O((N+M)*D)).
+// Nothing N x M is allocated: backward recomputes the tiles, dq in a pass
+// over query blocks and dk in a pass over key blocks, so no thread ever adds
+// into another's rows. Every reduction runs in an order fixed by the sizes
+// alone: results do not depend on the number of threads.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -16,6 +17,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -41,30 +43,33 @@ constexpr int64_t kColumnPartialBudget = int64_t(1) << 20;
 
 // Which pairs of a tile are excluded or positive, in tile-local indices
 // (i: query, j: key). Label pointers are never null: without labels the
-// kernels pass two constant vectors that never match. Conditions combine
-// with `&` rather than `&&` throughout the epilogues: short-circuits are
-// branches, and GCC falls back to scalar code for them.
+// kernels pass two constant vectors that never match.
+//
+// The epilogue loops stay vectorizable only without control flow: conditions
+// combine with `&` rather than `&&`, and every value is loaded and computed
+// before a select picks it (a load under a condition is a branch to GCC,
+// which then emits scalar code).
 struct PairMask {
-  const int64_t* q_labels;  // at the tile's first query
-  const int64_t* k_labels;  // at the tile's first key
-  int64_t diagonal;         // (i, j) is excluded iff j == i + diagonal
+  const int32_t* q_labels;  // at the tile's first query
+  const int32_t* k_labels;  // at the tile's first key
+  int32_t diagonal;         // (i, j) is excluded iff j == i + diagonal
 
-  bool excluded(int64_t i, int64_t j) const { return j == i + diagonal; }
-  bool positive(int64_t i, int64_t j) const {
+  bool excluded(int32_t i, int32_t j) const { return j == i + diagonal; }
+  bool positive(int32_t i, int32_t j) const {
     return (q_labels[i] == k_labels[j]) & !excluded(i, j);
   }
-  bool same_label(int64_t i, int64_t j) const { return q_labels[i] == k_labels[j]; }
+  bool same_label(int32_t i, int32_t j) const { return q_labels[i] == k_labels[j]; }
 };
 
 // A tile is row-major (outer x inner). Query-major: outer rows are queries,
 // inner columns keys (forward, dq); key-major: the transpose (dk).
 template <bool kKeyMajor>
-inline int64_t query_index(int64_t outer, int64_t inner) {
+inline int32_t query_index(int32_t outer, int32_t inner) {
   return kKeyMajor ? inner : outer;
 }
 
 template <bool kKeyMajor>
-inline int64_t key_index(int64_t outer, int64_t inner) {
+inline int32_t key_index(int32_t outer, int32_t inner) {
   return kKeyMajor ? outer : inner;
 }
 
@@ -93,16 +98,16 @@ struct RowStats {
 // Folds one query-major tile of dot products into the row statistics, and
 // leaves the tile holding the logits of den(i, j), -inf elsewhere.
 template <typename acc_t>
-PYCLLOSS_VECTOR_CLONES void infonce_row_stats_tile(acc_t* tile, int64_t rows, int64_t cols,
+PYCLLOSS_VECTOR_CLONES void infonce_row_stats_tile(acc_t* tile, int32_t rows, int32_t cols,
                                                    acc_t scale, PairMask mask, bool neg_only,
                                                    RowStats<acc_t> stats) {
-  for (int64_t i = 0; i < rows; ++i) {
+  for (int32_t i = 0; i < rows; ++i) {
     acc_t* logits = tile + i * cols;
     acc_t tile_max = kNegInf<acc_t>;
     acc_t pos_sum = 0;
     acc_t pos_count = 0;
 #pragma omp simd reduction(max : tile_max) reduction(+ : pos_sum, pos_count)
-    for (int64_t j = 0; j < cols; ++j) {
+    for (int32_t j = 0; j < cols; ++j) {
       const acc_t logit = scale * logits[j];
       const bool pos = mask.positive(i, j);
       const bool den = !mask.excluded(i, j) & !(neg_only & pos);
@@ -119,7 +124,7 @@ PYCLLOSS_VECTOR_CLONES void infonce_row_stats_tile(acc_t* tile, int64_t rows, in
     }
     acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < cols; ++j) {
+    for (int32_t j = 0; j < cols; ++j) {
       sum += exp_approx(logits[j] - new_max);
     }
     stats.sum[i] = stats.sum[i] * rescale_factor(stats.max[i], new_max) + sum;
@@ -130,26 +135,28 @@ PYCLLOSS_VECTOR_CLONES void infonce_row_stats_tile(acc_t* tile, int64_t rows, in
 // Folds a query-major tile of masked logits (-inf where excluded) into running
 // per-key (max, sum) states (pointers at the tile's first key).
 template <typename acc_t>
-PYCLLOSS_VECTOR_CLONES void column_lse_tile(const acc_t* logits, int64_t rows, int64_t cols,
+PYCLLOSS_VECTOR_CLONES void column_lse_tile(const acc_t* logits, int32_t rows, int32_t cols,
                                             acc_t* col_max, acc_t* col_sum) {
   acc_t tile_max[kInnerBlock];
   std::fill(tile_max, tile_max + cols, kNegInf<acc_t>);
-  for (int64_t i = 0; i < rows; ++i) {
+  for (int32_t i = 0; i < rows; ++i) {
+    const acc_t* row = logits + i * cols;  // per-row pointers keep the loads contiguous
 #pragma omp simd
-    for (int64_t j = 0; j < cols; ++j) {
-      tile_max[j] = max_of(tile_max[j], logits[i * cols + j]);
+    for (int32_t j = 0; j < cols; ++j) {
+      tile_max[j] = max_of(tile_max[j], row[j]);
     }
   }
 #pragma omp simd
-  for (int64_t j = 0; j < cols; ++j) {
+  for (int32_t j = 0; j < cols; ++j) {
     const acc_t new_max = max_of(col_max[j], tile_max[j]);
     col_sum[j] *= rescale_factor(col_max[j], new_max);
     col_max[j] = new_max;
   }
-  for (int64_t i = 0; i < rows; ++i) {
+  for (int32_t i = 0; i < rows; ++i) {
+    const acc_t* row = logits + i * cols;
 #pragma omp simd
-    for (int64_t j = 0; j < cols; ++j) {
-      const acc_t logit = logits[i * cols + j];
+    for (int32_t j = 0; j < cols; ++j) {
+      const acc_t logit = row[j];
       // An excluded entry may meet a column whose max is still -inf.
       col_sum[j] += logit == kNegInf<acc_t> ? acc_t(0) : exp_approx(logit - col_max[j]);
     }
@@ -159,16 +166,17 @@ PYCLLOSS_VECTOR_CLONES void column_lse_tile(const acc_t* logits, int64_t rows, i
 // Adds softplus and sigmoid of (neg_lse_i - l_ij) over the positives of a
 // query-major tile (pointers at the tile's first query).
 template <typename acc_t>
-PYCLLOSS_VECTOR_CLONES void infonce_pair_tile(const acc_t* dots, int64_t rows, int64_t cols,
+PYCLLOSS_VECTOR_CLONES void infonce_pair_tile(const acc_t* dots, int32_t rows, int32_t cols,
                                               acc_t scale, PairMask mask, const acc_t* neg_lse,
                                               acc_t* loss_sum, acc_t* sigmoid_sum) {
-  for (int64_t i = 0; i < rows; ++i) {
+  for (int32_t i = 0; i < rows; ++i) {
+    const acc_t* row = dots + i * cols;
     acc_t loss = 0;
     acc_t weight = 0;
 #pragma omp simd reduction(+ : loss, weight)
-    for (int64_t j = 0; j < cols; ++j) {
+    for (int32_t j = 0; j < cols; ++j) {
       const bool pos = mask.positive(i, j);
-      const acc_t margin = neg_lse[i] - scale * dots[i * cols + j];
+      const acc_t margin = neg_lse[i] - scale * row[j];
       loss += pos ? softplus(margin) : acc_t(0);
       weight += pos ? sigmoid(margin) : acc_t(0);
     }
@@ -180,14 +188,15 @@ PYCLLOSS_VECTOR_CLONES void infonce_pair_tile(const acc_t* dots, int64_t rows, i
 // Adds -logsigmoid(z_ij (l_ij + b)) = softplus(-z_ij (l_ij + b)) over a
 // query-major tile, z = +1 on same labels, -1 elsewhere.
 template <typename acc_t>
-PYCLLOSS_VECTOR_CLONES void siglip_loss_tile(const acc_t* dots, int64_t rows, int64_t cols,
+PYCLLOSS_VECTOR_CLONES void siglip_loss_tile(const acc_t* dots, int32_t rows, int32_t cols,
                                              acc_t scale, acc_t bias, PairMask mask,
                                              acc_t* row_loss) {
-  for (int64_t i = 0; i < rows; ++i) {
+  for (int32_t i = 0; i < rows; ++i) {
+    const acc_t* row = dots + i * cols;
     acc_t loss = 0;
 #pragma omp simd reduction(+ : loss)
-    for (int64_t j = 0; j < cols; ++j) {
-      const acc_t shifted_logit = scale * dots[i * cols + j] + bias;
+    for (int32_t j = 0; j < cols; ++j) {
+      const acc_t shifted_logit = scale * row[j] + bias;
       loss += softplus(mask.same_label(i, j) ? -shifted_logit : shifted_logit);
     }
     row_loss[i] += loss;
@@ -219,18 +228,18 @@ struct LogitGradTerms {
 // every loop branch-free; a term is active only where its coefficient is
 // nonzero, so a zero coefficient never meets an infinite LSE.
 template <typename acc_t, bool kKeyMajor>
-PYCLLOSS_VECTOR_CLONES acc_t infonce_grad_tile(acc_t* tile, int64_t outer, int64_t inner,
+PYCLLOSS_VECTOR_CLONES acc_t infonce_grad_tile(acc_t* tile, int32_t outer, int32_t inner,
                                                acc_t scale, PairMask mask,
                                                LogitGradTerms<acc_t> terms) {
   acc_t grad[kInnerBlock];
   acc_t dscale = 0;
-  for (int64_t o = 0; o < outer; ++o) {
+  for (int32_t o = 0; o < outer; ++o) {
     acc_t* dots = tile + o * inner;
     if (terms.row_coef != nullptr) {
 #pragma omp simd
-      for (int64_t n = 0; n < inner; ++n) {
-        const int64_t i = query_index<kKeyMajor>(o, n);
-        const int64_t j = key_index<kKeyMajor>(o, n);
+      for (int32_t n = 0; n < inner; ++n) {
+        const int32_t i = query_index<kKeyMajor>(o, n);
+        const int32_t j = key_index<kKeyMajor>(o, n);
         const bool den = !mask.excluded(i, j) & !(terms.neg_only & mask.positive(i, j));
         const acc_t coef = terms.row_coef[i];
         const acc_t prob = exp_approx(scale * dots[n] - terms.row_lse[i]);
@@ -241,9 +250,9 @@ PYCLLOSS_VECTOR_CLONES acc_t infonce_grad_tile(acc_t* tile, int64_t outer, int64
     }
     if (terms.col_coef != nullptr) {
 #pragma omp simd
-      for (int64_t n = 0; n < inner; ++n) {
-        const int64_t i = query_index<kKeyMajor>(o, n);
-        const int64_t j = key_index<kKeyMajor>(o, n);
+      for (int32_t n = 0; n < inner; ++n) {
+        const int32_t i = query_index<kKeyMajor>(o, n);
+        const int32_t j = key_index<kKeyMajor>(o, n);
         const acc_t coef = terms.col_coef[j];
         const acc_t prob = exp_approx(scale * dots[n] - terms.col_lse[j]);
         grad[n] += !mask.excluded(i, j) & (coef != acc_t(0)) ? coef * prob : acc_t(0);
@@ -251,22 +260,23 @@ PYCLLOSS_VECTOR_CLONES acc_t infonce_grad_tile(acc_t* tile, int64_t outer, int64
     }
     if (terms.pos_coef != nullptr && terms.pair_lse != nullptr) {
 #pragma omp simd
-      for (int64_t n = 0; n < inner; ++n) {
-        const int64_t i = query_index<kKeyMajor>(o, n);
-        const int64_t j = key_index<kKeyMajor>(o, n);
-        const acc_t weight = sigmoid(terms.pair_lse[i] - scale * dots[n]);
-        grad[n] += mask.positive(i, j) ? terms.pos_coef[i] * weight : acc_t(0);
+      for (int32_t n = 0; n < inner; ++n) {
+        const int32_t i = query_index<kKeyMajor>(o, n);
+        const int32_t j = key_index<kKeyMajor>(o, n);
+        const acc_t term = terms.pos_coef[i] * sigmoid(terms.pair_lse[i] - scale * dots[n]);
+        grad[n] += mask.positive(i, j) ? term : acc_t(0);
       }
     } else if (terms.pos_coef != nullptr) {
 #pragma omp simd
-      for (int64_t n = 0; n < inner; ++n) {
-        const int64_t i = query_index<kKeyMajor>(o, n);
-        const int64_t j = key_index<kKeyMajor>(o, n);
-        grad[n] += mask.positive(i, j) ? terms.pos_coef[i] : acc_t(0);
+      for (int32_t n = 0; n < inner; ++n) {
+        const int32_t i = query_index<kKeyMajor>(o, n);
+        const int32_t j = key_index<kKeyMajor>(o, n);
+        const acc_t term = terms.pos_coef[i];
+        grad[n] += mask.positive(i, j) ? term : acc_t(0);
       }
     }
 #pragma omp simd reduction(+ : dscale)
-    for (int64_t n = 0; n < inner; ++n) {
+    for (int32_t n = 0; n < inner; ++n) {
       dscale += grad[n] * dots[n];
       dots[n] = grad[n];
     }
@@ -284,18 +294,18 @@ struct SiglipGradSums {
 // G_ij = row_coef_i * (-z_ij) * sigmoid(-z_ij (l_ij + b)) and returns the
 // tile's shares of dscale and dbias.
 template <typename acc_t, bool kKeyMajor>
-PYCLLOSS_VECTOR_CLONES SiglipGradSums<acc_t> siglip_grad_tile(acc_t* tile, int64_t outer,
-                                                              int64_t inner, acc_t scale,
+PYCLLOSS_VECTOR_CLONES SiglipGradSums<acc_t> siglip_grad_tile(acc_t* tile, int32_t outer,
+                                                              int32_t inner, acc_t scale,
                                                               acc_t bias, PairMask mask,
                                                               const acc_t* row_coef) {
   acc_t dscale = 0;
   acc_t dbias = 0;
-  for (int64_t o = 0; o < outer; ++o) {
+  for (int32_t o = 0; o < outer; ++o) {
     acc_t* dots = tile + o * inner;
 #pragma omp simd reduction(+ : dscale, dbias)
-    for (int64_t n = 0; n < inner; ++n) {
-      const int64_t i = query_index<kKeyMajor>(o, n);
-      const int64_t j = key_index<kKeyMajor>(o, n);
+    for (int32_t n = 0; n < inner; ++n) {
+      const int32_t i = query_index<kKeyMajor>(o, n);
+      const int32_t j = key_index<kKeyMajor>(o, n);
       const bool same = mask.same_label(i, j);
       const acc_t shifted_logit = scale * dots[n] + bias;
       const acc_t magnitude = row_coef[i] * sigmoid(same ? -shifted_logit : shifted_logit);
@@ -310,29 +320,60 @@ PYCLLOSS_VECTOR_CLONES SiglipGradSums<acc_t> siglip_grad_tile(acc_t* tile, int64
 
 // ---------------------------------------------------------------- passes
 
+// q or k in the two layouts the tile products read, in the accumulation
+// type: `rows` (n x d) and, for an operand that supplies the columns of logit
+// tiles, `blocked_t`: its transpose per block of kInnerBlock rows
+// (transposed_blocks). Both are O(n * d), built once per call.
+struct TileOperand {
+  Tensor rows;
+  Tensor blocked_t;
+};
+
+TileOperand tile_operand(const Tensor& x, at::ScalarType acc, bool transposed) {
+  Tensor rows = x.to(acc);  // x itself when it already is acc
+  return {rows, transposed ? transposed_blocks(rows, kInnerBlock) : Tensor()};
+}
+
+struct TileOperands {
+  TileOperand q;
+  TileOperand k;
+};
+
+// One shared copy when q and k are the same memory (self-similarity losses).
+TileOperands tile_operands(const Tensor& q, const Tensor& k, at::ScalarType acc,
+                           bool q_transposed, bool k_transposed) {
+  if (q.data_ptr() == k.data_ptr() && q.sizes() == k.sizes()) {
+    const TileOperand shared = tile_operand(q, acc, q_transposed || k_transposed);
+    return {shared, shared};
+  }
+  return {tile_operand(q, acc, q_transposed), tile_operand(k, acc, k_transposed)};
+}
+
 // For every tile of q * k^T: epilogue(tile, query0, queries, key0, keys,
 // group). Row blocks are split into `groups` consecutive runs, one parallel
 // task each; a task visits its row blocks in order, each over all key blocks
-// in order.
-template <typename scalar_t, typename acc_t, typename Epilogue>
-void for_each_logit_tile(const scalar_t* q, int64_t n, const scalar_t* k, int64_t m, int64_t d,
-                         int64_t groups, const Epilogue& epilogue) {
+// in order. Needs q.rows and k.blocked_t.
+template <typename acc_t, typename Epilogue>
+void for_each_logit_tile(const TileOperand& q, const TileOperand& k, int64_t groups,
+                         const Epilogue& epilogue) {
+  const int64_t n = q.rows.size(0);
+  const int64_t m = k.rows.size(0);
+  const int64_t d = q.rows.size(1);
+  const acc_t* q_rows = q.rows.data_ptr<acc_t>();
+  const acc_t* k_blocked_t = m > 0 ? k.blocked_t.data_ptr<acc_t>() : nullptr;
   const int64_t row_blocks = num_blocks(n, kOuterBlock);
   at::parallel_for(0, groups, 1, [&](int64_t group_begin, int64_t group_end) {
     c10::InferenceMode no_autograd;
     std::vector<acc_t> tile(kOuterBlock * kInnerBlock);
-    std::vector<acc_t> q_buffer(kOuterBlock * d);
-    std::vector<acc_t> k_buffer(kInnerBlock * d);
     for (int64_t group = group_begin; group < group_end; ++group) {
       const int64_t block_end = (group + 1) * row_blocks / groups;
       for (int64_t block = group * row_blocks / groups; block < block_end; ++block) {
         const int64_t query0 = block * kOuterBlock;
         const int64_t queries = std::min(kOuterBlock, n - query0);
-        const acc_t* q_rows = rows_as<acc_t>(q + query0 * d, queries, d, q_buffer.data());
         for (int64_t key0 = 0; key0 < m; key0 += kInnerBlock) {
           const int64_t keys = std::min(kInnerBlock, m - key0);
-          const acc_t* k_rows = rows_as<acc_t>(k + key0 * d, keys, d, k_buffer.data());
-          matmul_transposed_b(q_rows, k_rows, tile.data(), queries, keys, d);
+          matmul(queries, keys, d, q_rows + query0 * d, d, k_blocked_t + key0 * d, keys,
+                 tile.data(), keys, false);
           epilogue(tile.data(), query0, queries, key0, keys, group);
         }
       }
@@ -340,36 +381,37 @@ void for_each_logit_tile(const scalar_t* q, int64_t n, const scalar_t* k, int64_
   });
 }
 
-// d_outer = scale * G * inner, one parallel task per block of `outer` rows.
-// For each block of `inner` rows, the tile of outer * inner^T dot products
-// is turned into G by grad_tile(tile, outer0, outer_rows, inner0,
-// inner_rows, outer_block).
+// d_outer = scale * G * inner.rows, one parallel task per block of `outer`
+// rows. For each block of `inner` rows, the tile of outer * inner^T dot
+// products is turned into G by grad_tile(tile, outer0, outer_rows, inner0,
+// inner_rows, outer_block). Needs outer.rows, inner.rows, inner.blocked_t.
 template <typename scalar_t, typename acc_t, typename GradTile>
-void gradient_pass(const scalar_t* outer, int64_t n_outer, const scalar_t* inner,
-                   int64_t n_inner, int64_t d, acc_t scale, scalar_t* d_outer,
-                   const GradTile& grad_tile) {
+void gradient_pass(const TileOperand& outer, const TileOperand& inner, acc_t scale,
+                   scalar_t* d_outer, const GradTile& grad_tile) {
+  const int64_t n_outer = outer.rows.size(0);
+  const int64_t n_inner = inner.rows.size(0);
+  const int64_t d = outer.rows.size(1);
+  const acc_t* outer_rows = outer.rows.data_ptr<acc_t>();
+  const acc_t* inner_rows = inner.rows.data_ptr<acc_t>();
+  const acc_t* inner_blocked_t = n_inner > 0 ? inner.blocked_t.data_ptr<acc_t>() : nullptr;
   at::parallel_for(0, num_blocks(n_outer, kOuterBlock), 1, [&](int64_t begin, int64_t end) {
     c10::InferenceMode no_autograd;
     std::vector<acc_t> tile(kOuterBlock * kInnerBlock);
-    std::vector<acc_t> outer_buffer(kOuterBlock * d);
-    std::vector<acc_t> inner_buffer(kInnerBlock * d);
     std::vector<acc_t> grad_sum(kOuterBlock * d);
     for (int64_t block = begin; block < end; ++block) {
       const int64_t outer0 = block * kOuterBlock;
-      const int64_t outer_rows = std::min(kOuterBlock, n_outer - outer0);
-      const acc_t* outer_block =
-          rows_as<acc_t>(outer + outer0 * d, outer_rows, d, outer_buffer.data());
+      const int64_t rows = std::min(kOuterBlock, n_outer - outer0);
       std::fill(grad_sum.begin(), grad_sum.end(), acc_t(0));
       for (int64_t inner0 = 0; inner0 < n_inner; inner0 += kInnerBlock) {
-        const int64_t inner_rows = std::min(kInnerBlock, n_inner - inner0);
-        const acc_t* inner_block =
-            rows_as<acc_t>(inner + inner0 * d, inner_rows, d, inner_buffer.data());
-        matmul_transposed_b(outer_block, inner_block, tile.data(), outer_rows, inner_rows, d);
-        grad_tile(tile.data(), outer0, outer_rows, inner0, inner_rows, block);
-        matmul_accumulate(tile.data(), inner_block, grad_sum.data(), outer_rows, d, inner_rows);
+        const int64_t cols = std::min(kInnerBlock, n_inner - inner0);
+        matmul(rows, cols, d, outer_rows + outer0 * d, d, inner_blocked_t + inner0 * d, cols,
+               tile.data(), cols, false);
+        grad_tile(tile.data(), outer0, rows, inner0, cols, block);
+        matmul(rows, d, cols, tile.data(), cols, inner_rows + inner0 * d, d, grad_sum.data(), d,
+               true);
       }
       scalar_t* out = d_outer + outer0 * d;
-      for (int64_t e = 0; e < outer_rows * d; ++e) {
+      for (int64_t e = 0; e < rows * d; ++e) {
         out[e] = static_cast<scalar_t>(scale * grad_sum[e]);
       }
     }
@@ -431,7 +473,10 @@ void check_optional_stats(const char* op, const char* name, const OptionalTensor
   }
 }
 
-// Label vectors for PairMask: the given ones, or two constants that never match.
+// Label vectors for PairMask, as int32 codes equal exactly where the labels
+// are (narrower lanes for the epilogues): the labels themselves when they fit,
+// else their indices among the distinct values. Without labels, two constants
+// that never match.
 struct MaskLabels {
   Tensor q;
   Tensor k;
@@ -439,10 +484,16 @@ struct MaskLabels {
 
 MaskLabels mask_labels(const OptionalTensor& q_labels, const OptionalTensor& k_labels, int64_t n,
                        int64_t m) {
-  if (q_labels) {
-    return {*q_labels, *k_labels};
+  if (!q_labels) {
+    return {at::zeros({n}, at::kInt), at::ones({m}, at::kInt)};
   }
-  return {at::zeros({n}, at::kLong), at::ones({m}, at::kLong)};
+  const Tensor all = at::cat({*q_labels, *k_labels});
+  const bool fits = all.numel() == 0 ||
+                    (all.min().item<int64_t>() >= std::numeric_limits<int32_t>::min() &&
+                     all.max().item<int64_t>() <= std::numeric_limits<int32_t>::max());
+  const Tensor codes =
+      fits ? all.to(at::kInt) : std::get<1>(at::_unique(all, false, true)).to(at::kInt);
+  return {codes.narrow(0, 0, n), codes.narrow(0, n, m)};
 }
 
 // The exclusion as a diagonal j == i + offset. An offset that no (i, j) in
@@ -455,10 +506,14 @@ int64_t exclusion_diagonal(std::optional<int64_t> exclude_offset, int64_t n, int
   return *exclude_offset;
 }
 
-// The mask of the tile starting at (query0, key0).
-PairMask tile_mask(const int64_t* q_labels, const int64_t* k_labels, int64_t diagonal,
+// The mask of the tile starting at (query0, key0). The tile-local diagonal is
+// clamped to a value that, like the one it replaces, no pair of a tile
+// reaches whenever it lies beyond the tile's extent.
+PairMask tile_mask(const int32_t* q_labels, const int32_t* k_labels, int64_t diagonal,
                    int64_t query0, int64_t key0) {
-  return {q_labels + query0, k_labels + key0, query0 + diagonal - key0};
+  constexpr int64_t kBeyondTile = kOuterBlock + kInnerBlock;
+  const int64_t local = std::clamp(query0 + diagonal - key0, -kBeyondTile, kBeyondTile);
+  return {q_labels + query0, k_labels + key0, static_cast<int32_t>(local)};
 }
 
 template <typename T>
@@ -507,19 +562,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> infonce_fwd(
   TORCH_CHECK(!(col_stats && neg_only), op, ": col_stats cannot be combined with neg_only");
   const int64_t n = q.size(0);
   const int64_t m = k.size(0);
-  const int64_t d = q.size(1);
-  const auto stats = q.options().dtype(stats_dtype(q.scalar_type()));
-  Tensor row_max = at::full({n}, -INFINITY, stats);
-  Tensor row_sum = at::zeros({n}, stats);
-  Tensor pos_sum = at::zeros({n}, stats);
-  Tensor pos_count = at::zeros({n}, stats);
+  const auto stats = stats_dtype(q.scalar_type());
+  const auto options = q.options().dtype(stats);
+  Tensor row_max = at::full({n}, -INFINITY, options);
+  Tensor row_sum = at::zeros({n}, options);
+  Tensor pos_sum = at::zeros({n}, options);
+  Tensor pos_count = at::zeros({n}, options);
   const int64_t row_blocks = num_blocks(n, kOuterBlock);
   const int64_t groups = col_stats ? column_groups(row_blocks, m) : row_blocks;
-  Tensor col_max = col_stats ? at::full({groups, m}, -INFINITY, stats) : at::empty({0}, stats);
-  Tensor col_sum = col_stats ? at::zeros({groups, m}, stats) : at::empty({0}, stats);
-  Tensor col_lse = at::empty({col_stats ? m : 0}, stats);
+  Tensor col_max = at::full({col_stats ? groups : 0, m}, -INFINITY, options);
+  Tensor col_sum = at::zeros({col_stats ? groups : 0, m}, options);
+  Tensor col_lse = at::empty({col_stats ? m : 0}, options);
   const MaskLabels labels = mask_labels(q_labels, k_labels, n, m);
   const int64_t diagonal = exclusion_diagonal(exclude_offset, n, m);
+  const TileOperands operands = tile_operands(q, k, stats, false, true);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -528,10 +584,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> infonce_fwd(
                                pos_sum.data_ptr<acc_t>(), pos_count.data_ptr<acc_t>()};
     acc_t* col_max_data = col_max.data_ptr<acc_t>();
     acc_t* col_sum_data = col_sum.data_ptr<acc_t>();
-    const int64_t* qy_data = labels.q.data_ptr<int64_t>();
-    const int64_t* ky_data = labels.k.data_ptr<int64_t>();
-    for_each_logit_tile<scalar_t, acc_t>(
-        q.data_ptr<scalar_t>(), n, k.data_ptr<scalar_t>(), m, d, groups,
+    const int32_t* qy_data = labels.q.data_ptr<int32_t>();
+    const int32_t* ky_data = labels.k.data_ptr<int32_t>();
+    for_each_logit_tile<acc_t>(
+        operands.q, operands.k, groups,
         [&](acc_t* tile, int64_t query0, int64_t queries, int64_t key0, int64_t keys,
             int64_t group) {
           const PairMask mask = tile_mask(qy_data, ky_data, diagonal, query0, key0);
@@ -566,7 +622,9 @@ std::tuple<Tensor, Tensor> infonce_pair_fwd(const Tensor& q, const Tensor& k,
   check_stats_vector(op, "neg_lse", neg_lse, n, stats);
   Tensor loss_sum = at::zeros({n}, q.options().dtype(stats));
   Tensor sigmoid_sum = at::zeros({n}, q.options().dtype(stats));
+  const MaskLabels labels = mask_labels(q_labels, k_labels, n, m);
   const int64_t diagonal = exclusion_diagonal(exclude_offset, n, m);
+  const TileOperands operands = tile_operands(q, k, stats, false, true);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -574,11 +632,10 @@ std::tuple<Tensor, Tensor> infonce_pair_fwd(const Tensor& q, const Tensor& k,
     const acc_t* neg_lse_data = neg_lse.data_ptr<acc_t>();
     acc_t* loss_data = loss_sum.data_ptr<acc_t>();
     acc_t* sigmoid_data = sigmoid_sum.data_ptr<acc_t>();
-    const int64_t* qy = q_labels.data_ptr<int64_t>();
-    const int64_t* ky = k_labels.data_ptr<int64_t>();
-    for_each_logit_tile<scalar_t, acc_t>(
-        q.data_ptr<scalar_t>(), n, k.data_ptr<scalar_t>(), m, q.size(1),
-        num_blocks(n, kOuterBlock),
+    const int32_t* qy = labels.q.data_ptr<int32_t>();
+    const int32_t* ky = labels.k.data_ptr<int32_t>();
+    for_each_logit_tile<acc_t>(
+        operands.q, operands.k, num_blocks(n, kOuterBlock),
         [&](acc_t* tile, int64_t query0, int64_t queries, int64_t key0, int64_t keys, int64_t) {
           infonce_pair_tile(tile, queries, keys, s, tile_mask(qy, ky, diagonal, query0, key0),
                             neg_lse_data + query0, loss_data + query0, sigmoid_data + query0);
@@ -597,7 +654,6 @@ std::tuple<Tensor, Tensor, Tensor> infonce_bwd(
   check_core_inputs(op, q, k, scale, q_labels, k_labels);
   const int64_t n = q.size(0);
   const int64_t m = k.size(0);
-  const int64_t d = q.size(1);
   const auto stats = stats_dtype(q.scalar_type());
   TORCH_CHECK(row_lse.has_value() == row_coef.has_value(), op,
               ": row_lse and row_coef must be given together");
@@ -614,6 +670,7 @@ std::tuple<Tensor, Tensor, Tensor> infonce_bwd(
   Tensor dscale = at::empty({}, q.options().dtype(stats));
   const MaskLabels labels = mask_labels(q_labels, k_labels, n, m);
   const int64_t diagonal = exclusion_diagonal(exclude_offset, n, m);
+  const TileOperands operands = tile_operands(q, k, stats, need_dk, true);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -622,12 +679,10 @@ std::tuple<Tensor, Tensor, Tensor> infonce_bwd(
         data_or_null<acc_t>(row_lse), data_or_null<acc_t>(row_coef),
         data_or_null<acc_t>(col_lse), data_or_null<acc_t>(col_coef),
         data_or_null<acc_t>(pos_coef), data_or_null<acc_t>(pair_lse), neg_only};
-    const int64_t* qy_data = labels.q.data_ptr<int64_t>();
-    const int64_t* ky_data = labels.k.data_ptr<int64_t>();
-    const scalar_t* q_data = q.data_ptr<scalar_t>();
-    const scalar_t* k_data = k.data_ptr<scalar_t>();
+    const int32_t* qy_data = labels.q.data_ptr<int32_t>();
+    const int32_t* ky_data = labels.k.data_ptr<int32_t>();
     std::vector<acc_t> dscale_parts(num_blocks(n, kOuterBlock), acc_t(0));
-    gradient_pass(q_data, n, k_data, m, d, s, dq.data_ptr<scalar_t>(),
+    gradient_pass(operands.q, operands.k, s, dq.data_ptr<scalar_t>(),
                   [&](acc_t* tile, int64_t query0, int64_t queries, int64_t key0, int64_t keys,
                       int64_t block) {
                     dscale_parts[block] += infonce_grad_tile<acc_t, false>(
@@ -635,7 +690,7 @@ std::tuple<Tensor, Tensor, Tensor> infonce_bwd(
                         terms.at(query0, key0));
                   });
     if (need_dk) {
-      gradient_pass(k_data, m, q_data, n, d, s, dk.data_ptr<scalar_t>(),
+      gradient_pass(operands.k, operands.q, s, dk.data_ptr<scalar_t>(),
                     [&](acc_t* tile, int64_t key0, int64_t keys, int64_t query0, int64_t queries,
                         int64_t) {
                       infonce_grad_tile<acc_t, true>(
@@ -665,17 +720,17 @@ Tensor siglip_fwd(const Tensor& q, const Tensor& k, const Tensor& scale, const T
   Tensor row_loss = at::zeros({n}, q.options().dtype(stats_dtype(q.scalar_type())));
   const MaskLabels labels = mask_labels(q_labels, k_labels, n, m);
   const int64_t no_exclusion = exclusion_diagonal(std::nullopt, n, m);
+  const TileOperands operands = tile_operands(q, k, stats_dtype(q.scalar_type()), false, true);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t s = scale.item<acc_t>();
     const acc_t b = bias.item<acc_t>();
     acc_t* loss = row_loss.data_ptr<acc_t>();
-    const int64_t* qy_data = labels.q.data_ptr<int64_t>();
-    const int64_t* ky_data = labels.k.data_ptr<int64_t>();
-    for_each_logit_tile<scalar_t, acc_t>(
-        q.data_ptr<scalar_t>(), n, k.data_ptr<scalar_t>(), m, q.size(1),
-        num_blocks(n, kOuterBlock),
+    const int32_t* qy_data = labels.q.data_ptr<int32_t>();
+    const int32_t* ky_data = labels.k.data_ptr<int32_t>();
+    for_each_logit_tile<acc_t>(
+        operands.q, operands.k, num_blocks(n, kOuterBlock),
         [&](acc_t* tile, int64_t query0, int64_t queries, int64_t key0, int64_t keys, int64_t) {
           siglip_loss_tile(tile, queries, keys, s, b,
                            tile_mask(qy_data, ky_data, no_exclusion, query0, key0),
@@ -697,7 +752,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> siglip_bwd(const Tensor& q, const Ten
               op, ": bias must be a 0-dim CPU tensor of dtype ", scale.scalar_type());
   const int64_t n = q.size(0);
   const int64_t m = k.size(0);
-  const int64_t d = q.size(1);
   const auto stats = stats_dtype(q.scalar_type());
   check_stats_vector(op, "row_coef", row_coef, n, stats);
   Tensor dq = at::empty_like(q);
@@ -706,18 +760,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> siglip_bwd(const Tensor& q, const Ten
   Tensor dbias = at::empty({}, q.options().dtype(stats));
   const MaskLabels labels = mask_labels(q_labels, k_labels, n, m);
   const int64_t no_exclusion = exclusion_diagonal(std::nullopt, n, m);
+  const TileOperands operands = tile_operands(q, k, stats, need_dk, true);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t s = scale.item<acc_t>();
     const acc_t b = bias.item<acc_t>();
     const acc_t* coef = row_coef.data_ptr<acc_t>();
-    const int64_t* qy_data = labels.q.data_ptr<int64_t>();
-    const int64_t* ky_data = labels.k.data_ptr<int64_t>();
-    const scalar_t* q_data = q.data_ptr<scalar_t>();
-    const scalar_t* k_data = k.data_ptr<scalar_t>();
+    const int32_t* qy_data = labels.q.data_ptr<int32_t>();
+    const int32_t* ky_data = labels.k.data_ptr<int32_t>();
     std::vector<SiglipGradSums<acc_t>> parts(num_blocks(n, kOuterBlock));
-    gradient_pass(q_data, n, k_data, m, d, s, dq.data_ptr<scalar_t>(),
+    gradient_pass(operands.q, operands.k, s, dq.data_ptr<scalar_t>(),
                   [&](acc_t* tile, int64_t query0, int64_t queries, int64_t key0, int64_t keys,
                       int64_t block) {
                     const auto sums = siglip_grad_tile<acc_t, false>(
@@ -727,7 +780,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> siglip_bwd(const Tensor& q, const Ten
                     parts[block].dbias += sums.dbias;
                   });
     if (need_dk) {
-      gradient_pass(k_data, m, q_data, n, d, s, dk.data_ptr<scalar_t>(),
+      gradient_pass(operands.k, operands.q, s, dk.data_ptr<scalar_t>(),
                     [&](acc_t* tile, int64_t key0, int64_t keys, int64_t query0, int64_t queries,
                         int64_t) {
                       siglip_grad_tile<acc_t, true>(

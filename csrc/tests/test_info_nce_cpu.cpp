@@ -49,13 +49,13 @@ c10::TypedOperatorHandle<Signature> op(const char* name) {
 
 // One problem and its naive evaluation, all in double.
 struct Problem {
-  int64_t n, m, d;
+  int64_t n = 0, m = 0, d = 0;
   Tensor q, k;                  // input dtype
   std::vector<double> qv, kv;   // the same values, row-major
-  double scale;
+  double scale = 1;
   std::vector<int64_t> q_labels, k_labels;  // empty: no labels
   std::optional<int64_t> exclude_offset;
-  bool neg_only;
+  bool neg_only = false;
 
   double dot(int64_t i, int64_t j) const {
     double sum = 0;
@@ -105,7 +105,10 @@ Tensor unit_rows(int64_t rows, int64_t cols) {
 
 Problem make_problem(int64_t n, int64_t m, int64_t d, at::ScalarType dtype, bool labels,
                      std::optional<int64_t> exclude_offset, bool neg_only) {
-  Problem p{n, m, d};
+  Problem p;
+  p.n = n;
+  p.m = m;
+  p.d = d;
   p.q = unit_rows(n, d).to(dtype);
   p.k = unit_rows(m, d).to(dtype);
   p.qv = values(p.q);

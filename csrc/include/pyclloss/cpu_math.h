@@ -24,31 +24,34 @@ namespace pyclloss::cpu {
 template <typename T>
 constexpr T kNegInf = -std::numeric_limits<T>::infinity();
 
-inline float float_from_bits(int32_t bits) {
+inline float float_from_bits(uint32_t bits) {
   float value;
   std::memcpy(&value, &bits, sizeof value);
   return value;
 }
 
-inline int32_t float_bits(float value) {
-  int32_t bits;
+inline uint32_t float_bits(float value) {
+  uint32_t bits;
   std::memcpy(&bits, &value, sizeof bits);
   return bits;
 }
 
 // exp(x) = 2^n * e^r with n = round(x * log2 e), |r| <= ln2 / 2, and e^r from
-// the Cephes expf polynomial (about 1 ulp). exp(-inf) = 0 exactly,
-// exp(+inf) = inf, NaN stays NaN.
+// the Cephes expf polynomial (about 1 ulp). Results are normal floats or
+// exactly 0 / inf, never subnormal (which would cost microcode assists):
+// 0 below log(FLT_MIN), inf above 127.5 ln 2 (within a factor 1.42 of
+// FLT_MAX). exp(-inf) = 0, exp(inf) = inf, NaN stays NaN.
 inline float exp_approx(float x) {
   constexpr float kLog2e = 1.44269504088896341f;
   constexpr float kLn2Hi = 0.693359375f;  // few mantissa bits: n * kLn2Hi is exact
   constexpr float kLn2Lo = -2.12194440e-4f;
-  // Adding 1.5 * 2^23 rounds to the nearest integer, which then sits in the
-  // low mantissa bits (no float -> int conversion needed).
-  constexpr float kRoundShift = 12582912.0f;
-  // Clamping keeps n within [-159, 129]; beyond it the result has already
-  // underflowed to 0 or overflowed to inf, which the scaling below reproduces.
-  const float clamped = x < -110.0f ? -110.0f : (x > 89.0f ? 89.0f : x);
+  constexpr float kMinArg = -87.33654f;  // exp(kMinArg) >= FLT_MIN
+  constexpr float kMaxArg = 88.37626f;   // keeps n <= 127
+  // Adding 1.5 * 2^23 + 127 rounds to an integer and leaves n + 127, the
+  // biased exponent of 2^n, in the low mantissa bits: no float -> int
+  // conversion needed.
+  constexpr float kRoundShift = 12583039.0f;
+  const float clamped = x < kMinArg ? kMinArg : (x > kMaxArg ? kMaxArg : x);
   const float shifted = clamped * kLog2e + kRoundShift;
   const float n = shifted - kRoundShift;
   const float r = (clamped - n * kLn2Hi) - n * kLn2Lo;
@@ -60,13 +63,9 @@ inline float exp_approx(float x) {
   poly = poly * r + 1.6666665459e-1f;
   poly = poly * r + 5.0000001201e-1f;
   const float exp_r = poly * r2 + r + 1.0f;
-  // 2^n as two normal factors, so that results in the subnormal range and
-  // overflow to inf come out of the multiplications themselves.
-  const int32_t exponent = float_bits(shifted) - float_bits(kRoundShift);
-  const int32_t half = exponent / 2;
-  const float scale_a = float_from_bits((half + 127) << 23);
-  const float scale_b = float_from_bits((exponent - half + 127) << 23);
-  return exp_r * scale_a * scale_b;
+  const float power_of_two = float_from_bits(float_bits(shifted) << 23);
+  const float result = exp_r * power_of_two;
+  return x < kMinArg ? 0.0f : (x > kMaxArg ? std::numeric_limits<float>::infinity() : result);
 }
 
 inline double exp_approx(double x) { return std::exp(x); }

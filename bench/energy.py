@@ -33,9 +33,11 @@ if __name__ == "__main__" and __package__ in (None, ""):  # run as a script from
 from pyclloss.energy import EnergyMeter, cpu_model, describe_gpu, gpus_of  # noqa: E402
 from pyclloss.train.losses import LOSSES  # noqa: E402
 from pyclloss.train.trainer import (  # noqa: E402
+    PRECISIONS,
     TrainConfig,
     autocast_dtype,
     build_learner,
+    check_config,
     cpu_threads,
     resolve_device,
     train_step,
@@ -49,8 +51,6 @@ JOULES_PER_KWH = 3.6e6
 
 @dataclass
 class Workload:
-    name: str
-    precision: str
     samples_per_step: int
     run: Callable[[int], None]  # runs n steps; the device is synchronised after them
 
@@ -84,7 +84,7 @@ def loss_workload(cfg: TrainConfig, args, device, precision) -> Workload:
             loss_module(z1, z2, labels).backward()
         synchronize(device)
 
-    return Workload("loss", precision, args.batch_size, run)
+    return Workload(args.batch_size, run)
 
 
 def step_workload(cfg: TrainConfig, args, device, precision) -> Workload:
@@ -105,7 +105,7 @@ def step_workload(cfg: TrainConfig, args, device, precision) -> Workload:
             train_step(learner, optimizer, scaler, *views, labels, amp_dtype)
         synchronize(device)
 
-    return Workload("step", precision, args.batch_size, run)
+    return Workload(args.batch_size, run)
 
 
 WORKLOADS = {"loss": loss_workload, "step": step_workload}
@@ -286,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--image-size", type=int, default=None, help="default: 8 on CPU, 32 on GPU")
     add("--channels", type=int, default=None, help="default: 1 on CPU, 3 on GPU")
     add("--width", type=int, default=None, help="encoder width; default: 32 on CPU, 64 on GPU")
-    add("--trials", type=int, default=5, help="trials per workload and precision (>= 2)")
+    add("--trials", type=int, default=None,
+        help="trials per workload and precision (>= 2); default 5")
     add("--trial-seconds", type=float, default=None,
         help="sets the steps per trial from the warm-up speed; default: 1 on CPU, 5 on GPU")
     add("--steps", type=int, default=None, help="steps per trial (instead of --trial-seconds)")
@@ -305,10 +306,10 @@ def fill_defaults(args, device: torch.device) -> None:
     defaults = {"batch_size": 1024 if gpu else 256, "image_size": 32 if gpu else 8,
                 "channels": 3 if gpu else 1, "width": 64 if gpu else 32,
                 "trial_seconds": 5.0 if gpu else 1.0, "cooldown": 30.0 if gpu else 5.0,
-                "idle_seconds": 10.0 if gpu else 5.0}
+                "idle_seconds": 10.0 if gpu else 5.0, "trials": 5}
     if args.quick:
-        defaults.update(batch_size=32, width=8, steps=2, cooldown=0.0, idle_seconds=0.1)
-        args.trials = 2
+        defaults.update(batch_size=32, width=8, steps=2, cooldown=0.0, idle_seconds=0.1,
+                        trials=2)
         args.dim = min(args.dim, 32)
     for name, value in defaults.items():
         if getattr(args, name) is None:
@@ -332,7 +333,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise ValueError(f"--workloads: unknown {unknown}; expected {', '.join(WORKLOADS)}")
         precisions, skipped = [], []
         for precision in args.precisions.split(","):
-            try:
+            if precision not in PRECISIONS:
+                raise ValueError(f"--precisions: unknown {precision!r}; expected "
+                                 f"{', '.join(PRECISIONS)}")
+            try:  # known, but maybe without autocast on this device
                 autocast_dtype(precision, device)
                 precisions.append(precision)
             except ValueError as exc:
@@ -340,8 +344,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not precisions:
             raise ValueError("; ".join(skipped))
         cfg = TrainConfig(loss=args.loss, backend=args.backend, width=args.width,
-                          batch_size=args.batch_size, queue_size=max(4096, args.batch_size),
-                          temperature=LOSSES[args.loss].temperature)
+                          batch_size=args.batch_size, queue_size=max(4096, args.batch_size))
+        check_config(cfg)
     except ValueError as exc:
         parser.exit(2, f"pyclloss energy: error: {exc}\n")
     with cpu_threads(args.threads):

@@ -269,3 +269,17 @@ def test_bench_energy_figures_from_a_constant_power_counter(bench_energy, tmp_pa
         assert mean["g CO2e/1k steps"] == pytest.approx(
             1000 * mean["J/step"] / 3.6e6 * bench_energy.DEFAULT_CARBON_INTENSITY, rel=1e-3)
     assert table_rows(report)[1]["J/step vs fp32"].endswith("×")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--precisions", "fp32,fp8"], "--precisions: unknown 'fp8'"),
+    (["--workloads", "loss,eval"], "--workloads: unknown ['eval']"),
+    (["--trials", "1"], "--trials must be at least 2"),
+    (["--backend", "tpu"], "--backend 'tpu'"),
+])
+def test_bench_bad_arguments(bench_energy, argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench_energy.main(["--quick", "--out", str(tmp_path), *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

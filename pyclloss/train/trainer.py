@@ -187,14 +187,17 @@ def train_step(learner, optimizer, scaler, view1, view2, labels, amp_dtype) -> t
 
 
 class Progress:
-    """A tqdm bar on a terminal, else one plain line per epoch (on stderr)."""
+    """A tqdm bar on a terminal, else a plain line (on stderr) every tenth of the run."""
 
-    def __init__(self, total_steps: int, done_steps: int):
+    def __init__(self, epochs: int, steps_per_epoch: int, done_epochs: int):
+        self.epochs = epochs
+        self.line_every = max(1, epochs // 10)
         self.bar = None
         if sys.stderr.isatty():
             try:
                 from tqdm import tqdm
-                self.bar = tqdm(total=total_steps, initial=done_steps, unit="step",
+                self.bar = tqdm(total=epochs * steps_per_epoch,
+                                initial=done_epochs * steps_per_epoch, unit="step",
                                 file=sys.stderr)
             except ImportError:
                 pass
@@ -204,10 +207,10 @@ class Progress:
             self.bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{samples_per_second:.0f}")
             self.bar.update()
 
-    def epoch(self, epoch: int, epochs: int, loss: float, samples_per_second: float) -> None:
-        if self.bar is None:
-            print(f"epoch {epoch}/{epochs}  loss {loss:.4f}  {samples_per_second:.0f} samples/s",
-                  file=sys.stderr, flush=True)
+    def epoch(self, epoch: int, loss: float, samples_per_second: float) -> None:
+        if self.bar is None and (epoch % self.line_every == 0 or epoch == self.epochs):
+            print(f"epoch {epoch}/{self.epochs}  loss {loss:.4f}  "
+                  f"{samples_per_second:.0f} samples/s", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -275,7 +278,7 @@ def _train(cfg: TrainConfig) -> dict:
     else:
         first_epoch, step, epoch_losses, initial = 0, 0, [], evaluation()
 
-    progress = Progress(cfg.epochs * steps_per_epoch, first_epoch * steps_per_epoch)
+    progress = Progress(cfg.epochs, steps_per_epoch, first_epoch)
     samples, train_seconds = 0, 0.0
     learner.train()
     with EnergyMeter(gpus=gpus_of(device)) as meter:
@@ -296,7 +299,7 @@ def _train(cfg: TrainConfig) -> dict:
                                                      - epoch_start))
             train_seconds += time.perf_counter() - epoch_start
             epoch_losses.append(sum(losses) / len(losses))
-            progress.epoch(epoch + 1, cfg.epochs, epoch_losses[-1], samples / train_seconds)
+            progress.epoch(epoch + 1, epoch_losses[-1], samples / train_seconds)
             meter.sample()
             if cfg.checkpoint:
                 save_checkpoint(cfg.checkpoint, {

@@ -15,6 +15,7 @@ report says so and gives time and memory only.
 
 import argparse
 import datetime
+import itertools
 import os
 import re
 import resource
@@ -32,9 +33,17 @@ if __name__ == "__main__" and __package__ in (None, ""):  # run as a script from
 from pyclloss.energy import EnergyMeter, cpu_model, describe_gpu, gpus_of  # noqa: E402
 from pyclloss.train.losses import LOSSES  # noqa: E402
 from pyclloss.train.trainer import (  # noqa: E402
-    TrainConfig, autocast_dtype, build_learner, resolve_device, train_step)
+    PRECISIONS,
+    TrainConfig,
+    autocast_dtype,
+    build_learner,
+    check_config,
+    cpu_threads,
+    resolve_device,
+    train_step,
+)
 
-# World-average carbon intensity of electricity generation (IEA, 2019), g CO2e/kWh.
+# About the world-average carbon intensity of electricity generation, g CO2e/kWh.
 DEFAULT_CARBON_INTENSITY = 475.0
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 JOULES_PER_KWH = 3.6e6
@@ -42,8 +51,6 @@ JOULES_PER_KWH = 3.6e6
 
 @dataclass
 class Workload:
-    name: str
-    precision: str
     samples_per_step: int
     run: Callable[[int], None]  # runs n steps; the device is synchronised after them
 
@@ -77,7 +84,7 @@ def loss_workload(cfg: TrainConfig, args, device, precision) -> Workload:
             loss_module(z1, z2, labels).backward()
         synchronize(device)
 
-    return Workload("loss", precision, args.batch_size, run)
+    return Workload(args.batch_size, run)
 
 
 def step_workload(cfg: TrainConfig, args, device, precision) -> Workload:
@@ -98,7 +105,7 @@ def step_workload(cfg: TrainConfig, args, device, precision) -> Workload:
             train_step(learner, optimizer, scaler, *views, labels, amp_dtype)
         synchronize(device)
 
-    return Workload("step", precision, args.batch_size, run)
+    return Workload(args.batch_size, run)
 
 
 WORKLOADS = {"loss": loss_workload, "step": step_workload}
@@ -108,6 +115,13 @@ def peak_memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux
+
+
+def calibrated_steps(workload: Workload, seconds: float) -> int:
+    """The number of steps (at least 2) that takes about ``seconds``, timed on 3."""
+    start = time.perf_counter()
+    workload.run(3)
+    return max(2, round(seconds * 3 / (time.perf_counter() - start)))
 
 
 def run_trial(workload: Workload, steps: int, device, gpus) -> Trial:
@@ -186,7 +200,7 @@ def machine_name(device: torch.device) -> str:
 
 
 def markdown_report(args, argv, device, setup, idle_watts, idle_result, rows) -> str:
-    intensity_source = ("the default, world-average electricity (IEA, 2019)"
+    intensity_source = ("the default: about the world-average grid"
                         if args.carbon_intensity == DEFAULT_CARBON_INTENSITY else "given")
     memory = ("torch.cuda.max_memory_allocated per trial" if device.type == "cuda"
               else "peak RSS of the whole process, which only grows over the run")
@@ -205,18 +219,24 @@ def markdown_report(args, argv, device, setup, idle_watts, idle_result, rows) ->
                      f"{args.cooldown:g} s cool-down")
         lines.append(f"- carbon intensity: {args.carbon_intensity:g} g CO2e/kWh "
                      f"({intensity_source}), applied to the counted energy only")
-    lines += [f"- {args.trials} trials per row, interleaved; {args.batch_size} samples per "
-              "step; mean ± std over the trials", f"- peak memory: {memory}", ""]
-    header = ["workload", "precision", "steps/trial", *COLUMNS, "peak MiB", "J/step vs fp32"]
+    image = f"{args.channels}×{args.image_size}×{args.image_size}"
+    lines += [f"- workload loss: forward + backward of the loss on two {args.batch_size}"
+              f"×{args.dim} embedding batches in the precision's dtype",
+              f"- workload step: the trainer's training step (autocast, encoder width "
+              f"{args.width}, AdamW) on {args.batch_size} images {image}",
+              f"- {args.trials} trials per row, interleaved (the precisions' order reversed "
+              "every round); mean ± std over the trials", f"- peak memory: {memory}", ""]
+    header = ["workload", "precision", "steps/trial", *COLUMNS, "peak MiB",
+              "s/step vs fp32", "J/step vs fp32"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for (workload, precision), row in rows.items():
         fp32 = rows.get((workload, "fp32"))
-        ratio = (f"{row.mean['J/step'] / fp32.mean['J/step']:.2f}×"
-                 if fp32 and "J/step" in row.mean else "—")
+        ratios = [f"{row.mean[c] / fp32.mean[c]:.2f}×" if fp32 and c in row.mean else "—"
+                  for c in ("s/step", "J/step")]
         cells = [f"{row.mean[c]:.4g} ± {row.std[c]:.2g}" if c in row.mean else "—"
                  for c in COLUMNS]
         lines.append("| " + " | ".join([workload, precision, str(row.steps), *cells,
-                                         f"{row.peak_mib:.0f}", ratio]) + " |")
+                                         f"{row.peak_mib:.0f}", *ratios]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -257,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--loss", default="nt_xent", choices=list(LOSSES))
     add("--backend", default="auto")
     add("--device", default="auto")
+    add("--threads", type=int, default=1,
+        help="CPU threads of torch (0: torch's default); the default workloads are small")
     add("--workloads", default="loss,step", help="comma-separated: loss, step")
     add("--precisions", default="fp32,fp16,bf16")
     add("--batch-size", type=int, default=None, help="default: 256 on CPU, 1024 on GPU")
@@ -264,16 +286,16 @@ def build_parser() -> argparse.ArgumentParser:
     add("--image-size", type=int, default=None, help="default: 8 on CPU, 32 on GPU")
     add("--channels", type=int, default=None, help="default: 1 on CPU, 3 on GPU")
     add("--width", type=int, default=None, help="encoder width; default: 32 on CPU, 64 on GPU")
-    add("--trials", type=int, default=5, help="trials per workload and precision (>= 2)")
+    add("--trials", type=int, default=None,
+        help="trials per workload and precision (>= 2); default 5")
     add("--trial-seconds", type=float, default=None,
-        help="sets the steps per trial from the first precision's warm-up speed; "
-             "default: 1 on CPU, 5 on GPU")
+        help="sets the steps per trial from the warm-up speed; default: 1 on CPU, 5 on GPU")
     add("--steps", type=int, default=None, help="steps per trial (instead of --trial-seconds)")
     add("--cooldown", type=float, default=None, help="seconds; default: 5 on CPU, 30 on GPU")
     add("--idle-seconds", type=float, default=None, help="default: 5 on CPU, 10 on GPU")
     add("--carbon-intensity", type=float, default=DEFAULT_CARBON_INTENSITY,
-        help=f"g CO2e per kWh (default {DEFAULT_CARBON_INTENSITY:g}: world-average "
-             "electricity, IEA 2019; use your grid's figure)")
+        help=f"g CO2e per kWh (default {DEFAULT_CARBON_INTENSITY:g}: about the world-average "
+             "grid; use your grid's figure)")
     add("--out", default=RESULTS_DIR, help="folder of the report")
     add("--quick", action="store_true", help="tiny sizes, 2 short trials: seconds, for tests")
     return parser
@@ -284,10 +306,10 @@ def fill_defaults(args, device: torch.device) -> None:
     defaults = {"batch_size": 1024 if gpu else 256, "image_size": 32 if gpu else 8,
                 "channels": 3 if gpu else 1, "width": 64 if gpu else 32,
                 "trial_seconds": 5.0 if gpu else 1.0, "cooldown": 30.0 if gpu else 5.0,
-                "idle_seconds": 10.0 if gpu else 5.0}
+                "idle_seconds": 10.0 if gpu else 5.0, "trials": 5}
     if args.quick:
-        defaults.update(batch_size=32, width=8, steps=2, cooldown=0.0, idle_seconds=0.1)
-        args.trials = 2
+        defaults.update(batch_size=32, width=8, steps=2, cooldown=0.0, idle_seconds=0.1,
+                        trials=2)
         args.dim = min(args.dim, 32)
     for name, value in defaults.items():
         if getattr(args, name) is None:
@@ -311,7 +333,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise ValueError(f"--workloads: unknown {unknown}; expected {', '.join(WORKLOADS)}")
         precisions, skipped = [], []
         for precision in args.precisions.split(","):
-            try:
+            if precision not in PRECISIONS:
+                raise ValueError(f"--precisions: unknown {precision!r}; expected "
+                                 f"{', '.join(PRECISIONS)}")
+            try:  # known, but maybe without autocast on this device
                 autocast_dtype(precision, device)
                 precisions.append(precision)
             except ValueError as exc:
@@ -319,30 +344,31 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not precisions:
             raise ValueError("; ".join(skipped))
         cfg = TrainConfig(loss=args.loss, backend=args.backend, width=args.width,
-                          batch_size=args.batch_size, queue_size=max(4096, args.batch_size),
-                          temperature=LOSSES[args.loss].temperature)
+                          batch_size=args.batch_size, queue_size=max(4096, args.batch_size))
+        check_config(cfg)
     except ValueError as exc:
         parser.exit(2, f"pyclloss energy: error: {exc}\n")
+    with cpu_threads(args.threads):
+        return run_benchmark(args, argv, device, workloads, precisions, skipped, cfg)
 
+
+def run_benchmark(args, argv, device, workloads, precisions, skipped, cfg) -> int:
     gpus = gpus_of(device)
     setup = {"machine": machine_name(device).replace("-", " "), "cpu": cpu_model()}
     if gpus:
         setup.update(describe_gpu(gpus[0]))
-    setup["loss"] = f"{args.loss} (backend {args.backend})"
-    setup.update({"skipped": s for s in skipped})
+    setup["loss function"] = f"{args.loss} (backend {args.backend})"
+    setup["cpu threads"] = str(torch.get_num_threads())
+    if skipped:
+        setup["skipped"] = "; ".join(skipped)
 
     print(f"warm-up and calibration on {device} ...", file=sys.stderr, flush=True)
     runs, steps = {}, {}
-    for name in workloads:
-        for precision in precisions:
-            runs[(name, precision)] = WORKLOADS[name](cfg, args, device, precision)
-            runs[(name, precision)].run(3)
-        if args.steps:
-            steps[name] = args.steps
-            continue
-        start = time.perf_counter()
-        runs[(name, precisions[0])].run(3)
-        steps[name] = max(2, round(args.trial_seconds / ((time.perf_counter() - start) / 3)))
+    for name, precision in itertools.product(workloads, precisions):
+        key = (name, precision)
+        runs[key] = WORKLOADS[name](cfg, args, device, precision)
+        runs[key].run(3)  # warm-up
+        steps[key] = args.steps or calibrated_steps(runs[key], args.trial_seconds)
 
     idle_watts, idle_result = measure_idle(args.idle_seconds, args.cooldown, gpus)
 
@@ -351,8 +377,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         order = precisions if round_index % 2 == 0 else precisions[::-1]
         for name in workloads:
             for precision in order:
-                trials[(name, precision)].append(
-                    run_trial(runs[(name, precision)], steps[name], device, gpus))
+                key = (name, precision)
+                trials[key].append(run_trial(runs[key], steps[key], device, gpus))
         print(f"round {round_index + 1}/{args.trials} done", file=sys.stderr, flush=True)
 
     rows = summarise(trials, idle_watts, args.carbon_intensity)

@@ -87,9 +87,10 @@ def _zone_label(zone_dir: str, name: str) -> Optional[str]:
     return None
 
 
-def rapl_counters(root: str = POWERCAP_ROOT) -> Tuple[List[RaplCounter], Optional[str]]:
-    """The readable RAPL package and DRAM counters under ``root``, and the reason
-    when there are none."""
+def rapl_counters(root: Optional[str] = None) -> Tuple[List[RaplCounter], Optional[str]]:
+    """The readable RAPL package and DRAM counters under ``root`` (default
+    POWERCAP_ROOT), and the reason when there are none."""
+    root = POWERCAP_ROOT if root is None else root
     zone_dirs = sorted(glob.glob(os.path.join(root, "intel-rapl:*")))
     if not zone_dirs:
         return [], f"no RAPL interface ({root}/intel-rapl:* absent)"
@@ -118,7 +119,8 @@ def _import_nvml():
     try:
         import pynvml  # the nvidia-ml-py package
     except ImportError:
-        raise CounterUnavailable("nvidia-ml-py is not installed (pip install nvidia-ml-py)") from None
+        raise CounterUnavailable(
+            "nvidia-ml-py is not installed (pip install nvidia-ml-py)") from None
     try:
         pynvml.nvmlInit()
     except pynvml.NVMLError as exc:
@@ -215,7 +217,7 @@ class EnergyMeter(contextlib.ContextDecorator):
     ``gpus`` ("all", CUDA indices, or None). The outcome is ``self.result``."""
 
     def __init__(self, gpus: GpuSelection = "all", cpu: bool = True,
-                 powercap_root: str = POWERCAP_ROOT):
+                 powercap_root: Optional[str] = None):
         self.gpus = gpus
         self.cpu = cpu
         self.powercap_root = powercap_root

@@ -22,7 +22,6 @@ import importlib.util
 import math
 import numbers
 import os
-from typing import Tuple
 
 import torch
 import torch.nn.functional as F
@@ -34,8 +33,13 @@ from .reference.sorting import DISTRIBUTIONS, NETWORKS
 Tensor = torch.Tensor
 
 __all__ = [
-    "diff_sort", "diff_sort_apply", "soft_rank", "soft_top_k_mask", "DiffSortNet",
-    "groco_loss", "GroCoLoss",
+    "DiffSortNet",
+    "GroCoLoss",
+    "diff_sort",
+    "diff_sort_apply",
+    "groco_loss",
+    "soft_rank",
+    "soft_top_k_mask",
 ]
 
 _BACKENDS = ("auto",) + ops.BACKENDS + ("cuda",)
@@ -131,7 +135,7 @@ def _check_sort_input(x, network, steepness, distribution, art_lambda) -> None:
 
 def diff_sort(x: Tensor, network: str = "odd_even", steepness: float = 10.0,
               distribution: str = "cauchy", art_lambda: float = 0.25,
-              backend: str = "auto") -> Tuple[Tensor, Tensor]:
+              backend: str = "auto") -> tuple[Tensor, Tensor]:
     """Relaxed ascending sort of the rows of ``x`` (B, n).
 
     Returns ``(sorted, P)``: ``sorted`` (B, n) and the relaxed permutation
@@ -147,6 +151,10 @@ def diff_sort(x: Tensor, network: str = "odd_even", steepness: float = 10.0,
     outputs in x's dtype.
     """
     _check_sort_input(x, network, steepness, distribution, art_lambda)
+    return _sort(x, network, steepness, distribution, art_lambda, backend)
+
+
+def _sort(x, network, steepness, distribution, art_lambda, backend):
     backend = _resolve_backend(backend, x, needs_perm=True)
     return ops.diff_sort(x, network, float(steepness), distribution, float(art_lambda), backend)
 
@@ -223,12 +231,12 @@ class DiffSortNet(nn.Module):
         self.steepness, self.distribution, self.art_lambda = steepness, distribution, art_lambda
         self.backend = backend
 
-    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
-        _check_rows(x, "x")
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        _check_sort_input(x, self.network, self.steepness, self.distribution, self.art_lambda)
         if x.shape[1] != self.size:
             raise ValueError(f"x must have {self.size} columns (size), got {x.shape[1]}")
-        return diff_sort(x, self.network, self.steepness, self.distribution, self.art_lambda,
-                         self.backend)
+        return _sort(x, self.network, self.steepness, self.distribution, self.art_lambda,
+                     self.backend)
 
     def extra_repr(self) -> str:
         return (f"network={self.network!r}, size={self.size}, steepness={self.steepness}, "

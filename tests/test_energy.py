@@ -3,6 +3,7 @@ NVML module. Nothing may report a figure that no counter gave."""
 
 import builtins
 import sys
+import time
 import types
 
 import pytest
@@ -200,3 +201,85 @@ def test_meter_as_decorator(powercap):
     assert meter.result.joules["cpu:package-0"] == pytest.approx(4.0)
     work(1.5)  # each call is its own window
     assert meter.result.joules["cpu:package-0"] == pytest.approx(1.5)
+
+
+# ------------------------------------------------------------------ the benchmark
+
+
+@pytest.fixture
+def bench_energy():
+    """bench/energy.py, loaded from its file (bench/ is not a package)."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "energy.py"
+    spec = importlib.util.spec_from_file_location("bench_energy", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def table_rows(report):
+    lines = [line for line in report.splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (c.strip() for c in line.strip("|").split("|"))))
+            for line in lines[1:]]
+
+
+def run_quick_bench(bench_energy, out, capsys):
+    argv = ["--quick", "--device", "cpu", "--precisions", "fp32,bf16", "--out", str(out)]
+    assert bench_energy.main(argv) == 0
+    capsys.readouterr()
+    (report_path,) = out.glob("energy-*.md")
+    return report_path.read_text()
+
+
+def test_bench_reports_not_measurable_with_time_and_memory(bench_energy, tmp_path, monkeypatch,
+                                                         capsys):
+    monkeypatch.setattr(energy, "POWERCAP_ROOT", str(tmp_path / "no-powercap"))
+    report = run_quick_bench(bench_energy, tmp_path / "out", capsys)
+    assert "energy: not measurable here (rapl: no RAPL interface" in report
+    rows = table_rows(report)
+    assert [(r["workload"], r["precision"]) for r in rows] == [
+        ("loss", "fp32"), ("loss", "bf16"), ("step", "fp32"), ("step", "bf16")]
+    for row in rows:
+        assert float(row["s/step"].split(" ± ")[0]) > 0
+        assert float(row["peak MiB"]) > 0
+        assert row["J/step"] == row["W"] == row["samples/J"] == row["g CO2e/1k steps"] == "—"
+
+
+def test_bench_energy_figures_from_a_constant_power_counter(bench_energy, tmp_path, monkeypatch,
+                                                          capsys):
+    """A RAPL package counter that grows at 10 W: every trial draws 10 W, idle too,
+    so the net figures are about 0 and J/step = 10 W × s/step."""
+    write_zone(tmp_path, "intel-rapl:0", "package-0", 0, 10**15)
+    monkeypatch.setattr(energy, "POWERCAP_ROOT", str(tmp_path))
+    start = time.perf_counter()
+    monkeypatch.setattr(energy.RaplCounter, "read", lambda self: 10.0 * (time.perf_counter()
+                                                                          - start))
+    report = run_quick_bench(bench_energy, tmp_path / "out", capsys)
+    assert "energy counters: cpu:package-0" in report and "idle: 10.0 W" in report
+    # The trials are milliseconds long: the counter reads and the clock are a few
+    # microseconds apart.
+    for row in table_rows(report):
+        mean = {k: float(v.split(" ± ")[0]) for k, v in row.items() if " ± " in v}
+        assert mean["W"] == pytest.approx(10.0, rel=0.02)
+        assert mean["J/step"] == pytest.approx(10.0 * mean["s/step"], rel=0.02)
+        assert abs(mean["W net"]) < 0.2
+        assert mean["g CO2e/1k steps"] == pytest.approx(
+            1000 * mean["J/step"] / 3.6e6 * bench_energy.DEFAULT_CARBON_INTENSITY, rel=1e-3)
+    assert table_rows(report)[1]["J/step vs fp32"].endswith("×")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--precisions", "fp32,fp8"], "--precisions: unknown 'fp8'"),
+    (["--workloads", "loss,eval"], "--workloads: unknown ['eval']"),
+    (["--trials", "1"], "--trials must be at least 2"),
+    (["--backend", "tpu"], "--backend 'tpu'"),
+])
+def test_bench_bad_arguments(bench_energy, argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench_energy.main(["--quick", "--out", str(tmp_path), *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

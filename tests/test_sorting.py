@@ -10,14 +10,14 @@ if not torch.cuda.is_available():
     # Before triton is imported anywhere: Triton kernels run on the CPU interpreter.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import importlib.util  # noqa: E402
+import importlib.util
 
-import pytest  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import pytest
+import torch.nn.functional as F
 
-import pyclloss.sorting as S  # noqa: E402
-from pyclloss.ops import sorting as ops  # noqa: E402
-from pyclloss.reference import sorting as ref  # noqa: E402
+import pyclloss.sorting as S
+from pyclloss.ops import sorting as ops
+from pyclloss.reference import sorting as ref
 
 diffsort = pytest.importorskip("diffsort")
 
@@ -86,8 +86,8 @@ def test_reference_matches_diffsort(network, distribution):
     for seed, n in enumerate(SIZES):
         x = torch.randn(3, n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
         gs, gp = random_cotangents(x, seed)
-        args = (network, 3.0, distribution, 0.25)
-        ours = sort_and_grad(lambda t: ref.sort_forward(t, *args), x, gs, gp)
+        ours = sort_and_grad(lambda t: ref.sort_forward(t, network, 3.0, distribution, 0.25),
+                             x, gs, gp)
         theirs = sort_and_grad(lambda t: diffsort_sort(t, network, 3.0, distribution), x, gs, gp)
         # diffsort's gaussian backward keeps sigma = 1/steepness in float32: ~1e-7 relative.
         for a, b in zip(ours, theirs):
@@ -301,7 +301,7 @@ def test_gradcheck(backend, network, distribution):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 5, dtype=torch.float64, generator=g).requires_grad_(True)
     v = torch.randn(2, 5, dtype=torch.float64, generator=g).requires_grad_(True)
-    kw = dict(network=network, steepness=2.0, distribution=distribution, backend=backend)
+    kw = {"network": network, "steepness": 2.0, "distribution": distribution, "backend": backend}
     assert torch.autograd.gradcheck(lambda t: S.diff_sort(t, **kw), (x,))
     assert torch.autograd.gradcheck(lambda t: S.diff_sort(t, **kw)[0], (x,))
     assert torch.autograd.gradcheck(lambda t: S.diff_sort(t, **kw)[1], (x,))

@@ -4,8 +4,10 @@ and the pieces (data, losses, evaluation, checkpoints) on known values."""
 import contextlib
 import json
 import os
+import random
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -39,11 +41,14 @@ def tiny_config(data, **changes):
 
 def test_default_data_end_to_end_writes_the_summary(tmp_path, capsys):
     summary_path = tmp_path / "summary.json"
-    assert main(["--epochs", "1", "--batch-size", "128", "--width", "8",
+    threads_before = torch.get_num_threads()
+    assert main(["--epochs", "1", "--batch-size", "128", "--width", "8", "--threads", "1",
                  "--summary", str(summary_path)]) == 0
+    assert torch.get_num_threads() == threads_before  # the trainer's setting is undone
     printed = json.loads(capsys.readouterr().out)
     summary = json.loads(summary_path.read_text())
     assert printed["steps_done"] == summary["steps_done"] == 1348 // 128
+    assert summary["cpu_threads"] == 1
     assert summary["data"] == {"source": "sklearn digits", "image_shape": [1, 8, 8],
                                "train_images": 1348, "test_images": 449}
     assert len(summary["epoch_losses"]) == 1 and 0 < summary["final_loss"] < 10
@@ -55,15 +60,17 @@ def test_default_data_end_to_end_writes_the_summary(tmp_path, capsys):
     assert ("joules_per_step" in energy) != ("energy" in energy)  # a figure or the reason
 
 
-@pytest.mark.parametrize("loss, precision", [("nt_xent", "fp32"), ("moco", "bf16"),
-                                             ("clip", "fp16"), ("supcon", "fp32")])
-def test_resume_equals_an_uninterrupted_run(tiny_data, tmp_path, loss, precision):
+# fp16 runs with batches of 8: 7 steps an epoch, so that the first epoch has steps
+# past the GradScaler's first skipped ones (it starts at a scale that overflows).
+@pytest.mark.parametrize("loss, precision, batch_size", [
+    ("nt_xent", "fp32", 16), ("moco", "bf16", 16), ("clip", "fp16", 8), ("supcon", "fp16", 8)])
+def test_resume_equals_an_uninterrupted_run(tiny_data, tmp_path, loss, precision, batch_size):
     straight = str(tmp_path / "straight.pt")
     split = str(tmp_path / "split.pt")
-    full = train(tiny_config(tiny_data, loss=loss, precision=precision, checkpoint=straight))
-    train(tiny_config(tiny_data, loss=loss, precision=precision, epochs=1, checkpoint=split))
-    resumed = train(tiny_config(tiny_data, loss=loss, precision=precision, resume=split,
-                                checkpoint=split))
+    run = dict(loss=loss, precision=precision, batch_size=batch_size)
+    full = train(tiny_config(tiny_data, checkpoint=straight, **run))
+    train(tiny_config(tiny_data, epochs=1, checkpoint=split, **run))
+    resumed = train(tiny_config(tiny_data, resume=split, checkpoint=split, **run))
     assert resumed["resumed_from_epoch"] == 1
     assert resumed["epoch_losses"] == full["epoch_losses"]
     assert resumed["evaluation"] == full["evaluation"]
@@ -73,6 +80,15 @@ def test_resume_equals_an_uninterrupted_run(tiny_data, tmp_path, loss, precision
     for name in a:
         assert torch.equal(a[name], b[name]), name
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
+
+
+def test_rng_states_round_trip():
+    states = trainer_module.rng_states()
+    draws = torch.rand(3), np.random.rand(3), random.random()
+    trainer_module.set_rng_states(states)
+    again = torch.rand(3), np.random.rand(3), random.random()
+    assert torch.equal(draws[0], again[0]) and (draws[1] == again[1]).all()
+    assert draws[2] == again[2]
 
 
 def test_a_different_seed_trains_differently(tiny_data):
@@ -181,7 +197,7 @@ def test_data_order_and_views_are_a_function_of_seed_and_epoch():
 def test_identity_augmentation_returns_the_image():
     images = torch.rand(3, 2, 6, 6)
     same = augment(images, torch.Generator().manual_seed(0), min_crop=1.0, max_shift=0.0,
-                   noise=0.0)
+                   max_rotation=0.0, noise=0.0)
     torch.testing.assert_close(same, images)
 
 

@@ -22,7 +22,7 @@ Kernels (semantics of pyclloss.reference.sorting):
 """
 
 import math
-from functools import lru_cache
+from functools import cache
 
 import torch
 import triton
@@ -297,7 +297,7 @@ def _apply_bwd_kernel(x_ptr, v_ptr, grad_out_ptr, grad_x_ptr, grad_v_ptr, partne
 # --------------------------------------------------------------------- launchers
 
 
-@lru_cache(maxsize=None)
+@cache
 def _lane_tables(network: str, n: int, device: torch.device):
     """(partner int32 (L, N), sign int32 (L, N)) of the network on n wires."""
     lanes = triton.next_power_of_2(n)
@@ -327,7 +327,7 @@ def _programs(rows: int, per_program: int, device: torch.device) -> int:
 def _relax_args(x, distribution: str, steepness: float, art_lambda: float):
     # steepness and art_lambda travel as a tensor so that float64 math gets them in float64.
     params = torch.tensor([steepness, art_lambda], dtype=compute_dtype(x.dtype), device=x.device)
-    return dict(params_ptr=params, DIST=DISTRIBUTIONS.index(distribution))
+    return {"params_ptr": params, "DIST": DISTRIBUTIONS.index(distribution)}
 
 
 def _acc(x: torch.Tensor):

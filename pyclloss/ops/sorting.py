@@ -11,8 +11,8 @@ breaks. ``backend`` is one of ``reference``, ``cpp``, ``triton`` (already
 resolved by the caller); the backward runs on the forward's backend.
 """
 
-from functools import lru_cache
-from typing import Optional, Tuple
+from functools import cache
+from typing import Optional
 
 import torch
 
@@ -23,7 +23,7 @@ Tensor = torch.Tensor
 BACKENDS = ("reference", "cpp", "triton")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _comparators(network: str, n: int, device: torch.device) -> Tensor:
     """The network as the C++ kernels take it: (lo, hi) int32 pairs, layer after layer."""
     pairs = [pair for layer in reference.network_layers(network, n) for pair in layer]
@@ -59,12 +59,15 @@ class _CppKernels:
             self._code(distribution), art_lambda)
 
 
+_CPP_KERNELS = _CppKernels()
+
+
 def _kernels(backend: str):
     if backend == "reference":
         return reference
     if backend == "cpp":
         import pyclloss._C  # noqa: F401  (registers torch.ops.pyclloss_C)
-        return _CppKernels()
+        return _CPP_KERNELS
     if backend == "triton":
         from ..triton_kernels import sorting as triton_sorting
         return triton_sorting
@@ -80,7 +83,7 @@ def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
 
 @torch.library.custom_op("pyclloss::diff_sort", mutates_args=())
 def diff_sort(x: Tensor, network: str, steepness: float, distribution: str, art_lambda: float,
-              backend: str) -> Tuple[Tensor, Tensor]:
+              backend: str) -> tuple[Tensor, Tensor]:
     return _kernels(backend).sort_forward(x.contiguous(), network, steepness, distribution,
                                           art_lambda)
 
@@ -143,7 +146,7 @@ def _(x, v, network, steepness, distribution, art_lambda, backend):
 @torch.library.custom_op("pyclloss::diff_sort_apply_backward", mutates_args=())
 def diff_sort_apply_backward(x: Tensor, v: Tensor, grad_out: Tensor, network: str,
                              steepness: float, distribution: str, art_lambda: float,
-                             backend: str) -> Tuple[Tensor, Tensor]:
+                             backend: str) -> tuple[Tensor, Tensor]:
     return _kernels(backend).apply_backward(x.contiguous(), v.contiguous(), grad_out.contiguous(),
                                             network, steepness, distribution, art_lambda)
 

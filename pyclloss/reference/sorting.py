@@ -26,13 +26,13 @@ Two layers, like the other reference modules:
 """
 
 import math
-from functools import lru_cache
-from typing import List, Optional, Tuple
+from functools import cache
+from typing import Optional
 
 import torch
 
 Tensor = torch.Tensor
-Layer = Tuple[Tuple[int, int], ...]
+Layer = tuple[tuple[int, int], ...]
 
 NETWORKS = ("odd_even", "bitonic")
 # The order is the integer code the kernels receive.
@@ -50,12 +50,12 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 # ------------------------------------------------------------------------ networks
 
 
-def _odd_even_layers(n: int) -> List[Layer]:
+def _odd_even_layers(n: int) -> list[Layer]:
     # n layers of neighbour comparators, alternately starting at wire 0 and 1.
     return [tuple((i, i + 1) for i in range(layer % 2, n - 1, 2)) for layer in range(n)]
 
 
-def _bitonic_layers(n: int) -> List[Layer]:
+def _bitonic_layers(n: int) -> list[Layer]:
     # Bitonic sorter on 2^k wires; the first 2^k - n wires are padding and every
     # comparator touching one of them is dropped (diffsort's layout, which sorts
     # exactly in the hard limit).
@@ -79,8 +79,8 @@ def _bitonic_layers(n: int) -> List[Layer]:
     return layers
 
 
-@lru_cache(maxsize=None)
-def network_layers(network: str, n: int) -> Tuple[Layer, ...]:
+@cache
+def network_layers(network: str, n: int) -> tuple[Layer, ...]:
     """The comparator layers ``((lo, hi), ...)`` of ``network`` on ``n`` wires."""
     if network == "odd_even":
         return tuple(_odd_even_layers(n))
@@ -159,7 +159,7 @@ def _mix(t: Tensor, lo: Tensor, hi: Tensor, alpha: Tensor) -> Tensor:
 
 
 def sort_forward(x: Tensor, network: str, steepness: float, distribution: str,
-                 art_lambda: float) -> Tuple[Tensor, Tensor]:
+                 art_lambda: float) -> tuple[Tensor, Tensor]:
     """(sorted, P) of the rows of x (B, n): ascending, ``sorted = x @ P``."""
     acc = compute_dtype(x.dtype)
     y = x.to(acc)
@@ -232,7 +232,7 @@ def apply_forward(x: Tensor, v: Tensor, network: str, steepness: float, distribu
 
 
 def apply_backward(x: Tensor, v: Tensor, grad_out: Tensor, network: str, steepness: float,
-                   distribution: str, art_lambda: float) -> Tuple[Tensor, Tensor]:
+                   distribution: str, art_lambda: float) -> tuple[Tensor, Tensor]:
     """(grad x, grad v) of ``apply_forward``: dP = grad_out ⊗ v, dv = Pᵀ grad_out."""
     acc = compute_dtype(x.dtype)
     g, vv = grad_out.to(acc), v.to(acc)

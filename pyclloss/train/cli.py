@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--momentum", type=float, default=defaults.momentum, help="moco's key encoder EMA")
     add("--seed", type=int, default=defaults.seed)
     add("--device", default=defaults.device, help="auto | cpu | cuda | cuda:N")
+    add("--threads", type=int, default=defaults.threads,
+        help="CPU threads of torch (0: torch's default); small models run fastest on one")
     add("--data", default=None,
         help="a .pt file (a tensor of images, (images, labels), or {'images', 'labels'}) or "
              "an image folder root/<class>/<image> (needs Pillow)")

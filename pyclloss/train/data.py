@@ -50,7 +50,8 @@ def _as_float_images(images: Tensor, path: str) -> Tensor:
     if images.dim() == 3:
         images = images.unsqueeze(1)
     if images.dim() != 4:
-        raise ValueError(f"{path}: images must be (N, C, H, W) or (N, H, W), got {tuple(images.shape)}")
+        raise ValueError(
+            f"{path}: images must be (N, C, H, W) or (N, H, W), got {tuple(images.shape)}")
     if images.dtype == torch.uint8:
         return images.float() / 255.0
     if not images.is_floating_point():
@@ -128,22 +129,24 @@ def epoch_generator(seed: int, epoch: int, device) -> torch.Generator:
 
 
 def augment(images: Tensor, generator: torch.Generator, min_crop: float = 0.7,
-            max_shift: float = 0.15, noise: float = 0.1) -> Tensor:
-    """A random view: crop a square of side min_crop..1 of the image, shifted by up to
-    max_shift of its side, resized back to full size; then Gaussian noise."""
+            max_shift: float = 0.15, max_rotation: float = 0.25, noise: float = 0.1) -> Tensor:
+    """A random view: a square window of side min_crop..1 of the image, shifted by up
+    to max_shift of its side and rotated by up to max_rotation radians, resized back
+    to full size; then Gaussian noise."""
     n, device = images.shape[0], images.device
 
-    def uniform(low, high, *shape):
-        return low + (high - low) * torch.rand(n, *shape, generator=generator, device=device)
+    def uniform(bound_low, bound_high, *shape):
+        return bound_low + (bound_high - bound_low) * torch.rand(n, *shape, generator=generator,
+                                                                 device=device)
 
     # affine_grid maps output coordinates in [-1, 1] to input coordinates: a scale
     # below 1 reads a smaller window (a crop), the offset moves it (a shift).
     scale = uniform(min_crop, 1.0)
-    offset = uniform(-2 * max_shift, 2 * max_shift, 2)
-    theta = torch.zeros(n, 2, 3, device=device)
-    theta[:, 0, 0] = theta[:, 1, 1] = scale
-    theta[:, :, 2] = offset
+    angle = uniform(-max_rotation, max_rotation)
+    shift_x, shift_y = uniform(-2 * max_shift, 2 * max_shift, 2).unbind(1)
+    cos, sin = scale * angle.cos(), scale * angle.sin()
+    theta = torch.stack([torch.stack([cos, -sin, shift_x], 1),
+                         torch.stack([sin, cos, shift_y], 1)], 1)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     views = F.grid_sample(images, grid, padding_mode="zeros", align_corners=False)
-    noise_sample = torch.randn(views.shape, generator=generator, device=device)
-    return views + noise * noise_sample
+    return views + noise * torch.randn(views.shape, generator=generator, device=device)

@@ -7,7 +7,7 @@ and returning such a module.
 import functools
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict
+from typing import Any, Callable, Dict
 
 import torch
 import torch.nn.functional as F
@@ -81,7 +81,7 @@ class QueueInfoNCE(nn.Module):
 
 @dataclass(frozen=True)
 class LossEntry:
-    build: Callable[[int, "object"], nn.Module]  # (embedding dim, config) -> loss module
+    build: Callable[[int, Any], nn.Module]  # (embedding dim, TrainConfig) -> loss module
     temperature: float  # the default of the loss's paper / code
     needs_labels: bool = False
     momentum_encoder: bool = False  # keys from an EMA copy of the model (MoCo)

@@ -1,0 +1,375 @@
+"""Differentiable sorting networks and GroCo: time of forward + backward and
+peak memory of pyclloss against diffsort (and torchsort.soft_sort when it is
+importable), written as a markdown table to bench/results/sorting-<machine>.md.
+
+    python bench/bench_sorting.py                   # CPU
+    python bench/bench_sorting.py --device cuda     # GPU (Triton)
+
+Sort cases: cauchy, float32, odd-even and bitonic, B x n over the grid below;
+the loss is <w, sorted> + <W, P> with fixed random w, W, so the backward runs
+through both outputs. GroCo cases: 10 negatives and 1, 2, 3 positives
+(n = 11, 12, 13), against the authors' formulation on diffsort.
+
+Timings are medians over interleaved repeats after a warm-up (the
+implementations of a case take turns, so load from other processes hits them
+alike); only ratios within one run mean anything. Peak memory: growth of the
+process's peak RSS over the call on the CPU, torch.cuda.max_memory_allocated
+growth on the GPU; inputs are allocated before. On the CPU the script
+re-runs itself with glibc's mmap threshold fixed at 64 KiB, so that freed
+tensors leave the RSS and its growth is the peak of live tensors.
+"""
+
+import argparse
+import functools
+import gc
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pyclloss
+import pyclloss.sorting as S
+from pyclloss.reference.sorting import network_layers
+
+try:
+    import diffsort
+except ImportError:  # pragma: no cover - reported in the table
+    diffsort = None
+try:
+    import torchsort
+except ImportError:
+    torchsort = None
+
+BATCHES = (256, 4096, 65536)
+SIZES = (8, 16, 32, 64)
+NETWORKS = ("odd_even", "bitonic")
+GROCO_POSITIVES = (1, 2, 3)
+GROCO_NEGATIVES = 10
+# Skip rules, in units of B * n^2 * layers (the work of one fused forward):
+# the fused CPU kernels above this take tens of seconds per call here, and
+# diffsort / the reference keep several B x n x n tensors per layer.
+CPU_FUSED_WORK_LIMIT = 1.1e9
+DENSE_BYTES_LIMIT = {"cpu": 3e9, "cuda": 40e9}
+_MMAP_THRESHOLD = "65536"
+
+
+# ------------------------------------------------------------------ measurement
+
+
+def _read_status_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak_rss():
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def measure_memory(fn, device):
+    """Peak memory growth of one call, in bytes."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    _reset_peak_rss()
+    base = _read_status_kib("VmRSS")
+    fn()
+    return (_read_status_kib("VmHWM") - base) * 1024
+
+
+def time_once(fn, device):
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def measure(impls, device, repeats):
+    """{name: (median seconds, peak bytes)} with the implementations interleaved."""
+    times = {name: [] for name in impls}
+    peaks = {}
+    for name, fn in impls.items():
+        fn()  # warm-up (Triton compiles here)
+        peaks[name] = measure_memory(fn, device)
+    for _ in range(repeats):
+        for name, fn in impls.items():
+            times[name].append(time_once(fn, device))
+    return {name: (statistics.median(times[name]), peaks[name]) for name in impls}
+
+
+# ----------------------------------------------------------------------- cases
+
+
+def diffsort_sorter(network, n, device):
+    sorter = diffsort.DiffSortNet(network, n, steepness=10.0, distribution="cauchy")
+    sorter.sorting_network = [[m.to(device) for m in layer] for layer in sorter.sorting_network]
+    return sorter
+
+
+def sort_step(sort_fn, x, w, big_w):
+    def step():
+        xx = x.detach().requires_grad_(True)
+        sorted_x, perm = sort_fn(xx)
+        ((sorted_x * w).sum() + (perm * big_w).sum()).backward()
+    return step
+
+
+def values_step(sort_fn, x, w):
+    def step():
+        xx = x.detach().requires_grad_(True)
+        (sort_fn(xx) * w).sum().backward()
+    return step
+
+
+def dense_bytes(b, n, layers):
+    # diffsort and the reference keep about six B x n x n float32 tensors per layer
+    return 6 * layers * b * n * n * 4
+
+
+def sort_rows(device, repeats, batches, sizes, log):
+    rows, skipped = [], []
+    for network in NETWORKS:
+        for b in batches:
+            for n in sizes:
+                layers = len(network_layers(network, n))
+                g = torch.Generator().manual_seed(0)
+                x = torch.randn(b, n, generator=g).to(device)
+                w = torch.randn(b, n, generator=g).to(device)
+                big_w = torch.randn(b, n, n, generator=g).to(device)
+                case = f"{network} B={b} n={n}"
+                impls = {}
+                fused = functools.partial(S.diff_sort, network=network)
+                if device == "cuda" or b * n * n * layers <= CPU_FUSED_WORK_LIMIT:
+                    impls["pyclloss"] = sort_step(fused, x, w, big_w)
+                else:
+                    skipped.append(f"{case}: pyclloss (fused, CPU), reference, diffsort")
+                    continue
+                if dense_bytes(b, n, layers) <= DENSE_BYTES_LIMIT[device]:
+                    impls["reference"] = sort_step(
+                        functools.partial(fused, backend="reference"), x, w, big_w)
+                    if diffsort is not None:
+                        impls["diffsort"] = sort_step(diffsort_sorter(network, n, device), x, w,
+                                                      big_w)
+                else:
+                    skipped.append(f"{case}: reference, diffsort (memory)")
+                if torchsort is not None:
+                    impls["torchsort.soft_sort (values only)"] = values_step(
+                        lambda t: torchsort.soft_sort(t, regularization_strength=0.1), x, w)
+                log(f"sort {case}: {', '.join(impls)}")
+                result = measure(impls, device, repeats)
+                match = ""
+                if "diffsort" in impls:
+                    ours = S.diff_sort(x, network)
+                    theirs = diffsort_sorter(network, n, device)(x)
+                    match = max((a - c).abs().max().item() for a, c in zip(ours, theirs))
+                rows.append((network, b, n, result, match))
+                del x, w, big_w
+    return rows, skipped
+
+
+def groco_with_diffsort(pos_sim, neg_sim, num_neg, sorter):
+    """The authors' formulation: BCE on the positive- and on the negative-rank sums."""
+    sims = torch.cat([neg_sim.topk(num_neg, dim=1).values.flip(1),
+                      pos_sim.sort(dim=1).values], dim=1)
+    _, perm = sorter(sims)
+    target = (torch.arange(sims.shape[1], device=sims.device) >= num_neg).float()
+    pred_pos = perm[:, :, num_neg:].sum(2).clip(0, 1)
+    pred_neg = perm[:, :, :num_neg].sum(2).clip(0, 1)
+    target = target.expand_as(pred_pos)
+    return (F.binary_cross_entropy(pred_pos, target)
+            + F.binary_cross_entropy(pred_neg, 1 - target)) / 2
+
+
+def groco_step(loss_fn, pos, neg):
+    def step():
+        loss_fn(pos.detach().requires_grad_(True), neg.detach().requires_grad_(True)).backward()
+    return step
+
+
+def groco_rows(device, repeats, batches, log):
+    rows = []
+    for n_pos in GROCO_POSITIVES:
+        n = GROCO_NEGATIVES + n_pos
+        for b in batches:
+            g = torch.Generator().manual_seed(0)
+            pos = torch.rand(b, n_pos, generator=g).to(device)
+            neg = torch.rand(b, 4 * GROCO_NEGATIVES, generator=g).to(device)
+
+            ours = functools.partial(S.groco_loss, num_neg=GROCO_NEGATIVES)
+            impls = {
+                "pyclloss": groco_step(ours, pos, neg),
+                "reference": groco_step(functools.partial(ours, backend="reference"), pos, neg),
+            }
+            if diffsort is not None:
+                sorter = diffsort.DiffSortNet("odd_even", n, steepness=1.0, distribution="cauchy")
+                sorter.sorting_network = [[m.to(device) for m in layer]
+                                          for layer in sorter.sorting_network]
+                authors = functools.partial(groco_with_diffsort, num_neg=GROCO_NEGATIVES,
+                                            sorter=sorter)
+                impls["diffsort (authors' GroCo)"] = groco_step(authors, pos, neg)
+            log(f"groco n={n} B={b}")
+            result = measure(impls, device, repeats)
+            match = ""
+            if diffsort is not None:
+                match = abs(ours(pos, neg).item() - authors(pos, neg).item())
+            rows.append(("groco", b, n, result, match))
+    return rows
+
+
+# ----------------------------------------------------------------------- report
+
+
+def machine_name(device):
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "cpu"
+
+
+def slug(text):
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def _version(module):
+    return getattr(module, "__version__", "installed") if module is not None else "not installed"
+
+
+def header(device, command):
+    import triton
+
+    lines = [f"# Sorting networks and GroCo: fused vs diffsort ({device.upper()})", ""]
+    lines.append(f"- Machine: {machine_name(device)}")
+    if device == "cpu":
+        lines.append(f"- CPU cores: {os.cpu_count()}, torch threads: {torch.get_num_threads()}, "
+                     f"load average at start: {os.getloadavg()[0]:.1f} (shared machine)")
+        lines.append(f"- Peak memory: RSS growth with MALLOC_MMAP_THRESHOLD_={_MMAP_THRESHOLD}")
+    else:
+        lines.append(f"- CUDA {torch.version.cuda}, driver: {_driver_version()}")
+    lines.append(f"- Versions: python {platform.python_version()}, torch {torch.__version__}, "
+                 f"triton {_version(triton)}, diffsort {_version(diffsort)}, "
+                 f"torchsort {_version(torchsort)}, pyclloss {pyclloss.__version__}")
+    backend = "cpp" if device == "cpu" and S._cpp_available() else (
+        "triton" if device == "cuda" else "reference")
+    lines.append(f"- pyclloss backend (auto): {backend}")
+    lines.append(f"- Command: `{command}`")
+    lines.append("")
+    return lines
+
+
+def _driver_version():
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def fmt_ms(seconds):
+    return f"{seconds * 1e3:.1f}"
+
+
+def fmt_mb(nbytes):
+    return f"{nbytes / 2**20:.1f}"
+
+
+def table(rows, title, what):
+    impls = []
+    for *_, result, _ in rows:
+        impls += [name for name in result if name not in impls]
+    lines = [f"## {title}", ""]
+    cols = ["case", "B", "n"]
+    for name in impls:
+        cols += [f"{name} ms", f"{name} MiB"]
+    cols += ["speed-up vs diffsort", "memory / diffsort", f"max abs diff vs diffsort ({what})"]
+    lines.append("| " + " | ".join(cols) + " |")
+    lines.append("|" + "---|" * len(cols))
+    for case, b, n, result, match in rows:
+        cells = [case, str(b), str(n)]
+        for name in impls:
+            t, m = result.get(name, (None, None))
+            cells += ["—" if t is None else fmt_ms(t), "—" if m is None else fmt_mb(m)]
+        base = next((result[k] for k in result if k.startswith("diffsort")), None)
+        if base is not None:
+            cells.append(f"{base[0] / result['pyclloss'][0]:.1f}x")
+            cells.append(f"{result['pyclloss'][1] / max(base[1], 1):.3f}")
+            cells.append(f"{match:.1e}")
+        else:
+            cells += ["—", "—", "—"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
+    parser.add_argument("--no-groco", action="store_true")
+    parser.add_argument("--out", default=None, help="default: bench/results/sorting-<machine>.md")
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device")
+    if args.device == "cpu" and os.environ.get("MALLOC_MMAP_THRESHOLD_") != _MMAP_THRESHOLD:
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=_MMAP_THRESHOLD, MALLOC_TRIM_THRESHOLD_="0")
+        os.execve(sys.executable, [sys.executable] + sys.argv, env)
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    command = "python bench/bench_sorting.py " + " ".join(sys.argv[1:])
+    lines = header(args.device, command.strip())
+    if torchsort is None:
+        lines += [("torchsort is not installed (it builds only with --no-build-isolation and a "
+                   "C++ toolchain): no torchsort.soft_sort column."), ""]
+    if diffsort is None:
+        lines += ["diffsort is not installed: no baseline column.", ""]
+
+    rows, skipped = sort_rows(args.device, args.repeats, args.batches, args.sizes, log)
+    lines += table(rows, "diff_sort: forward + backward, cauchy, float32", "sorted and P")
+    if skipped:
+        lines += ["Skipped (too slow or too large here):", ""]
+        lines += [f"- {s}" for s in skipped] + [""]
+    if not args.no_groco:
+        lines += table(groco_rows(args.device, args.repeats, args.batches, log),
+                       f"GroCo: forward + backward, {GROCO_NEGATIVES} negatives, "
+                       "n = 10 + positives", "loss")
+
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                   f"sorting-{slug(args.device + '-' + machine_name(args.device))}.md")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        f.write("\n".join(lines))
+    print("\n".join(lines))
+    print(f"written to {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

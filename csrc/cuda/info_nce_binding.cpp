@@ -1,0 +1,257 @@
+// CUDA implementations of the fused InfoNCE core ops (schemas beside the CPU
+// kernels in csrc/cpu/info_nce.cpp; semantics in docs/fused_core.md): checks
+// the tensors, allocates the results and runs the launchers of
+// info_nce_cuda.h on the current stream of the inputs' device.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <climits>
+#include <optional>
+#include <tuple>
+
+#include "pyclloss/info_nce_cuda.h"
+
+namespace pyclloss::cuda {
+namespace {
+
+using at::Tensor;
+using OptionalTensor = std::optional<Tensor>;
+
+ElementType element_type(const Tensor& x) {
+  switch (x.scalar_type()) {
+    case at::kFloat:
+      return ElementType::kFloat32;
+    case at::kHalf:
+      return ElementType::kFloat16;
+    case at::kBFloat16:
+      return ElementType::kBFloat16;
+    default:
+      TORCH_CHECK(false, "pyclloss CUDA kernels take float32, float16 or bfloat16 inputs, got ",
+                  x.scalar_type());
+  }
+}
+
+void check_operands(const Tensor& q, const Tensor& k) {
+  TORCH_CHECK(q.is_cuda() && k.is_cuda(), "q and k must be CUDA tensors");
+  TORCH_CHECK(q.device() == k.device(), "q and k must be on one device, got ", q.device(),
+              " and ", k.device());
+  TORCH_CHECK(q.dim() == 2 && k.dim() == 2 && q.size(1) == k.size(1),
+              "q must be (N, D) and k (M, D), got ", q.sizes(), " and ", k.sizes());
+  TORCH_CHECK(q.size(1) > 0, "the embedding dimension D must be positive");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type(), "q and k must have one dtype, got ",
+              q.scalar_type(), " and ", k.scalar_type());
+  TORCH_CHECK(q.is_contiguous() && k.is_contiguous(), "q and k must be contiguous");
+  TORCH_CHECK(q.size(0) < INT_MAX && k.size(0) < INT_MAX && q.size(1) < INT_MAX,
+              "q and k have too many rows or columns for the CUDA kernels");
+  element_type(q);
+}
+
+// A 0-dim float32 tensor on q's device (the logit scale, the SigLIP bias).
+const float* scalar_pointer(const Tensor& t, const Tensor& q, const char* name) {
+  TORCH_CHECK(t.dim() == 0 && t.scalar_type() == at::kFloat && t.device() == q.device(), name,
+              " must be a 0-dim float32 tensor on ", q.device(), ", got ", t.scalar_type(),
+              " of shape ", t.sizes(), " on ", t.device());
+  return t.data_ptr<float>();
+}
+
+// A contiguous vector of `length` elements of `dtype` on q's device.
+void check_vector(const Tensor& t, const Tensor& q, const char* name, int64_t length,
+                  at::ScalarType dtype) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == length && t.scalar_type() == dtype &&
+                  t.device() == q.device() && t.is_contiguous(),
+              name, " must be a contiguous ", dtype, " vector of length ", length, " on ",
+              q.device(), ", got ", t.scalar_type(), " of shape ", t.sizes(), " on ", t.device());
+}
+
+const float* stats_pointer(const OptionalTensor& t, const Tensor& q, const char* name,
+                           int64_t length) {
+  if (!t.has_value()) return nullptr;
+  check_vector(*t, q, name, length, at::kFloat);
+  return t->data_ptr<float>();
+}
+
+PairMasks pair_masks(const Tensor& q, const Tensor& k, const OptionalTensor& q_labels,
+                     const OptionalTensor& k_labels, std::optional<int64_t> exclude_offset,
+                     bool neg_only) {
+  TORCH_CHECK(q_labels.has_value() == k_labels.has_value(),
+              "q_labels and k_labels must be given together");
+  PairMasks masks;
+  if (q_labels.has_value()) {
+    check_vector(*q_labels, q, "q_labels", q.size(0), at::kLong);
+    check_vector(*k_labels, q, "k_labels", k.size(0), at::kLong);
+    masks.q_labels = q_labels->data_ptr<int64_t>();
+    masks.k_labels = k_labels->data_ptr<int64_t>();
+  }
+  masks.has_exclude = exclude_offset.has_value();
+  masks.exclude_offset = exclude_offset.value_or(0);
+  masks.neg_only = neg_only;
+  return masks;
+}
+
+void check_launch(cudaError_t err, const char* op) {
+  TORCH_CHECK(err == cudaSuccess, "pyclloss CUDA kernel ", op, " failed: ",
+              cudaGetErrorString(err));
+}
+
+Tensor stats_vector(const Tensor& q, int64_t length) {
+  return at::empty({length}, q.options().dtype(at::kFloat));
+}
+
+// fp16 only: the power of two that brings the largest possible |G_ij| (the sum
+// of the largest coefficients) to 1 before G is rounded to fp16 for the second
+// product, so that small gradients do not underflow. Computed on the device.
+OptionalTensor fp16_grad_scale(const Tensor& q, std::initializer_list<const Tensor*> coefficients) {
+  if (q.scalar_type() != at::kHalf) return std::nullopt;
+  Tensor bound = at::zeros({}, q.options().dtype(at::kFloat));
+  for (const Tensor* coefficient : coefficients) {
+    if (coefficient != nullptr && coefficient->numel() > 0) {
+      bound = bound + coefficient->abs().max();
+    }
+  }
+  const Tensor exponent = at::clamp(at::ceil(at::log2(bound)), -100, 100);
+  return at::where(at::isfinite(bound) & (bound > 0), at::exp2(-exponent), at::ones_like(bound));
+}
+
+const Tensor* present(const OptionalTensor& t) { return t.has_value() ? &*t : nullptr; }
+
+const float* optional_float_pointer(const OptionalTensor& t) {
+  return t.has_value() ? t->data_ptr<float>() : nullptr;
+}
+
+Tensor grad_workspace(const Tensor& q) {
+  return at::empty({static_cast<int64_t>(grad_workspace_doubles(q.size(0)))},
+                   q.options().dtype(at::kDouble));
+}
+
+Tensor empty_grad(const Tensor& like, bool needed) {
+  return needed ? at::empty_like(like) : at::empty({0}, like.options());
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> infonce_fwd_cuda(
+    const Tensor& q, const Tensor& k, const Tensor& scale, const OptionalTensor& q_labels,
+    const OptionalTensor& k_labels, std::optional<int64_t> exclude_offset, bool neg_only,
+    bool col_stats) {
+  check_operands(q, k);
+  TORCH_CHECK(!(col_stats && neg_only),
+              "infonce_fwd: col_stats together with neg_only is an error");
+  const c10::cuda::CUDAGuard guard(q.device());
+  const float* scale_ptr = scalar_pointer(scale, q, "scale");
+  const PairMasks masks = pair_masks(q, k, q_labels, k_labels, exclude_offset, neg_only);
+  const int64_t n = q.size(0), m = k.size(0);
+  Tensor row_lse = stats_vector(q, n), pos_sum = stats_vector(q, n), pos_count = stats_vector(q, n);
+  Tensor col_lse = stats_vector(q, col_stats ? m : 0);
+  check_launch(infonce_fwd(element_type(q), q.data_ptr(), k.data_ptr(), n, m, q.size(1), scale_ptr,
+                           masks, row_lse.data_ptr<float>(), pos_sum.data_ptr<float>(),
+                           pos_count.data_ptr<float>(),
+                           col_stats ? col_lse.data_ptr<float>() : nullptr,
+                           c10::cuda::getCurrentCUDAStream()),
+               "infonce_fwd");
+  return {row_lse, pos_sum, pos_count, col_lse};
+}
+
+std::tuple<Tensor, Tensor> infonce_pair_fwd_cuda(const Tensor& q, const Tensor& k,
+                                                 const Tensor& scale, const Tensor& q_labels,
+                                                 const Tensor& k_labels,
+                                                 std::optional<int64_t> exclude_offset,
+                                                 const Tensor& neg_lse) {
+  check_operands(q, k);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const float* scale_ptr = scalar_pointer(scale, q, "scale");
+  const PairMasks masks = pair_masks(q, k, q_labels, k_labels, exclude_offset, false);
+  const int64_t n = q.size(0), m = k.size(0);
+  check_vector(neg_lse, q, "neg_lse", n, at::kFloat);
+  Tensor loss_sum = stats_vector(q, n), sigmoid_sum = stats_vector(q, n);
+  check_launch(infonce_pair_fwd(element_type(q), q.data_ptr(), k.data_ptr(), n, m, q.size(1),
+                                scale_ptr, masks, neg_lse.data_ptr<float>(),
+                                loss_sum.data_ptr<float>(), sigmoid_sum.data_ptr<float>(),
+                                c10::cuda::getCurrentCUDAStream()),
+               "infonce_pair_fwd");
+  return {loss_sum, sigmoid_sum};
+}
+
+std::tuple<Tensor, Tensor, Tensor> infonce_bwd_cuda(
+    const Tensor& q, const Tensor& k, const Tensor& scale, const OptionalTensor& q_labels,
+    const OptionalTensor& k_labels, std::optional<int64_t> exclude_offset, bool neg_only,
+    const OptionalTensor& row_lse, const OptionalTensor& row_coef, const OptionalTensor& col_lse,
+    const OptionalTensor& col_coef, const OptionalTensor& pos_coef,
+    const OptionalTensor& pair_lse, bool need_dk) {
+  check_operands(q, k);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const float* scale_ptr = scalar_pointer(scale, q, "scale");
+  const PairMasks masks = pair_masks(q, k, q_labels, k_labels, exclude_offset, neg_only);
+  const int64_t n = q.size(0), m = k.size(0);
+  InfoNceGradTerms terms;
+  terms.row_lse = stats_pointer(row_lse, q, "row_lse", n);
+  terms.row_coef = stats_pointer(row_coef, q, "row_coef", n);
+  terms.col_lse = stats_pointer(col_lse, q, "col_lse", m);
+  terms.col_coef = stats_pointer(col_coef, q, "col_coef", m);
+  terms.pos_coef = stats_pointer(pos_coef, q, "pos_coef", n);
+  terms.pair_lse = stats_pointer(pair_lse, q, "pair_lse", n);
+  const OptionalTensor grad_scale =
+      fp16_grad_scale(q, {present(row_coef), present(col_coef), present(pos_coef)});
+  Tensor dq = at::empty_like(q), dk = empty_grad(k, need_dk);
+  Tensor dscale = at::empty({}, q.options().dtype(at::kFloat));
+  Tensor workspace = grad_workspace(q);
+  check_launch(infonce_bwd(element_type(q), q.data_ptr(), k.data_ptr(), n, m, q.size(1), scale_ptr,
+                           masks, terms, optional_float_pointer(grad_scale), dq.data_ptr(),
+                           need_dk ? dk.data_ptr() : nullptr, dscale.data_ptr<float>(),
+                           workspace.data_ptr<double>(), c10::cuda::getCurrentCUDAStream()),
+               "infonce_bwd");
+  return {dq, dk, dscale};
+}
+
+Tensor siglip_fwd_cuda(const Tensor& q, const Tensor& k, const Tensor& scale, const Tensor& bias,
+                       const OptionalTensor& q_labels, const OptionalTensor& k_labels) {
+  check_operands(q, k);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const float* scale_ptr = scalar_pointer(scale, q, "scale");
+  const float* bias_ptr = scalar_pointer(bias, q, "bias");
+  const PairMasks masks = pair_masks(q, k, q_labels, k_labels, std::nullopt, false);
+  const int64_t n = q.size(0), m = k.size(0);
+  Tensor row_loss = stats_vector(q, n);
+  check_launch(siglip_fwd(element_type(q), q.data_ptr(), k.data_ptr(), n, m, q.size(1), scale_ptr,
+                          bias_ptr, masks.q_labels, masks.k_labels, row_loss.data_ptr<float>(),
+                          c10::cuda::getCurrentCUDAStream()),
+               "siglip_fwd");
+  return row_loss;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> siglip_bwd_cuda(
+    const Tensor& q, const Tensor& k, const Tensor& scale, const Tensor& bias,
+    const OptionalTensor& q_labels, const OptionalTensor& k_labels, const Tensor& row_coef,
+    bool need_dk) {
+  check_operands(q, k);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const float* scale_ptr = scalar_pointer(scale, q, "scale");
+  const float* bias_ptr = scalar_pointer(bias, q, "bias");
+  const PairMasks masks = pair_masks(q, k, q_labels, k_labels, std::nullopt, false);
+  const int64_t n = q.size(0), m = k.size(0);
+  check_vector(row_coef, q, "row_coef", n, at::kFloat);
+  const OptionalTensor grad_scale = fp16_grad_scale(q, {&row_coef});
+  Tensor dq = at::empty_like(q), dk = empty_grad(k, need_dk);
+  Tensor dscale = at::empty({}, q.options().dtype(at::kFloat));
+  Tensor dbias = at::empty({}, q.options().dtype(at::kFloat));
+  Tensor workspace = grad_workspace(q);
+  check_launch(siglip_bwd(element_type(q), q.data_ptr(), k.data_ptr(), n, m, q.size(1), scale_ptr,
+                          bias_ptr, masks.q_labels, masks.k_labels, row_coef.data_ptr<float>(),
+                          optional_float_pointer(grad_scale), dq.data_ptr(),
+                          need_dk ? dk.data_ptr() : nullptr, dscale.data_ptr<float>(),
+                          dbias.data_ptr<float>(), workspace.data_ptr<double>(),
+                          c10::cuda::getCurrentCUDAStream()),
+               "siglip_bwd");
+  return {dq, dk, dscale, dbias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyclloss_C, CUDA, m) {
+  m.impl("infonce_fwd", &infonce_fwd_cuda);
+  m.impl("infonce_pair_fwd", &infonce_pair_fwd_cuda);
+  m.impl("infonce_bwd", &infonce_bwd_cuda);
+  m.impl("siglip_fwd", &siglip_fwd_cuda);
+  m.impl("siglip_bwd", &siglip_bwd_cuda);
+}
+
+}  // namespace pyclloss::cuda

@@ -82,7 +82,7 @@ def assert_sum_close(name, got, want, mass, tol):
     measured against the sum of the terms' magnitudes."""
     error = abs(got.item() - want.item())
     bound = tol * max(abs(want.item()), mass, 1e-12)
-    assert error <= bound, f"{name}: error {error:.3g}, allowed {bound:.3g} (sum of |terms| {mass:.3g})"
+    assert error <= bound, f"{name}: error {error:.3g}, allowed {bound:.3g} (sum |terms| {mass:.3g})"
 
 
 def check_infonce_bwd(p, offset, neg_only, terms, need_dk):

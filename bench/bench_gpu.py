@@ -270,6 +270,13 @@ def cell(result: Dict) -> str:
     return f"{result['time_s'] * 1e3:.2f} ms"
 
 
+def speed_cell(result: Dict, matmul_tflops: float) -> str:
+    if "time_s" not in result:
+        return cell(result)
+    share = 100 * result["tflops"] / matmul_tflops
+    return f"{cell(result)} [{result['repeats']}] · {result['tflops']:.3g} TFLOP/s, {share:.0f}%"
+
+
 def memory_cell(result: Dict) -> str:
     if result.get("peak_bytes") is None:
         return "—" if "time_s" in result else "·"
@@ -287,15 +294,8 @@ def speed_tables(args, impls, results, rates) -> List[str]:
                   "|---|---:|" + "---:|" * len(cols)]
         for dtype_name in args.dtypes:
             for n in args.sizes:
-                cells = []
-                for impl in cols:
-                    r = results[(loss, dtype_name, n, impl)]
-                    if "time_s" in r:
-                        share = 100 * r["tflops"] / rates[dtype_name] if rates.get(dtype_name) else None
-                        share = f", {share:.0f}%" if share is not None else ""
-                        cells.append(f"{cell(r)} [{r['repeats']}] · {r['tflops']:.3g} TFLOP/s{share}")
-                    else:
-                        cells.append(cell(r))
+                cells = [speed_cell(results[(loss, dtype_name, n, impl)], rates[dtype_name])
+                         for impl in cols]
                 lines.append(f"| {dtype_name} | {n} | " + " | ".join(cells) + " |")
         lines += ["", f"Peak extra memory (MiB; `max_memory_allocated` over the inputs, "
                       f"gradients included), {loss}:", "",
@@ -314,8 +314,8 @@ GRAD_NAMES = {"clip_loss": ("image", "text", "logit_scale"), "supcon": ("feature
 
 def accuracy_tables(args, impls, results) -> List[str]:
     lines = [f"### Relative error against float64, N = {args.accuracy_n}, D = {args.dim}", "",
-             "|loss − loss₆₄| / |loss₆₄| and ‖g − g₆₄‖ / ‖g₆₄‖ per gradient, on the same "
-             "rounded inputs.", ""]
+             "|loss − loss₆₄| / |loss₆₄| and ‖g − g₆₄‖ / ‖g₆₄‖ per gradient, "
+             "on the same rounded inputs.", ""]
     for loss in args.losses:
         grads = GRAD_NAMES[loss]
         lines += [f"| {loss} | dtype | loss | " + " | ".join(f"d {g}" for g in grads) + " |",
@@ -340,8 +340,9 @@ def environment(args) -> Tuple[str, List[str]]:
         name = torch.cuda.get_device_name()
         props = torch.cuda.get_device_properties(0)
         try:
-            driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                    capture_output=True, text=True, timeout=10).stdout.strip()
+            query = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
+            driver = subprocess.run(query, capture_output=True, text=True,
+                                    timeout=10).stdout.strip()
         except (OSError, subprocess.TimeoutExpired):
             driver = "unknown"
         device = (f"{name}, {props.multi_processor_count} SMs, "

@@ -12,7 +12,9 @@
 // Row passes take a = q, b = k (row statistics, dq); column passes a = k,
 // b = q (column LSE, dk). Every output element has one writer: no atomics, and
 // dscale/dbias are per-block partials summed in a fixed order, so the results
-// are deterministic.
+// are deterministic. Those sums run over N·M signed terms that largely cancel:
+// each thread folds its per-tile fp32 sums into fp64, and fp64 carries them to
+// the end.
 //
 // fp16/bf16 multiply on the tensor cores (mma.sync m16n8k16, fp32
 // accumulation); fp32 uses plain fp32 FMAs (exact, no TF32) laid out like the
@@ -165,7 +167,7 @@ struct TileShape {
   }
   static constexpr size_t kRingBytes = size_t(kStages) * kBlockN * kChunkStride * sizeof(T);
   static constexpr size_t kGradBytes = size_t(kBlockM) * kGradStride * sizeof(GradElem);
-  static constexpr size_t kReduceBytes = size_t(kThreads / 32) * 2 * sizeof(float);
+  static constexpr size_t kReduceBytes = size_t(kThreads / 32) * 2 * sizeof(double);
 };
 
 // Forward passes: whole rows per warp, so row reductions stay in the warp.
@@ -178,7 +180,7 @@ using GradShape = TileShape<T, 64, 64, 4, 2>;
 
 constexpr int kGradBlockM = 64;
 static_assert(GradShape<float>::kBlockM == kGradBlockM && GradShape<__half>::kBlockM == kGradBlockM,
-              "grad_workspace_floats assumes the backward block height");
+              "grad_workspace_doubles assumes the backward block height");
 
 // Accumulator fragment of one warp's piece of a logit tile.
 template <class Shape>
@@ -222,9 +224,14 @@ __device__ __forceinline__ float quad_max(float x) {
   return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
 }
 
-__device__ __forceinline__ float warp_sum(float x) {
+__device__ __forceinline__ double warp_sum(double x) {
   for (int offset = 16; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
   return x;
+}
+
+// Component k of v; k is a compile-time constant after unrolling.
+__device__ __forceinline__ float component(const float4& v, int k) {
+  return k == 0 ? v.x : k == 1 ? v.y : k == 2 ? v.z : v.w;
 }
 
 __device__ __forceinline__ float softplus(float x) {
@@ -411,7 +418,7 @@ __device__ __forceinline__ void grad_chunk(OutFrag<Shape>& acc,
           for (int s = 0; s < Shape::kMmaM; ++s) {
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
-              const float pk = k == 0 ? p[s][h].x : k == 1 ? p[s][h].y : k == 2 ? p[s][h].z : p[s][h].w;
+              const float pk = component(p[s][h], k);
               acc[s][n8][2 * h] = fmaf(pk, v.x, acc[s][n8][2 * h]);
               acc[s][n8][2 * h + 1] = fmaf(pk, v.y, acc[s][n8][2 * h + 1]);
             }
@@ -450,7 +457,7 @@ __device__ __forceinline__ void store_grad_tile(const LogitFrag<Shape>& grad,
 template <typename T>
 struct GradTarget {
   T* grad;
-  float* partials;
+  double* partials;
 };
 
 // One pass of a block of a rows over all b tiles. kOutChunks == 0: a forward
@@ -471,7 +478,7 @@ __global__ void __launch_bounds__(Op::Shape::kThreads, 1)
   const size_t a_bytes = Shape::a_bytes(x.chunks, x.a_resident);
   T* b_ring = reinterpret_cast<T*>(smem + a_bytes);
   auto* grad_tile = reinterpret_cast<typename Shape::GradElem*>(smem + a_bytes + Shape::kRingBytes);
-  float* reduce_scratch = reinterpret_cast<float*>(smem + a_bytes + Shape::kRingBytes +
+  double* reduce_scratch = reinterpret_cast<double*>(smem + a_bytes + Shape::kRingBytes +
                                                    (kBackward ? Shape::kGradBytes : 0));
 
   const FragCoords<Shape> fc;
@@ -599,8 +606,8 @@ __global__ void __launch_bounds__(Op::Shape::kThreads, 1)
       }
     }
     if (target.partials != nullptr && blockIdx.y == 0) {
-      const float dscale = warp_sum(op.dscale_part());
-      const float dbias = warp_sum(op.dbias_part());
+      const double dscale = warp_sum(op.dscale_part());
+      const double dbias = warp_sum(op.dbias_part());
       const int warp = threadIdx.x / 32;
       if (fc.lane == 0) {
         reduce_scratch[2 * warp] = dscale;
@@ -608,7 +615,7 @@ __global__ void __launch_bounds__(Op::Shape::kThreads, 1)
       }
       __syncthreads();
       if (threadIdx.x == 0) {
-        float total_scale = 0.f, total_bias = 0.f;
+        double total_scale = 0.0, total_bias = 0.0;
         for (int w = 0; w < Shape::kThreads / 32; ++w) {
           total_scale += reduce_scratch[2 * w];
           total_bias += reduce_scratch[2 * w + 1];
@@ -624,9 +631,9 @@ __global__ void __launch_bounds__(Op::Shape::kThreads, 1)
 constexpr int kSumThreads = 256;
 
 __global__ void __launch_bounds__(kSumThreads)
-    sum_partials_kernel(const float* partials, int blocks, float* dscale, float* dbias) {
-  __shared__ float sums[2][kSumThreads];
-  float scale_sum = 0.f, bias_sum = 0.f;
+    sum_partials_kernel(const double* partials, int blocks, float* dscale, float* dbias) {
+  __shared__ double sums[2][kSumThreads];
+  double scale_sum = 0.0, bias_sum = 0.0;
   for (int b = threadIdx.x; b < blocks; b += kSumThreads) {
     scale_sum += partials[2 * b];
     bias_sum += partials[2 * b + 1];
@@ -642,8 +649,8 @@ __global__ void __launch_bounds__(kSumThreads)
     __syncthreads();
   }
   if (threadIdx.x == 0) {
-    *dscale = sums[0][0];
-    if (dbias != nullptr) *dbias = sums[1][0];
+    *dscale = static_cast<float>(sums[0][0]);
+    if (dbias != nullptr) *dbias = static_cast<float>(sums[1][0]);
   }
 }
 
@@ -977,6 +984,7 @@ class InfoNceGrad {
   __device__ void tile(LogitFrag<Shape>& dots, int b_row0) {
     const int a_rows = kColumns ? p_.m : p_.n;
     const int b_rows = kColumns ? p_.n : p_.m;
+    float tile_dscale = 0.f;
 #pragma unroll
     for (int n8 = 0; n8 < Shape::kFragN; ++n8) {
 #pragma unroll
@@ -999,15 +1007,16 @@ class InfoNceGrad {
               g = grad_logit(a_terms_[r], b_terms, a_index_[r], b, dot);
             }
           }
-          dscale_ = fmaf(g, dot, dscale_);
+          tile_dscale = fmaf(g, dot, tile_dscale);
           dot = g * grad_scale_;
         }
       }
     }
+    dscale_ += tile_dscale;
   }
 
-  __device__ float dscale_part() const { return dscale_; }
-  __device__ float dbias_part() const { return 0.f; }
+  __device__ double dscale_part() const { return dscale_; }
+  __device__ double dbias_part() const { return 0.0; }
   __device__ float out_scale() const { return scale_ / grad_scale_; }
 
  private:
@@ -1050,7 +1059,7 @@ class InfoNceGrad {
   const Params& p_;
   const FragCoords<Shape>& fc_;
   float scale_, grad_scale_;
-  float dscale_ = 0.f;
+  double dscale_ = 0.0;
   int a_index_[kRows];
   ASide a_terms_[kRows];
 };
@@ -1081,6 +1090,7 @@ class SiglipGrad {
   __device__ void tile(LogitFrag<Shape>& dots, int b_row0) {
     const int a_rows = kColumns ? p_.m : p_.n;
     const int b_rows = kColumns ? p_.n : p_.m;
+    float tile_dscale = 0.f, tile_dbias = 0.f;
 #pragma unroll
     for (int n8 = 0; n8 < Shape::kFragN; ++n8) {
 #pragma unroll
@@ -1096,23 +1106,25 @@ class SiglipGrad {
                                    : siglip_sign(p_, a_label_[r], b_label);
           float g = -z * coef * sigmoid(-z * fmaf(scale_, dot, bias_));
           if (!(a_index_[r] < a_rows && b < b_rows) || coef == 0.f) g = 0.f;
-          dscale_ = fmaf(g, dot, dscale_);
-          dbias_ += g;
+          tile_dscale = fmaf(g, dot, tile_dscale);
+          tile_dbias += g;
           dot = g * grad_scale_;
         }
       }
     }
+    dscale_ += tile_dscale;
+    dbias_ += tile_dbias;
   }
 
-  __device__ float dscale_part() const { return dscale_; }
-  __device__ float dbias_part() const { return dbias_; }
+  __device__ double dscale_part() const { return dscale_; }
+  __device__ double dbias_part() const { return dbias_; }
   __device__ float out_scale() const { return scale_ / grad_scale_; }
 
  private:
   const Params& p_;
   const FragCoords<Shape>& fc_;
   float scale_, bias_, grad_scale_;
-  float dscale_ = 0.f, dbias_ = 0.f;
+  double dscale_ = 0.0, dbias_ = 0.0;
   int a_index_[kRows];
   int64_t a_label_[kRows];
   float a_coef_[kRows];
@@ -1192,7 +1204,7 @@ cudaError_t launch_grad(const Operands<typename Op::Shape::Elem>& x,
   return launch_pass<Op, kWide / kChunk>(x, params, target, ranges, stream);
 }
 
-cudaError_t sum_partials(const float* partials, int blocks, float* dscale, float* dbias,
+cudaError_t sum_partials(const double* partials, int blocks, float* dscale, float* dbias,
                          cudaStream_t stream) {
   sum_partials_kernel<<<1, kSumThreads, 0, stream>>>(partials, blocks, dscale, dbias);
   return cudaGetLastError();
@@ -1202,7 +1214,7 @@ int grad_blocks(int64_t n) { return static_cast<int>((n + kGradBlockM - 1) / kGr
 
 }  // namespace
 
-size_t grad_workspace_floats(int64_t n) { return 2 * static_cast<size_t>(grad_blocks(n)); }
+size_t grad_workspace_doubles(int64_t n) { return 2 * static_cast<size_t>(grad_blocks(n)); }
 
 cudaError_t infonce_fwd(ElementType type, const void* q, const void* k, int64_t n, int64_t m,
                         int64_t dim, const float* scale, const PairMasks& masks, float* row_lse,
@@ -1236,7 +1248,7 @@ cudaError_t infonce_pair_fwd(ElementType type, const void* q, const void* k, int
 cudaError_t infonce_bwd(ElementType type, const void* q, const void* k, int64_t n, int64_t m,
                         int64_t dim, const float* scale, const PairMasks& masks,
                         const InfoNceGradTerms& terms, const float* grad_scale, void* dq, void* dk,
-                        float* dscale, float* workspace, cudaStream_t stream) {
+                        float* dscale, double* workspace, cudaStream_t stream) {
   return with_element_type(type, [&](auto tag) {
     using T = decltype(tag);
     const InfoNceGradParams params{scale, masks, static_cast<int>(n), static_cast<int>(m), terms,
@@ -1269,7 +1281,7 @@ cudaError_t siglip_bwd(ElementType type, const void* q, const void* k, int64_t n
                        int64_t dim, const float* scale, const float* bias,
                        const int64_t* q_labels, const int64_t* k_labels, const float* row_coef,
                        const float* grad_scale, void* dq, void* dk, float* dscale, float* dbias,
-                       float* workspace, cudaStream_t stream) {
+                       double* workspace, cudaStream_t stream) {
   return with_element_type(type, [&](auto tag) {
     using T = decltype(tag);
     const SiglipParams params{scale, bias, q_labels, k_labels, static_cast<int>(n),

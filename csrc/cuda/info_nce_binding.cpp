@@ -91,7 +91,8 @@ PairMasks pair_masks(const Tensor& q, const Tensor& k, const OptionalTensor& q_l
 }
 
 void check_launch(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, "pyclloss CUDA kernel ", op, " failed: ", cudaGetErrorString(err));
+  TORCH_CHECK(err == cudaSuccess, "pyclloss CUDA kernel ", op, " failed: ",
+              cudaGetErrorString(err));
 }
 
 Tensor stats_vector(const Tensor& q, int64_t length) {
@@ -120,8 +121,8 @@ const float* optional_float_pointer(const OptionalTensor& t) {
 }
 
 Tensor grad_workspace(const Tensor& q) {
-  return at::empty({static_cast<int64_t>(grad_workspace_floats(q.size(0)))},
-                   q.options().dtype(at::kFloat));
+  return at::empty({static_cast<int64_t>(grad_workspace_doubles(q.size(0)))},
+                   q.options().dtype(at::kDouble));
 }
 
 Tensor empty_grad(const Tensor& like, bool needed) {
@@ -133,7 +134,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> infonce_fwd_cuda(
     const OptionalTensor& k_labels, std::optional<int64_t> exclude_offset, bool neg_only,
     bool col_stats) {
   check_operands(q, k);
-  TORCH_CHECK(!(col_stats && neg_only), "infonce_fwd: col_stats together with neg_only is an error");
+  TORCH_CHECK(!(col_stats && neg_only),
+              "infonce_fwd: col_stats together with neg_only is an error");
   const c10::cuda::CUDAGuard guard(q.device());
   const float* scale_ptr = scalar_pointer(scale, q, "scale");
   const PairMasks masks = pair_masks(q, k, q_labels, k_labels, exclude_offset, neg_only);
@@ -195,7 +197,7 @@ std::tuple<Tensor, Tensor, Tensor> infonce_bwd_cuda(
   check_launch(infonce_bwd(element_type(q), q.data_ptr(), k.data_ptr(), n, m, q.size(1), scale_ptr,
                            masks, terms, optional_float_pointer(grad_scale), dq.data_ptr(),
                            need_dk ? dk.data_ptr() : nullptr, dscale.data_ptr<float>(),
-                           workspace.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()),
+                           workspace.data_ptr<double>(), c10::cuda::getCurrentCUDAStream()),
                "infonce_bwd");
   return {dq, dk, dscale};
 }
@@ -236,7 +238,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> siglip_bwd_cuda(
                           bias_ptr, masks.q_labels, masks.k_labels, row_coef.data_ptr<float>(),
                           optional_float_pointer(grad_scale), dq.data_ptr(),
                           need_dk ? dk.data_ptr() : nullptr, dscale.data_ptr<float>(),
-                          dbias.data_ptr<float>(), workspace.data_ptr<float>(),
+                          dbias.data_ptr<float>(), workspace.data_ptr<double>(),
                           c10::cuda::getCurrentCUDAStream()),
                "siglip_bwd");
   return {dq, dk, dscale, dbias};

@@ -42,8 +42,8 @@ struct InfoNceGradTerms {
   const float* pair_lse = nullptr;
 };
 
-// Floats of scratch space the backward launchers need for n query rows.
-size_t grad_workspace_floats(int64_t n);
+// Scratch space of the backward launchers for n query rows, in doubles.
+size_t grad_workspace_doubles(int64_t n);
 
 // row_lse, pos_sum, pos_count (n each); col_lse (m) when non-null.
 cudaError_t infonce_fwd(ElementType type, const void* q, const void* k, int64_t n, int64_t m,
@@ -60,11 +60,11 @@ cudaError_t infonce_pair_fwd(ElementType type, const void* q, const void* k, int
 // grad_scale: null, or one float by which G is multiplied before it is rounded
 // to the element type for the second product (fp16 keeps small gradients
 // representable that way); the results are divided by it again.
-// workspace: grad_workspace_floats(n) floats.
+// workspace: grad_workspace_doubles(n) doubles.
 cudaError_t infonce_bwd(ElementType type, const void* q, const void* k, int64_t n, int64_t m,
                         int64_t dim, const float* scale, const PairMasks& masks,
                         const InfoNceGradTerms& terms, const float* grad_scale, void* dq, void* dk,
-                        float* dscale, float* workspace, cudaStream_t stream);
+                        float* dscale, double* workspace, cudaStream_t stream);
 
 // row_loss (n). Labels as in PairMasks (positives where they match, no exclusion).
 cudaError_t siglip_fwd(ElementType type, const void* q, const void* k, int64_t n, int64_t m,
@@ -78,6 +78,6 @@ cudaError_t siglip_bwd(ElementType type, const void* q, const void* k, int64_t n
                        int64_t dim, const float* scale, const float* bias,
                        const int64_t* q_labels, const int64_t* k_labels, const float* row_coef,
                        const float* grad_scale, void* dq, void* dk, float* dscale, float* dbias,
-                       float* workspace, cudaStream_t stream);
+                       double* workspace, cudaStream_t stream);
 
 }  // namespace pyclloss::cuda

@@ -119,7 +119,10 @@ def _run_isolated(args, loss, impl, n) -> Dict:
     cmd = [sys.executable, "-m", "pyclloss.benchmark", "--single", loss, impl, str(n),
            "--dim", str(args.dim), "--device", args.device, "--dtype", args.dtype,
            "--repeats", str(args.repeats)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    # A fixed mmap threshold makes glibc return every large buffer to the OS on
+    # free, so the peak resident set follows the live allocations.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["failed"])[-1]
         return {"error": "out of memory" if "memory" in tail.lower() else tail[:80]}

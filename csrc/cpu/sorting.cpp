@@ -3,7 +3,8 @@
 // The network arrives as a flat list of comparators (lo, hi), layer after
 // layer. Comparators of one layer touch disjoint wires, so running the list in
 // order is the network and running it backwards is its reverse sweep; the
-// layer boundaries are not needed here.
+// layer boundaries are not passed (runs of comparators on disjoint wires are
+// found from the list where the alphas of a layer are computed together).
 //
 // Per row the forward keeps the values (n) and Pᵀ (n×n, wire-major so that a
 // comparator mixes two contiguous rows of length n): O(n) per comparator,
@@ -387,7 +388,8 @@ at::Tensor diff_sort_apply_fwd(const at::Tensor& x, const at::Tensor& v, const a
   const int64_t rows = x.size(0);
   const int64_t n = x.size(1);
   auto out = at::empty_like(x);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "diff_sort_apply_fwd", [&] {
+  const auto dtype = x.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "diff_sort_apply_fwd", [&] {
     using T = at::opmath_type<scalar_t>;
     with_relaxation<T>(distribution, steepness, art_lambda, [&](const auto& f) {
       const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -400,7 +402,9 @@ at::Tensor diff_sort_apply_fwd(const at::Tensor& x, const at::Tensor& v, const a
           value_chain(y.data(), net, f, d.data(), alpha.data());
           // P v = M_1 (M_2 (... (M_L v))): the layers backwards on v.
           for (int64_t w = 0; w < n; ++w) y[w] = T(vp[row * n + w]);
-          for (int64_t c = net.comparators - 1; c >= 0; --c) mix_pair(y[net.lo(c)], y[net.hi(c)], alpha[c]);
+          for (int64_t c = net.comparators - 1; c >= 0; --c) {
+            mix_pair(y[net.lo(c)], y[net.hi(c)], alpha[c]);
+          }
           for (int64_t w = 0; w < n; ++w) op[row * n + w] = scalar_t(y[w]);
         }
       });
@@ -421,7 +425,8 @@ std::tuple<at::Tensor, at::Tensor> diff_sort_apply_bwd(const at::Tensor& x, cons
   const int64_t n = x.size(1);
   auto grad_x = at::empty_like(x);
   auto grad_v = at::empty_like(v);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "diff_sort_apply_bwd", [&] {
+  const auto dtype = x.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "diff_sort_apply_bwd", [&] {
     using T = at::opmath_type<scalar_t>;
     with_relaxation<T>(distribution, steepness, art_lambda, [&](const auto& f) {
       const scalar_t* xp = x.data_ptr<scalar_t>();

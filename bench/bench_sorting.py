@@ -14,14 +14,14 @@ Timings are medians over interleaved repeats after a warm-up (the
 implementations of a case take turns, so load from other processes hits them
 alike); only ratios within one run mean anything. Peak memory: growth of the
 process's peak RSS over the call on the CPU, torch.cuda.max_memory_allocated
-growth on the GPU; inputs are allocated before. On the CPU the script
-re-runs itself with glibc's mmap threshold fixed at 64 KiB, so that freed
-tensors leave the RSS and its growth is the peak of live tensors.
+growth on the GPU; inputs are allocated before (see ``child_memory`` for
+how the CPU number is kept honest).
 """
 
 import argparse
 import functools
 import gc
+import json
 import os
 import platform
 import re
@@ -58,7 +58,6 @@ GROCO_NEGATIVES = 10
 # diffsort / the reference keep several B x n x n tensors per layer.
 CPU_FUSED_WORK_LIMIT = 1.1e9
 DENSE_BYTES_LIMIT = {"cpu": 3e9, "cuda": 40e9}
-_MMAP_THRESHOLD = "65536"
 
 
 # ------------------------------------------------------------------ measurement
@@ -106,24 +105,44 @@ def time_once(fn, device):
     return time.perf_counter() - t0
 
 
-def measure(impls, device, repeats):
-    """{name: (median seconds, peak bytes)} with the implementations interleaved."""
-    times = {name: [] for name in impls}
+def child_memory(kind, params, name):
+    """Peak memory of one implementation, measured in a fresh process whose glibc
+    serves every block of 4 KiB or more with its own mmap: freed blocks leave the
+    RSS at once and are never reused, so the RSS growth is the peak of live
+    tensors (in one long-lived process, fragments freed by earlier cases are
+    reused and hide allocations)."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="4096", MALLOC_TRIM_THRESHOLD_="0")
+    spec = json.dumps([kind, params, name])
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", spec], env=env,
+                         capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[-1])
+
+
+def run_case(kind, params, device, repeats, log):
+    """({name: (median seconds, peak bytes)}, max abs diff vs diffsort or None,
+    skipped note or None) with the implementations' timings interleaved."""
+    impls, check, skipped = CASES[kind](*params, device)
+    if not impls:
+        return None, None, skipped
+    log(f"{kind} {params}: {', '.join(impls)}")
     peaks = {}
     for name, fn in impls.items():
         fn()  # warm-up (Triton compiles here)
-        peaks[name] = measure_memory(fn, device)
+        peaks[name] = (measure_memory(fn, device) if device == "cuda"
+                       else child_memory(kind, params, name))
+    times = {name: [] for name in impls}
     for _ in range(repeats):
         for name, fn in impls.items():
             times[name].append(time_once(fn, device))
-    return {name: (statistics.median(times[name]), peaks[name]) for name in impls}
+    result = {name: (statistics.median(times[name]), peaks[name]) for name in impls}
+    return result, check() if check else None, skipped
 
 
 # ----------------------------------------------------------------------- cases
 
 
-def diffsort_sorter(network, n, device):
-    sorter = diffsort.DiffSortNet(network, n, steepness=10.0, distribution="cauchy")
+def diffsort_sorter(network, n, steepness, device):
+    sorter = diffsort.DiffSortNet(network, n, steepness=steepness, distribution="cauchy")
     sorter.sorting_network = [[m.to(device) for m in layer] for layer in sorter.sorting_network]
     return sorter
 
@@ -148,45 +167,33 @@ def dense_bytes(b, n, layers):
     return 6 * layers * b * n * n * 4
 
 
-def sort_rows(device, repeats, batches, sizes, log):
-    rows, skipped = [], []
-    for network in NETWORKS:
-        for b in batches:
-            for n in sizes:
-                layers = len(network_layers(network, n))
-                g = torch.Generator().manual_seed(0)
-                x = torch.randn(b, n, generator=g).to(device)
-                w = torch.randn(b, n, generator=g).to(device)
-                big_w = torch.randn(b, n, n, generator=g).to(device)
-                case = f"{network} B={b} n={n}"
-                impls = {}
-                fused = functools.partial(S.diff_sort, network=network)
-                if device == "cuda" or b * n * n * layers <= CPU_FUSED_WORK_LIMIT:
-                    impls["pyclloss"] = sort_step(fused, x, w, big_w)
-                else:
-                    skipped.append(f"{case}: pyclloss (fused, CPU), reference, diffsort")
-                    continue
-                if dense_bytes(b, n, layers) <= DENSE_BYTES_LIMIT[device]:
-                    impls["reference"] = sort_step(
-                        functools.partial(fused, backend="reference"), x, w, big_w)
-                    if diffsort is not None:
-                        impls["diffsort"] = sort_step(diffsort_sorter(network, n, device), x, w,
-                                                      big_w)
-                else:
-                    skipped.append(f"{case}: reference, diffsort (memory)")
-                if torchsort is not None:
-                    impls["torchsort.soft_sort (values only)"] = values_step(
-                        lambda t: torchsort.soft_sort(t, regularization_strength=0.1), x, w)
-                log(f"sort {case}: {', '.join(impls)}")
-                result = measure(impls, device, repeats)
-                match = ""
-                if "diffsort" in impls:
-                    ours = S.diff_sort(x, network)
-                    theirs = diffsort_sorter(network, n, device)(x)
-                    match = max((a - c).abs().max().item() for a, c in zip(ours, theirs))
-                rows.append((network, b, n, result, match))
-                del x, w, big_w
-    return rows, skipped
+def sort_case(network, b, n, device):
+    """The implementations that fit here, a values check, a note on what is skipped."""
+    case = f"{network} B={b} n={n}"
+    layers = len(network_layers(network, n))
+    if device == "cpu" and b * n * n * layers > CPU_FUSED_WORK_LIMIT:
+        return {}, None, f"{case}: every implementation (fused CPU kernel > ~10 s per call here)"
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(b, n, generator=g).to(device)
+    w = torch.randn(b, n, generator=g).to(device)
+    big_w = torch.randn(b, n, n, generator=g).to(device)
+    fused = functools.partial(S.diff_sort, network=network)
+    impls = {"pyclloss": sort_step(fused, x, w, big_w)}
+    check, skipped = None, None
+    if dense_bytes(b, n, layers) <= DENSE_BYTES_LIMIT[device]:
+        impls["reference"] = sort_step(functools.partial(fused, backend="reference"), x, w, big_w)
+        if diffsort is not None:
+            sorter = diffsort_sorter(network, n, 10.0, device)
+            impls["diffsort"] = sort_step(sorter, x, w, big_w)
+
+            def check():
+                return max((a - c).abs().max().item() for a, c in zip(fused(x), sorter(x)))
+    else:
+        skipped = f"{case}: reference and diffsort (memory)"
+    if torchsort is not None:
+        impls["torchsort.soft_sort (values only)"] = values_step(
+            functools.partial(torchsort.soft_sort, regularization_strength=0.1), x, w)
+    return impls, check, skipped
 
 
 def groco_with_diffsort(pos_sim, neg_sim, num_neg, sorter):
@@ -208,33 +215,48 @@ def groco_step(loss_fn, pos, neg):
     return step
 
 
+def groco_case(n_pos, b, device):
+    g = torch.Generator().manual_seed(0)
+    pos = torch.rand(b, n_pos, generator=g).to(device)
+    neg = torch.rand(b, 4 * GROCO_NEGATIVES, generator=g).to(device)
+    ours = functools.partial(S.groco_loss, num_neg=GROCO_NEGATIVES)
+    impls = {
+        "pyclloss": groco_step(ours, pos, neg),
+        "reference": groco_step(functools.partial(ours, backend="reference"), pos, neg),
+    }
+    check = None
+    if diffsort is not None:
+        sorter = diffsort_sorter("odd_even", GROCO_NEGATIVES + n_pos, 1.0, device)
+        authors = functools.partial(groco_with_diffsort, num_neg=GROCO_NEGATIVES, sorter=sorter)
+        impls["diffsort (authors' GroCo)"] = groco_step(authors, pos, neg)
+
+        def check():
+            return abs(ours(pos, neg).item() - authors(pos, neg).item())
+    return impls, check, None
+
+
+CASES = {"sort": sort_case, "groco": groco_case}
+
+
+def sort_rows(device, repeats, batches, sizes, log):
+    rows, skipped = [], []
+    for network in NETWORKS:
+        for b in batches:
+            for n in sizes:
+                result, match, note = run_case("sort", [network, b, n], device, repeats, log)
+                if note:
+                    skipped.append(note)
+                if result:
+                    rows.append((network, b, n, result, match))
+    return rows, skipped
+
+
 def groco_rows(device, repeats, batches, log):
     rows = []
     for n_pos in GROCO_POSITIVES:
-        n = GROCO_NEGATIVES + n_pos
         for b in batches:
-            g = torch.Generator().manual_seed(0)
-            pos = torch.rand(b, n_pos, generator=g).to(device)
-            neg = torch.rand(b, 4 * GROCO_NEGATIVES, generator=g).to(device)
-
-            ours = functools.partial(S.groco_loss, num_neg=GROCO_NEGATIVES)
-            impls = {
-                "pyclloss": groco_step(ours, pos, neg),
-                "reference": groco_step(functools.partial(ours, backend="reference"), pos, neg),
-            }
-            if diffsort is not None:
-                sorter = diffsort.DiffSortNet("odd_even", n, steepness=1.0, distribution="cauchy")
-                sorter.sorting_network = [[m.to(device) for m in layer]
-                                          for layer in sorter.sorting_network]
-                authors = functools.partial(groco_with_diffsort, num_neg=GROCO_NEGATIVES,
-                                            sorter=sorter)
-                impls["diffsort (authors' GroCo)"] = groco_step(authors, pos, neg)
-            log(f"groco n={n} B={b}")
-            result = measure(impls, device, repeats)
-            match = ""
-            if diffsort is not None:
-                match = abs(ours(pos, neg).item() - authors(pos, neg).item())
-            rows.append(("groco", b, n, result, match))
+            result, match, _ = run_case("groco", [n_pos, b], device, repeats, log)
+            rows.append(("groco", b, GROCO_NEGATIVES + n_pos, result, match))
     return rows
 
 
@@ -267,7 +289,8 @@ def header(device, command):
     if device == "cpu":
         lines.append(f"- CPU cores: {os.cpu_count()}, torch threads: {torch.get_num_threads()}, "
                      f"load average at start: {os.getloadavg()[0]:.1f} (shared machine)")
-        lines.append(f"- Peak memory: RSS growth with MALLOC_MMAP_THRESHOLD_={_MMAP_THRESHOLD}")
+        lines.append("- Peak memory: RSS growth over one call (after a warm-up), in a fresh "
+                     "process per implementation with MALLOC_MMAP_THRESHOLD_=4096")
     else:
         lines.append(f"- CUDA {torch.version.cuda}, driver: {_driver_version()}")
     lines.append(f"- Versions: python {platform.python_version()}, torch {torch.__version__}, "
@@ -334,12 +357,16 @@ def main():
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
     parser.add_argument("--no-groco", action="store_true")
     parser.add_argument("--out", default=None, help="default: bench/results/sorting-<machine>.md")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # one CPU memory measurement
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device")
-    if args.device == "cpu" and os.environ.get("MALLOC_MMAP_THRESHOLD_") != _MMAP_THRESHOLD:
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=_MMAP_THRESHOLD, MALLOC_TRIM_THRESHOLD_="0")
-        os.execve(sys.executable, [sys.executable] + sys.argv, env)
+    if args.child:
+        kind, params, name = json.loads(args.child)
+        fn = CASES[kind](*params, "cpu")[0][name]
+        fn()
+        print(measure_memory(fn, "cpu"))
+        return
 
     def log(msg):
         print(msg, file=sys.stderr, flush=True)

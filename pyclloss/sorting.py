@@ -4,13 +4,13 @@ Sorting networks relaxed as in Petersen et al. (ICML 2021, ICLR 2022; the
 ``diffsort`` package): every comparator mixes its two wires with a weight
 alpha = f(steepness · (b - a)), which makes the sorted values and the
 permutation matrix P (rows = inputs, columns = ranks, ascending,
-``sorted = x @ P``) differentiable. Values and gradients equal
-``diffsort.DiffSortNet(network, n, steepness=..., art_lambda=...,
-distribution=...)`` for the same arguments.
+``sorted = x @ P``) differentiable. Values and gradients equal, up to
+rounding, those of ``diffsort.DiffSortNet(network, n, steepness=...,
+art_lambda=..., distribution=...)`` for the same arguments.
 
 GroCo (Shvetsova et al., ICCV 2023) sorts, per anchor, its hardest negative
 similarities below its positive ones and penalises, with a binary
-cross-entropy, the probability that a positive lands in a negative rank.
+cross-entropy, every input's probability of landing on the wrong side.
 
 Backends (``backend=``): ``auto`` picks the C++ kernel on CPU tensors (the
 reference when the extension is not built) and Triton on CUDA tensors;

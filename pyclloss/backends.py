@@ -11,7 +11,7 @@ compiled piece; asking explicitly for a missing backend raises.
 import functools
 import importlib
 import os
-from typing import Dict, NamedTuple
+from typing import Dict, NamedTuple, Tuple
 
 import torch
 
@@ -90,17 +90,21 @@ def _runs_on(name: str, device: torch.device) -> bool:
 
 
 @torch.compiler.assume_constant_result  # a trace bakes the choice in, no graph break
-def resolve(backend: str, device: torch.device) -> str:
-    """The concrete backend that runs for tensors on ``device``."""
+def resolve(backend: str, device: torch.device, implemented: Tuple[str, ...] = BACKENDS) -> str:
+    """The concrete backend that runs for tensors on ``device``, among the
+    backends an op family has kernels for (``implemented``)."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     if backend == "auto":
         order = ("cuda", "triton") if device.type == "cuda" else ("cpp",)
         for name in order:
-            if _availability(name).available and _runs_on(name, device):
+            if name in implemented and _availability(name).available and _runs_on(name, device):
                 return name
         return "reference"
     available, reason = _availability(backend)
+    if backend not in implemented:
+        raise ValueError(f"backend={backend!r} has no kernels for this op; use one of "
+                         f"{('auto',) + implemented}")
     if not available:
         raise RuntimeError(f"backend={backend!r} is not available: {reason}")
     if not _runs_on(backend, device):

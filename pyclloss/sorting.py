@@ -18,15 +18,14 @@ reference when the extension is not built) and Triton on CUDA tensors;
 this family.
 """
 
-import importlib.util
 import math
 import numbers
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .backends import BACKENDS, resolve
 from .ops import sorting as ops
 from .reference.sorting import DISTRIBUTIONS, NETWORKS
 
@@ -42,57 +41,29 @@ __all__ = [
     "soft_top_k_mask",
 ]
 
-_BACKENDS = ("auto",) + ops.BACKENDS + ("cuda",)
-
-
-# -------------------------------------------------------------------- backends
-
-
-def _cpp_available() -> bool:
-    try:
-        import pyclloss._C  # noqa: F401
-    except ImportError:
-        return False
-    return hasattr(torch.ops.pyclloss_C, "diff_sort_fwd")
-
-
-def _triton_available(device: torch.device) -> bool:
-    if importlib.util.find_spec("triton") is None:
-        return False
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _triton_max_sort_size() -> int:
     from .triton_kernels.sorting import MAX_SORT_SIZE
     return MAX_SORT_SIZE
 
 
+def _check_backend_name(backend) -> None:
+    """Early check for the modules, which resolve per call."""
+    if not isinstance(backend, str) or backend not in ("auto",) + BACKENDS:
+        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+
+
 def _resolve_backend(backend: str, x: Tensor, needs_perm: bool) -> str:
-    """The concrete backend for x; ``needs_perm``: the op returns P (n×n per row)."""
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    """The concrete backend for x; ``needs_perm``: the op returns P (n×n per row),
+    which the Triton kernel holds in registers only up to MAX_SORT_SIZE."""
+    _check_backend_name(backend)
+    name = resolve(backend, x.device, ops.BACKENDS)
     n = x.shape[1]
-    if backend == "auto":
-        if x.device.type == "cuda":
-            fits = not needs_perm or n <= _triton_max_sort_size()
-            return "triton" if _triton_available(x.device) and fits else "reference"
-        return "cpp" if x.device.type == "cpu" and _cpp_available() else "reference"
-    if backend == "cuda":
-        raise ValueError("backend 'cuda': sorting networks have no CUDA C++ kernel; "
-                         "use 'triton' or 'auto'")
-    if backend == "cpp":
-        if x.device.type != "cpu":
-            raise ValueError(f"backend 'cpp' needs CPU tensors, got device {x.device}")
-        if not _cpp_available():
-            raise RuntimeError("backend 'cpp' is not available: pyclloss._C is not built")
-    if backend == "triton":
-        if not _triton_available(x.device):
-            raise RuntimeError("backend 'triton' needs triton and CUDA tensors "
-                               "(or TRITON_INTERPRET=1 for CPU tensors)")
-        if needs_perm and n > _triton_max_sort_size():
-            raise ValueError(f"backend 'triton' returns P for n <= {_triton_max_sort_size()}, "
-                             f"got n = {n}; use diff_sort_apply or another backend")
-    return backend
+    if name == "triton" and needs_perm and n > _triton_max_sort_size():
+        if backend == "auto":
+            return "reference"
+        raise ValueError(f"backend 'triton' returns P for n <= {_triton_max_sort_size()}, "
+                         f"got n = {n}; use diff_sort_apply or another backend")
+    return name
 
 
 # ------------------------------------------------------------------ validation
@@ -225,8 +196,7 @@ class DiffSortNet(nn.Module):
             raise TypeError(f"size must be an int, got {type(size).__name__}")
         if size < 1:
             raise ValueError(f"size must be >= 1, got {size}")
-        if backend not in _BACKENDS:
-            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+        _check_backend_name(backend)
         self.network, self.size = network, int(size)
         self.steepness, self.distribution, self.art_lambda = steepness, distribution, art_lambda
         self.backend = backend
@@ -304,8 +274,7 @@ class GroCoLoss(nn.Module):
         _check_relaxation("odd_even", steepness, "cauchy", 0.25)
         if isinstance(num_neg, bool) or not isinstance(num_neg, numbers.Integral) or num_neg < 0:
             raise ValueError(f"num_neg must be an int >= 0, got {num_neg!r}")
-        if backend not in _BACKENDS:
-            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+        _check_backend_name(backend)
         self.steepness, self.num_neg, self.backend = steepness, int(num_neg), backend
 
     def forward(self, pos_sim: Tensor, neg_sim: Tensor) -> Tensor:

@@ -12,6 +12,7 @@ inputs. Times are medians of ``--repeats`` runs after one warm-up.
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -142,12 +143,8 @@ def _available_impls(device: str) -> List[str]:
                 impls.append(name)
         except ValueError:
             pass
-    try:
-        import pytorch_metric_learning  # noqa: F401
-
+    if importlib.util.find_spec("pytorch_metric_learning") is not None:
         impls.append("pml")
-    except ImportError:
-        pass
     return [i for i in IMPLS if i in impls]
 
 

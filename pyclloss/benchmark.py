@@ -152,12 +152,12 @@ def _header(args) -> str:
     import torch
 
     import pyclloss
-    from pyclloss.cli import _cpu_model
+    from pyclloss.energy import cpu_model
 
     if args.device == "cuda":
         machine = f"GPU {torch.cuda.get_device_name()}"
     else:
-        machine = f"CPU {_cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+        machine = f"CPU {cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
     cmd = "python bench/run.py " + " ".join(sys.argv[1:])
     return (f"# InfoNCE losses: forward+backward\n\n"
             f"- machine: {machine}\n"

@@ -6,22 +6,12 @@ import sys
 from typing import List, Optional
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def info(args: argparse.Namespace) -> int:
     import torch
 
     import pyclloss
     from pyclloss.backends import resolve
+    from pyclloss.energy import cpu_model
 
     print(f"pyclloss {pyclloss.__version__}")
     print(f"python   {platform.python_version()} ({sys.executable})")
@@ -32,7 +22,7 @@ def info(args: argparse.Namespace) -> int:
         print(f"triton   {triton.__version__}")
     except ImportError:
         print("triton   not installed")
-    print(f"cpu      {_cpu_model()}, {torch.get_num_threads()} torch threads")
+    print(f"cpu      {cpu_model()}, {torch.get_num_threads()} torch threads")
     if torch.cuda.is_available():
         print(f"gpu      {torch.cuda.get_device_name()}")
     print("backends:")

@@ -37,6 +37,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pyclloss
 import pyclloss.sorting as S
+from pyclloss.backends import resolve
+from pyclloss.ops import sorting as sorting_ops
 from pyclloss.reference.sorting import network_layers
 
 try:
@@ -296,8 +298,7 @@ def header(device, command):
     lines.append(f"- Versions: python {platform.python_version()}, torch {torch.__version__}, "
                  f"triton {_version(triton)}, diffsort {_version(diffsort)}, "
                  f"torchsort {_version(torchsort)}, pyclloss {pyclloss.__version__}")
-    backend = "cpp" if device == "cpu" and S._cpp_available() else (
-        "triton" if device == "cuda" else "reference")
+    backend = resolve("auto", torch.device(device), sorting_ops.BACKENDS)
     lines.append(f"- pyclloss backend (auto): {backend}")
     lines.append(f"- Command: `{command}`")
     lines.append("")

@@ -5,6 +5,7 @@ need a device sync (finiteness, positivity of a tensor) are skipped while
 torch.compile traces, where they would break the graph.
 """
 
+import math
 import numbers
 from typing import Optional, Sequence
 
@@ -68,32 +69,31 @@ def index_targets(name: str, t, n: int, m: int, device: torch.device) -> Tensor:
     return t
 
 
-def positive(name: str, value, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """A positive scalar (float or 0-dim tensor, which keeps its autograd graph)."""
+def scalar(name: str, value, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """A finite scalar of any sign (float, or 0-dim floating tensor, which keeps
+    its autograd graph)."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a scalar, got shape {tuple(value.shape)}")
         if not value.dtype.is_floating_point:
             raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
-        if not _tracing() and not bool(value.detach().reshape(()) > 0):
-            raise ValueError(f"{name} must be > 0, got {value.item()}")
-        return value.reshape(()).to(device=device, dtype=dtype)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a positive number, got {type(value).__name__}")
-    if not value > 0 or value != value or value == float("inf"):
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
-    return torch.tensor(float(value), device=device, dtype=dtype)
-
-
-def scalar(name: str, value, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """A finite scalar of any sign (float or 0-dim tensor)."""
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name} must be a scalar, got shape {tuple(value.shape)}")
         return value.reshape(()).to(device=device, dtype=dtype)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
     return torch.tensor(float(value), device=device, dtype=dtype)
+
+
+def positive(name: str, value, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """A scalar > 0, as :func:`scalar`."""
+    result = scalar(name, value, device, dtype)
+    if isinstance(value, torch.Tensor):
+        if not _tracing() and not bool(value.detach().reshape(()) > 0):
+            raise ValueError(f"{name} must be > 0, got {value.item()}")
+    elif not value > 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return result
 
 
 def weights(name: str, w: Optional[Tensor], n: int, device: torch.device) -> Optional[Tensor]:

@@ -15,34 +15,14 @@ from . import _checks
 from .backends import resolve
 from .ops import info_nce as core
 from .reference import info_nce as reference
+from .reference.info_nce import reduce_anchors, stats_dtype
 
 Tensor = torch.Tensor
 
 
 def _unit(x: Tensor) -> Tensor:
     """L2-normalise rows in the statistics dtype; hand the kernels the input dtype."""
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return F.normalize(x.to(acc), dim=-1).to(x.dtype).contiguous()
-
-
-def _stats_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _reduce(per_anchor: Tensor, valid: Optional[Tensor], weights: Optional[Tensor],
-            reduction: str) -> Tensor:
-    """Mean (weighted by ``weights``) or sum over valid anchors; invalid ones give 0."""
-    if valid is not None:
-        per_anchor = torch.where(valid, per_anchor, torch.zeros_like(per_anchor))
-    if reduction == "none":
-        return per_anchor
-    w = torch.ones_like(per_anchor) if valid is None else valid.to(per_anchor.dtype)
-    if weights is not None:
-        w = w * weights.to(per_anchor.dtype)
-    total = (w * per_anchor).sum()
-    if reduction == "sum":
-        return total
-    return total / w.sum().clamp_min(torch.finfo(per_anchor.dtype).tiny)
+    return F.normalize(x.to(stats_dtype(x.dtype)), dim=-1).to(x.dtype).contiguous()
 
 
 def nt_xent(z1: Tensor, z2: Tensor, temperature=0.5, *, weights: Optional[Tensor] = None,
@@ -66,7 +46,7 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature=0.5, *, weights: Optional[Tensor
     b, device = z1.shape[0], z1.device
     weights = _checks.weights("weights", weights, b, device)
     weights = torch.cat([weights, weights]) if weights is not None else None
-    tau = _checks.positive("temperature", temperature, device, _stats_dtype(z1))
+    tau = _checks.positive("temperature", temperature, device, stats_dtype(z1.dtype))
     backend = resolve(backend, device)
     if backend == "reference":
         return reference.nt_xent(z1, z2, tau, weights=weights, reduction=reduction)
@@ -74,7 +54,7 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature=0.5, *, weights: Optional[Tensor
     idx = torch.arange(2 * b, device=device)
     partner = torch.cat([idx[b:], idx[:b]])
     lse, pos_sum, _, _ = core.infonce_fwd(z, z, 1 / tau, partner, idx, 0, False, False, backend)
-    return _reduce(lse - pos_sum, None, weights, reduction)
+    return reduce_anchors(lse - pos_sum, None, weights, reduction)
 
 
 def pair_nt_xent(embeddings: Tensor, labels: Tensor, temperature=0.07, *,
@@ -96,7 +76,7 @@ def pair_nt_xent(embeddings: Tensor, labels: Tensor, temperature=0.07, *,
     n, device = embeddings.shape[0], embeddings.device
     labels = _checks.labels("labels", labels, n, device)
     reduction = _checks.reduction(reduction)
-    tau = _checks.positive("temperature", temperature, device, _stats_dtype(embeddings))
+    tau = _checks.positive("temperature", temperature, device, stats_dtype(embeddings.dtype))
     backend = resolve(backend, device)
     if backend == "reference":
         return reference.pair_nt_xent(embeddings, labels, tau, reduction=reduction)
@@ -147,7 +127,7 @@ def supcon(features: Tensor, labels: Optional[Tensor] = None, temperature=0.1,
     if features.shape[0] < 2:
         raise ValueError(f"features needs at least 2 samples in all, got {features.shape[0]}")
     reduction = _checks.reduction(reduction)
-    dt = _stats_dtype(features)
+    dt = stats_dtype(features.dtype)
     tau = _checks.positive("temperature", temperature, device, dt)
     tau_b = tau if base_temperature is None else _checks.positive(
         "base_temperature", base_temperature, device, dt)
@@ -159,7 +139,7 @@ def supcon(features: Tensor, labels: Optional[Tensor] = None, temperature=0.1,
                                                   backend)
     valid = pos_count > 0
     per_anchor = (tau / tau_b) * (lse - pos_sum / pos_count.clamp_min(1))
-    return _reduce(per_anchor, valid, weights, reduction)
+    return reduce_anchors(per_anchor, valid, weights, reduction)
 
 
 def info_nce(query: Tensor, key: Tensor, temperature=0.07, targets: Optional[Tensor] = None,
@@ -193,7 +173,7 @@ def info_nce(query: Tensor, key: Tensor, temperature=0.07, targets: Optional[Ten
         _checks.same_kind("queue", queue, "query", query)
     weights = _checks.weights("weights", weights, n, device)
     reduction = _checks.reduction(reduction)
-    tau = _checks.positive("temperature", temperature, device, _stats_dtype(query))
+    tau = _checks.positive("temperature", temperature, device, stats_dtype(query.dtype))
     backend = resolve(backend, device)
     if backend == "reference":
         return reference.info_nce(query, key, tau, targets, queue, weights, normalize,
@@ -207,7 +187,7 @@ def info_nce(query: Tensor, key: Tensor, temperature=0.07, targets: Optional[Ten
         queue_lse = core.infonce_fwd(q, prep(queue.detach()), scale, None, None, None, False,
                                      False, backend)[0]
         lse = torch.logaddexp(lse, queue_lse)
-    return _reduce(lse - pos_sum, None, weights, reduction)
+    return reduce_anchors(lse - pos_sum, None, weights, reduction)
 
 
 def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, *,
@@ -230,7 +210,8 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, *,
                       same_rows=True)
     reduction = _checks.reduction(reduction)
     device = image_features.device
-    scale = _checks.positive("logit_scale", logit_scale, device, _stats_dtype(image_features))
+    dt = stats_dtype(image_features.dtype)
+    scale = _checks.positive("logit_scale", logit_scale, device, dt)
     backend = resolve(backend, device)
     if backend == "reference":
         return reference.clip_loss(image_features, text_features, scale, reduction=reduction)
@@ -238,7 +219,7 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, *,
     row_lse, pos, _, col_lse = core.infonce_fwd(
         image_features.contiguous(), text_features.contiguous(), scale, idx, idx, None, False,
         True, backend)
-    return _reduce((row_lse + col_lse) / 2 - pos, None, None, reduction)
+    return reduce_anchors((row_lse + col_lse) / 2 - pos, None, None, reduction)
 
 
 def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_bias, *,
@@ -257,7 +238,7 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logi
     _checks.same_kind("text_features", text_features, "image_features", image_features,
                       same_rows=True)
     reduction = _checks.reduction(reduction)
-    device, dt = image_features.device, _stats_dtype(image_features)
+    device, dt = image_features.device, stats_dtype(image_features.dtype)
     scale = _checks.positive("logit_scale", logit_scale, device, dt)
     bias = _checks.scalar("logit_bias", logit_bias, device, dt)
     backend = resolve(backend, device)

@@ -55,7 +55,6 @@ def _check_backend_name(backend) -> None:
 def _resolve_backend(backend: str, x: Tensor, needs_perm: bool) -> str:
     """The concrete backend for x; ``needs_perm``: the op returns P (n×n per row),
     which the Triton kernel holds in registers only up to MAX_SORT_SIZE."""
-    _check_backend_name(backend)
     name = resolve(backend, x.device, ops.BACKENDS)
     n = x.shape[1]
     if name == "triton" and needs_perm and n > _triton_max_sort_size():

@@ -37,6 +37,8 @@ Y = torch.randint(0, 2, (6,))
     (lambda: pyclloss.clip_loss(X, X, logit_scale=0.0), ValueError, "logit_scale"),
     (lambda: pyclloss.clip_loss(X, X[:4], logit_scale=1.0), ValueError, "text_features"),
     (lambda: pyclloss.siglip_loss(X, X, 10.0, torch.zeros(2)), ValueError, "logit_bias"),
+    (lambda: pyclloss.siglip_loss(X, X, 10.0, float("nan")), ValueError, "logit_bias"),
+    (lambda: pyclloss.clip_loss(X, X, logit_scale=float("inf")), ValueError, "logit_scale"),
     (lambda: pyclloss.nt_xent(X, X, backend="gpu"), ValueError, "backend"),
     (lambda: pyclloss.nt_xent(X, X, backend=3), TypeError, "backend"),
     (lambda: pyclloss.MoCoLoss(dim=0), ValueError, "dim"),

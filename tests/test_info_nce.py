@@ -55,6 +55,11 @@ def check_against_reference(fused_fn, ref_fn, inputs, dtype, what):
                              else tol, f"{what} grad of input {i}")
 
 
+def _unit_pair(n, d=40):
+    """Paired image/text embeddings on the unit sphere (CLIP losses do not normalise)."""
+    return [torch.nn.functional.normalize(torch.randn(n, d), dim=1) for _ in range(2)]
+
+
 def _labels(n, classes):
     return torch.randint(0, classes, (n,))
 
@@ -157,22 +162,18 @@ def test_info_nce_unnormalized_sum(backend):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_clip_loss(backend, dtype):
     for n in _sizes(backend):
-        img = torch.nn.functional.normalize(torch.randn(n, 40), dim=1)
-        txt = torch.nn.functional.normalize(torch.randn(n, 40), dim=1)
         check_against_reference(
             lambda a, b, s: pyclloss.clip_loss(a, b, s, backend=backend),
-            ref.clip_loss, [img, txt, torch.tensor(14.3)], dtype, f"clip N={n}")
+            ref.clip_loss, [*_unit_pair(n), torch.tensor(14.3)], dtype, f"clip N={n}")
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_siglip_loss(backend, dtype):
     for n in _sizes(backend):
-        img = torch.nn.functional.normalize(torch.randn(n, 40), dim=1)
-        txt = torch.nn.functional.normalize(torch.randn(n, 40), dim=1)
         check_against_reference(
             lambda a, b, s, c: pyclloss.siglip_loss(a, b, s, c, backend=backend),
-            ref.siglip_loss, [img, txt, torch.tensor(10.0), torch.tensor(-10.0)], dtype,
+            ref.siglip_loss, [*_unit_pair(n), torch.tensor(10.0), torch.tensor(-10.0)], dtype,
             f"siglip N={n}")
 
 

@@ -12,13 +12,10 @@ from typing import List, Optional, Tuple
 import torch
 
 from ..backends import kernel
+from ..reference.info_nce import stats_dtype
 
 Tensor = torch.Tensor
 FAMILY = "info_nce"
-
-
-def _stats_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _run(backend: str, name: str, *args):
@@ -41,7 +38,7 @@ def infonce_fwd(q: Tensor, k: Tensor, scale: Tensor, q_labels: Optional[Tensor],
 
 @infonce_fwd.register_fake
 def _(q, k, scale, q_labels, k_labels, exclude_offset, neg_only, col_stats, backend):
-    dt = _stats_dtype(q)
+    dt = stats_dtype(q.dtype)
     n, m = q.shape[0], k.shape[0]
     row = q.new_empty(n, dtype=dt)
     return row, torch.empty_like(row), torch.empty_like(row), q.new_empty(m if col_stats else 0, dtype=dt)
@@ -84,7 +81,7 @@ def infonce_pair_fwd(q: Tensor, k: Tensor, scale: Tensor, q_labels: Tensor, k_la
 
 @infonce_pair_fwd.register_fake
 def _(q, k, scale, q_labels, k_labels, exclude_offset, neg_lse, backend):
-    row = q.new_empty(q.shape[0], dtype=_stats_dtype(q))
+    row = q.new_empty(q.shape[0], dtype=stats_dtype(q.dtype))
     return row, torch.empty_like(row)
 
 
@@ -129,7 +126,7 @@ def infonce_bwd(q: Tensor, k: Tensor, scale: Tensor, q_labels: Optional[Tensor],
 def _(q, k, scale, q_labels, k_labels, exclude_offset, neg_only, row_lse, row_coef, col_lse,
       col_coef, pos_coef, pair_lse, need_dk, backend):
     dk = torch.empty_like(k) if need_dk else k.new_empty(0)
-    return torch.empty_like(q), dk, q.new_empty((), dtype=_stats_dtype(q))
+    return torch.empty_like(q), dk, q.new_empty((), dtype=stats_dtype(q.dtype))
 
 
 # ---------------------------------------------------------------------- siglip
@@ -144,7 +141,7 @@ def siglip_fwd(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, q_labels: Opti
 
 @siglip_fwd.register_fake
 def _(q, k, scale, bias, q_labels, k_labels, backend):
-    return q.new_empty(q.shape[0], dtype=_stats_dtype(q))
+    return q.new_empty(q.shape[0], dtype=stats_dtype(q.dtype))
 
 
 def _siglip_setup(ctx, inputs, output):
@@ -176,5 +173,5 @@ def siglip_bwd(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, q_labels: Opti
 @siglip_bwd.register_fake
 def _(q, k, scale, bias, q_labels, k_labels, row_coef, need_dk, backend):
     dk = torch.empty_like(k) if need_dk else k.new_empty(0)
-    stat = q.new_empty((), dtype=_stats_dtype(q))
+    stat = q.new_empty((), dtype=stats_dtype(q.dtype))
     return [torch.empty_like(q), dk, stat, torch.empty_like(stat)]

@@ -148,17 +148,21 @@ def siglip_bwd(q, k, scale, bias, q_labels, k_labels, row_coef, need_dk):
 # ------------------------------------------------------------ the losses, from the papers
 
 
-def _reduce(per_anchor: Tensor, valid: Tensor, weights: Optional[Tensor], reduction: str):
-    """Weighted mean / sum over valid anchors; invalid anchors contribute 0."""
-    per_anchor = torch.where(valid, per_anchor, torch.zeros_like(per_anchor))
+def reduce_anchors(per_anchor: Tensor, valid: Optional[Tensor], weights: Optional[Tensor],
+                   reduction: str) -> Tensor:
+    """Mean (weighted by ``weights``) or sum over valid anchors; invalid anchors
+    (``valid`` False) give 0 and are left out of the mean."""
+    if valid is not None:
+        per_anchor = torch.where(valid, per_anchor, torch.zeros_like(per_anchor))
     if reduction == "none":
         return per_anchor
-    w = valid.to(per_anchor.dtype)
+    w = torch.ones_like(per_anchor) if valid is None else valid.to(per_anchor.dtype)
     if weights is not None:
         w = w * weights.to(per_anchor.dtype)
+    total = (w * per_anchor).sum()
     if reduction == "sum":
-        return (w * per_anchor).sum()
-    return (w * per_anchor).sum() / w.sum().clamp_min(torch.finfo(per_anchor.dtype).tiny)
+        return total
+    return total / w.sum().clamp_min(torch.finfo(per_anchor.dtype).tiny)
 
 
 def info_nce(query, key, temperature=0.07, targets=None, queue=None, weights=None,
@@ -177,7 +181,7 @@ def info_nce(query, key, temperature=0.07, targets=None, queue=None, weights=Non
         targets = torch.arange(q.shape[0], device=q.device)
     per_anchor = F.cross_entropy(logits, targets, reduction="none")
     valid = torch.ones_like(per_anchor, dtype=torch.bool)
-    return _reduce(per_anchor, valid, weights, reduction)
+    return reduce_anchors(per_anchor, valid, weights, reduction)
 
 
 def nt_xent(z1, z2, temperature=0.5, weights=None, reduction="mean"):
@@ -193,7 +197,7 @@ def nt_xent(z1, z2, temperature=0.5, weights=None, reduction="mean"):
     per_anchor = F.cross_entropy(logits, targets, reduction="none")
     if weights is not None:
         weights = torch.cat([weights, weights])
-    return _reduce(per_anchor, torch.ones_like(per_anchor, dtype=torch.bool), weights, reduction)
+    return reduce_anchors(per_anchor, None, weights, reduction)
 
 
 def supcon(features, labels=None, temperature=0.1, base_temperature=None, weights=None,
@@ -217,7 +221,7 @@ def supcon(features, labels=None, temperature=0.1, base_temperature=None, weight
     n_pos = pos.sum(1)
     mean_log_prob_pos = torch.where(pos, log_prob, torch.zeros_like(log_prob)).sum(1) / n_pos.clamp_min(1)
     per_anchor = -(temperature / base_temperature) * mean_log_prob_pos
-    return _reduce(per_anchor, n_pos > 0, weights, reduction)
+    return reduce_anchors(per_anchor, n_pos > 0, weights, reduction)
 
 
 def pair_nt_xent(embeddings, labels, temperature=0.07, reduction="mean"):
@@ -248,7 +252,7 @@ def clip_loss(image_features, text_features, logit_scale, reduction="mean"):
     per_i = F.cross_entropy(logits, targets, reduction="none")
     per_t = F.cross_entropy(logits.T, targets, reduction="none")
     per_anchor = (per_i + per_t) / 2
-    return _reduce(per_anchor, torch.ones_like(per_anchor, dtype=torch.bool), None, reduction)
+    return reduce_anchors(per_anchor, None, None, reduction)
 
 
 def siglip_loss(image_features, text_features, logit_scale, logit_bias, reduction="mean"):

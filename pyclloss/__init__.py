@@ -26,6 +26,9 @@ from .sorting import (
     soft_top_k_mask,
 )
 
+from .functional import rnc_loss, supremix_loss  # noqa: E402
+from .losses import RnCLoss, SupReMixLoss  # noqa: E402
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -50,4 +53,8 @@ __all__ = [
     "soft_top_k_mask",
     "DiffSortNet",
     "GroCoLoss",
+    "supremix_loss",
+    "rnc_loss",
+    "SupReMixLoss",
+    "RnCLoss",
 ]

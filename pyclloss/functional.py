@@ -252,3 +252,133 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logi
         return rows
     total = rows.sum()
     return total if reduction == "sum" else total / rows.shape[0]
+
+
+# ---------------------------------------------------------------- regression losses
+
+from .ops import rnc as rnc_ops  # noqa: E402
+from .ops import supremix as supremix_ops  # noqa: E402
+from .reference import rnc as rnc_reference  # noqa: E402
+from .reference import supremix as supremix_reference  # noqa: E402
+
+
+def _fixed_positive(name: str, value) -> float:
+    """A hyper-parameter > 0 that gets no gradient, as a float."""
+    if isinstance(value, torch.Tensor) and value.requires_grad:
+        raise ValueError(f"{name} must be a fixed number here (no gradient), got a tensor that "
+                         f"requires grad")
+    return float(_checks.positive(name, value, torch.device("cpu"), torch.float64))
+
+
+def _regression_labels(name: str, y, n: int, device: torch.device, dtype: torch.dtype,
+                       multi_dim: bool = False) -> Tensor:
+    """Real-valued labels (n,) (or (n, L) with ``multi_dim``) in ``dtype``."""
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(y).__name__}")
+    if y.dtype.is_complex or y.dtype == torch.bool:
+        raise TypeError(f"{name} must hold real numbers, got {y.dtype}")
+    shapes = f"({n},) or ({n}, L)" if multi_dim else f"({n},)"
+    if y.shape[:1] != (n,) or y.dim() not in ((1, 2) if multi_dim else (1,)) or y[0:0].numel():
+        raise ValueError(f"{name} must have shape {shapes}, got {tuple(y.shape)}")
+    if y.device != device:
+        raise ValueError(f"{name} is on {y.device} but the features are on {device}")
+    y = y.detach().to(dtype)
+    if not _checks._tracing() and not bool(torch.isfinite(y).all()):
+        raise ValueError(f"{name} contains NaN or Inf")
+    return y.contiguous()
+
+
+def supremix_loss(z: Tensor, t: Tensor, lam_neg: Tensor, temperature: float = 0.5,
+                  base_temperature: float = 0.5, gap: float = 5.0, *, reduction: str = "mean",
+                  backend: str = "auto") -> Tensor:
+    """SupReMix (Wu et al., "Mixup Your Own Pairs"): supervised contrastive
+    regression with mix-neg and mix-pos mixtures and distance-magnified
+    denominators (LOSSES.md §4, ``pyclloss.reference.supremix``).
+
+    For anchor i: mix-neg ``λ_ik·z_i + (1−λ_ik)·z_k`` for every k with
+    t_k ≠ t_i; mix-pos ``α·z_j + (1−α)·z_k`` for t_j < t_i < t_k with both
+    gaps < ``gap``, α = (t_k − t_i)/(t_k − t_j). Mixtures are detached;
+    denominator terms weighted by |t_i − t_c| + 1. Anchors without a positive
+    give 0 and are left out of the mean. The fused backends work on the Gram
+    matrix: O(n²) memory, O(n³) scalar work, nothing n×n×n.
+
+    Args:
+        z: (n, D) embeddings, L2-normalised inside; n >= 2.
+        t: (n,) real-valued labels.
+        lam_neg: (n, n) λ of the mix-neg pair (i, k) in [0, 1] (SupReMixLoss
+            draws them from Beta(2, 8)); entries of other pairs are ignored.
+        temperature, base_temperature: τ, τ_b > 0 (fixed numbers).
+        gap: mix-pos neighbours lie closer than this to the anchor's label.
+        reduction: "mean" over anchors with a positive, "sum", or "none" (n,).
+    """
+    _checks.features("z", z, min_rows=2)
+    n, device, dt = z.shape[0], z.device, stats_dtype(z.dtype)
+    t = _regression_labels("t", t, n, device, dt)
+    if not isinstance(lam_neg, torch.Tensor) or not lam_neg.dtype.is_floating_point:
+        raise TypeError(f"lam_neg must be a floating torch.Tensor of shape ({n}, {n})")
+    if lam_neg.shape != (n, n):
+        raise ValueError(f"lam_neg must have shape ({n}, {n}), got {tuple(lam_neg.shape)}")
+    if lam_neg.device != device:
+        raise ValueError(f"lam_neg is on {lam_neg.device} but z is on {device}")
+    lam = lam_neg.detach().to(dt).contiguous()
+    if not _checks._tracing() and not bool(((lam >= 0) & (lam <= 1)).all()):
+        raise ValueError("lam_neg must lie in [0, 1]")
+    reduction = _checks.reduction(reduction)
+    tau = _fixed_positive("temperature", temperature)
+    tau_b = _fixed_positive("base_temperature", base_temperature)
+    gap = _fixed_positive("gap", gap)
+    backend = resolve(backend, device, supremix_ops.BACKENDS)
+    if backend == "reference":
+        return supremix_reference.supremix_loss(z, t, lam, tau, tau_b, gap, reduction)
+    lse, pos_sum, pos_count = supremix_ops.supremix(_unit(z), t, lam, 1 / tau, gap, backend)
+    per_anchor = (tau / tau_b) * (lse - pos_sum / pos_count.clamp_min(1))
+    return reduce_anchors(per_anchor, pos_count > 0, None, reduction)
+
+
+def _euclidean_distances(v: Tensor) -> Tensor:
+    """‖v_i − v_j‖ (n, n) from the GEMM v·vᵀ. Squared distances within the
+    GEMM's rounding of 0 (i = j, duplicates) count as 0, with gradient 0
+    there (the subgradient torch.cdist uses), never the 1/0 of the sqrt."""
+    sq_norms = (v * v).sum(1)
+    norm_sum = sq_norms[:, None] + sq_norms[None, :]
+    sq = norm_sum - 2 * (v @ v.T)
+    apart = sq > 8 * torch.finfo(v.dtype).eps * norm_sum
+    return torch.where(apart, torch.where(apart, sq, torch.ones_like(sq)).sqrt(),
+                       torch.zeros_like(sq))
+
+
+def rnc_loss(features: Tensor, labels: Tensor, temperature: float = 2.0, *,
+             reduction: str = "mean", backend: str = "auto") -> Tensor:
+    """Rank-N-Contrast (Zha et al., NeurIPS 2023); equals the authors' ``RnCLoss``.
+
+    ``s_ij = −‖v_i − v_j‖₂/τ``, ``d_ij = ‖y_i − y_j‖₁``;
+    ``L = −1/(n(n−1))·Σ_i Σ_{j≠i} [s_ij − log Σ_{k≠i, d_ik ≥ d_ij} exp(s_ik)]``.
+    The fused backends never build the n×n×n mask: the C++ kernel sorts each
+    row by d (O(n² log n)), ties grouped exactly. Features are not normalised.
+
+    Args:
+        features: (n, D), or (B, V, D) views (the authors' (B, 2, D)), stacked
+            view-major; n >= 2 in all.
+        labels: (n,) or (n, L) real labels ((B,) or (B, L) for 3-D features).
+        temperature: τ > 0 (a fixed number).
+        reduction: "mean" (the authors' loss), "sum", or "none": (n,) each
+            anchor's mean over j ≠ i.
+    """
+    _checks.features("features", features, ndims=(2, 3))
+    device, dt = features.device, stats_dtype(features.dtype)
+    labels = _regression_labels("labels", labels, features.shape[0], device, dt, multi_dim=True)
+    if features.dim() == 3:
+        views = features.shape[1]
+        features = features.transpose(0, 1).reshape(-1, features.shape[2])
+        labels = labels.repeat(views, *([1] * (labels.dim() - 1)))
+    n = features.shape[0]
+    if n < 2:
+        raise ValueError(f"features needs at least 2 samples in all, got {n}")
+    reduction = _checks.reduction(reduction)
+    tau = _fixed_positive("temperature", temperature)
+    backend = resolve(backend, device, rnc_ops.BACKENDS)
+    if backend == "reference":
+        return rnc_reference.rnc_loss(features, labels, tau, reduction)
+    sim = -_euclidean_distances(features.to(dt)) / tau
+    rows = rnc_ops.rnc_rows(sim, rnc_reference.label_distance(labels), backend)
+    return reduce_anchors(rows / (n - 1), None, None, reduction)

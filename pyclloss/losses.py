@@ -134,3 +134,35 @@ class MoCoLoss(nn.Module):
         rows = (start + torch.arange(keys.shape[0], device=keys.device)) % size
         self.queue[rows] = keys
         self.queue_ptr.fill_((start + keys.shape[0]) % size)
+
+
+class SupReMixLoss(nn.Module):
+    """SupReMix; ``forward(z, t)`` draws the mix-neg λ's (n×n) from
+    Beta(``beta``) with torch's generator, then calls
+    :func:`pyclloss.supremix_loss`."""
+
+    def __init__(self, temperature: float = 0.5, base_temperature: float = 0.5, gap: float = 5.0,
+                 beta: tuple = (2.0, 8.0), reduction: str = "mean", backend: str = "auto"):
+        super().__init__()
+        self.temperature, self.base_temperature, self.gap = temperature, base_temperature, gap
+        self.beta, self.reduction, self.backend = beta, reduction, backend
+
+    def forward(self, z: Tensor, t: Tensor) -> Tensor:
+        fn._checks.features("z", z, min_rows=2)
+        a, b = (torch.tensor(float(c), device=z.device) for c in self.beta)
+        lam = torch.distributions.Beta(a, b).sample((z.shape[0], z.shape[0]))
+        return fn.supremix_loss(z, t, lam, self.temperature, self.base_temperature, self.gap,
+                                reduction=self.reduction, backend=self.backend)
+
+
+class RnCLoss(nn.Module):
+    """Rank-N-Contrast; ``forward(features, labels)`` with features (n, D) or
+    (B, V, D). See :func:`pyclloss.rnc_loss`."""
+
+    def __init__(self, temperature: float = 2.0, reduction: str = "mean", backend: str = "auto"):
+        super().__init__()
+        self.temperature, self.reduction, self.backend = temperature, reduction, backend
+
+    def forward(self, features: Tensor, labels: Tensor) -> Tensor:
+        return fn.rnc_loss(features, labels, self.temperature, reduction=self.reduction,
+                           backend=self.backend)

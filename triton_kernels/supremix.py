@@ -1,0 +1,169 @@
+"""Triton kernels of SupReMix (semantics of pyclloss.reference.supremix; the
+kernel contract of pyclloss.ops.supremix).
+
+One program per anchor i reads row i of the Gram matrix G. Real and mix-neg
+columns are 1-D blocks of that row; the mix-pos pairs are (j-block × k-block)
+tiles masked by "j is a lower, k an upper neighbour within the gap", with
+α = (t_k − t_i)/(t_k − t_j) and logit (α·G_ij + (1−α)·G_ik)/τ built in the
+tile. Nothing n×n×n is stored.
+
+Forward: the shift is the largest real (c ≠ i) or mix-neg logit, which bounds
+every mix-pos logit (a convex combination of real ones); then one pass sums.
+Backward: for a block of columns c, the coefficient R_ic of the real pair,
+the mix-neg part of A_ic, and the mix-pos parts of A_ic: Σ_k coef·α over the
+tiles where c is the lower side, Σ_j coef·(1−α) where c is the upper side.
+Each block of A is stored once (no read-modify-write); the anchor's own entry
+A_ii (from the mix-negs) comes back as a separate vector.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+Tensor = torch.Tensor
+
+
+def _block(n: int) -> int:
+    return max(16, min(64, triton.next_power_of_2(n)))
+
+
+@triton.jit
+def _mix_pos_tile(t_ptr, g_row_ptr, ti, j, k, n, inv_tau, gap):
+    """(pair mask, α, logit) of the mix-pos pairs (j, k) of one anchor."""
+    tj = tl.load(t_ptr + j, mask=j < n, other=0.0)
+    tk = tl.load(t_ptr + k, mask=k < n, other=0.0)
+    gj = tl.load(g_row_ptr + j, mask=j < n, other=0.0)
+    gk = tl.load(g_row_ptr + k, mask=k < n, other=0.0)
+    lower = (j < n) & (tj < ti) & (ti - tj < gap)
+    upper = (k < n) & (tk > ti) & (tk - ti < gap)
+    pair = lower[:, None] & upper[None, :]
+    span = tl.where(pair, tk[None, :] - tj[:, None], 1.0)
+    alpha = (tk[None, :] - ti) / span
+    logit = (alpha * gj[:, None] + (1.0 - alpha) * gk[None, :]) * inv_tau
+    return pair, alpha, logit
+
+
+@triton.jit
+def _columns(g_row_ptr, t_ptr, lam_row_ptr, i, c, n, ti, g_self, inv_tau):
+    """Real and mix-neg logits, log weights and masks of the columns c."""
+    valid = c < n
+    g = tl.load(g_row_ptr + c, mask=valid, other=0.0)
+    tc = tl.load(t_ptr + c, mask=valid, other=0.0)
+    lam = tl.load(lam_row_ptr + c, mask=valid, other=0.0)
+    real = valid & (c != i)
+    neg = valid & (tc != ti)
+    real_logit = g * inv_tau
+    neg_logit = (lam * g_self + (1.0 - lam) * g) * inv_tau
+    real_weight = tl.abs(ti - tc) + 1.0
+    neg_weight = (1.0 - lam) * tl.abs(ti - tc) + 1.0
+    return real, neg, real & (tc == ti), real_logit, neg_logit, real_weight, neg_weight, lam
+
+
+@triton.jit
+def _supremix_fwd_kernel(g_ptr, t_ptr, lam_ptr, lse_ptr, pos_sum_ptr, pos_count_ptr, n, inv_tau,
+                         gap, BLOCK: tl.constexpr):
+    i = tl.program_id(0)
+    g_row_ptr = g_ptr + i * n
+    lam_row_ptr = lam_ptr + i * n
+    ti = tl.load(t_ptr + i)
+    g_self = tl.load(g_row_ptr + i)
+    offs = tl.arange(0, BLOCK)
+
+    shift = float("-inf")
+    for start in range(0, n, BLOCK):
+        real, neg, pos, real_l, neg_l, real_w, neg_w, lam = _columns(
+            g_row_ptr, t_ptr, lam_row_ptr, i, start + offs, n, ti, g_self, inv_tau)
+        shift = tl.maximum(shift, tl.max(tl.where(real, real_l, float("-inf"))))
+        shift = tl.maximum(shift, tl.max(tl.where(neg, neg_l, float("-inf"))))
+
+    total = 0.0
+    pos_sum = 0.0
+    pos_count = 0.0
+    for start in range(0, n, BLOCK):
+        real, neg, pos, real_l, neg_l, real_w, neg_w, lam = _columns(
+            g_row_ptr, t_ptr, lam_row_ptr, i, start + offs, n, ti, g_self, inv_tau)
+        total += tl.sum(tl.where(real, real_w * tl.exp(real_l - shift), 0.0))
+        total += tl.sum(tl.where(neg, neg_w * tl.exp(neg_l - shift), 0.0))
+        pos_sum += tl.sum(tl.where(pos, real_l, 0.0))
+        pos_count += tl.sum(pos.to(tl.float32))
+    for j_start in range(0, n, BLOCK):
+        for k_start in range(0, n, BLOCK):
+            pair, alpha, logit = _mix_pos_tile(t_ptr, g_row_ptr, ti, j_start + offs,
+                                               k_start + offs, n, inv_tau, gap)
+            total += tl.sum(tl.sum(tl.where(pair, tl.exp(logit - shift), 0.0), axis=1), axis=0)
+            pos_sum += tl.sum(tl.sum(tl.where(pair, logit, 0.0), axis=1), axis=0)
+            pos_count += tl.sum(tl.sum(pair.to(tl.float32), axis=1), axis=0)
+    tl.store(lse_ptr + i, shift + tl.log(total))
+    tl.store(pos_sum_ptr + i, pos_sum)
+    tl.store(pos_count_ptr + i, pos_count)
+
+
+@triton.jit
+def _supremix_bwd_kernel(g_ptr, t_ptr, lam_ptr, lse_ptr, grad_lse_ptr, grad_pos_ptr, real_ptr,
+                         mix_ptr, mix_diag_ptr, n, inv_tau, gap, BLOCK: tl.constexpr):
+    i = tl.program_id(0)
+    g_row_ptr = g_ptr + i * n
+    lam_row_ptr = lam_ptr + i * n
+    ti = tl.load(t_ptr + i)
+    g_self = tl.load(g_row_ptr + i)
+    lse = tl.load(lse_ptr + i)
+    g_lse = tl.load(grad_lse_ptr + i)
+    g_pos = tl.load(grad_pos_ptr + i)
+    offs = tl.arange(0, BLOCK)
+
+    self_coef = 0.0
+    for start in range(0, n, BLOCK):
+        c = start + offs
+        real, neg, pos, real_l, neg_l, real_w, neg_w, lam = _columns(
+            g_row_ptr, t_ptr, lam_row_ptr, i, c, n, ti, g_self, inv_tau)
+        real_coef = g_lse * real_w * tl.exp(real_l - lse) + tl.where(pos, g_pos, 0.0)
+        tl.store(real_ptr + i * n + c, tl.where(real, real_coef * inv_tau, 0.0), mask=c < n)
+        neg_coef = tl.where(neg, g_lse * neg_w * tl.exp(neg_l - lse), 0.0)
+        self_coef += tl.sum(neg_coef * lam)
+        mix = neg_coef * (1.0 - lam)
+        # c as the lower side j of a pair: Σ over the uppers k of coef·α
+        for k_start in range(0, n, BLOCK):
+            pair, alpha, logit = _mix_pos_tile(t_ptr, g_row_ptr, ti, c, k_start + offs, n,
+                                               inv_tau, gap)
+            coef = tl.where(pair, g_lse * tl.exp(logit - lse) + g_pos, 0.0)
+            mix += tl.sum(coef * alpha, axis=1)
+        # c as the upper side k: Σ over the lowers j of coef·(1−α)
+        for j_start in range(0, n, BLOCK):
+            pair, alpha, logit = _mix_pos_tile(t_ptr, g_row_ptr, ti, j_start + offs, c, n,
+                                               inv_tau, gap)
+            coef = tl.where(pair, g_lse * tl.exp(logit - lse) + g_pos, 0.0)
+            mix += tl.sum(coef * (1.0 - alpha), axis=0)
+        tl.store(mix_ptr + i * n + c, mix * inv_tau, mask=c < n)
+    tl.store(mix_diag_ptr + i, self_coef * inv_tau)
+
+
+def _check(gram: Tensor, labels: Tensor, lam: Tensor) -> int:
+    n = gram.shape[0]
+    if gram.shape != (n, n) or lam.shape != (n, n) or labels.shape != (n,):
+        raise ValueError(f"supremix: gram (n, n), labels (n,), lam (n, n) expected, got "
+                         f"{tuple(gram.shape)}, {tuple(labels.shape)}, {tuple(lam.shape)}")
+    if any(x.dtype != torch.float32 for x in (gram, labels, lam)):
+        raise TypeError(f"supremix: the Triton kernels take float32 gram, labels and lam, got "
+                        f"{gram.dtype}, {labels.dtype}, {lam.dtype}")
+    return n
+
+
+def supremix_fwd(gram: Tensor, labels: Tensor, lam: Tensor, inv_tau: float,
+                 gap: float) -> tuple[Tensor, Tensor, Tensor]:
+    n = _check(gram, labels, lam)
+    lse, pos_sum, pos_count = (gram.new_empty(n) for _ in range(3))
+    _supremix_fwd_kernel[(n,)](gram.contiguous(), labels.contiguous(), lam.contiguous(), lse,
+                               pos_sum, pos_count, n, inv_tau, gap, BLOCK=_block(n))
+    return lse, pos_sum, pos_count
+
+
+def supremix_bwd(gram: Tensor, labels: Tensor, lam: Tensor, inv_tau: float, gap: float,
+                 lse: Tensor, grad_lse: Tensor, grad_pos: Tensor) -> tuple[Tensor, Tensor]:
+    n = _check(gram, labels, lam)
+    real, mix = gram.new_empty(n, n), gram.new_empty(n, n)
+    mix_diag = gram.new_empty(n)
+    _supremix_bwd_kernel[(n,)](gram.contiguous(), labels.contiguous(), lam.contiguous(),
+                               lse.contiguous(), grad_lse.contiguous(), grad_pos.contiguous(),
+                               real, mix, mix_diag, n, inv_tau, gap, BLOCK=_block(n))
+    mix.diagonal().add_(mix_diag)
+    return real, mix

@@ -29,7 +29,8 @@ def _block(n: int) -> int:
 
 @triton.jit
 def _mix_pos_tile(t_ptr, g_row_ptr, ti, j, k, n, inv_tau, gap):
-    """(pair mask, α, logit) of the mix-pos pairs (j, k) of one anchor."""
+    """(pair mask, α, logit) of the mix-pos pairs (j, k) of one anchor; off the
+    pairs α = 0 and logit = -inf (exp gives 0)."""
     tj = tl.load(t_ptr + j, mask=j < n, other=0.0)
     tk = tl.load(t_ptr + k, mask=k < n, other=0.0)
     gj = tl.load(g_row_ptr + j, mask=j < n, other=0.0)
@@ -38,22 +39,23 @@ def _mix_pos_tile(t_ptr, g_row_ptr, ti, j, k, n, inv_tau, gap):
     upper = (k < n) & (tk > ti) & (tk - ti < gap)
     pair = lower[:, None] & upper[None, :]
     span = tl.where(pair, tk[None, :] - tj[:, None], 1.0)
-    alpha = (tk[None, :] - ti) / span
+    alpha = tl.where(pair, (tk[None, :] - ti) / span, 0.0)
     logit = (alpha * gj[:, None] + (1.0 - alpha) * gk[None, :]) * inv_tau
-    return pair, alpha, logit
+    return pair, alpha, tl.where(pair, logit, float("-inf"))
 
 
 @triton.jit
 def _columns(g_row_ptr, t_ptr, lam_row_ptr, i, c, n, ti, g_self, inv_tau):
-    """Real and mix-neg logits, log weights and masks of the columns c."""
+    """Masks (real, mix-neg, positive), logits, weights and λ of the columns c."""
     valid = c < n
     g = tl.load(g_row_ptr + c, mask=valid, other=0.0)
     tc = tl.load(t_ptr + c, mask=valid, other=0.0)
     lam = tl.load(lam_row_ptr + c, mask=valid, other=0.0)
     real = valid & (c != i)
     neg = valid & (tc != ti)
-    real_logit = g * inv_tau
-    neg_logit = (lam * g_self + (1.0 - lam) * g) * inv_tau
+    # -inf off the columns: exp gives 0 there
+    real_logit = tl.where(real, g * inv_tau, float("-inf"))
+    neg_logit = tl.where(neg, (lam * g_self + (1.0 - lam) * g) * inv_tau, float("-inf"))
     real_weight = tl.abs(ti - tc) + 1.0
     neg_weight = (1.0 - lam) * tl.abs(ti - tc) + 1.0
     return real, neg, real & (tc == ti), real_logit, neg_logit, real_weight, neg_weight, lam
@@ -73,8 +75,7 @@ def _supremix_fwd_kernel(g_ptr, t_ptr, lam_ptr, lse_ptr, pos_sum_ptr, pos_count_
     for start in range(0, n, BLOCK):
         real, neg, pos, real_l, neg_l, real_w, neg_w, lam = _columns(
             g_row_ptr, t_ptr, lam_row_ptr, i, start + offs, n, ti, g_self, inv_tau)
-        shift = tl.maximum(shift, tl.max(tl.where(real, real_l, float("-inf"))))
-        shift = tl.maximum(shift, tl.max(tl.where(neg, neg_l, float("-inf"))))
+        shift = tl.maximum(shift, tl.maximum(tl.max(real_l), tl.max(neg_l)))
 
     total = 0.0
     pos_sum = 0.0
@@ -82,8 +83,7 @@ def _supremix_fwd_kernel(g_ptr, t_ptr, lam_ptr, lse_ptr, pos_sum_ptr, pos_count_
     for start in range(0, n, BLOCK):
         real, neg, pos, real_l, neg_l, real_w, neg_w, lam = _columns(
             g_row_ptr, t_ptr, lam_row_ptr, i, start + offs, n, ti, g_self, inv_tau)
-        total += tl.sum(tl.where(real, real_w * tl.exp(real_l - shift), 0.0))
-        total += tl.sum(tl.where(neg, neg_w * tl.exp(neg_l - shift), 0.0))
+        total += tl.sum(real_w * tl.exp(real_l - shift) + neg_w * tl.exp(neg_l - shift))
         pos_sum += tl.sum(tl.where(pos, real_l, 0.0))
         pos_count += tl.sum(pos.to(tl.float32))
     for j_start in range(0, n, BLOCK):
@@ -118,7 +118,7 @@ def _supremix_bwd_kernel(g_ptr, t_ptr, lam_ptr, lse_ptr, grad_lse_ptr, grad_pos_
             g_row_ptr, t_ptr, lam_row_ptr, i, c, n, ti, g_self, inv_tau)
         real_coef = g_lse * real_w * tl.exp(real_l - lse) + tl.where(pos, g_pos, 0.0)
         tl.store(real_ptr + i * n + c, tl.where(real, real_coef * inv_tau, 0.0), mask=c < n)
-        neg_coef = tl.where(neg, g_lse * neg_w * tl.exp(neg_l - lse), 0.0)
+        neg_coef = g_lse * neg_w * tl.exp(neg_l - lse)
         self_coef += tl.sum(neg_coef * lam)
         mix = neg_coef * (1.0 - lam)
         # c as the lower side j of a pair: Σ over the uppers k of coef·α

@@ -1,0 +1,152 @@
+"""Rank-N-Contrast: every fused backend against the reference on fresh random
+inputs (values and gradients, odd sizes, ties, duplicates, fp32/fp16/bf16),
+the reference against the authors' formulation, float64 gradcheck, the
+custom-op contract and bad input."""
+
+import pytest
+import torch
+
+import pyclloss
+from pyclloss.ops import rnc as ops
+from pyclloss.reference import rnc as ref
+
+from conftest import fused_backends
+from test_info_nce import assert_close_rel, check_against_reference
+
+CPU_BACKENDS = fused_backends("cpu")
+# The Triton interpreter is slow: small sizes only.
+SIZES = {"cpp": (2, 3, 17, 65), "triton": (3, 17)}
+GRADCHECK_BACKENDS = [b for b in ("reference", "cpp") if pyclloss.backends()[b].available]
+
+
+def make_labels(shape, ties):
+    """Integers (many ties) or multiples of 1/64 (exact in every dtype, so
+    float32 and float64 order the label distances alike)."""
+    if ties:
+        return torch.randint(0, 5, shape).float()
+    return (torch.rand(shape) * 512).floor() / 64
+
+
+def authors_rnc(features, labels, tau):
+    """The authors' RnCLoss: features (B, 2, D), labels (B, L); a loop over the
+    positive column with an (n, n−1) mask each."""
+    f = torch.cat([features[:, 0], features[:, 1]], dim=0)
+    y = labels.repeat(2, 1)
+    n = f.shape[0]
+    d = (y[:, None, :] - y[None, :, :]).abs().sum(-1)
+    logits = -(f[:, None, :] - f[None, :, :]).norm(2, dim=-1) / tau
+    logits = logits - logits.max(dim=1, keepdim=True).values.detach()
+    off = ~torch.eye(n, dtype=torch.bool)
+    logits, exp_logits, d = (x[off].view(n, n - 1) for x in (logits, logits.exp(), d))
+    loss = 0.0
+    for k in range(n - 1):
+        in_set = (d >= d[:, k:k + 1]).to(logits.dtype)
+        loss = loss - (logits[:, k] - (in_set * exp_logits).sum(1).log()).sum() / (n * (n - 1))
+    return loss
+
+
+@pytest.mark.parametrize("label_dims", [1, 3])
+@pytest.mark.parametrize("ties", [True, False])
+def test_reference_equals_authors_formulation(label_dims, ties):
+    f = torch.randn(7, 2, 5, dtype=torch.float64)
+    y = make_labels((7, label_dims), ties).double()
+    fa, fb = f.clone().requires_grad_(True), f.clone().requires_grad_(True)
+    expected = authors_rnc(fa, y, 2.0)
+    actual = pyclloss.rnc_loss(fb, y, 2.0, backend="reference")
+    assert_close_rel(actual, expected, 1e-12, "value")
+    expected.backward()
+    actual.backward()
+    assert_close_rel(fb.grad, fa.grad, 1e-12, "grad")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("ties", [True, False])
+def test_backend_matches_reference(backend, dtype, ties):
+    if backend == "triton" and dtype in (torch.float64, torch.bfloat16):
+        pytest.skip("Triton: float32 statistics; bf16 is tested on a GPU (the interpreter's "
+                    "bf16 is not faithful)")
+    for n in SIZES[backend]:
+        v = torch.randn(n, 10) * 2
+        y = make_labels((n,), ties)
+        check_against_reference(
+            lambda v, y: pyclloss.rnc_loss(v, y, 1.5, backend=backend),
+            lambda v, y: ref.rnc_loss(v, y, 1.5),
+            [v, y], dtype, f"{backend} n={n}")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_views_label_dims_and_reductions(backend, reduction):
+    f = torch.randn(9, 2, 6)
+    y = make_labels((9, 2), ties=True)
+    check_against_reference(
+        lambda f: pyclloss.rnc_loss(f, y, reduction=reduction, backend=backend),
+        lambda f: ref.rnc_loss(torch.cat([f[:, 0], f[:, 1]]), y.double().repeat(2, 1), 2.0,
+                               reduction),
+        [f], torch.float32, f"{backend} {reduction}")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_one_label_and_duplicate_features(backend, dtype):
+    # One label: every denominator is the whole row. Duplicated rows: zero
+    # distances, whose gradient is 0 (torch.cdist's subgradient), never NaN.
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("Triton: float32 statistics")
+    v = torch.randn(6, 5)
+    v = torch.cat([v, v[:3]])
+    for y in (torch.zeros(9), make_labels((9,), ties=True)):
+        check_against_reference(
+            lambda v: pyclloss.rnc_loss(v, y, backend=backend),
+            lambda v: ref.rnc_loss(v, y.double()),
+            [v], dtype, f"{backend} duplicates")
+
+
+def test_module_equals_function():
+    f, y = torch.randn(6, 2, 4), torch.rand(6, 1)
+    assert_close_rel(pyclloss.RnCLoss(temperature=3.0, backend="reference")(f, y),
+                     pyclloss.rnc_loss(f, y, 3.0, backend="reference"), 0, "module")
+
+
+# ------------------------------------------------------------- the op contract
+
+
+@pytest.mark.parametrize("backend", GRADCHECK_BACKENDS)
+def test_gradcheck_float64(backend):
+    v = torch.randn(8, 3, dtype=torch.float64, requires_grad=True)
+    y = make_labels((8,), ties=True).double()
+    assert torch.autograd.gradcheck(
+        lambda v: pyclloss.rnc_loss(v, y, 0.7, reduction="none", backend=backend), (v,))
+
+
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b == "cpp"])
+def test_opcheck(backend):
+    s = -torch.rand(9, 9)
+    d = ref.label_distance(make_labels((9,), ties=True))
+    torch.library.opcheck(ops.rnc_rows, (s.requires_grad_(True), d, backend))
+    torch.library.opcheck(ops.rnc_rows_backward, (s.detach(), d, torch.randn(9), backend))
+
+
+# ------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("change, error, words", [
+    (dict(features=torch.randn(1, 4), labels=torch.zeros(1)), ValueError, "at least 2 samples"),
+    (dict(features=torch.randn(5)), ValueError, "features must have shape"),
+    (dict(features=torch.randint(0, 3, (5, 4))), TypeError, "features must be float16"),
+    (dict(features=torch.full((5, 4), float("inf"))), ValueError, "features contains NaN"),
+    (dict(labels=torch.zeros(4)), ValueError, "labels must have shape (5,) or (5, L)"),
+    (dict(labels=torch.zeros(5, 2, 2)), ValueError, "labels must have shape"),
+    (dict(labels=torch.tensor([0.0, 1, 2, 3, float("nan")])), ValueError, "labels contains NaN"),
+    (dict(labels=[0, 1, 2, 3, 4]), TypeError, "labels must be a torch.Tensor"),
+    (dict(temperature=-2.0), ValueError, "temperature must be"),
+    (dict(reduction="mean_pairs"), ValueError, "reduction must be one of"),
+    (dict(backend="gpu"), ValueError, "backend must be one of"),
+])
+def test_bad_input(change, error, words):
+    args = dict(features=torch.randn(5, 4), labels=torch.arange(5.0))
+    args.update(change)
+    with pytest.raises(error) as info:
+        pyclloss.rnc_loss(**args)
+    assert words in str(info.value)

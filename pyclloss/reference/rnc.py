@@ -20,8 +20,8 @@ from .info_nce import reduce_anchors, stats_dtype
 
 Tensor = torch.Tensor
 
-# Anchors per block of the mask form: 16·n² elements per temporary.
-_ANCHOR_BLOCK = 16
+# Elements of one block's (anchors, j, k) mask.
+_BLOCK_ELEMENTS = 1 << 25
 
 
 def label_distance(labels: Tensor) -> Tensor:
@@ -31,15 +31,17 @@ def label_distance(labels: Tensor) -> Tensor:
 
 
 def _anchor_block(s: Tensor, d: Tensor, rows: Tensor) -> Tensor:
-    """Σ_{j≠i} [log Σ_{k≠i, d_ik ≥ d_ij} exp(s_ik) − s_ij] for the anchors ``rows``."""
+    """Σ_{j≠i} [log Σ_{k≠i, d_ik ≥ d_ij} exp(s_ik) − s_ij] for the anchors ``rows``,
+    as the authors compute it: exp of the row shifted by its maximum, summed
+    under the mask."""
     n = s.shape[1]
     s_rows, d_rows = s[rows], d[rows]
     others = torch.arange(n, device=s.device)[None, :] != rows[:, None]  # (b, n)
+    shift = s_rows.masked_fill(~others, float("-inf")).amax(1, keepdim=True).detach()
+    exp_rows = torch.exp(s_rows - shift) * others
     # in_set[b, j, k]: k is in the denominator of the pair (anchor, j).
-    in_set = (d_rows[:, None, :] >= d_rows[:, :, None]) & others[:, None, :]
-    masked = torch.where(in_set, s_rows[:, None, :].expand_as(in_set),
-                         torch.full_like(s_rows[:, None, :], float("-inf")).expand_as(in_set))
-    log_den = torch.logsumexp(masked, dim=-1)  # (b, n), finite: k = j is in the set
+    in_set = (d_rows[:, None, :] >= d_rows[:, :, None]).to(s.dtype)
+    log_den = torch.log((in_set @ exp_rows[:, :, None])[..., 0]) + shift
     terms = torch.where(others, log_den - s_rows, torch.zeros_like(s_rows))
     return terms.sum(1)
 
@@ -56,9 +58,10 @@ def rnc_loss(features: Tensor, labels: Tensor, temperature: float = 2.0,
     n = v.shape[0]
     s = -torch.cdist(v, v, compute_mode="donot_use_mm_for_euclid_dist") / temperature
     d = label_distance(labels.to(acc))
+    block = max(1, _BLOCK_ELEMENTS // (n * n))
     blocks = []
-    for start in range(0, n, _ANCHOR_BLOCK):
-        rows = torch.arange(start, min(start + _ANCHOR_BLOCK, n), device=v.device)
+    for start in range(0, n, block):
+        rows = torch.arange(start, min(start + block, n), device=v.device)
         blocks.append(checkpoint(_anchor_block, s, d, rows, use_reentrant=False))
     per_anchor = torch.cat(blocks) / (n - 1)
     return reduce_anchors(per_anchor, None, None, reduction)

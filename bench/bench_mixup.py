@@ -7,10 +7,11 @@ to bench/results/<device>-mixup.md.
 
 Inputs: D = 128 float32 features; SupReMix with integer labels in [0, 64)
 (ages), gap 5, λ ~ Beta(2, 8); RnC with integer labels in [0, 100) (many tie
-groups). Timings are medians over interleaved repeats after a warm-up of the
-fused backend (the reference, plain PyTorch, is timed from its first call and
-repeated at most --reference-repeats times: RnC's O(n³) mask form takes
-minutes at n = 2048 on two cores); only ratios within one run mean anything.
+groups). Timings are medians (and minima, the least disturbed by other
+processes) over interleaved repeats after a warm-up of the fused backend (the reference, plain PyTorch, is timed from its first call and
+repeated at most --reference-repeats times, and not once its calls took a
+minute: RnC's O(n³) mask form takes minutes at n = 2048 on two cores); only
+ratios within one run mean anything.
 Peak memory: as bench_sorting (RSS growth in a fresh process on the CPU).
 """
 
@@ -92,13 +93,13 @@ def run_case(loss, n, args, log):
     times = {impl: [] for impl in impls}
     for r in range(args.repeats):
         for impl in impls:
-            if impl == "reference" and r >= args.reference_repeats:
+            if impl == "reference" and (r >= args.reference_repeats or sum(times[impl]) > 60):
                 continue
             seconds = time_once(lambda: values.__setitem__(impl, steps[impl]()), args.device)
             times[impl].append(seconds)
             log(f"{loss} n={n} {impl}: {seconds * 1e3:.1f} ms")
-    medians = {impl: statistics.median(ts) for impl, ts in times.items()}
-    return fused, medians, peaks, values
+    stats = {impl: (statistics.median(ts), min(ts)) for impl, ts in times.items()}
+    return fused, stats, peaks, values
 
 
 def header(args, command):
@@ -120,15 +121,16 @@ def header(args, command):
 
 
 def table(rows):
-    lines = ["| loss | n | fused backend | fused ms | fused MiB | reference ms | reference MiB "
-             "| speed-up | |loss fused − reference| |", "|---|---|---|---|---|---|---|---|---|"]
-    for loss, n, fused, medians, peaks, values in rows:
-        ref_ms = medians.get("reference")
-        cells = [loss, str(n), fused, fmt_ms(medians[fused]),
+    lines = ["| loss | n | fused backend | fused ms (median / min) | fused MiB "
+             "| reference ms (median / min) | reference MiB | speed-up (median / min) "
+             "| \\|loss fused − reference\\| |", "|---|---|---|---|---|---|---|---|---|"]
+    for loss, n, fused, stats, peaks, values in rows:
+        ref = stats.get("reference")
+        cells = [loss, str(n), fused, " / ".join(fmt_ms(x) for x in stats[fused]),
                  fmt_mb(peaks[fused]) if fused in peaks else "—",
-                 fmt_ms(ref_ms) if ref_ms is not None else "—",
+                 " / ".join(fmt_ms(x) for x in ref) if ref else "—",
                  fmt_mb(peaks["reference"]) if "reference" in peaks else "—",
-                 f"{ref_ms / medians[fused]:.1f}x" if ref_ms is not None else "—",
+                 " / ".join(f"{r / f:.1f}x" for r, f in zip(ref, stats[fused])) if ref else "—",
                  f"{abs(values[fused] - values['reference']):.1e}" if "reference" in values
                  else "—"]
         lines.append("| " + " | ".join(cells) + " |")

@@ -278,7 +278,7 @@ def _regression_labels(name: str, y, n: int, device: torch.device, dtype: torch.
     if y.dtype.is_complex or y.dtype == torch.bool:
         raise TypeError(f"{name} must hold real numbers, got {y.dtype}")
     shapes = f"({n},) or ({n}, L)" if multi_dim else f"({n},)"
-    if y.shape[:1] != (n,) or y.dim() not in ((1, 2) if multi_dim else (1,)) or y[0:0].numel():
+    if y.shape[:1] != (n,) or y.dim() not in ((1, 2) if multi_dim else (1,)):
         raise ValueError(f"{name} must have shape {shapes}, got {tuple(y.shape)}")
     if y.device != device:
         raise ValueError(f"{name} is on {y.device} but the features are on {device}")

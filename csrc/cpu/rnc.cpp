@@ -111,7 +111,7 @@ Tensor rnc_bwd(const Tensor& sim, const Tensor& dist, const Tensor& grad_rows) {
   check_inputs(sim, dist);
   const Tensor s = sim.contiguous(), d = dist.contiguous(), g = grad_rows.contiguous();
   const int64_t n = s.size(0);
-  Tensor grad_s = at::zeros({n, n}, s.options());
+  Tensor grad_s = at::empty({n, n}, s.options());  // every entry written below
   AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "rnc_bwd", [&] {
     const scalar_t* s_ptr = s.data_ptr<scalar_t>();
     const scalar_t* d_ptr = d.data_ptr<scalar_t>();
@@ -122,6 +122,7 @@ Tensor rnc_bwd(const Tensor& sim, const Tensor& dist, const Tensor& grad_rows) {
       for (int64_t i = begin; i < end; ++i) {
         const scalar_t* s_row = s_ptr + i * n;
         anchor.build(s_row, d_ptr + i * n, n, i);
+        out[i * n + i] = scalar_t(0);
         // log Σ n_g / D_g over the groups with d_g <= the current group's d
         scalar_t log_inv_den = kNegInf<scalar_t>;
         for (size_t g = anchor.group_end.size(); g-- > 0;) {

@@ -149,7 +149,9 @@ void backward_rows(const T* gram, const T* t, const T* lam, int64_t n, T inv_tau
       const T g_lse = grad_lse[i], g_pos = grad_pos[i], row_lse = lse[i];
       T* real_row = real_coef + i * n;
       T* mix_row = mix_coef + i * n;
-      // d loss / d logit of a term with log weight lw: g_lse·softmax + g_pos·[positive]
+      real_row[i] = T(0);
+      std::fill(mix_row, mix_row + n, T(0));
+      // d/d logit of a term: g_lse·(its weighted softmax share) + g_pos·[positive]
       T self_coef = 0;
       for (int64_t c = 0; c < n; ++c) {
         if (c == i) continue;
@@ -220,8 +222,9 @@ std::tuple<Tensor, Tensor> supremix_bwd(const Tensor& gram, const Tensor& labels
   const Tensor g = gram.contiguous(), t = labels.contiguous(), l = lam.contiguous();
   const Tensor row_lse = lse.contiguous(), g_lse = grad_lse.contiguous(), g_pos = grad_pos.contiguous();
   const int64_t n = g.size(0);
-  Tensor real_coef = at::zeros({n, n}, g.options());
-  Tensor mix_coef = at::zeros({n, n}, g.options());
+  // Every entry is written by its anchor's task (no separate zero fill).
+  Tensor real_coef = at::empty({n, n}, g.options());
+  Tensor mix_coef = at::empty({n, n}, g.options());
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "supremix_bwd", [&] {
     backward_rows<scalar_t>(g.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), l.data_ptr<scalar_t>(),
                             n, static_cast<scalar_t>(inv_tau), static_cast<scalar_t>(gap),

@@ -128,6 +128,16 @@ def test_opcheck(backend):
     torch.library.opcheck(ops.rnc_rows_backward, (s.detach(), d, torch.randn(9), backend))
 
 
+@pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="C++ extension not built")
+def test_torch_compile_has_no_graph_break():
+    compiled = torch.compile(pyclloss.RnCLoss(backend="cpp"), fullgraph=True, backend="aot_eager")
+    v, y = torch.randn(9, 4, requires_grad=True), make_labels((9,), ties=True)
+    loss = compiled(v, y)
+    loss.backward()
+    assert_close_rel(loss, ref.rnc_loss(v.detach().double(), y.double()), 1e-5, "compiled")
+    assert torch.isfinite(v.grad).all()
+
+
 # ------------------------------------------------------------------- bad input
 
 

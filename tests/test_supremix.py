@@ -165,6 +165,18 @@ def test_opcheck(backend):
     torch.library.opcheck(ops.supremix_backward, (z.detach(), t, lam, lse, g, g, 2.0, 4.0, backend))
 
 
+@pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="C++ extension not built")
+def test_torch_compile_has_no_graph_break():
+    compiled = torch.compile(lambda z, t, lam: pyclloss.supremix_loss(z, t, lam, backend="cpp"),
+                             fullgraph=True, backend="aot_eager")
+    z, t, lam = make_inputs(9)
+    z.requires_grad_(True)
+    loss = compiled(z, t, lam)
+    loss.backward()
+    assert_close_rel(loss, ref.supremix_loss(z.detach().double(), t, lam), 1e-5, "compiled")
+    assert torch.isfinite(z.grad).all()
+
+
 # ------------------------------------------------------------------- bad input
 
 

@@ -27,8 +27,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import pyclloss
 from bench_sorting import fmt_mb, fmt_ms, machine_name, measure_memory, time_once
+
+import pyclloss
 from pyclloss.backends import resolve
 from pyclloss.ops import rnc as rnc_ops
 from pyclloss.ops import supremix as supremix_ops
@@ -95,7 +96,8 @@ def run_case(loss, n, args, log):
         for impl in impls:
             if impl == "reference" and (r >= args.reference_repeats or sum(times[impl]) > 60):
                 continue
-            seconds = time_once(lambda: values.__setitem__(impl, steps[impl]()), args.device)
+            seconds = time_once(lambda impl=impl: values.__setitem__(impl, steps[impl]()),
+                                args.device)
             times[impl].append(seconds)
             log(f"{loss} n={n} {impl}: {seconds * 1e3:.1f} ms")
     stats = {impl: (statistics.median(ts), min(ts)) for impl, ts in times.items()}
@@ -121,9 +123,10 @@ def header(args, command):
 
 
 def table(rows):
-    lines = ["| loss | n | fused backend | fused ms (median / min) | fused MiB "
-             "| reference ms (median / min) | reference MiB | speed-up (median / min) "
-             "| \\|loss fused − reference\\| |", "|---|---|---|---|---|---|---|---|---|"]
+    columns = ["loss", "n", "fused backend", "fused ms (median / min)", "fused MiB",
+               "reference ms (median / min)", "reference MiB", "speed-up (median / min)",
+               "\\|loss fused − reference\\|"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for loss, n, fused, stats, peaks, values in rows:
         ref = stats.get("reference")
         cells = [loss, str(n), fused, " / ".join(fmt_ms(x) for x in stats[fused]),

@@ -26,8 +26,8 @@ from .sorting import (
     soft_top_k_mask,
 )
 
-from .functional import rnc_loss, supremix_loss  # noqa: E402
-from .losses import RnCLoss, SupReMixLoss  # noqa: E402
+from .functional import rnc_loss, supremix_loss
+from .losses import RnCLoss, SupReMixLoss
 
 __version__ = "0.1.0"
 

@@ -256,10 +256,10 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logi
 
 # ---------------------------------------------------------------- regression losses
 
-from .ops import rnc as rnc_ops  # noqa: E402
-from .ops import supremix as supremix_ops  # noqa: E402
-from .reference import rnc as rnc_reference  # noqa: E402
-from .reference import supremix as supremix_reference  # noqa: E402
+from .ops import rnc as rnc_ops
+from .ops import supremix as supremix_ops
+from .reference import rnc as rnc_reference
+from .reference import supremix as supremix_reference
 
 
 def _fixed_positive(name: str, value) -> float:

@@ -5,13 +5,12 @@ custom-op contract and bad input."""
 
 import pytest
 import torch
+from conftest import fused_backends
+from test_info_nce import assert_close_rel, check_against_reference
 
 import pyclloss
 from pyclloss.ops import rnc as ops
 from pyclloss.reference import rnc as ref
-
-from conftest import fused_backends
-from test_info_nce import assert_close_rel, check_against_reference
 
 CPU_BACKENDS = fused_backends("cpu")
 # The Triton interpreter is slow: small sizes only.
@@ -98,8 +97,8 @@ def test_one_label_and_duplicate_features(backend, dtype):
     v = torch.cat([v, v[:3]])
     for y in (torch.zeros(9), make_labels((9,), ties=True)):
         check_against_reference(
-            lambda v: pyclloss.rnc_loss(v, y, backend=backend),
-            lambda v: ref.rnc_loss(v, y.double()),
+            lambda v, y=y: pyclloss.rnc_loss(v, y, backend=backend),
+            lambda v, y=y: ref.rnc_loss(v, y.double()),
             [v], dtype, f"{backend} duplicates")
 
 

@@ -6,13 +6,12 @@ contract and bad input."""
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import fused_backends
+from test_info_nce import assert_close_rel, check_against_reference
 
 import pyclloss
 from pyclloss.ops import supremix as ops
 from pyclloss.reference import supremix as ref
-
-from conftest import fused_backends
-from test_info_nce import TOL, assert_close_rel, check_against_reference
 
 CPU_BACKENDS = fused_backends("cpu")
 # The Triton interpreter is slow: small sizes only.

@@ -46,7 +46,7 @@ def _mix_pos_tile(t_ptr, g_row_ptr, ti, j, k, n, inv_tau, gap):
 
 @triton.jit
 def _columns(g_row_ptr, t_ptr, lam_row_ptr, i, c, n, ti, g_self, inv_tau):
-    """Masks (real, mix-neg, positive), logits, weights and λ of the columns c."""
+    """Masks (real, positive), logits, weights and λ of the columns c."""
     valid = c < n
     g = tl.load(g_row_ptr + c, mask=valid, other=0.0)
     tc = tl.load(t_ptr + c, mask=valid, other=0.0)
@@ -58,7 +58,7 @@ def _columns(g_row_ptr, t_ptr, lam_row_ptr, i, c, n, ti, g_self, inv_tau):
     neg_logit = tl.where(neg, (lam * g_self + (1.0 - lam) * g) * inv_tau, float("-inf"))
     real_weight = tl.abs(ti - tc) + 1.0
     neg_weight = (1.0 - lam) * tl.abs(ti - tc) + 1.0
-    return real, neg, real & (tc == ti), real_logit, neg_logit, real_weight, neg_weight, lam
+    return real, real & (tc == ti), real_logit, neg_logit, real_weight, neg_weight, lam
 
 
 @triton.jit
@@ -73,7 +73,7 @@ def _supremix_fwd_kernel(g_ptr, t_ptr, lam_ptr, lse_ptr, pos_sum_ptr, pos_count_
 
     shift = float("-inf")
     for start in range(0, n, BLOCK):
-        real, neg, pos, real_l, neg_l, real_w, neg_w, lam = _columns(
+        _, _, real_l, neg_l, _, _, _ = _columns(
             g_row_ptr, t_ptr, lam_row_ptr, i, start + offs, n, ti, g_self, inv_tau)
         shift = tl.maximum(shift, tl.maximum(tl.max(real_l), tl.max(neg_l)))
 
@@ -81,15 +81,15 @@ def _supremix_fwd_kernel(g_ptr, t_ptr, lam_ptr, lse_ptr, pos_sum_ptr, pos_count_
     pos_sum = 0.0
     pos_count = 0.0
     for start in range(0, n, BLOCK):
-        real, neg, pos, real_l, neg_l, real_w, neg_w, lam = _columns(
+        _, pos, real_l, neg_l, real_w, neg_w, _ = _columns(
             g_row_ptr, t_ptr, lam_row_ptr, i, start + offs, n, ti, g_self, inv_tau)
         total += tl.sum(real_w * tl.exp(real_l - shift) + neg_w * tl.exp(neg_l - shift))
         pos_sum += tl.sum(tl.where(pos, real_l, 0.0))
         pos_count += tl.sum(pos.to(tl.float32))
     for j_start in range(0, n, BLOCK):
         for k_start in range(0, n, BLOCK):
-            pair, alpha, logit = _mix_pos_tile(t_ptr, g_row_ptr, ti, j_start + offs,
-                                               k_start + offs, n, inv_tau, gap)
+            pair, _, logit = _mix_pos_tile(t_ptr, g_row_ptr, ti, j_start + offs,
+                                           k_start + offs, n, inv_tau, gap)
             total += tl.sum(tl.sum(tl.where(pair, tl.exp(logit - shift), 0.0), axis=1), axis=0)
             pos_sum += tl.sum(tl.sum(tl.where(pair, logit, 0.0), axis=1), axis=0)
             pos_count += tl.sum(tl.sum(pair.to(tl.float32), axis=1), axis=0)
@@ -114,7 +114,7 @@ def _supremix_bwd_kernel(g_ptr, t_ptr, lam_ptr, lse_ptr, grad_lse_ptr, grad_pos_
     self_coef = 0.0
     for start in range(0, n, BLOCK):
         c = start + offs
-        real, neg, pos, real_l, neg_l, real_w, neg_w, lam = _columns(
+        real, pos, real_l, neg_l, real_w, neg_w, lam = _columns(
             g_row_ptr, t_ptr, lam_row_ptr, i, c, n, ti, g_self, inv_tau)
         real_coef = g_lse * real_w * tl.exp(real_l - lse) + tl.where(pos, g_pos, 0.0)
         tl.store(real_ptr + i * n + c, tl.where(real, real_coef * inv_tau, 0.0), mask=c < n)

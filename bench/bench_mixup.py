@@ -170,10 +170,11 @@ def main():
     rows = [("supremix", n, *run_case("supremix", n, args, log)) for n in args.supremix_sizes]
     rows += [("rnc", n, *run_case("rnc", n, args, log)) for n in args.rnc_sizes]
     lines += table(rows)
-    lines += ["", f"RnC reference memory is measured up to n = {args.reference_memory_max_n} (a "
-              "call at n = 2048 takes minutes); its peak is bounded by the mask of one anchor "
-              "block, 2^25 elements (128 MiB in float32), plus O(n²). SupReMix's reference "
-              f"runs up to n = {SUPREMIX_REFERENCE_MAX_N} (n×n×n tensors).", ""]
+    note = (f"RnC reference memory is measured up to n = {args.reference_memory_max_n} (a "
+            "call at n = 2048 takes minutes); its peak is bounded by the mask of one anchor "
+            "block, 2^25 elements (128 MiB in float32), plus O(n²). SupReMix's reference "
+            f"runs up to n = {SUPREMIX_REFERENCE_MAX_N} (n×n×n tensors).")
+    lines += ["", note, ""]
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                    f"{args.device}-mixup.md")
     with open(out, "w") as f:

@@ -360,7 +360,7 @@ def rnc_loss(features: Tensor, labels: Tensor, temperature: float = 2.0, *,
         features: (n, D), or (B, V, D) views (the authors' (B, 2, D)), stacked
             view-major; n >= 2 in all.
         labels: (n,) or (n, L) real labels ((B,) or (B, L) for 3-D features).
-        temperature: τ > 0 (a fixed number).
+        temperature: τ > 0, a float or a 0-dim tensor (gets a gradient).
         reduction: "mean" (the authors' loss), "sum", or "none": (n,) each
             anchor's mean over j ≠ i.
     """
@@ -375,7 +375,7 @@ def rnc_loss(features: Tensor, labels: Tensor, temperature: float = 2.0, *,
     if n < 2:
         raise ValueError(f"features needs at least 2 samples in all, got {n}")
     reduction = _checks.reduction(reduction)
-    tau = _fixed_positive("temperature", temperature)
+    tau = _checks.positive("temperature", temperature, device, dt)
     backend = resolve(backend, device, rnc_ops.BACKENDS)
     if backend == "reference":
         return rnc_reference.rnc_loss(features, labels, tau, reduction)

@@ -75,6 +75,15 @@ def test_backend_matches_reference(backend, dtype, ties):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_temperature_gradient(backend):
+    v, y = torch.randn(SIZES[backend][-1], 6), make_labels((SIZES[backend][-1],), ties=True)
+    check_against_reference(
+        lambda v, tau: pyclloss.rnc_loss(v, y, tau, backend=backend),
+        lambda v, tau: ref.rnc_loss(v, y.double(), tau),
+        [v, torch.tensor(1.3)], torch.float32, f"{backend} temperature")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("reduction", ["sum", "none"])
 def test_views_label_dims_and_reductions(backend, reduction):
     f = torch.randn(9, 2, 6)
@@ -150,6 +159,7 @@ def test_torch_compile_has_no_graph_break():
     (dict(labels=torch.tensor([0.0, 1, 2, 3, float("nan")])), ValueError, "labels contains NaN"),
     (dict(labels=[0, 1, 2, 3, 4]), TypeError, "labels must be a torch.Tensor"),
     (dict(temperature=-2.0), ValueError, "temperature must be"),
+    (dict(temperature=torch.tensor([1.0, 2.0])), ValueError, "temperature must be a scalar"),
     (dict(reduction="mean_pairs"), ValueError, "reduction must be one of"),
     (dict(backend="gpu"), ValueError, "backend must be one of"),
 ])

@@ -46,9 +46,10 @@ def _anchor_block(s: Tensor, d: Tensor, rows: Tensor) -> Tensor:
     return terms.sum(1)
 
 
-def rnc_loss(features: Tensor, labels: Tensor, temperature: float = 2.0,
+def rnc_loss(features: Tensor, labels: Tensor, temperature=2.0,
              reduction: str = "mean") -> Tensor:
-    """RnC from the formula above; features (n, D), labels (n,) or (n, L).
+    """RnC from the formula above; features (n, D), labels (n,) or (n, L);
+    temperature a float or a 0-dim tensor.
 
     ``reduction="none"`` gives each anchor's mean over j ≠ i (n,); "mean"
     averages those (the authors' loss), "sum" adds them.

@@ -307,7 +307,8 @@ def supremix_loss(z: Tensor, t: Tensor, lam_neg: Tensor, temperature: float = 0.
         t: (n,) real-valued labels.
         lam_neg: (n, n) λ of the mix-neg pair (i, k) in [0, 1] (SupReMixLoss
             draws them from Beta(2, 8)); entries of other pairs are ignored.
-        temperature, base_temperature: τ, τ_b > 0 (fixed numbers).
+        temperature, base_temperature: τ, τ_b > 0, floats or 0-dim tensors
+            (they get gradients).
         gap: mix-pos neighbours lie closer than this to the anchor's label.
         reduction: "mean" over anchors with a positive, "sum", or "none" (n,).
     """
@@ -324,13 +325,13 @@ def supremix_loss(z: Tensor, t: Tensor, lam_neg: Tensor, temperature: float = 0.
     if not _checks._tracing() and not bool(((lam >= 0) & (lam <= 1)).all()):
         raise ValueError("lam_neg must lie in [0, 1]")
     reduction = _checks.reduction(reduction)
-    tau = _fixed_positive("temperature", temperature)
-    tau_b = _fixed_positive("base_temperature", base_temperature)
+    tau = _checks.positive("temperature", temperature, device, dt)
+    tau_b = _checks.positive("base_temperature", base_temperature, device, dt)
     gap = _fixed_positive("gap", gap)
     backend = resolve(backend, device, supremix_ops.BACKENDS)
     if backend == "reference":
         return supremix_reference.supremix_loss(z, t, lam, tau, tau_b, gap, reduction)
-    lse, pos_sum, pos_count = supremix_ops.supremix(_unit(z), t, lam, 1 / tau, gap, backend)
+    lse, pos_sum, pos_count, _ = supremix_ops.supremix(_unit(z), t, lam, 1 / tau, gap, backend)
     per_anchor = (tau / tau_b) * (lse - pos_sum / pos_count.clamp_min(1))
     return reduce_anchors(per_anchor, pos_count > 0, None, reduction)
 

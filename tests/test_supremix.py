@@ -103,6 +103,15 @@ def test_reductions(backend, reduction):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_temperature_gradients(backend):
+    z, t, lam = make_inputs(SIZES[backend][-1])
+    check_against_reference(
+        lambda z, tau, tau_b: pyclloss.supremix_loss(z, t, lam, tau, tau_b, backend=backend),
+        lambda z, tau, tau_b: ref.supremix_loss(z, t.double(), lam.double(), tau, tau_b),
+        [z, torch.tensor(0.4), torch.tensor(0.6)], torch.float32, f"{backend} temperatures")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_low_temperature_is_finite(backend):
     z, t, lam = make_inputs(SIZES[backend][-1])
     check_against_reference(
@@ -148,20 +157,23 @@ def test_gradcheck_float64_real_pairs(backend):
     # With mixtures, the float64 comparison with the reference's autograd
     # (test_backend_matches_reference) checks the stop-gradient semantics.
     z = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    tau = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
     t, lam = torch.zeros(7, dtype=torch.float64), torch.rand(7, 7, dtype=torch.float64)
     assert torch.autograd.gradcheck(
-        lambda z: pyclloss.supremix_loss(z, t, lam, 0.5, 0.3, reduction="none", backend=backend),
-        (z,))
+        lambda z, tau: pyclloss.supremix_loss(z, t, lam, tau, 0.3, reduction="none",
+                                              backend=backend), (z, tau))
 
 
 @pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b == "cpp"])
 def test_opcheck(backend):
     z, t, lam = make_inputs(9)
     z = F.normalize(z, dim=1).requires_grad_(True)
-    torch.library.opcheck(ops.supremix, (z, t, lam, 2.0, 4.0, backend))
-    lse, _, _ = ops.supremix(z.detach(), t, lam, 2.0, 4.0, backend)
+    scale = torch.tensor(2.0, requires_grad=True)
+    torch.library.opcheck(ops.supremix, (z, t, lam, scale, 4.0, backend))
+    lse = ops.supremix(z.detach(), t, lam, scale.detach(), 4.0, backend)[0]
     g = torch.randn(9)
-    torch.library.opcheck(ops.supremix_backward, (z.detach(), t, lam, lse, g, g, 2.0, 4.0, backend))
+    torch.library.opcheck(ops.supremix_backward,
+                          (z.detach(), t, lam, lse, g, g, scale.detach(), 4.0, backend))
 
 
 @pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="C++ extension not built")
@@ -189,7 +201,8 @@ def test_torch_compile_has_no_graph_break():
     (dict(lam_neg=torch.ones(5, 5, dtype=torch.long)), TypeError, "lam_neg must be a floating"),
     (dict(lam_neg=torch.full((5, 5), 1.5)), ValueError, "lam_neg must lie in [0, 1]"),
     (dict(temperature=0.0), ValueError, "temperature must be"),
-    (dict(temperature=torch.tensor(0.5, requires_grad=True)), ValueError, "temperature must be a fixed"),
+    (dict(temperature=torch.tensor([0.5, 1.0])), ValueError, "temperature must be a scalar"),
+    (dict(gap=torch.tensor(5.0, requires_grad=True)), ValueError, "gap must be a fixed"),
     (dict(base_temperature=-1.0), ValueError, "base_temperature must be"),
     (dict(gap=0), ValueError, "gap must be"),
     (dict(reduction="avg"), ValueError, "reduction must be one of"),

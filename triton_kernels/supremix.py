@@ -8,7 +8,9 @@ tiles masked by "j is a lower, k an upper neighbour within the gap", with
 tile. Nothing n×n×n is stored.
 
 Forward: the shift is the largest real (c ≠ i) or mix-neg logit, which bounds
-every mix-pos logit (a convex combination of real ones); then one pass sums.
+every mix-pos logit (a convex combination of real ones); then one pass sums
+(and sums the logits weighted by their terms: the mean logit, for the
+temperature's gradient).
 Backward: for a block of columns c, the coefficient R_ic of the real pair,
 the mix-neg part of A_ic, and the mix-pos parts of A_ic: Σ_k coef·α over the
 tiles where c is the lower side, Σ_j coef·(1−α) where c is the upper side.
@@ -62,8 +64,8 @@ def _columns(g_row_ptr, t_ptr, lam_row_ptr, i, c, n, ti, g_self, inv_tau):
 
 
 @triton.jit
-def _supremix_fwd_kernel(g_ptr, t_ptr, lam_ptr, lse_ptr, pos_sum_ptr, pos_count_ptr, n, inv_tau,
-                         gap, BLOCK: tl.constexpr):
+def _supremix_fwd_kernel(g_ptr, t_ptr, lam_ptr, lse_ptr, pos_sum_ptr, pos_count_ptr,
+                         mean_logit_ptr, n, inv_tau, gap, BLOCK: tl.constexpr):
     i = tl.program_id(0)
     g_row_ptr = g_ptr + i * n
     lam_row_ptr = lam_ptr + i * n
@@ -78,24 +80,32 @@ def _supremix_fwd_kernel(g_ptr, t_ptr, lam_ptr, lse_ptr, pos_sum_ptr, pos_count_
         shift = tl.maximum(shift, tl.maximum(tl.max(real_l), tl.max(neg_l)))
 
     total = 0.0
+    weighted = 0.0  # Σ w·e^(l − shift)·l, for the mean logit
     pos_sum = 0.0
     pos_count = 0.0
     for start in range(0, n, BLOCK):
         _, pos, real_l, neg_l, real_w, neg_w, _ = _columns(
             g_row_ptr, t_ptr, lam_row_ptr, i, start + offs, n, ti, g_self, inv_tau)
-        total += tl.sum(real_w * tl.exp(real_l - shift) + neg_w * tl.exp(neg_l - shift))
+        real_term = real_w * tl.exp(real_l - shift)
+        neg_term = neg_w * tl.exp(neg_l - shift)
+        total += tl.sum(real_term + neg_term)
+        weighted += tl.sum(tl.where(real_term > 0, real_term * real_l, 0.0) +
+                           tl.where(neg_term > 0, neg_term * neg_l, 0.0))
         pos_sum += tl.sum(tl.where(pos, real_l, 0.0))
         pos_count += tl.sum(pos.to(tl.float32))
     for j_start in range(0, n, BLOCK):
         for k_start in range(0, n, BLOCK):
             pair, _, logit = _mix_pos_tile(t_ptr, g_row_ptr, ti, j_start + offs,
                                            k_start + offs, n, inv_tau, gap)
-            total += tl.sum(tl.sum(tl.where(pair, tl.exp(logit - shift), 0.0), axis=1), axis=0)
+            term = tl.where(pair, tl.exp(logit - shift), 0.0)
+            total += tl.sum(tl.sum(term, axis=1), axis=0)
+            weighted += tl.sum(tl.sum(tl.where(pair, term * logit, 0.0), axis=1), axis=0)
             pos_sum += tl.sum(tl.sum(tl.where(pair, logit, 0.0), axis=1), axis=0)
             pos_count += tl.sum(tl.sum(pair.to(tl.float32), axis=1), axis=0)
     tl.store(lse_ptr + i, shift + tl.log(total))
     tl.store(pos_sum_ptr + i, pos_sum)
     tl.store(pos_count_ptr + i, pos_count)
+    tl.store(mean_logit_ptr + i, weighted / total)
 
 
 @triton.jit
@@ -149,12 +159,12 @@ def _check(gram: Tensor, labels: Tensor, lam: Tensor) -> int:
 
 
 def supremix_fwd(gram: Tensor, labels: Tensor, lam: Tensor, inv_tau: float,
-                 gap: float) -> tuple[Tensor, Tensor, Tensor]:
+                 gap: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     n = _check(gram, labels, lam)
-    lse, pos_sum, pos_count = (gram.new_empty(n) for _ in range(3))
+    lse, pos_sum, pos_count, mean_logit = (gram.new_empty(n) for _ in range(4))
     _supremix_fwd_kernel[(n,)](gram.contiguous(), labels.contiguous(), lam.contiguous(), lse,
-                               pos_sum, pos_count, n, inv_tau, gap, BLOCK=_block(n))
-    return lse, pos_sum, pos_count
+                               pos_sum, pos_count, mean_logit, n, inv_tau, gap, BLOCK=_block(n))
+    return lse, pos_sum, pos_count, mean_logit
 
 
 def supremix_bwd(gram: Tensor, labels: Tensor, lam: Tensor, inv_tau: float, gap: float,

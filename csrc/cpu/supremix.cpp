@@ -9,9 +9,11 @@
 // scalar work per anchor, nothing n×n×n.
 //
 // Forward: per anchor the weighted log-sum-exp over A_i, the sum of positive
-// logits and |P_i|. The shift is the largest real (c ≠ i) or mix-neg logit,
-// which bounds every mix-pos logit (a convex combination of real ones), so
-// the largest term of the sum is exactly its weight (>= 1).
+// logits, |P_i| and the softmax-weighted mean logit (for the gradient of the
+// temperature: d lse / d(1/τ) = mean logit · τ). The shift is the largest
+// real (c ≠ i) or mix-neg logit, which bounds every mix-pos logit (a convex
+// combination of real ones), so the largest term of the sum is exactly its
+// weight (>= 1).
 // Backward: given the gradients of lse and pos_sum, the coefficient matrices
 // of dz = (R + Rᵀ + A)·z: R_ic for the real pairs (both sides get a
 // gradient), A for the mixtures (detached: only the anchor side). Each anchor
@@ -94,7 +96,7 @@ int64_t grain(int64_t n) { return std::max<int64_t>(1, 4096 / std::max<int64_t>(
 
 template <typename T>
 void forward_rows(const T* gram, const T* t, const T* lam, int64_t n, T inv_tau, T gap, T* lse,
-                  T* pos_sum, T* pos_count) {
+                  T* pos_sum, T* pos_count, T* mean_logit) {
   at::parallel_for(0, n, grain(n), [&](int64_t begin, int64_t end) {
     MixPosSides<T> sides;
     for (int64_t i = begin; i < end; ++i) {
@@ -105,14 +107,20 @@ void forward_rows(const T* gram, const T* t, const T* lam, int64_t n, T inv_tau,
         shift = std::max(shift, a.real_logit(c));
         if (a.has_mix_neg(c)) shift = std::max(shift, a.mix_neg_logit(c));
       }
-      double sum = 0, positives = 0;
+      // sum: Σ w·e^(l − shift); weighted: Σ w·e^(l − shift)·l (for the mean logit)
+      double sum = 0, weighted = 0, positives = 0;
       int64_t count = 0;
       for (int64_t c = 0; c < n; ++c) {
         if (c == i) continue;
         const T l = a.real_logit(c);
-        sum += a.real_weight(c) * exp_approx(l - shift);
+        const T term = a.real_weight(c) * exp_approx(l - shift);
+        sum += term, weighted += term * l;
         if (t[c] == a.ti) positives += l, ++count;
-        if (a.has_mix_neg(c)) sum += a.mix_neg_weight(c) * exp_approx(a.mix_neg_logit(c) - shift);
+        if (a.has_mix_neg(c)) {
+          const T neg_l = a.mix_neg_logit(c);
+          const T neg_term = a.mix_neg_weight(c) * exp_approx(neg_l - shift);
+          sum += neg_term, weighted += neg_term * neg_l;
+        }
       }
       sides.gather(a.g_row, t, n, a.ti, gap);
       const int64_t n_upper = static_cast<int64_t>(sides.upper.size());
@@ -120,19 +128,20 @@ void forward_rows(const T* gram, const T* t, const T* lam, int64_t n, T inv_tau,
       const T* up_t = sides.upper_t.data();
       for (size_t jj = 0; jj < sides.lower.size(); ++jj) {
         const T gj = sides.lower_dot[jj], tj = sides.lower_t[jj];
-        T row_sum = 0, row_logits = 0;
+        T row_sum = 0, row_weighted = 0, row_logits = 0;
         for (int64_t kk = 0; kk < n_upper; ++kk) {
           const T alpha = mix_pos_alpha(a.ti, tj, up_t[kk]);
           const T l = (alpha * gj + (T(1) - alpha) * up_dot[kk]) * inv_tau;
-          row_sum += exp_approx(l - shift);
-          row_logits += l;
+          const T term = exp_approx(l - shift);
+          row_sum += term, row_weighted += term * l, row_logits += l;
         }
-        sum += row_sum, positives += row_logits;
+        sum += row_sum, weighted += row_weighted, positives += row_logits;
       }
       count += static_cast<int64_t>(sides.lower.size()) * n_upper;
       lse[i] = shift + static_cast<T>(std::log(sum));
       pos_sum[i] = static_cast<T>(positives);
       pos_count[i] = static_cast<T>(count);
+      mean_logit[i] = static_cast<T>(weighted / sum);
     }
   });
 }
@@ -198,7 +207,7 @@ void check_inputs(const Tensor& gram, const Tensor& labels, const Tensor& lam) {
               "supremix: gram, labels and lam must share one dtype");
 }
 
-std::tuple<Tensor, Tensor, Tensor> supremix_fwd(const Tensor& gram, const Tensor& labels,
+std::tuple<Tensor, Tensor, Tensor, Tensor> supremix_fwd(const Tensor& gram, const Tensor& labels,
                                                 const Tensor& lam, double inv_tau, double gap) {
   check_inputs(gram, labels, lam);
   const Tensor g = gram.contiguous(), t = labels.contiguous(), l = lam.contiguous();
@@ -206,13 +215,14 @@ std::tuple<Tensor, Tensor, Tensor> supremix_fwd(const Tensor& gram, const Tensor
   Tensor lse = at::empty({n}, g.options());
   Tensor pos_sum = at::empty({n}, g.options());
   Tensor pos_count = at::empty({n}, g.options());
+  Tensor mean_logit = at::empty({n}, g.options());
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "supremix_fwd", [&] {
     forward_rows<scalar_t>(g.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), l.data_ptr<scalar_t>(),
                            n, static_cast<scalar_t>(inv_tau), static_cast<scalar_t>(gap),
                            lse.data_ptr<scalar_t>(), pos_sum.data_ptr<scalar_t>(),
-                           pos_count.data_ptr<scalar_t>());
+                           pos_count.data_ptr<scalar_t>(), mean_logit.data_ptr<scalar_t>());
   });
-  return {lse, pos_sum, pos_count};
+  return {lse, pos_sum, pos_count, mean_logit};
 }
 
 std::tuple<Tensor, Tensor> supremix_bwd(const Tensor& gram, const Tensor& labels, const Tensor& lam,
@@ -240,7 +250,7 @@ std::tuple<Tensor, Tensor> supremix_bwd(const Tensor& gram, const Tensor& labels
 
 TORCH_LIBRARY_FRAGMENT(pyclloss_C, m) {
   m.def("supremix_fwd(Tensor gram, Tensor labels, Tensor lam, float inv_tau, float gap)"
-        " -> (Tensor, Tensor, Tensor)");
+        " -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("supremix_bwd(Tensor gram, Tensor labels, Tensor lam, float inv_tau, float gap,"
         " Tensor lse, Tensor grad_lse, Tensor grad_pos) -> (Tensor, Tensor)");
 }

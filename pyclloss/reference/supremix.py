@@ -44,11 +44,11 @@ def mix_pos_alpha(t: Tensor, gap: float) -> tuple[Tensor, Tensor]:
     return members, torch.where(members, (tk - ti) / span, torch.zeros_like(span))
 
 
-def supremix_loss(z: Tensor, t: Tensor, lam_neg: Tensor, temperature: float = 0.5,
-                  base_temperature: float = 0.5, gap: float = 5.0,
-                  reduction: str = "mean") -> Tensor:
+def supremix_loss(z: Tensor, t: Tensor, lam_neg: Tensor, temperature=0.5, base_temperature=0.5,
+                  gap: float = 5.0, reduction: str = "mean") -> Tensor:
     """SupReMix loss from the formulas above; z (n, D) is normalised here,
-    t (n,) labels, lam_neg (n, n) the λ of every mix-neg pair (i, k)."""
+    t (n,) labels, lam_neg (n, n) the λ of every mix-neg pair (i, k); the
+    temperatures floats or 0-dim tensors."""
     acc = stats_dtype(z.dtype)
     z = F.normalize(z.to(acc), dim=1)
     t, lam = t.to(acc), lam_neg.to(acc)

@@ -64,9 +64,10 @@ def _columns(g_row_ptr, t_ptr, lam_row_ptr, i, c, n, ti, g_self, inv_tau):
 
 
 @triton.jit
-def _supremix_fwd_kernel(g_ptr, t_ptr, lam_ptr, lse_ptr, pos_sum_ptr, pos_count_ptr,
-                         mean_logit_ptr, n, inv_tau, gap, BLOCK: tl.constexpr):
+def _supremix_fwd_kernel(g_ptr, t_ptr, lam_ptr, scale_ptr, lse_ptr, pos_sum_ptr, pos_count_ptr,
+                         mean_logit_ptr, n, gap, BLOCK: tl.constexpr):
     i = tl.program_id(0)
+    inv_tau = tl.load(scale_ptr)
     g_row_ptr = g_ptr + i * n
     lam_row_ptr = lam_ptr + i * n
     ti = tl.load(t_ptr + i)
@@ -109,9 +110,10 @@ def _supremix_fwd_kernel(g_ptr, t_ptr, lam_ptr, lse_ptr, pos_sum_ptr, pos_count_
 
 
 @triton.jit
-def _supremix_bwd_kernel(g_ptr, t_ptr, lam_ptr, lse_ptr, grad_lse_ptr, grad_pos_ptr, real_ptr,
-                         mix_ptr, mix_diag_ptr, n, inv_tau, gap, BLOCK: tl.constexpr):
+def _supremix_bwd_kernel(g_ptr, t_ptr, lam_ptr, scale_ptr, lse_ptr, grad_lse_ptr, grad_pos_ptr,
+                         real_ptr, mix_ptr, mix_diag_ptr, n, gap, BLOCK: tl.constexpr):
     i = tl.program_id(0)
+    inv_tau = tl.load(scale_ptr)
     g_row_ptr = g_ptr + i * n
     lam_row_ptr = lam_ptr + i * n
     ti = tl.load(t_ptr + i)
@@ -147,33 +149,33 @@ def _supremix_bwd_kernel(g_ptr, t_ptr, lam_ptr, lse_ptr, grad_lse_ptr, grad_pos_
     tl.store(mix_diag_ptr + i, self_coef * inv_tau)
 
 
-def _check(gram: Tensor, labels: Tensor, lam: Tensor) -> int:
+def _check(gram: Tensor, labels: Tensor, lam: Tensor, scale: Tensor) -> int:
     n = gram.shape[0]
     if gram.shape != (n, n) or lam.shape != (n, n) or labels.shape != (n,):
         raise ValueError(f"supremix: gram (n, n), labels (n,), lam (n, n) expected, got "
                          f"{tuple(gram.shape)}, {tuple(labels.shape)}, {tuple(lam.shape)}")
-    if any(x.dtype != torch.float32 for x in (gram, labels, lam)):
-        raise TypeError(f"supremix: the Triton kernels take float32 gram, labels and lam, got "
-                        f"{gram.dtype}, {labels.dtype}, {lam.dtype}")
+    if any(x.dtype != torch.float32 for x in (gram, labels, lam, scale)):
+        raise TypeError(f"supremix: the Triton kernels take float32 gram, labels, lam and scale, "
+                        f"got {gram.dtype}, {labels.dtype}, {lam.dtype}, {scale.dtype}")
     return n
 
 
-def supremix_fwd(gram: Tensor, labels: Tensor, lam: Tensor, inv_tau: float,
+def supremix_fwd(gram: Tensor, labels: Tensor, lam: Tensor, scale: Tensor,
                  gap: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    n = _check(gram, labels, lam)
+    n = _check(gram, labels, lam, scale)
     lse, pos_sum, pos_count, mean_logit = (gram.new_empty(n) for _ in range(4))
-    _supremix_fwd_kernel[(n,)](gram.contiguous(), labels.contiguous(), lam.contiguous(), lse,
-                               pos_sum, pos_count, mean_logit, n, inv_tau, gap, BLOCK=_block(n))
+    _supremix_fwd_kernel[(n,)](gram.contiguous(), labels.contiguous(), lam.contiguous(), scale,
+                               lse, pos_sum, pos_count, mean_logit, n, gap, BLOCK=_block(n))
     return lse, pos_sum, pos_count, mean_logit
 
 
-def supremix_bwd(gram: Tensor, labels: Tensor, lam: Tensor, inv_tau: float, gap: float,
+def supremix_bwd(gram: Tensor, labels: Tensor, lam: Tensor, scale: Tensor, gap: float,
                  lse: Tensor, grad_lse: Tensor, grad_pos: Tensor) -> tuple[Tensor, Tensor]:
-    n = _check(gram, labels, lam)
+    n = _check(gram, labels, lam, scale)
     real, mix = gram.new_empty(n, n), gram.new_empty(n, n)
     mix_diag = gram.new_empty(n)
-    _supremix_bwd_kernel[(n,)](gram.contiguous(), labels.contiguous(), lam.contiguous(),
+    _supremix_bwd_kernel[(n,)](gram.contiguous(), labels.contiguous(), lam.contiguous(), scale,
                                lse.contiguous(), grad_lse.contiguous(), grad_pos.contiguous(),
-                               real, mix, mix_diag, n, inv_tau, gap, BLOCK=_block(n))
+                               real, mix, mix_diag, n, gap, BLOCK=_block(n))
     mix.diagonal().add_(mix_diag)
     return real, mix

@@ -208,7 +208,8 @@ void check_inputs(const Tensor& gram, const Tensor& labels, const Tensor& lam) {
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> supremix_fwd(const Tensor& gram, const Tensor& labels,
-                                                const Tensor& lam, double inv_tau, double gap) {
+                                                        const Tensor& lam, const Tensor& scale,
+                                                        double gap) {
   check_inputs(gram, labels, lam);
   const Tensor g = gram.contiguous(), t = labels.contiguous(), l = lam.contiguous();
   const int64_t n = g.size(0);
@@ -218,7 +219,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> supremix_fwd(const Tensor& gram, cons
   Tensor mean_logit = at::empty({n}, g.options());
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "supremix_fwd", [&] {
     forward_rows<scalar_t>(g.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), l.data_ptr<scalar_t>(),
-                           n, static_cast<scalar_t>(inv_tau), static_cast<scalar_t>(gap),
+                           n, scale.item<scalar_t>(), static_cast<scalar_t>(gap),
                            lse.data_ptr<scalar_t>(), pos_sum.data_ptr<scalar_t>(),
                            pos_count.data_ptr<scalar_t>(), mean_logit.data_ptr<scalar_t>());
   });
@@ -226,7 +227,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> supremix_fwd(const Tensor& gram, cons
 }
 
 std::tuple<Tensor, Tensor> supremix_bwd(const Tensor& gram, const Tensor& labels, const Tensor& lam,
-                                        double inv_tau, double gap, const Tensor& lse,
+                                        const Tensor& scale, double gap, const Tensor& lse,
                                         const Tensor& grad_lse, const Tensor& grad_pos) {
   check_inputs(gram, labels, lam);
   const Tensor g = gram.contiguous(), t = labels.contiguous(), l = lam.contiguous();
@@ -237,7 +238,7 @@ std::tuple<Tensor, Tensor> supremix_bwd(const Tensor& gram, const Tensor& labels
   Tensor mix_coef = at::empty({n, n}, g.options());
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "supremix_bwd", [&] {
     backward_rows<scalar_t>(g.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), l.data_ptr<scalar_t>(),
-                            n, static_cast<scalar_t>(inv_tau), static_cast<scalar_t>(gap),
+                            n, scale.item<scalar_t>(), static_cast<scalar_t>(gap),
                             row_lse.data_ptr<scalar_t>(), g_lse.data_ptr<scalar_t>(),
                             g_pos.data_ptr<scalar_t>(), real_coef.data_ptr<scalar_t>(),
                             mix_coef.data_ptr<scalar_t>());
@@ -249,9 +250,9 @@ std::tuple<Tensor, Tensor> supremix_bwd(const Tensor& gram, const Tensor& labels
 }  // namespace pyclloss::cpu
 
 TORCH_LIBRARY_FRAGMENT(pyclloss_C, m) {
-  m.def("supremix_fwd(Tensor gram, Tensor labels, Tensor lam, float inv_tau, float gap)"
+  m.def("supremix_fwd(Tensor gram, Tensor labels, Tensor lam, Tensor scale, float gap)"
         " -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("supremix_bwd(Tensor gram, Tensor labels, Tensor lam, float inv_tau, float gap,"
+  m.def("supremix_bwd(Tensor gram, Tensor labels, Tensor lam, Tensor scale, float gap,"
         " Tensor lse, Tensor grad_lse, Tensor grad_pos) -> (Tensor, Tensor)");
 }
 

@@ -12,9 +12,10 @@
   from the forward's softmax-weighted mean logits.
 
 Kernels (``backend`` "cpp" or "triton", resolved by the caller):
-``supremix_fwd(G, labels, lam, inv_tau, gap) -> (lse, pos_sum, pos_count,
-mean_logit)`` and ``supremix_bwd(G, labels, lam, inv_tau, gap, lse, grad_lse,
-grad_pos) -> (R, A)``, all in the statistics dtype; inv_tau is a float.
+``supremix_fwd(G, labels, lam, scale, gap) -> (lse, pos_sum, pos_count,
+mean_logit)`` and ``supremix_bwd(G, labels, lam, scale, gap, lse, grad_lse,
+grad_pos) -> (R, A)``, all in the statistics dtype; ``scale`` (1/τ) is a
+0-dim tensor, read on the device by the Triton kernels (no host sync).
 """
 
 import torch
@@ -36,7 +37,7 @@ def _gram(z: Tensor) -> Tensor:
 def supremix(z: Tensor, labels: Tensor, lam: Tensor, scale: Tensor, gap: float,
              backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(lse, pos_sum, pos_count, mean_logit); the last two get no gradient."""
-    outs = kernel(backend, FAMILY, "supremix_fwd")(_gram(z), labels, lam, scale.item(), gap)
+    outs = kernel(backend, FAMILY, "supremix_fwd")(_gram(z), labels, lam, scale.detach(), gap)
     return tuple(o.contiguous() for o in outs)
 
 
@@ -51,7 +52,7 @@ def supremix_backward(z: Tensor, labels: Tensor, lam: Tensor, lse: Tensor, grad_
                       grad_pos: Tensor, scale: Tensor, gap: float, backend: str) -> Tensor:
     zf = z.to(stats_dtype(z.dtype))
     real, mix = kernel(backend, FAMILY, "supremix_bwd")(
-        zf @ zf.T, labels, lam, scale.item(), gap, lse, grad_lse.contiguous(),
+        zf @ zf.T, labels, lam, scale, gap, lse, grad_lse.contiguous(),
         grad_pos.contiguous())
     return ((real + real.T + mix) @ zf).to(z.dtype)
 

@@ -27,6 +27,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from .benchmark import pyplot
 from .energy import EnergyMeter, cpu_model, describe_gpu, gpus_of
 from .train.losses import LOSSES
 from .train.trainer import (
@@ -239,12 +240,8 @@ def markdown_report(args, argv, device, setup, idle_watts, idle_result, rows) ->
 
 def plot(rows: Dict[tuple, Row], path: str) -> str:
     """A bar chart of J/step (s/step where energy was not measured); says what it did."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return "no plot: matplotlib is not installed"
     keys = list(rows)
     column = "J/step" if all("J/step" in rows[k].mean for k in keys) else "s/step"

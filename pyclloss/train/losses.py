@@ -79,6 +79,34 @@ class QueueInfoNCE(nn.Module):
         self.next_slot.copy_((self.next_slot + keys.shape[0]) % len(self.queue))
 
 
+class GroCoViews(nn.Module):
+    """GroCo between two views as its authors train it (Shvetsova et al.,
+    "Learning by Sorting", ICCV 2023): each view's embeddings are anchors; an
+    anchor's positive is the cosine similarity to its other view, its negatives
+    those to the other anchors of its own view, of which the ``num_neg``
+    hardest are relaxed-sorted below the positive; positives and negatives are
+    detached (the authors' stop-gradient); the mean over the two views. The
+    sorting steepness is 1 / temperature."""
+
+    def __init__(self, backend: str, temperature: float, num_neg: int = 10):
+        super().__init__()
+        self.backend, self.steepness, self.num_neg = backend, 1.0 / temperature, num_neg
+
+    def forward(self, z1, z2, labels):
+        from pyclloss.sorting import groco_loss
+
+        views = [F.normalize(z.float(), dim=1) for z in (z1, z2)]
+        b = z1.shape[0]
+        own = torch.eye(b, dtype=torch.bool, device=z1.device)
+        loss = 0.0
+        for anchor, other in (views, views[::-1]):
+            pos = (anchor * other.detach()).sum(1, keepdim=True)
+            neg = (anchor @ anchor.detach().T).masked_fill(own, float("-inf"))
+            loss = loss + groco_loss(pos, neg, self.steepness, min(self.num_neg, b - 1),
+                                     backend=self.backend)
+        return loss / 2
+
+
 @dataclass(frozen=True)
 class LossEntry:
     build: Callable[[int, Any], nn.Module]  # (embedding dim, TrainConfig) -> loss module
@@ -102,4 +130,8 @@ LOSSES: Dict[str, LossEntry] = {
         lambda dim, cfg: QueueInfoNCE(loss_function("info_nce", cfg.backend), dim, cfg.queue_size,
                                   cfg.temperature),
         temperature=0.2, momentum_encoder=True, about="MoCo v2: momentum encoder and key queue"),
+    "groco": LossEntry(
+        lambda dim, cfg: GroCoViews(cfg.backend, cfg.temperature),
+        temperature=1.0, about="GroCo: relaxed sorting of the positive above the hardest "
+                               "negatives (steepness = 1 / temperature)"),
 }

@@ -181,8 +181,11 @@ def _ring_backward(ring: _Ring, block: Sequence[Tensor], sizes: Sequence[int], n
         if not last:
             incoming, transfer = ring.start(block, sizes[ring.owner(step + 1)])
         dq, dk, *scalars = visit(step, block)
-        parts = [dq.to(stats_dtype(dq.dtype))] + scalars
-        totals = parts if totals is None else [a + b for a, b in zip(totals, parts)]
+        if totals is None:
+            totals = [dq.to(stats_dtype(dq.dtype))] + scalars
+        else:
+            totals = [totals[0].add_(dq)] + [a + b for a, b in zip(totals[1:], scalars)]
+        dq = None  # no block-sized temporary outlives its step
         if need_dk:
             dk = dk.to(stats_dtype(dk.dtype))
             if in_flight is not None:

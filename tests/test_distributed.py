@@ -16,6 +16,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 import pyclloss
 from pyclloss import functional as fn
@@ -54,8 +56,8 @@ def _cases(sizes, seed: int) -> Dict[str, Case]:
                              {"z": feats(n), "y": labels}, {"t": 0.2}, ("z",)),
         "supcon": Case(lambda x, s, o, **kw: fn.supcon(x["z"], x["y"], s["t"], 0.5, **kw),
                        {"z": feats(n), "y": labels}, {"t": 0.1}, ("z",)),
-        "supcon_views": Case(lambda x, s, o, **kw: fn.supcon(x["z"], None, s["t"],
-                                                             weights=x["w"], **kw),
+        "supcon_views": Case(lambda x, s, o, **kw: pyclloss.SupConLoss(s["t"], **kw)(
+                                 x["z"], None, x["w"]),
                              {"z": feats(n, 2), "w": torch.rand(n, generator=gen)}, {"t": 0.3},
                              ("z",)),
         "info_nce": Case(lambda x, s, o, **kw: fn.info_nce(x["q"], x["k"], s["t"], x["t"] - o,
@@ -64,21 +66,43 @@ def _cases(sizes, seed: int) -> Dict[str, Case]:
                          ("q", "k")),
         "clip": Case(lambda x, s, o, **kw: fn.clip_loss(x["i"], x["x"], s["s"], **kw),
                      {"i": feats(n), "x": feats(n)}, {"s": 5.0}, ("i", "x")),
-        "siglip": Case(lambda x, s, o, **kw: fn.siglip_loss(x["i"], x["x"], s["s"], s["b"], **kw),
+        "siglip": Case(lambda x, s, o, **kw: pyclloss.SigLipLoss(**kw)(x["i"], x["x"], s["s"],
+                                                                      s["b"]),
                        {"i": feats(n), "x": feats(n)}, {"s": 4.0, "b": -2.0}, ("i", "x")),
     }
 
 
-def _run(case: Case, start: int, stop: int, backend: str, **kw):
-    """Loss and the gradients of its differentiable inputs and scalars."""
-    x = {k: v[start:stop].clone().requires_grad_(k in case.differentiable)
+def _run(case: Case, start: int, stop: int, backend: str, device="cpu", **kw):
+    """Loss and the gradients of its differentiable inputs and scalars (on the CPU)."""
+    x = {k: v[start:stop].to(device).requires_grad_(k in case.differentiable)
          for k, v in case.rows.items()}
-    s = {k: torch.tensor(v, requires_grad=True) for k, v in case.scalars.items()}
+    s = {k: torch.tensor(v, device=device, requires_grad=True) for k, v in case.scalars.items()}
     loss = case.call(x, s, start, backend=backend, **kw)
     loss.backward()
-    grads = {k: x[k].grad for k in case.differentiable}
-    grads.update({k: v.grad for k, v in s.items()})
-    return loss.detach(), grads
+    grads = {k: x[k].grad.cpu() for k in case.differentiable}
+    grads.update({k: v.grad.cpu() for k, v in s.items()})
+    return loss.detach().cpu(), grads
+
+
+class _Towers(nn.Module):
+    """Two linear towers and CLIP's learnable log logit scale."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.image, self.text = nn.Linear(DIM, 8), nn.Linear(DIM, 8)
+        self.log_scale = nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, images, texts):
+        return self.image(images), self.text(texts), self.log_scale.exp()
+
+
+def _tower_grads(model: nn.Module, case: Case, start: int, stop: int, **kw):
+    """Parameter gradients of CLIP on the rows start:stop through ``model``."""
+    model.zero_grad()
+    fn.clip_loss(*model(case.rows["i"][start:stop], case.rows["x"][start:stop]),
+                 backend="cpp", **kw).backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
 def _rss_bytes(field: str) -> int:
@@ -103,27 +127,39 @@ def _peak_extra_bytes(strategy: str, rank: int) -> int:
     return peak
 
 
-def _worker(rank, world, port, sizes, seed, out_dir):
+def _worker(rank, world, port, sizes, seed, out_dir, on_gpu):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    device = torch.device("cuda", rank) if on_gpu else torch.device("cpu")
+    if on_gpu:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if on_gpu else "gloo", rank=rank, world_size=world)
     try:
         start, stop = sum(sizes[:rank]), sum(sizes[:rank + 1])
         results = {}
         for name, case in _cases(sizes, seed).items():
             for strategy in STRATEGIES:
-                for backend in BACKENDS:
+                for backend in ("auto",) if on_gpu else BACKENDS:
                     results[name, strategy, backend] = _run(
-                        case, start, stop, backend, gather_distributed=True, strategy=strategy)
-        local_clip = _cases(sizes, seed)["clip"]
-        results["clip_none"] = fn.clip_loss(local_clip.rows["i"][start:stop],
-                                            local_clip.rows["x"][start:stop], 5.0,
-                                            reduction="none", gather_distributed=True,
-                                            strategy="ring")
-        results["memory"] = {s: _peak_extra_bytes(s, rank) for s in STRATEGIES}
+                        case, start, stop, backend, device, gather_distributed=True,
+                        strategy=strategy)
+        if not on_gpu:
+            _cpu_only_results(results, sizes, seed, start, stop, rank)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def _cpu_only_results(results, sizes, seed, start, stop, rank):
+    local_clip = _cases(sizes, seed)["clip"]
+    ddp = DistributedDataParallel(_Towers(seed))
+    for strategy in STRATEGIES:
+        results["ddp", strategy] = _tower_grads(ddp, local_clip, start, stop,
+                                                gather_distributed=True, strategy=strategy)
+    results["clip_none"] = fn.clip_loss(local_clip.rows["i"][start:stop],
+                                        local_clip.rows["x"][start:stop], 5.0, reduction="none",
+                                        gather_distributed=True, strategy="ring")
+    results["memory"] = {s: _peak_extra_bytes(s, rank) for s in STRATEGIES}
 
 
 def _free_port() -> int:
@@ -132,7 +168,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn(world: int, sizes, seed: int, out_dir: str):
+def _spawn(world: int, sizes, seed: int, out_dir: str, on_gpu: bool = False):
     """Run the workers; a hang or a failed rank fails the test instead of blocking."""
     ctx = mp.get_context("spawn")
     # a fixed mmap threshold: glibc hands large buffers back, so RSS follows live memory
@@ -140,7 +176,7 @@ def _spawn(world: int, sizes, seed: int, out_dir: str):
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"
     try:
         port = _free_port()
-        procs = [ctx.Process(target=_worker, args=(r, world, port, sizes, seed, out_dir))
+        procs = [ctx.Process(target=_worker, args=(r, world, port, sizes, seed, out_dir, on_gpu))
                  for r in range(world)]
         for p in procs:
             p.start()
@@ -180,16 +216,13 @@ def _assert_close(actual, expected, what):
     assert err <= RTOL * scale, f"{what}: max error {err:.3g} vs max |value| {scale:.3g}"
 
 
-@pytest.mark.parametrize("world", sorted(WORLD_SIZES))
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("strategy", STRATEGIES)
-@pytest.mark.parametrize("name", ["nt_xent", "pair_nt_xent", "supcon", "supcon_views",
-                                  "info_nce", "clip", "siglip"])
-def test_matches_the_global_batch(spawned, world, backend, strategy, name):
-    seed, per_rank = spawned[world]
-    sizes = WORLD_SIZES[world]
+LOSSES = ["nt_xent", "pair_nt_xent", "supcon", "supcon_views", "info_nce", "clip", "siglip"]
+
+
+def _assert_matches(per_rank, sizes, seed, name, strategy, backend, device="cpu"):
+    world = len(sizes)
     case = _cases(sizes, seed)[name]
-    loss, grads = _run(case, 0, sum(sizes), backend)
+    loss, grads = _run(case, 0, sum(sizes), backend, device)
     for rank, results in enumerate(per_rank):
         got_loss, got_grads = results[name, strategy, backend]
         _assert_close(got_loss, loss, f"rank {rank} loss")
@@ -198,6 +231,43 @@ def test_matches_the_global_batch(spawned, world, backend, strategy, name):
             _assert_close(got_grads[key] / world, grads[key][start:stop], f"rank {rank} d{key}")
         for key in case.scalars:
             _assert_close(got_grads[key], grads[key], f"rank {rank} d{key}")
+
+
+@pytest.mark.parametrize("world", sorted(WORLD_SIZES))
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("name", LOSSES)
+def test_matches_the_global_batch(spawned, world, backend, strategy, name):
+    seed, per_rank = spawned[world]
+    _assert_matches(per_rank, WORLD_SIZES[world], seed, name, strategy, backend)
+
+
+@pytest.mark.gpu
+def test_nccl_matches_the_global_batch(tmp_path):
+    """NCCL on every GPU here (at least 2), the GPU kernels that "auto" picks."""
+    world = torch.cuda.device_count()
+    if world < 2:
+        pytest.skip("needs 2 or more GPUs")
+    sizes = tuple(5 + (r % 3) for r in range(world))
+    seed = int(torch.randint(0, 2**31, ()))
+    per_rank = _spawn(world, sizes, seed, str(tmp_path), on_gpu=True)
+    for name in LOSSES:
+        for strategy in STRATEGIES:
+            _assert_matches(per_rank, sizes, seed, name, strategy, "auto", "cuda")
+
+
+@pytest.mark.parametrize("world", sorted(WORLD_SIZES))
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_ddp_parameters_get_the_global_batch_gradient(spawned, world, strategy):
+    """No world-size factor: after DDP's averaging, every parameter (the
+    learnable logit scale included) has the single-process gradient."""
+    seed, per_rank = spawned[world]
+    sizes = WORLD_SIZES[world]
+    case = _cases(sizes, seed)["clip"]
+    single = _tower_grads(_Towers(seed), case, 0, sum(sizes))
+    for rank, results in enumerate(per_rank):
+        for name, grad in single.items():
+            _assert_close(results["ddp", strategy]["module." + name], grad, f"rank {rank} {name}")
 
 
 @pytest.mark.parametrize("world", sorted(WORLD_SIZES))

@@ -23,7 +23,7 @@ gradient is dL/ds on every rank already, and DDP's averaging keeps it so.
 See docs/distributed.md.
 """
 
-from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -359,8 +359,10 @@ class Exchange:
 
     def __init__(self, group, strategy: str):
         self.group = group
-        self.strategy = strategy
         self.rank = dist.get_rank(group)
+        if self.rank < 0:
+            raise ValueError("process_group does not contain this process")
+        self.ring = _Ring(group) if strategy == "ring" else None
 
     def layout(self, n: int, device: torch.device) -> Layout:
         return Layout(row_counts(n, device, self.group), self.rank)
@@ -370,11 +372,8 @@ class Exchange:
         return _Replicated.apply(value, self.group) if value.requires_grad else value
 
     def _gather(self, keys: Tensor, key_labels: Tensor, layout: Layout):
-        return (_AllGather.apply(keys, layout.sizes, self.group),
+        return (all_gather_with_grad(keys, self.group, layout.sizes),
                 _gather_rows(key_labels, layout.sizes, self.group))
-
-    def _ring(self) -> _Ring:
-        return _Ring(self.group)
 
     def row_stats(self, q: Tensor, q_labels: Tensor, keys: Tensor, key_labels: Tensor,
                   layout: Layout, scale: Tensor, self_keys: bool, neg_only: bool,
@@ -382,9 +381,9 @@ class Exchange:
         """``infonce_fwd``'s (row_lse, pos_sum, pos_count) of the local anchors
         against the keys of every rank (``self_keys``: the keys are the anchors,
         each anchor's own row excluded)."""
-        if self.strategy == "ring":
+        if self.ring is not None:
             return _RingRowStats.apply(q, keys, scale, q_labels, key_labels, self_keys,
-                                       neg_only, self._ring(), layout.sizes, backend)
+                                       neg_only, self.ring, layout.sizes, backend)
         all_keys, all_labels = self._gather(keys, key_labels, layout)
         offset = layout.offset if self_keys else None
         return core.infonce_fwd(q, all_keys, scale, q_labels, all_labels, offset, neg_only,
@@ -394,9 +393,9 @@ class Exchange:
                    backend: str) -> Tuple[Tensor, Tensor]:
         """(pos_count, loss_sum) of the pairwise form: the local rows as anchors,
         every rank's rows as keys."""
-        if self.strategy == "ring":
+        if self.ring is not None:
             _, pos_count, loss_sum = _RingPairStats.apply(z, z, scale, labels, labels,
-                                                          self._ring(), layout.sizes, backend)
+                                                          self.ring, layout.sizes, backend)
             return pos_count, loss_sum
         all_z, all_labels = self._gather(z, labels, layout)
         neg_lse, _, pos_count, _ = core.infonce_fwd(z, all_z, scale, labels, all_labels,
@@ -408,9 +407,9 @@ class Exchange:
     def siglip_rows(self, q: Tensor, q_labels: Tensor, keys: Tensor, key_labels: Tensor,
                     layout: Layout, scale: Tensor, bias: Tensor, backend: str) -> Tensor:
         """SigLIP row losses of the local anchors against every rank's keys."""
-        if self.strategy == "ring":
+        if self.ring is not None:
             return _RingSiglipRows.apply(q, keys, scale, bias, q_labels, key_labels,
-                                         self._ring(), layout.sizes, backend)
+                                         self.ring, layout.sizes, backend)
         all_keys, all_labels = self._gather(keys, key_labels, layout)
         return core.siglip_fwd(q, all_keys, scale, bias, q_labels, all_labels, backend)
 

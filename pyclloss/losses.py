@@ -20,8 +20,8 @@ class _Distributable(nn.Module):
                  process_group, strategy: str):
         super().__init__()
         self.reduction, self.backend = reduction, backend
-        self.distributed = dict(gather_distributed=gather_distributed,
-                                process_group=process_group, strategy=strategy)
+        self.distributed = {"gather_distributed": gather_distributed,
+                            "process_group": process_group, "strategy": strategy}
 
 
 class NTXentLoss(_Distributable):

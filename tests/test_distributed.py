@@ -153,9 +153,12 @@ def _worker(rank, world, port, sizes, seed, out_dir, on_gpu):
 def _cpu_only_results(results, sizes, seed, start, stop, rank):
     local_clip = _cases(sizes, seed)["clip"]
     ddp = DistributedDataParallel(_Towers(seed))
+    alone = [dist.new_group([r]) for r in range(dist.get_world_size())][rank]
     for strategy in STRATEGIES:
         results["ddp", strategy] = _tower_grads(ddp, local_clip, start, stop,
                                                 gather_distributed=True, strategy=strategy)
+        results["alone", strategy] = _run(local_clip, start, stop, "cpp",
+                                          process_group=alone, strategy=strategy)
     results["clip_none"] = fn.clip_loss(local_clip.rows["i"][start:stop],
                                         local_clip.rows["x"][start:stop], 5.0, reduction="none",
                                         gather_distributed=True, strategy="ring")
@@ -268,6 +271,22 @@ def test_ddp_parameters_get_the_global_batch_gradient(spawned, world, strategy):
     for rank, results in enumerate(per_rank):
         for name, grad in single.items():
             _assert_close(results["ddp", strategy]["module." + name], grad, f"rank {rank} {name}")
+
+
+@pytest.mark.parametrize("world", sorted(WORLD_SIZES))
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_group_of_one_rank_is_the_local_batch(spawned, world, strategy):
+    """process_group= picks the group: each rank alone in its own group."""
+    seed, per_rank = spawned[world]
+    sizes = WORLD_SIZES[world]
+    case = _cases(sizes, seed)["clip"]
+    for rank, results in enumerate(per_rank):
+        start, stop = sum(sizes[:rank]), sum(sizes[:rank + 1])
+        loss, grads = _run(case, start, stop, "cpp")
+        got_loss, got_grads = results["alone", strategy]
+        _assert_close(got_loss, loss, f"rank {rank} loss")
+        for key, grad in grads.items():
+            _assert_close(got_grads[key], grad, f"rank {rank} d{key}")
 
 
 @pytest.mark.parametrize("world", sorted(WORLD_SIZES))

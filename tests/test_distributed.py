@@ -1,7 +1,8 @@
 """The losses over torch.distributed against one process holding the global batch.
 
 One spawn per world size (gloo on the CPU, 127.0.0.1) runs every loss with
-both strategies and two backends inside the workers and sends the results
+both strategies and two backends (and CLIP in fp16) inside the workers, a
+DDP-wrapped model and a group of one rank, and sends the results
 back; the parent compares them with the single-process computation. Local
 batch sizes differ between ranks. Per the gradient convention
 (pyclloss.distributed): every rank returns the global loss, rank r's inputs

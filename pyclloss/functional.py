@@ -4,6 +4,11 @@ Each loss is assembled from the O(N) statistics of the fused core
 (``pyclloss.ops.info_nce``); the N×M logit matrix is never built except by
 ``backend="reference"``, which runs the formulas of ``pyclloss.reference``.
 Losses are returned in float32 (float64 for float64 inputs).
+
+Every loss takes ``gather_distributed=True`` (or a ``process_group``) to run
+over a torch.distributed group as one big batch, the global batch being the
+rank-major concatenation of the local ones, with ``strategy="all_gather"`` or
+``"ring"``; see ``pyclloss.distributed`` and docs/distributed.md.
 """
 
 from typing import Optional
@@ -11,7 +16,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import _checks
+from . import _checks, distributed
 from .backends import resolve
 from .ops import info_nce as core
 from .reference import info_nce as reference
@@ -25,8 +30,22 @@ def _unit(x: Tensor) -> Tensor:
     return F.normalize(x.to(stats_dtype(x.dtype)), dim=-1).to(x.dtype).contiguous()
 
 
+def _reduce(exchange: Optional[distributed.Exchange], per_anchor: Tensor,
+            valid: Optional[Tensor], weights: Optional[Tensor], reduction: str) -> Tensor:
+    """reduce_anchors over the local batch, or over the global one."""
+    if exchange is None:
+        return reduce_anchors(per_anchor, valid, weights, reduction)
+    return exchange.reduce(per_anchor, valid, weights, reduction)
+
+
+def _over_ranks(exchange: Optional[distributed.Exchange], local: Tensor) -> Tensor:
+    """Sum of a reduced term over the ranks (the term itself on one process)."""
+    return local if exchange is None else exchange.sum(local)
+
+
 def nt_xent(z1: Tensor, z2: Tensor, temperature=0.5, *, weights: Optional[Tensor] = None,
-            reduction: str = "mean", backend: str = "auto") -> Tensor:
+            reduction: str = "mean", backend: str = "auto", gather_distributed: bool = False,
+            process_group=None, strategy: str = "all_gather") -> Tensor:
     """NT-Xent, the SimCLR loss (Chen et al., ICML 2020); equals lightly's ``NTXentLoss``.
 
     ``z = normalize(cat(z1, z2))`` (2B×D); row i's positive is its other view;
@@ -38,6 +57,8 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature=0.5, *, weights: Optional[Tensor
         temperature: τ > 0, a float or a 0-dim tensor (gets a gradient).
         weights: optional (B,) per-sample weights, applied to both views.
         reduction: "mean" (over the 2B anchors), "sum", or "none" (2B,).
+        gather_distributed, process_group, strategy: the global batch is
+            ``cat(z1 of every rank)``, ``cat(z2 of every rank)`` (module docstring).
     """
     _checks.features("z1", z1)
     _checks.features("z2", z2)
@@ -45,20 +66,30 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature=0.5, *, weights: Optional[Tensor
     reduction = _checks.reduction(reduction)
     b, device = z1.shape[0], z1.device
     weights = _checks.weights("weights", weights, b, device)
-    weights = torch.cat([weights, weights]) if weights is not None else None
     tau = _checks.positive("temperature", temperature, device, stats_dtype(z1.dtype))
+    exchange = distributed.exchange(gather_distributed, process_group, strategy)
     backend = resolve(backend, device)
-    if backend == "reference":
+    if backend == "reference" and exchange is None:
         return reference.nt_xent(z1, z2, tau, weights=weights, reduction=reduction)
+    weights = torch.cat([weights, weights]) if weights is not None else None  # both views
     z = _unit(torch.cat([z1, z2]))
-    idx = torch.arange(2 * b, device=device)
-    partner = torch.cat([idx[b:], idx[:b]])
-    lse, pos_sum, _, _ = core.infonce_fwd(z, z, 1 / tau, partner, idx, 0, False, False, backend)
-    return reduce_anchors(lse - pos_sum, None, weights, reduction)
+    if exchange is not None:
+        # rows (z1, z2) of the local samples; a row's positive shares its sample id
+        layout = exchange.layout(b, device)
+        ids = layout.ids(device).repeat(2)
+        lse, pos_sum, _ = exchange.row_stats(z, ids, z, ids, layout.times(2),
+                                             1 / exchange.replicated(tau), True, False, backend)
+    else:
+        idx = torch.arange(2 * b, device=device)
+        partner = torch.cat([idx[b:], idx[:b]])
+        lse, pos_sum, _, _ = core.infonce_fwd(z, z, 1 / tau, partner, idx, 0, False, False,
+                                              backend)
+    return _reduce(exchange, lse - pos_sum, None, weights, reduction)
 
 
 def pair_nt_xent(embeddings: Tensor, labels: Tensor, temperature=0.07, *,
-                 reduction: str = "mean", backend: str = "auto") -> Tensor:
+                 reduction: str = "mean", backend: str = "auto", gather_distributed: bool = False,
+                 process_group=None, strategy: str = "all_gather") -> Tensor:
     """Pairwise multi-positive NT-Xent; equals pytorch-metric-learning's
     ``NTXentLoss(temperature)(embeddings, labels)`` for any labels.
 
@@ -71,28 +102,39 @@ def pair_nt_xent(embeddings: Tensor, labels: Tensor, temperature=0.07, *,
         labels: (N,) integer class labels.
         reduction: "mean" over positive pairs, "sum", or "none" (N,): each
             anchor's sum over its positive pairs.
+        gather_distributed, process_group, strategy: see the module docstring;
+            positive pairs across ranks count.
     """
     _checks.features("embeddings", embeddings, min_rows=2)
     n, device = embeddings.shape[0], embeddings.device
     labels = _checks.labels("labels", labels, n, device)
     reduction = _checks.reduction(reduction)
     tau = _checks.positive("temperature", temperature, device, stats_dtype(embeddings.dtype))
+    exchange = distributed.exchange(gather_distributed, process_group, strategy)
     backend = resolve(backend, device)
-    if backend == "reference":
+    if backend == "reference" and exchange is None:
         return reference.pair_nt_xent(embeddings, labels, tau, reduction=reduction)
     z = _unit(embeddings)
-    scale = 1 / tau
-    neg_lse, _, pos_count, _ = core.infonce_fwd(z, z, scale, labels, labels, 0, True, False, backend)
-    loss_sum, _ = core.infonce_pair_fwd(z, z, scale, labels, labels, 0, neg_lse, backend)
+    if exchange is not None:
+        pos_count, loss_sum = exchange.pair_stats(z, labels, exchange.layout(n, device),
+                                                  1 / exchange.replicated(tau), backend)
+    else:
+        scale = 1 / tau
+        neg_lse, _, pos_count, _ = core.infonce_fwd(z, z, scale, labels, labels, 0, True, False,
+                                                    backend)
+        loss_sum, _ = core.infonce_pair_fwd(z, z, scale, labels, labels, 0, neg_lse, backend)
     if reduction == "none":
         return loss_sum
     total = loss_sum.sum()
-    return total if reduction == "sum" else total / pos_count.sum().clamp_min(1)
+    if reduction == "mean":
+        total = total / _over_ranks(exchange, pos_count.sum().detach()).clamp_min(1)
+    return _over_ranks(exchange, total)
 
 
 def supcon(features: Tensor, labels: Optional[Tensor] = None, temperature=0.1,
            base_temperature=None, *, weights: Optional[Tensor] = None, reduction: str = "mean",
-           backend: str = "auto") -> Tensor:
+           backend: str = "auto", gather_distributed: bool = False, process_group=None,
+           strategy: str = "all_gather") -> Tensor:
     """Supervised contrastive loss (Khosla et al., NeurIPS 2020), SupContrast's
     ``SupConLoss`` (contrast_mode "all"); equals pytorch-metric-learning's
     ``SupConLoss(temperature)`` when ``base_temperature`` is τ.
@@ -107,13 +149,18 @@ def supcon(features: Tensor, labels: Optional[Tensor] = None, temperature=0.1,
         temperature: τ > 0; ``base_temperature``: τ_b (default τ).
         weights: optional per-anchor weights, (N,) or (B,) for 3-D features.
         reduction: "mean" over anchors with a positive, "sum", or "none".
+        gather_distributed, process_group, strategy: see the module docstring;
+            labels travel with the keys, so positives on other ranks count.
     """
     _checks.features("features", features, ndims=(2, 3))
     device = features.device
+    exchange = distributed.exchange(gather_distributed, process_group, strategy)
+    layout = exchange.layout(features.shape[0], device) if exchange is not None else None
+    views = 1
     if features.dim() == 3:
         b, views = features.shape[:2]
-        if labels is None:
-            labels = torch.arange(b, device=device)
+        if labels is None:  # each sample its own class, numbered over the global batch
+            labels = layout.ids(device) if layout is not None else torch.arange(b, device=device)
         labels = _checks.labels("labels", labels, b, device).repeat(views)
         weights = _checks.weights("weights", weights, b, device)
         weights = weights.repeat(views) if weights is not None else None
@@ -132,19 +179,26 @@ def supcon(features: Tensor, labels: Optional[Tensor] = None, temperature=0.1,
     tau_b = tau if base_temperature is None else _checks.positive(
         "base_temperature", base_temperature, device, dt)
     backend = resolve(backend, device)
-    if backend == "reference":
+    if backend == "reference" and exchange is None:
         return reference.supcon(features, labels, tau, tau_b, weights=weights, reduction=reduction)
     z = _unit(features)
-    lse, pos_sum, pos_count, _ = core.infonce_fwd(z, z, 1 / tau, labels, labels, 0, False, False,
-                                                  backend)
+    if exchange is not None:
+        tau, tau_b = exchange.replicated(tau), exchange.replicated(tau_b)
+        lse, pos_sum, pos_count = exchange.row_stats(z, labels, z, labels, layout.times(views),
+                                                     1 / tau, True, False, backend)
+    else:
+        lse, pos_sum, pos_count, _ = core.infonce_fwd(z, z, 1 / tau, labels, labels, 0, False,
+                                                      False, backend)
     valid = pos_count > 0
     per_anchor = (tau / tau_b) * (lse - pos_sum / pos_count.clamp_min(1))
-    return reduce_anchors(per_anchor, valid, weights, reduction)
+    return _reduce(exchange, per_anchor, valid, weights, reduction)
 
 
 def info_nce(query: Tensor, key: Tensor, temperature=0.07, targets: Optional[Tensor] = None,
              queue: Optional[Tensor] = None, weights: Optional[Tensor] = None,
-             normalize: bool = True, *, reduction: str = "mean", backend: str = "auto") -> Tensor:
+             normalize: bool = True, *, reduction: str = "mean", backend: str = "auto",
+             gather_distributed: bool = False, process_group=None,
+             strategy: str = "all_gather") -> Tensor:
     """InfoNCE, one direction (van den Oord et al. 2018; MoCo's loss with a queue).
 
     ``L_i = −l_{i,t_i} + LSE_j l_ij`` over the keys and the queue's extra
@@ -156,6 +210,10 @@ def info_nce(query: Tensor, key: Tensor, temperature=0.07, targets: Optional[Ten
         queue: optional (Q, D) extra negatives (detached, cast to the query's dtype).
         weights: optional (N,) per-anchor weights.
         normalize: L2-normalise query, key and queue first (default True).
+        gather_distributed, process_group, strategy: see the module docstring;
+            ``targets`` index the local keys, every rank's keys are negatives,
+            and the queue is used as given on each rank (pass the same queue
+            everywhere for the single-process result).
     """
     _checks.features("query", query)
     _checks.features("key", key)
@@ -174,24 +232,33 @@ def info_nce(query: Tensor, key: Tensor, temperature=0.07, targets: Optional[Ten
     weights = _checks.weights("weights", weights, n, device)
     reduction = _checks.reduction(reduction)
     tau = _checks.positive("temperature", temperature, device, stats_dtype(query.dtype))
+    exchange = distributed.exchange(gather_distributed, process_group, strategy)
     backend = resolve(backend, device)
-    if backend == "reference":
+    if backend == "reference" and exchange is None:
         return reference.info_nce(query, key, tau, targets, queue, weights, normalize,
                                   reduction=reduction)
     prep = _unit if normalize else (lambda x: x.contiguous())
-    q, k, scale = prep(query), prep(key), 1 / tau
-    key_index = torch.arange(m, device=device)
-    lse, pos_sum, _, _ = core.infonce_fwd(q, k, scale, targets, key_index, None, False, False,
-                                          backend)
+    q, k = prep(query), prep(key)
+    if exchange is not None:
+        keys = exchange.layout(m, device)
+        scale = 1 / exchange.replicated(tau)
+        lse, pos_sum, _ = exchange.row_stats(q, targets + keys.offset, k, keys.ids(device), keys,
+                                             scale, False, False, backend)
+    else:
+        scale = 1 / tau
+        key_index = torch.arange(m, device=device)
+        lse, pos_sum, _, _ = core.infonce_fwd(q, k, scale, targets, key_index, None, False, False,
+                                              backend)
     if queue is not None:
         queue_lse = core.infonce_fwd(q, prep(queue.detach()), scale, None, None, None, False,
                                      False, backend)[0]
         lse = torch.logaddexp(lse, queue_lse)
-    return reduce_anchors(lse - pos_sum, None, weights, reduction)
+    return _reduce(exchange, lse - pos_sum, None, weights, reduction)
 
 
 def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, *,
-              reduction: str = "mean", backend: str = "auto") -> Tensor:
+              reduction: str = "mean", backend: str = "auto", gather_distributed: bool = False,
+              process_group=None, strategy: str = "all_gather") -> Tensor:
     """Symmetric CLIP loss (Radford et al. 2021); equals open_clip's ``ClipLoss()``.
 
     ``½·[CE(s·I·Tᵀ, arange) + CE(s·T·Iᵀ, arange)]`` with s = ``logit_scale``
@@ -203,6 +270,9 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, *,
         image_features, text_features: (N, D) paired embeddings.
         logit_scale: s > 0, float or 0-dim tensor.
         reduction: "mean", "sum", or "none" (N,): ½(row loss + column loss).
+        gather_distributed, process_group, strategy: see the module docstring;
+            the local images against every rank's texts and the local texts
+            against every rank's images (open_clip's local loss, exact).
     """
     _checks.features("image_features", image_features)
     _checks.features("text_features", text_features)
@@ -212,7 +282,18 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, *,
     device = image_features.device
     dt = stats_dtype(image_features.dtype)
     scale = _checks.positive("logit_scale", logit_scale, device, dt)
+    exchange = distributed.exchange(gather_distributed, process_group, strategy)
     backend = resolve(backend, device)
+    if exchange is not None:
+        layout = exchange.layout(image_features.shape[0], device)
+        ids, scale = layout.ids(device), exchange.replicated(scale)
+        images, texts = image_features.contiguous(), text_features.contiguous()
+        image_lse, image_pos, _ = exchange.row_stats(images, ids, texts, ids, layout, scale,
+                                                     False, False, backend)
+        text_lse, text_pos, _ = exchange.row_stats(texts, ids, images, ids, layout, scale,
+                                                   False, False, backend)
+        per_anchor = (image_lse - image_pos + text_lse - text_pos) / 2
+        return exchange.reduce(per_anchor, None, None, reduction)
     if backend == "reference":
         return reference.clip_loss(image_features, text_features, scale, reduction=reduction)
     idx = torch.arange(image_features.shape[0], device=device)
@@ -223,7 +304,8 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, *,
 
 
 def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_bias, *,
-                reduction: str = "mean", backend: str = "auto") -> Tensor:
+                reduction: str = "mean", backend: str = "auto", gather_distributed: bool = False,
+                process_group=None, strategy: str = "all_gather") -> Tensor:
     """Sigmoid loss (SigLIP, Zhai et al. 2023); equals open_clip's single-process
     ``SigLipLoss()``: ``−(1/N)·Σ_ij log σ(z_ij·(s·<x_i, y_j> + b))``, z = +1 on
     the diagonal, −1 elsewhere.
@@ -232,6 +314,9 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logi
         image_features, text_features: (N, D) paired embeddings (not normalised inside).
         logit_scale: s > 0 (exponentiated); logit_bias: b. Floats or 0-dim tensors.
         reduction: "mean" (sum over pairs / N), "sum", or "none" (N,) row sums.
+        gather_distributed, process_group, strategy: see the module docstring;
+            the local images against every rank's texts (with ``"ring"``,
+            open_clip's neighbour exchange: the texts travel).
     """
     _checks.features("image_features", image_features)
     _checks.features("text_features", text_features)
@@ -241,14 +326,22 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logi
     device, dt = image_features.device, stats_dtype(image_features.dtype)
     scale = _checks.positive("logit_scale", logit_scale, device, dt)
     bias = _checks.scalar("logit_bias", logit_bias, device, dt)
+    exchange = distributed.exchange(gather_distributed, process_group, strategy)
     backend = resolve(backend, device)
-    if backend == "reference":
+    if backend == "reference" and exchange is None:
         return reference.siglip_loss(image_features, text_features, scale, bias,
                                      reduction=reduction)
-    idx = torch.arange(image_features.shape[0], device=device)
-    rows = core.siglip_fwd(image_features.contiguous(), text_features.contiguous(), scale, bias,
-                           idx, idx, backend)
+    images, texts = image_features.contiguous(), text_features.contiguous()
+    if exchange is not None:
+        layout = exchange.layout(images.shape[0], device)
+        ids, rows_in_all = layout.ids(device), layout.total
+        rows = exchange.siglip_rows(images, ids, texts, ids, layout, exchange.replicated(scale),
+                                    exchange.replicated(bias), backend)
+    else:
+        idx = torch.arange(images.shape[0], device=device)
+        rows = core.siglip_fwd(images, texts, scale, bias, idx, idx, backend)
+        rows_in_all = images.shape[0]
     if reduction == "none":
         return rows
     total = rows.sum()
-    return total if reduction == "sum" else total / rows.shape[0]
+    return _over_ranks(exchange, total if reduction == "sum" else total / rows_in_all)

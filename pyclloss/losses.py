@@ -12,88 +12,110 @@ from . import functional as fn
 Tensor = torch.Tensor
 
 
-class NTXentLoss(nn.Module):
+class _Distributable(nn.Module):
+    """Keeps the keyword-only distributed arguments of the functional losses
+    (``gather_distributed``, ``process_group``, ``strategy``; off by default)."""
+
+    def __init__(self, reduction: str, backend: str, gather_distributed: bool,
+                 process_group, strategy: str):
+        super().__init__()
+        self.reduction, self.backend = reduction, backend
+        self.distributed = {"gather_distributed": gather_distributed,
+                            "process_group": process_group, "strategy": strategy}
+
+
+class NTXentLoss(_Distributable):
     """SimCLR's NT-Xent; ``forward(z1, z2)``. See :func:`pyclloss.nt_xent`."""
 
-    def __init__(self, temperature: float = 0.5, reduction: str = "mean", backend: str = "auto"):
-        super().__init__()
-        self.temperature, self.reduction, self.backend = temperature, reduction, backend
+    def __init__(self, temperature: float = 0.5, reduction: str = "mean", backend: str = "auto", *,
+                 gather_distributed: bool = False, process_group=None,
+                 strategy: str = "all_gather"):
+        super().__init__(reduction, backend, gather_distributed, process_group, strategy)
+        self.temperature = temperature
 
     def forward(self, z1: Tensor, z2: Tensor, weights: Optional[Tensor] = None) -> Tensor:
         return fn.nt_xent(z1, z2, self.temperature, weights=weights, reduction=self.reduction,
-                          backend=self.backend)
+                          backend=self.backend, **self.distributed)
 
 
-class PairNTXentLoss(nn.Module):
+class PairNTXentLoss(_Distributable):
     """pytorch-metric-learning's NTXentLoss with labels; ``forward(embeddings, labels)``.
     See :func:`pyclloss.pair_nt_xent`."""
 
-    def __init__(self, temperature: float = 0.07, reduction: str = "mean", backend: str = "auto"):
-        super().__init__()
-        self.temperature, self.reduction, self.backend = temperature, reduction, backend
+    def __init__(self, temperature: float = 0.07, reduction: str = "mean", backend: str = "auto", *,
+                 gather_distributed: bool = False, process_group=None,
+                 strategy: str = "all_gather"):
+        super().__init__(reduction, backend, gather_distributed, process_group, strategy)
+        self.temperature = temperature
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         return fn.pair_nt_xent(embeddings, labels, self.temperature, reduction=self.reduction,
-                               backend=self.backend)
+                               backend=self.backend, **self.distributed)
 
 
-class SupConLoss(nn.Module):
+class SupConLoss(_Distributable):
     """Supervised contrastive loss; ``forward(features, labels=None)``.
     See :func:`pyclloss.supcon`."""
 
     def __init__(self, temperature: float = 0.1, base_temperature: Optional[float] = None,
-                 reduction: str = "mean", backend: str = "auto"):
-        super().__init__()
+                 reduction: str = "mean", backend: str = "auto", *,
+                 gather_distributed: bool = False, process_group=None,
+                 strategy: str = "all_gather"):
+        super().__init__(reduction, backend, gather_distributed, process_group, strategy)
         self.temperature, self.base_temperature = temperature, base_temperature
-        self.reduction, self.backend = reduction, backend
 
     def forward(self, features: Tensor, labels: Optional[Tensor] = None,
                 weights: Optional[Tensor] = None) -> Tensor:
         return fn.supcon(features, labels, self.temperature, self.base_temperature,
-                         weights=weights, reduction=self.reduction, backend=self.backend)
+                         weights=weights, reduction=self.reduction, backend=self.backend,
+                         **self.distributed)
 
 
-class InfoNCELoss(nn.Module):
+class InfoNCELoss(_Distributable):
     """One-direction InfoNCE; ``forward(query, key, targets=None, queue=None, weights=None)``.
     See :func:`pyclloss.info_nce`."""
 
     def __init__(self, temperature: float = 0.07, normalize: bool = True,
-                 reduction: str = "mean", backend: str = "auto"):
-        super().__init__()
+                 reduction: str = "mean", backend: str = "auto", *,
+                 gather_distributed: bool = False, process_group=None,
+                 strategy: str = "all_gather"):
+        super().__init__(reduction, backend, gather_distributed, process_group, strategy)
         self.temperature, self.normalize = temperature, normalize
-        self.reduction, self.backend = reduction, backend
 
     def forward(self, query: Tensor, key: Tensor, targets: Optional[Tensor] = None,
                 queue: Optional[Tensor] = None, weights: Optional[Tensor] = None) -> Tensor:
         return fn.info_nce(query, key, self.temperature, targets, queue, weights, self.normalize,
-                           reduction=self.reduction, backend=self.backend)
+                           reduction=self.reduction, backend=self.backend, **self.distributed)
 
 
-class ClipLoss(nn.Module):
-    """open_clip's ``ClipLoss`` (single process); ``forward(image_features,
-    text_features, logit_scale)``. See :func:`pyclloss.clip_loss`."""
+class ClipLoss(_Distributable):
+    """open_clip's ``ClipLoss``; ``forward(image_features, text_features,
+    logit_scale)``. See :func:`pyclloss.clip_loss`."""
 
-    def __init__(self, reduction: str = "mean", backend: str = "auto"):
-        super().__init__()
-        self.reduction, self.backend = reduction, backend
+    def __init__(self, reduction: str = "mean", backend: str = "auto", *,
+                 gather_distributed: bool = False, process_group=None,
+                 strategy: str = "all_gather"):
+        super().__init__(reduction, backend, gather_distributed, process_group, strategy)
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale) -> Tensor:
         return fn.clip_loss(image_features, text_features, logit_scale, reduction=self.reduction,
-                            backend=self.backend)
+                            backend=self.backend, **self.distributed)
 
 
-class SigLipLoss(nn.Module):
-    """open_clip's ``SigLipLoss`` (single process); ``forward(image_features,
-    text_features, logit_scale, logit_bias)``. See :func:`pyclloss.siglip_loss`."""
+class SigLipLoss(_Distributable):
+    """open_clip's ``SigLipLoss``; ``forward(image_features, text_features,
+    logit_scale, logit_bias)``. See :func:`pyclloss.siglip_loss`."""
 
-    def __init__(self, reduction: str = "mean", backend: str = "auto"):
-        super().__init__()
-        self.reduction, self.backend = reduction, backend
+    def __init__(self, reduction: str = "mean", backend: str = "auto", *,
+                 gather_distributed: bool = False, process_group=None,
+                 strategy: str = "all_gather"):
+        super().__init__(reduction, backend, gather_distributed, process_group, strategy)
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale,
                 logit_bias) -> Tensor:
         return fn.siglip_loss(image_features, text_features, logit_scale, logit_bias,
-                              reduction=self.reduction, backend=self.backend)
+                              reduction=self.reduction, backend=self.backend,
+                              **self.distributed)
 
 
 class MoCoLoss(nn.Module):

@@ -289,8 +289,9 @@ def ft_moco_loss(q: Tensor, k: Tensor, queue: Tensor, lam_pos, lam_neg, perm: Te
     ``Q̂_j = λ_n·Q_j + (1−λ_n)·Q_π(j)``; ``L_i = CE([q̂_i·k̂_i, q̂_i·Q̂ᵀ] / τ, 0)``.
     The paper samples one λ_p = 1 + Beta(2, 2) and one λ_n ~ Beta(1.6, 1.6) per
     step and π = randperm(K) (:class:`pyclloss.FTMoCoLoss` does). The fused
-    backends never build the N×K logits; the Triton kernels do not store Q̂
-    either (they gather Q_π(j) inside the key tiles).
+    backends never build the N×K logits: the Triton kernels blend Q_j and
+    Q_π(j) inside their key tiles, the C++ backend builds Q̂ (K×D) once per
+    step for the InfoNCE core (see :mod:`pyclloss.ops.ft_moco`).
 
     Args:
         q: (N, D) queries. k: (N, D) keys (detached inside).
@@ -332,6 +333,6 @@ def ft_moco_loss(q: Tensor, k: Tensor, queue: Tensor, lam_pos, lam_neg, perm: Te
         q_hat, k_hat = F.normalize(q_hat, dim=1), F.normalize(k_hat, dim=1)
     scale = 1 / tau
     pos = scale * (q_hat * k_hat).sum(1)
-    neg_lse = ft_moco_ops.ft_moco_neg_lse(q_hat.to(q.dtype), negatives.contiguous(),
-                                          lam_neg.expand(size).contiguous(), perm, scale, backend)
+    neg_lse = ft_moco_ops.negatives_lse(q_hat.to(q.dtype), negatives.contiguous(),
+                                        lam_neg.expand(size).contiguous(), perm, scale, backend)
     return reduce_anchors(torch.logaddexp(pos, neg_lse) - pos, None, None, reduction)

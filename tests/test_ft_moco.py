@@ -119,7 +119,7 @@ def _op_inputs(dtype, n=7, size=11):
 def test_gradcheck_float64(backend):
     q_hat, queue, lam_neg, perm, scale = _op_inputs(torch.float64)
     assert torch.autograd.gradcheck(
-        lambda q, s: ops.ft_moco_neg_lse(q, queue, lam_neg, perm, s, backend), (q_hat, scale))
+        lambda q, s: ops.negatives_lse(q, queue, lam_neg, perm, s, backend), (q_hat, scale))
     q, k = torch.randn(5, DIM, dtype=torch.float64, requires_grad=True), torch.randn(5, DIM)
     tau = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
     lam_pos = 1 + torch.rand(5, dtype=torch.float64)
@@ -128,13 +128,35 @@ def test_gradcheck_float64(backend):
                                            backend=backend), (q, tau))
 
 
-@pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
-def test_opcheck(backend):
+ON_THE_FLY = [b for b in ["reference"] + CPU_BACKENDS if b not in ops.MATERIALIZING]
+MATERIALIZING = [b for b in ["reference"] + CPU_BACKENDS if b in ops.MATERIALIZING]
+
+
+@pytest.mark.parametrize("backend", ON_THE_FLY)
+def test_opcheck_on_the_fly(backend):
     q_hat, queue, lam_neg, perm, scale = _op_inputs(torch.float32)
     torch.library.opcheck(ops.ft_moco_neg_lse, (q_hat, queue, lam_neg, perm, scale, backend))
     lse = ops.ft_moco_neg_lse(q_hat.detach(), queue, lam_neg, perm, scale.detach(), backend)
     torch.library.opcheck(ops.ft_moco_neg_lse_bwd, (q_hat.detach(), queue, lam_neg, perm,
                                                     scale.detach(), lse, torch.rand(7), backend))
+
+
+@pytest.mark.parametrize("backend", ["reference"] + MATERIALIZING)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_interpolate_queue(backend, dtype):
+    _, queue, lam_neg, perm, _ = _op_inputs(dtype, size=517)
+    mixed = ops.ft_moco_interpolate_queue(queue, lam_neg, perm, backend)
+    expected = lam_neg[:, None] * queue.to(lam_neg.dtype) + (1 - lam_neg[:, None]) * queue[perm]
+    assert mixed.dtype == ref_info_nce.stats_dtype(dtype)
+    assert_close_rel(mixed, expected, 1e-6, "Q̂")
+    torch.library.opcheck(ops.ft_moco_interpolate_queue, (queue, lam_neg, perm, backend))
+
+
+@pytest.mark.parametrize("backend", MATERIALIZING)
+def test_interpolate_queue_rejects_bad_perm(backend):
+    _, queue, lam_neg, perm, _ = _op_inputs(torch.float32)
+    with pytest.raises(RuntimeError, match="perm must index the 11 queue rows"):
+        ops.ft_moco_interpolate_queue(queue, lam_neg, perm + 1, backend)
 
 
 def test_module_samples_the_paper_mix_and_enqueues_the_keys():

@@ -1,28 +1,67 @@
-"""Custom ops of the feature-transformation MoCo loss.
+"""Custom ops of the feature-transformation MoCo loss: the log-sum-exp of each
+mixed query q̂_i (N×D) over the interpolated queue
+``Q̂_j = lam_neg_j·Q_j + (1 − lam_neg_j)·Q_perm(j)`` (K×D),
+``neg_lse_i = LSE_j s·<q̂_i, Q̂_j>``, without the N×K logits.
 
-* ``pyclloss::ft_moco_neg_lse(q_hat, queue, lam_neg, perm, scale) -> neg_lse``:
-  per row of q̂ (N×D), ``LSE_j s·<q̂_i, Q̂_j>`` over the interpolated queue
-  ``Q̂_j = lam_neg_j·Q_j + (1 − lam_neg_j)·Q_perm(j)`` (K×D, never stored by the
-  Triton kernels, built once in the accumulation type by the C++ ones);
-  float32 statistics (float64 for float64 inputs).
-* ``pyclloss::ft_moco_neg_lse_bwd``: its backward, ``(dq_hat, dscale)``. The
-  queue, ``lam_neg`` and ``perm`` get no gradient.
+Two designs, picked per backend by :func:`negatives_lse` after measuring:
 
-``lam_neg`` is a (K,) vector in the statistics dtype (a scalar λ_n expanded),
-``perm`` an int64 (K,) vector of queue row indices. ``backend`` is a concrete
-backend among ``BACKENDS``, already resolved by the caller; the backward runs
-on the forward's backend. The kernels of each backend have the signatures of
-``pyclloss.reference.ft_moco``.
+* on the fly (``triton``; ``reference`` as the dense spec):
+  ``pyclloss::ft_moco_neg_lse`` and its backward ``pyclloss::ft_moco_neg_lse_bwd``
+  blend Q_j and Q_perm(j) inside every key tile and never store Q̂. On a GPU
+  that saves a K×D write and read per pass.
+* materialised (``cpp``): ``pyclloss::ft_moco_interpolate_queue`` builds Q̂ in
+  the accumulation type in one pass; the InfoNCE core's ops
+  (``pyclloss.ops.info_nce``) take it from there, and autograd keeps Q̂ for
+  the backward. The CPU core copies its key operand into its own layout on
+  every call anyway, so tiles built on the fly cannot save that pass; keeping
+  Q̂ instead of rebuilding it in the backward was about 25% faster at
+  N = 256, K = 65536, D = 128 (bench/bench_ft_moco.py).
+
+``lam_neg`` is a (K,) vector in the statistics dtype (float32, float64 for
+float64 inputs; a scalar λ_n expanded), ``perm`` an int64 (K,) vector of queue
+row indices. The queue, ``lam_neg`` and ``perm`` get no gradient. The kernels
+of each backend have the signatures of ``pyclloss.reference.ft_moco``.
 """
 
 import torch
 
 from ..backends import kernel
 from ..reference.info_nce import stats_dtype
+from . import info_nce as core
 
 Tensor = torch.Tensor
 FAMILY = "ft_moco"
 BACKENDS = ("cpp", "triton", "reference")
+MATERIALIZING = ("cpp",)
+
+
+def negatives_lse(q_hat: Tensor, queue: Tensor, lam_neg: Tensor, perm: Tensor, scale: Tensor,
+                  backend: str) -> Tensor:
+    """``neg_lse`` (N,) in the statistics dtype, differentiable in q̂ and scale."""
+    if backend in MATERIALIZING:
+        mixed = ft_moco_interpolate_queue(queue, lam_neg, perm, backend)
+        return core.infonce_fwd(q_hat.to(mixed.dtype), mixed, scale, None, None, None, False,
+                                False, backend)[0]
+    return ft_moco_neg_lse(q_hat, queue, lam_neg, perm, scale, backend)
+
+
+# ---------------------------------------------------------- materialised queue
+
+
+@torch.library.custom_op("pyclloss::ft_moco_interpolate_queue", mutates_args=())
+def ft_moco_interpolate_queue(queue: Tensor, lam_neg: Tensor, perm: Tensor,
+                              backend: str) -> Tensor:
+    """Q̂ (K×D) in the statistics dtype."""
+    run = kernel(backend, FAMILY, "ft_moco_interpolate_queue")
+    return run(queue.contiguous(), lam_neg.contiguous(), perm.contiguous()).contiguous()
+
+
+@ft_moco_interpolate_queue.register_fake
+def _(queue, lam_neg, perm, backend):
+    return torch.empty_like(queue, dtype=stats_dtype(queue.dtype))
+
+
+# ------------------------------------------------------------- queue on the fly
 
 
 @torch.library.custom_op("pyclloss::ft_moco_neg_lse", mutates_args=())

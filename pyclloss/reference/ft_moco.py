@@ -17,8 +17,9 @@ Two layers, both dense:
 
 * ``ft_moco_loss``, straight from the formulas above (builds Q̂ and the N×K
   logits), differentiated by autograd;
-* the two kernels of ``pyclloss.ops.ft_moco`` (``ft_moco_neg_lse``,
-  ``ft_moco_neg_lse_bwd``) with the semantics every fused backend follows.
+* the kernels of ``pyclloss.ops.ft_moco`` with the semantics the fused
+  backends follow: ``ft_moco_interpolate_queue`` (Q̂) and the negatives'
+  log-sum-exp ``ft_moco_neg_lse`` with its backward.
 """
 
 import torch
@@ -40,7 +41,7 @@ def extrapolate_pair(q: Tensor, k: Tensor, lam_pos: Tensor):
     return lam * q + (1 - lam) * k, lam * k + (1 - lam) * q
 
 
-def interpolate_queue(queue: Tensor, lam_neg: Tensor, perm: Tensor) -> Tensor:
+def ft_moco_interpolate_queue(queue: Tensor, lam_neg: Tensor, perm: Tensor) -> Tensor:
     """Q̂ = λ_n·Q + (1−λ_n)·Q[π] in the statistics dtype; λ_n of shape () or (K,)."""
     acc = stats_dtype(queue.dtype)
     rows = queue.to(acc)
@@ -54,14 +55,14 @@ def interpolate_queue(queue: Tensor, lam_neg: Tensor, perm: Tensor) -> Tensor:
 def ft_moco_neg_lse(q_hat, queue, lam_neg, perm, scale):
     """neg_lse_i = LSE_j s·<q̂_i, Q̂_j> (N,), in the statistics dtype."""
     acc = stats_dtype(q_hat.dtype)
-    logits = scale.to(acc) * (q_hat.to(acc) @ interpolate_queue(queue, lam_neg, perm).T)
+    logits = scale.to(acc) * (q_hat.to(acc) @ ft_moco_interpolate_queue(queue, lam_neg, perm).T)
     return torch.logsumexp(logits, dim=1)
 
 
 def ft_moco_neg_lse_bwd(q_hat, queue, lam_neg, perm, scale, neg_lse, grad):
     """dq̂ and dscale of sum_i grad_i·neg_lse_i (the queue gets no gradient)."""
     acc = stats_dtype(q_hat.dtype)
-    mixed = interpolate_queue(queue, lam_neg, perm)
+    mixed = ft_moco_interpolate_queue(queue, lam_neg, perm)
     dot = q_hat.to(acc) @ mixed.T
     s = scale.to(acc)
     grad_logits = grad[:, None] * torch.exp(s * dot - neg_lse[:, None])
@@ -81,7 +82,7 @@ def ft_moco_loss(q, k, queue, lam_pos, lam_neg, perm, temperature=0.2, normalize
     q_hat, k_hat = extrapolate_pair(q, k, lam_pos)
     if normalize_mixed:
         q_hat, k_hat = F.normalize(q_hat, dim=1), F.normalize(k_hat, dim=1)
-    negs_hat = interpolate_queue(negs, lam_neg, perm)
+    negs_hat = ft_moco_interpolate_queue(negs, lam_neg, perm)
     logits = torch.cat([(q_hat * k_hat).sum(1, keepdim=True), q_hat @ negs_hat.T], dim=1)
     targets = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
     per_anchor = F.cross_entropy(logits / temperature, targets, reduction="none")

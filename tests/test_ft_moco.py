@@ -204,3 +204,16 @@ def test_bad_input(kwargs, error, match):
 def test_module_bad_alpha():
     with pytest.raises(ValueError, match="neg_alpha must be a number > 0"):
         pyclloss.FTMoCoLoss(dim=4, queue_size=8, neg_alpha=0)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
+def test_torch_compile_has_no_graph_break(backend):
+    q, k, queue = torch.randn(9, DIM, requires_grad=True), torch.randn(9, DIM), torch.randn(33, DIM)
+    lam_neg, perm = torch.rand(33), torch.randperm(33)
+    loss_fn = lambda q: pyclloss.ft_moco_loss(q, k, queue, 1.3, lam_neg, perm, backend=backend)  # noqa: E731
+    loss = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")(q)
+    loss.backward()
+    expected = ref.ft_moco_loss(q.detach().double(), k.double(), queue.double(),
+                                torch.tensor(1.3), lam_neg, perm)
+    assert_close_rel(loss, expected, TOL[torch.float32], "compiled")
+    assert torch.isfinite(q.grad).all() and q.grad.abs().sum() > 0

@@ -43,31 +43,28 @@ def _blend(own_rows, partner_rows, lam, cols, row_in, col_in):
 
 
 @triton.jit
-def _queue_rows(queue_ptr, lam_ptr, perm_ptr, offs_n, K, D):
-    """Row pointers of a key tile's queue rows and partner rows, and their λ."""
+def _mixed_key_tile(q_ptr, queue_ptr, lam_ptr, perm_ptr, offs_m, start_n, N, K, D,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
+    """<q̂_i, Q̂_j> for the (BLOCK_M, BLOCK_N) tile of keys from start_n, in fp32,
+    Q̂ blended on the fly; also the tile's queue rows, partner rows, λ and
+    in-range mask, for the backward's product with Q̂."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
     key_in = offs_n < K
     lam = tl.load(lam_ptr + offs_n, mask=key_in, other=0.0)
     partner = tl.load(perm_ptr + offs_n, mask=key_in, other=0)
     own_rows = queue_ptr + offs_n.to(tl.int64)[:, None] * D
     partner_rows = queue_ptr + partner.to(tl.int64)[:, None] * D
-    return own_rows, partner_rows, lam, key_in
-
-
-@triton.jit
-def _mixed_dot_tile(q_ptr, own_rows, partner_rows, lam, key_in, offs_m, N, D,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr):
-    """<q̂_i, Q̂_j> for a (BLOCK_M, BLOCK_N) tile in fp32, Q̂ blended on the fly."""
     offs_d = tl.arange(0, BLOCK_D)
     q_rows = q_ptr + offs_m.to(tl.int64)[:, None] * D
     q_in = (offs_m < N)[:, None]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    dot = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + offs_d
         a = tl.load(q_rows + cols[None, :], mask=q_in & (cols < D)[None, :], other=0.0)
         mixed = _blend(own_rows, partner_rows, lam, cols, key_in, cols < D)
-        acc = tl.dot(a, tl.trans(mixed), acc, input_precision=DOT_PRECISION)
-    return acc
+        dot = tl.dot(a, tl.trans(mixed), dot, input_precision=DOT_PRECISION)
+    return dot, own_rows, partner_rows, lam, key_in
 
 
 @_autotune
@@ -81,11 +78,9 @@ def _neg_lse_kernel(q_ptr, queue_ptr, lam_ptr, perm_ptr, scale_ptr, lse_ptr, N, 
     run_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     run_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for start_n in range(0, K, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        own_rows, partner_rows, lam, key_in = _queue_rows(queue_ptr, lam_ptr, perm_ptr, offs_n,
-                                                          K, D)
-        dot = _mixed_dot_tile(q_ptr, own_rows, partner_rows, lam, key_in, offs_m, N, D,
-                              BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
+        dot, _, _, _, key_in = _mixed_key_tile(q_ptr, queue_ptr, lam_ptr, perm_ptr, offs_m,
+                                               start_n, N, K, D, BLOCK_M, BLOCK_N, BLOCK_D,
+                                               DOT_PRECISION)
         logits = tl.where(key_in[None, :], scale * dot, float("-inf"))
         new_max = tl.maximum(run_max, tl.max(logits, axis=1))
         # every tile has a key in range, so new_max is finite from the first tile on
@@ -113,11 +108,9 @@ def _neg_lse_dq_kernel(q_ptr, queue_ptr, lam_ptr, perm_ptr, scale_ptr, lse_ptr, 
     dq = tl.zeros((BLOCK_M, BLOCK_D_OUT), dtype=tl.float32)
     row_dscale = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for start_n in range(0, K, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        own_rows, partner_rows, lam, key_in = _queue_rows(queue_ptr, lam_ptr, perm_ptr, offs_n,
-                                                          K, D)
-        dot = _mixed_dot_tile(q_ptr, own_rows, partner_rows, lam, key_in, offs_m, N, D,
-                              BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
+        dot, own_rows, partner_rows, lam, key_in = _mixed_key_tile(
+            q_ptr, queue_ptr, lam_ptr, perm_ptr, offs_m, start_n, N, K, D, BLOCK_M, BLOCK_N,
+            BLOCK_D, DOT_PRECISION)
         valid = row_in[:, None] & key_in[None, :]
         grad = _masked_softmax(scale * dot, lse[:, None], coef[:, None], valid)
         row_dscale += tl.sum(grad * dot, axis=1)

@@ -46,29 +46,31 @@ class _RebuiltQueue(torch.autograd.Function):
     """neg_lse with Q̂ built by the C++ op in the forward and again in the backward."""
 
     @staticmethod
-    def forward(ctx, q_hat, queue, lam_neg, perm, scale):
-        mixed = torch.ops.pyclloss_C.ft_moco_interpolate_queue(queue, lam_neg, perm)
+    def forward(ctx, q_hat, queue, own_weight, partner_weight, perm, scale):
+        weights = (own_weight, partner_weight)
+        mixed = torch.ops.pyclloss_C.ft_moco_interpolate_queue(queue, *weights, perm)
         lse = torch.ops.pyclloss_C.infonce_fwd(q_hat, mixed, scale, None, None, None, False,
                                                False)[0]
-        ctx.save_for_backward(q_hat, queue, lam_neg, perm, scale, lse)
+        ctx.save_for_backward(q_hat, queue, *weights, perm, scale, lse)
         return lse
 
     @staticmethod
     def backward(ctx, grad):
-        q_hat, queue, lam_neg, perm, scale, lse = ctx.saved_tensors
-        mixed = torch.ops.pyclloss_C.ft_moco_interpolate_queue(queue, lam_neg, perm)
+        q_hat, queue, own_weight, partner_weight, perm, scale, lse = ctx.saved_tensors
+        mixed = torch.ops.pyclloss_C.ft_moco_interpolate_queue(queue, own_weight, partner_weight,
+                                                               perm)
         dq, _, dscale = torch.ops.pyclloss_C.infonce_bwd(
             q_hat, mixed, scale, None, None, None, False, lse, grad.contiguous(), None, None,
             None, None, False)
-        return dq, None, None, None, dscale
+        return dq, None, None, None, None, dscale
 
 
-def _negatives(design, q_hat, queue, lam_neg, perm, scale):
+def _negatives(design, q_hat, queue, weights, perm, scale):
     if design == "kept":
-        return ops.negatives_lse(q_hat, queue, lam_neg, perm, scale, "cpp")
+        return ops.negatives_lse(q_hat, queue, *weights, perm, scale, "cpp")
     if design == "rebuilt":
-        return _RebuiltQueue.apply(q_hat, queue, lam_neg, perm, scale)
-    mixed = ref.ft_moco_interpolate_queue(queue, lam_neg, perm)
+        return _RebuiltQueue.apply(q_hat, queue, *weights, perm, scale)
+    mixed = ref.ft_moco_interpolate_queue(queue, *weights, perm)
     return core.infonce_fwd(q_hat, mixed, scale, None, None, None, False, False, "cpp")[0]
 
 
@@ -78,7 +80,7 @@ def _step(impl, n, size, d):
     k = torch.randn(n, d, generator=gen)
     queue = torch.nn.functional.normalize(torch.randn(size, d, generator=gen), dim=1)
     perm = torch.randperm(size, generator=gen)
-    lam_neg = torch.full((size,), 0.3)
+    weights = ops.interpolation_weights(queue, torch.tensor(0.3), perm, normalize=True)
     scale = torch.tensor(5.0, requires_grad=True)
 
     def step():
@@ -86,7 +88,7 @@ def _step(impl, n, size, d):
         if impl in LOSS_IMPLS:
             loss = pyclloss.ft_moco_loss(q, k, queue, 1.4, 0.3, perm, 0.2, backend=impl)
         else:
-            loss = _negatives(impl, q, queue, lam_neg, perm, scale).sum()
+            loss = _negatives(impl, q, queue, weights, perm, scale).sum()
         loss.backward()
 
     return step

@@ -324,15 +324,16 @@ def ft_moco_loss(q: Tensor, k: Tensor, queue: Tensor, lam_pos, lam_neg, perm: Te
     if backend == "reference":
         return ft_moco_reference.ft_moco_loss(q, k, queue, lam_pos, lam_neg, perm, tau,
                                               normalize, normalize_mixed, reduction)
-    anchors, keys, negatives = q.to(dt), k.detach().to(dt), queue.detach()
+    anchors, keys = q.to(dt), k.detach().to(dt)
     if normalize:
         anchors, keys = F.normalize(anchors, dim=1), F.normalize(keys, dim=1)
-        negatives = _unit(negatives)
     q_hat, k_hat = ft_moco_reference.extrapolate_pair(anchors, keys, lam_pos)
     if normalize_mixed:
         q_hat, k_hat = F.normalize(q_hat, dim=1), F.normalize(k_hat, dim=1)
     scale = 1 / tau
     pos = scale * (q_hat * k_hat).sum(1)
-    neg_lse = ft_moco_ops.negatives_lse(q_hat.to(q.dtype), negatives.contiguous(),
-                                        lam_neg.expand(size).contiguous(), perm, scale, backend)
+    negatives = queue.detach().contiguous()
+    weights = ft_moco_ops.interpolation_weights(negatives, lam_neg, perm, normalize)
+    neg_lse = ft_moco_ops.negatives_lse(q_hat.to(q.dtype), negatives, *weights, perm, scale,
+                                        backend)
     return reduce_anchors(torch.logaddexp(pos, neg_lse) - pos, None, None, reduction)

@@ -109,20 +109,21 @@ GRADCHECK_BACKENDS = [b for b in ("reference", "cpp") if pyclloss.backends()[b].
 
 def _op_inputs(dtype, n=7, size=11):
     q_hat = torch.randn(n, DIM, dtype=dtype, requires_grad=True)
-    queue = F.normalize(torch.randn(size, DIM, dtype=dtype), dim=1)
+    queue = torch.randn(size, DIM, dtype=dtype)
     scale = torch.tensor(3.0, dtype=ref_info_nce.stats_dtype(dtype), requires_grad=True)
-    lam_neg = torch.rand(size, dtype=scale.dtype)
-    return q_hat, queue, lam_neg, torch.randperm(size), scale
+    perm = torch.randperm(size)
+    weights = ops.interpolation_weights(queue, torch.rand(size), perm, normalize=True)
+    return q_hat, queue, weights, perm, scale
 
 
 @pytest.mark.parametrize("backend", GRADCHECK_BACKENDS)
 def test_gradcheck_float64(backend):
-    q_hat, queue, lam_neg, perm, scale = _op_inputs(torch.float64)
+    q_hat, queue, weights, perm, scale = _op_inputs(torch.float64)
     assert torch.autograd.gradcheck(
-        lambda q, s: ops.negatives_lse(q, queue, lam_neg, perm, s, backend), (q_hat, scale))
+        lambda q, s: ops.negatives_lse(q, queue, *weights, perm, s, backend), (q_hat, scale))
     q, k = torch.randn(5, DIM, dtype=torch.float64, requires_grad=True), torch.randn(5, DIM)
     tau = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
-    lam_pos = 1 + torch.rand(5, dtype=torch.float64)
+    lam_pos, lam_neg = 1 + torch.rand(5, dtype=torch.float64), torch.rand(11)
     assert torch.autograd.gradcheck(
         lambda q, t: pyclloss.ft_moco_loss(q, k.double(), queue, lam_pos, lam_neg, perm, t,
                                            backend=backend), (q, tau))
@@ -134,29 +135,31 @@ MATERIALIZING = [b for b in ["reference"] + CPU_BACKENDS if b in ops.MATERIALIZI
 
 @pytest.mark.parametrize("backend", ON_THE_FLY)
 def test_opcheck_on_the_fly(backend):
-    q_hat, queue, lam_neg, perm, scale = _op_inputs(torch.float32)
-    torch.library.opcheck(ops.ft_moco_neg_lse, (q_hat, queue, lam_neg, perm, scale, backend))
-    lse = ops.ft_moco_neg_lse(q_hat.detach(), queue, lam_neg, perm, scale.detach(), backend)
-    torch.library.opcheck(ops.ft_moco_neg_lse_bwd, (q_hat.detach(), queue, lam_neg, perm,
+    q_hat, queue, weights, perm, scale = _op_inputs(torch.float32)
+    torch.library.opcheck(ops.ft_moco_neg_lse, (q_hat, queue, *weights, perm, scale, backend))
+    lse = ops.ft_moco_neg_lse(q_hat.detach(), queue, *weights, perm, scale.detach(), backend)
+    torch.library.opcheck(ops.ft_moco_neg_lse_bwd, (q_hat.detach(), queue, *weights, perm,
                                                     scale.detach(), lse, torch.rand(7), backend))
 
 
 @pytest.mark.parametrize("backend", ["reference"] + MATERIALIZING)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 def test_interpolate_queue(backend, dtype):
-    _, queue, lam_neg, perm, _ = _op_inputs(dtype, size=517)
-    mixed = ops.ft_moco_interpolate_queue(queue, lam_neg, perm, backend)
-    expected = lam_neg[:, None] * queue.to(lam_neg.dtype) + (1 - lam_neg[:, None]) * queue[perm]
+    _, queue, weights, perm, _ = _op_inputs(dtype, size=517)
+    mixed = ops.ft_moco_interpolate_queue(queue, *weights, perm, backend)
+    unit = F.normalize(queue.double(), dim=1)
+    lam = weights[0].double() * queue.double().norm(dim=1)  # λ_n back from the weights
+    expected = lam[:, None] * unit + (1 - lam[:, None]) * unit[perm]
     assert mixed.dtype == ref_info_nce.stats_dtype(dtype)
     assert_close_rel(mixed, expected, 1e-6, "Q̂")
-    torch.library.opcheck(ops.ft_moco_interpolate_queue, (queue, lam_neg, perm, backend))
+    torch.library.opcheck(ops.ft_moco_interpolate_queue, (queue, *weights, perm, backend))
 
 
 @pytest.mark.parametrize("backend", MATERIALIZING)
 def test_interpolate_queue_rejects_bad_perm(backend):
-    _, queue, lam_neg, perm, _ = _op_inputs(torch.float32)
+    _, queue, weights, perm, _ = _op_inputs(torch.float32)
     with pytest.raises(RuntimeError, match="perm must index the 11 queue rows"):
-        ops.ft_moco_interpolate_queue(queue, lam_neg, perm + 1, backend)
+        ops.ft_moco_interpolate_queue(queue, *weights, perm + 1, backend)
 
 
 def test_module_samples_the_paper_mix_and_enqueues_the_keys():

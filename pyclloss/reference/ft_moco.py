@@ -18,8 +18,8 @@ Two layers, both dense:
 * ``ft_moco_loss``, straight from the formulas above (builds Q̂ and the N×K
   logits), differentiated by autograd;
 * the kernels of ``pyclloss.ops.ft_moco`` with the semantics the fused
-  backends follow: ``ft_moco_interpolate_queue`` (Q̂) and the negatives'
-  log-sum-exp ``ft_moco_neg_lse`` with its backward.
+  backends follow: ``ft_moco_interpolate_queue`` (Q̂ from per-row weights)
+  and the negatives' log-sum-exp ``ft_moco_neg_lse`` with its backward.
 """
 
 import torch
@@ -41,32 +41,29 @@ def extrapolate_pair(q: Tensor, k: Tensor, lam_pos: Tensor):
     return lam * q + (1 - lam) * k, lam * k + (1 - lam) * q
 
 
-def ft_moco_interpolate_queue(queue: Tensor, lam_neg: Tensor, perm: Tensor) -> Tensor:
-    """Q̂ = λ_n·Q + (1−λ_n)·Q[π] in the statistics dtype; λ_n of shape () or (K,)."""
-    acc = stats_dtype(queue.dtype)
-    rows = queue.to(acc)
-    lam = _per_row(lam_neg.to(acc))
-    return lam * rows + (1 - lam) * rows[perm]
-
-
 # ------------------------------------------------------------------- the kernels
+# The queue interpolation with per-row weights, Q̂_j = a_j·Q_j + b_j·Q_π(j):
+# a = λ_n, b = 1 − λ_n, each over its row's norm when the queue is normalised.
 
 
-def ft_moco_neg_lse(q_hat, queue, lam_neg, perm, scale):
+def ft_moco_interpolate_queue(queue, own_weight, partner_weight, perm):
+    """Q̂ (K×D) in the statistics dtype."""
+    rows = queue.to(own_weight.dtype)
+    return own_weight[:, None] * rows + partner_weight[:, None] * rows[perm]
+
+
+def ft_moco_neg_lse(q_hat, queue, own_weight, partner_weight, perm, scale):
     """neg_lse_i = LSE_j s·<q̂_i, Q̂_j> (N,), in the statistics dtype."""
-    acc = stats_dtype(q_hat.dtype)
-    logits = scale.to(acc) * (q_hat.to(acc) @ ft_moco_interpolate_queue(queue, lam_neg, perm).T)
-    return torch.logsumexp(logits, dim=1)
+    mixed = ft_moco_interpolate_queue(queue, own_weight, partner_weight, perm)
+    return torch.logsumexp(scale * (q_hat.to(mixed.dtype) @ mixed.T), dim=1)
 
 
-def ft_moco_neg_lse_bwd(q_hat, queue, lam_neg, perm, scale, neg_lse, grad):
+def ft_moco_neg_lse_bwd(q_hat, queue, own_weight, partner_weight, perm, scale, neg_lse, grad):
     """dq̂ and dscale of sum_i grad_i·neg_lse_i (the queue gets no gradient)."""
-    acc = stats_dtype(q_hat.dtype)
-    mixed = ft_moco_interpolate_queue(queue, lam_neg, perm)
-    dot = q_hat.to(acc) @ mixed.T
-    s = scale.to(acc)
-    grad_logits = grad[:, None] * torch.exp(s * dot - neg_lse[:, None])
-    return (s * (grad_logits @ mixed)).to(q_hat.dtype), (grad_logits * dot).sum()
+    mixed = ft_moco_interpolate_queue(queue, own_weight, partner_weight, perm)
+    dot = q_hat.to(mixed.dtype) @ mixed.T
+    grad_logits = grad[:, None] * torch.exp(scale * dot - neg_lse[:, None])
+    return (scale * (grad_logits @ mixed)).to(q_hat.dtype), (grad_logits * dot).sum()
 
 
 # --------------------------------------------------------------------- the loss
@@ -82,7 +79,8 @@ def ft_moco_loss(q, k, queue, lam_pos, lam_neg, perm, temperature=0.2, normalize
     q_hat, k_hat = extrapolate_pair(q, k, lam_pos)
     if normalize_mixed:
         q_hat, k_hat = F.normalize(q_hat, dim=1), F.normalize(k_hat, dim=1)
-    negs_hat = ft_moco_interpolate_queue(negs, lam_neg, perm)
+    lam = _per_row(lam_neg.to(acc))
+    negs_hat = lam * negs + (1 - lam) * negs[perm]
     logits = torch.cat([(q_hat * k_hat).sum(1, keepdim=True), q_hat @ negs_hat.T], dim=1)
     targets = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
     per_anchor = F.cross_entropy(logits / temperature, targets, reduction="none")

@@ -22,7 +22,6 @@ within one run mean anything on a shared machine.
 import argparse
 import datetime
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pyclloss  # noqa: E402
 import pyclloss._C  # noqa: E402,F401  (registers torch.ops.pyclloss_C)
+from pyclloss.energy import cpu_model  # noqa: E402
 from pyclloss.ops import ft_moco as ops  # noqa: E402
 from pyclloss.ops import info_nce as core  # noqa: E402
 from pyclloss.reference import ft_moco as ref  # noqa: E402
@@ -161,8 +161,9 @@ def main():
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")  # freed buffers leave the RSS
     lines = [
         "# Feature-transformation MoCo loss: forward+backward on the CPU\n",
-        f"- machine: CPU {platform.machine()}, {os.cpu_count()} cores, "
-        f"{torch.get_num_threads()} threads",
+        f"- machine: CPU {cpu_model()}, {os.cpu_count()} cores, "
+        f"{torch.get_num_threads()} threads; 1-minute load average "
+        f"{os.getloadavg()[0]:.1f} at the start (other processes share the cores)",
         f"- date: {datetime.date.today().isoformat()}",
         f"- versions: pyclloss {pyclloss.__version__}, torch {torch.__version__}",
         f"- command: `python bench/bench_ft_moco.py {' '.join(sys.argv[1:])}`",

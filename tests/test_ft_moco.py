@@ -220,3 +220,18 @@ def test_torch_compile_has_no_graph_break(backend):
                                 torch.tensor(1.3), lam_neg, perm)
     assert_close_rel(loss, expected, TOL[torch.float32], "compiled")
     assert torch.isfinite(q.grad).all() and q.grad.abs().sum() > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_triton_on_gpu(dtype):
+    """Compiled Triton kernels at sizes spanning many tiles, bf16 included."""
+    n, size, dim = 256, 4099, 128
+    q, k = torch.randn(n, dim, device="cuda"), torch.randn(n, dim, device="cuda")
+    queue = torch.randn(size, dim, device="cuda")
+    lam_neg, perm = torch.rand(size, device="cuda"), torch.randperm(size, device="cuda")
+    temp = torch.tensor(0.2, device="cuda")
+    check_against_reference(
+        lambda q, k, queue, t: pyclloss.ft_moco_loss(q, k, queue, 1.4, lam_neg, perm, t),
+        lambda q, k, queue, t: ref.ft_moco_loss(q, k, queue, torch.tensor(1.4), lam_neg, perm, t),
+        [q, k, queue, temp], dtype, f"ft_moco on the GPU, {dtype}")

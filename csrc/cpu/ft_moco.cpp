@@ -6,9 +6,9 @@
 // The CPU backend materialises Q̂ once per step and runs the InfoNCE core's
 // kernels on it (csrc/cpu/info_nce.cpp), keeping Q̂ for the backward. The
 // core lays its key operand out once per call anyway (O(K*D)), so building
-// Q̂ tiles inside the tile loop could not save that pass; measured at
-// N = 256, K = 65536, D = 128 (bench/results/cpu-ft_moco.md), holding Q̂ beats
-// rebuilding it in the backward by about a quarter of the step.
+// Q̂ tiles inside the tile loop could not save that pass; keeping Q̂ was
+// faster than rebuilding it in the backward at every queue size measured
+// (bench/results/cpu-ft_moco.md).
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>

@@ -16,8 +16,8 @@ Two designs, picked per backend by :func:`negatives_lse` after measuring:
   (``pyclloss.ops.info_nce``) take it from there, and autograd keeps Q̂ for
   the backward. The CPU core copies its key operand into its own layout on
   every call anyway, so tiles built on the fly cannot save that pass; keeping
-  Q̂ beat rebuilding it in the backward by a factor 1.3 to 1.6 at N = 256,
-  D = 128, K = 4096 to 65536 (bench/results/cpu-ft_moco.md).
+  Q̂ was faster than rebuilding it in the backward (1.02× to 1.36× at
+  N = 256, D = 128, K = 4096 to 65536; bench/results/cpu-ft_moco.md).
 
 Weights are (K,) vectors in the statistics dtype (float32, float64 for
 float64 inputs), ``perm`` an int64 (K,) vector of queue row indices; none of

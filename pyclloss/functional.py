@@ -18,7 +18,9 @@ import torch.nn.functional as F
 
 from . import _checks, distributed
 from .backends import resolve
+from .ops import ft_moco as ft_moco_ops
 from .ops import info_nce as core
+from .reference import ft_moco as ft_moco_reference
 from .reference import info_nce as reference
 from .reference.info_nce import reduce_anchors, stats_dtype
 
@@ -345,3 +347,86 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logi
         return rows
     total = rows.sum()
     return _over_ranks(exchange, total if reduction == "sum" else total / rows_in_all)
+
+
+# ----------------------------------------------------- feature-transformation MoCo
+
+
+def _mixing_coefficient(name: str, value, shapes, device: torch.device,
+                        dtype: torch.dtype) -> Tensor:
+    """A finite mixing coefficient: a number or 0-dim tensor, or a tensor of one of
+    ``shapes``; detached, in ``dtype``."""
+    if not isinstance(value, torch.Tensor) or value.dim() == 0:
+        return _checks.scalar(name, value, device, dtype).detach()
+    if not value.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
+    if tuple(value.shape) not in shapes:
+        forms = " or ".join(str(s) for s in shapes)
+        raise ValueError(f"{name} must be a scalar or have shape {forms}, got {tuple(value.shape)}")
+    if value.device != device:
+        raise ValueError(f"{name} is on {value.device} but the features are on {device}")
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{name} contains NaN or Inf")
+    return value.detach().to(dtype)
+
+
+def ft_moco_loss(q: Tensor, k: Tensor, queue: Tensor, lam_pos, lam_neg, perm: Tensor,
+                 temperature=0.2, *, normalize: bool = True, normalize_mixed: bool = False,
+                 reduction: str = "mean", backend: str = "auto") -> Tensor:
+    """MoCo's InfoNCE with feature transformation ("Improving Contrastive Learning
+    by Visualizing Feature Transformation", Zhu et al., ICCV 2021).
+
+    Positive extrapolation ``q̂ = λ_p·q + (1−λ_p)·k``, ``k̂ = λ_p·k + (1−λ_p)·q``
+    (the key is detached first, as in the authors' code, so q gets a gradient
+    through both); negative interpolation of the queue
+    ``Q̂_j = λ_n·Q_j + (1−λ_n)·Q_π(j)``; ``L_i = CE([q̂_i·k̂_i, q̂_i·Q̂ᵀ] / τ, 0)``.
+    The paper samples one λ_p = 1 + Beta(2, 2) and one λ_n ~ Beta(1.6, 1.6) per
+    step and π = randperm(K) (:class:`pyclloss.FTMoCoLoss` does). The fused
+    backends never build the N×K logits: the Triton kernels blend Q_j and
+    Q_π(j) inside their key tiles, the C++ backend builds Q̂ (K×D) once per
+    step for the InfoNCE core (see :mod:`pyclloss.ops.ft_moco`).
+
+    Args:
+        q: (N, D) queries. k: (N, D) keys (detached inside).
+        queue: (K, D) negatives (detached; cast to q's dtype).
+        lam_pos: λ_p, a number / 0-dim tensor, or per sample (N,) or per
+            element (N, D) (the code's ``dim_mask`` variants).
+        lam_neg: λ_n, a number / 0-dim tensor, or per queue row (K,).
+            Mixing coefficients get no gradient.
+        perm: (K,) integer queue indices π (a permutation in the paper).
+        temperature: τ > 0 (float or 0-dim tensor, which gets a gradient).
+        normalize: L2-normalise q, k and the queue before mixing (the paper's
+            encoder outputs and queue are unit vectors). The mixed features are
+            not normalised again unless ``normalize_mixed`` (the code's
+            ``postmix_norm``: q̂ and k̂ only).
+        reduction: "mean", "sum" or "none" (N,).
+    """
+    _checks.features("q", q)
+    _checks.features("k", k)
+    _checks.same_kind("k", k, "q", q, same_rows=True)
+    queue = _checks.features("queue", queue).to(q.dtype)
+    _checks.same_kind("queue", queue, "q", q)
+    (n, d), size, device = q.shape, queue.shape[0], q.device
+    dt = stats_dtype(q.dtype)
+    lam_pos = _mixing_coefficient("lam_pos", lam_pos, [(n,), (n, d)], device, dt)
+    lam_neg = _mixing_coefficient("lam_neg", lam_neg, [(size,)], device, dt)
+    perm = _checks.index_targets("perm", perm, size, size, device)
+    reduction = _checks.reduction(reduction)
+    tau = _checks.positive("temperature", temperature, device, dt)
+    backend = resolve(backend, device, implemented=ft_moco_ops.BACKENDS)
+    if backend == "reference":
+        return ft_moco_reference.ft_moco_loss(q, k, queue, lam_pos, lam_neg, perm, tau,
+                                              normalize, normalize_mixed, reduction)
+    anchors, keys = q.to(dt), k.detach().to(dt)
+    if normalize:
+        anchors, keys = F.normalize(anchors, dim=1), F.normalize(keys, dim=1)
+    q_hat, k_hat = ft_moco_reference.extrapolate_pair(anchors, keys, lam_pos)
+    if normalize_mixed:
+        q_hat, k_hat = F.normalize(q_hat, dim=1), F.normalize(k_hat, dim=1)
+    scale = 1 / tau
+    pos = scale * (q_hat * k_hat).sum(1)
+    negatives = queue.detach().contiguous()
+    weights = ft_moco_ops.interpolation_weights(negatives, lam_neg, perm, normalize)
+    neg_lse = ft_moco_ops.negatives_lse(q_hat.to(q.dtype), negatives, *weights, perm, scale,
+                                        backend)
+    return reduce_anchors(torch.logaddexp(pos, neg_lse) - pos, None, None, reduction)

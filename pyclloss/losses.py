@@ -156,3 +156,50 @@ class MoCoLoss(nn.Module):
         rows = (start + torch.arange(keys.shape[0], device=keys.device)) % size
         self.queue[rows] = keys
         self.queue_ptr.fill_((start + keys.shape[0]) % size)
+
+
+class FTMoCoLoss(MoCoLoss):
+    """MoCo with feature transformation (Zhu et al., ICCV 2021): positive
+    extrapolation and negative interpolation; ``forward(query, key)``.
+
+    Each call samples, as the authors' training script does, one
+    ``λ_p = 1 + Beta(pos_alpha, pos_alpha)``, one ``λ_n ~ Beta(neg_alpha,
+    neg_alpha)`` and a permutation π of the queue (:meth:`sample_mix`, from
+    torch's random generator), computes :func:`pyclloss.ft_moco_loss` against
+    the queue, then enqueues the untransformed keys.
+
+    Args:
+        dim, queue_size: as :class:`MoCoLoss`. temperature: τ (0.2).
+        pos_alpha, neg_alpha: the Beta parameters (2.0 and 1.6 in the paper).
+        normalize_mixed: normalise q̂ and k̂ after mixing (off in the paper).
+    """
+
+    def __init__(self, dim: int, queue_size: int = 65536, temperature: float = 0.2,
+                 pos_alpha: float = 2.0, neg_alpha: float = 1.6, normalize_mixed: bool = False,
+                 backend: str = "auto"):
+        super().__init__(dim, queue_size, temperature, backend)
+        for name, alpha in (("pos_alpha", pos_alpha), ("neg_alpha", neg_alpha)):
+            if not isinstance(alpha, (int, float)) or not alpha > 0:
+                raise ValueError(f"{name} must be a number > 0, got {alpha!r}")
+        self.pos_alpha, self.neg_alpha = float(pos_alpha), float(neg_alpha)
+        self.normalize_mixed = normalize_mixed
+
+    def sample_mix(self):
+        """(λ_p, λ_n, π) for one step: two 0-dim float32 tensors and a (K,) permutation."""
+        device = self.queue.device
+        lam_pos = (1 + self._symmetric_beta(self.pos_alpha)).to(device)
+        lam_neg = self._symmetric_beta(self.neg_alpha).to(device)
+        return lam_pos, lam_neg, torch.randperm(self.queue.shape[0], device=device)
+
+    @staticmethod
+    def _symmetric_beta(alpha: float) -> Tensor:
+        concentration = torch.tensor(alpha)
+        return torch.distributions.Beta(concentration, concentration).sample()
+
+    def forward(self, query: Tensor, key: Tensor) -> Tensor:
+        lam_pos, lam_neg, perm = self.sample_mix()
+        loss = fn.ft_moco_loss(query, key, self.queue.to(query.dtype), lam_pos, lam_neg, perm,
+                               self.temperature, normalize_mixed=self.normalize_mixed,
+                               backend=self.backend)
+        self._enqueue(key)
+        return loss

@@ -21,6 +21,12 @@ def _loss_library():
     return library
 
 
+def _modules():
+    from pyclloss import losses
+
+    return losses
+
+
 def loss_function(name: str, backend: str) -> Callable:
     """``name`` from the loss library, bound to ``backend``."""
     return functools.partial(getattr(_loss_library(), name), backend=backend)
@@ -55,28 +61,16 @@ class ClipLoss(nn.Module):
         return self.function(F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1), scale)
 
 
-class QueueInfoNCE(nn.Module):
-    """InfoNCE of queries against their keys plus a queue of earlier keys (MoCo);
-    each call then enqueues the new keys, replacing the oldest. The queue must
-    hold at least one batch."""
+class QueryKeyLoss(nn.Module):
+    """A loss module of (query, key), such as pyclloss's ``MoCoLoss`` with its
+    key queue, with the trainer's signature."""
 
-    def __init__(self, function: Callable, dim: int, queue_size: int, temperature: float):
+    def __init__(self, loss: nn.Module):
         super().__init__()
-        self.function = function
-        self.temperature = temperature
-        self.register_buffer("queue", F.normalize(torch.randn(queue_size, dim), dim=1))
-        self.register_buffer("next_slot", torch.zeros((), dtype=torch.int64))
+        self.loss = loss
 
     def forward(self, query, key, labels):
-        loss = self.function(query, key, self.temperature, queue=self.queue)
-        self._enqueue(F.normalize(key.detach().float(), dim=1))
-        return loss
-
-    @torch.no_grad()
-    def _enqueue(self, keys):
-        slots = (self.next_slot + torch.arange(keys.shape[0], device=keys.device)) % len(self.queue)
-        self.queue[slots] = keys
-        self.next_slot.copy_((self.next_slot + keys.shape[0]) % len(self.queue))
+        return self.loss(query, key)
 
 
 class GroCoViews(nn.Module):
@@ -127,9 +121,14 @@ LOSSES: Dict[str, LossEntry] = {
         lambda dim, cfg: ClipLoss(loss_function("clip_loss", cfg.backend), cfg.temperature),
         temperature=0.07, about="CLIP's symmetric loss between the views, learnable scale"),
     "moco": LossEntry(
-        lambda dim, cfg: QueueInfoNCE(loss_function("info_nce", cfg.backend), dim, cfg.queue_size,
-                                  cfg.temperature),
+        lambda dim, cfg: QueryKeyLoss(_modules().MoCoLoss(dim, cfg.queue_size, cfg.temperature,
+                                                          cfg.backend)),
         temperature=0.2, momentum_encoder=True, about="MoCo v2: momentum encoder and key queue"),
+    "ft_moco": LossEntry(
+        lambda dim, cfg: QueryKeyLoss(_modules().FTMoCoLoss(dim, cfg.queue_size, cfg.temperature,
+                                                            backend=cfg.backend)),
+        temperature=0.2, momentum_encoder=True,
+        about="MoCo with feature transformation (positive extrapolation, queue interpolation)"),
     "groco": LossEntry(
         lambda dim, cfg: GroCoViews(cfg.backend, cfg.temperature),
         temperature=1.0, about="GroCo: relaxed sorting of the positive above the hardest "

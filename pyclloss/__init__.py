@@ -26,6 +26,9 @@ from .sorting import (
     soft_top_k_mask,
 )
 
+from .functional import gated_info_nce
+from .losses import HydraLoss
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -50,4 +53,6 @@ __all__ = [
     "soft_top_k_mask",
     "DiffSortNet",
     "GroCoLoss",
+    "gated_info_nce",
+    "HydraLoss",
 ]

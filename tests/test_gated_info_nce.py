@@ -50,6 +50,11 @@ def _problem(b, n, k, dtype, classes=4, device="cpu", scale=5.0):
     return q, keys, gates, s, labels, partner, key_labels
 
 
+def _runner(backend):
+    """Calls kernel `name` of this family in `backend`."""
+    return lambda name, *args: kernel(backend, "gated_info_nce", name)(*args)
+
+
 def _f64(*tensors):
     return [t.to(torch.float64) for t in tensors]
 
@@ -71,7 +76,7 @@ def _close(actual, expected, tol):
 @pytest.mark.parametrize("backend, dtype, shape", list(_cases()))
 def test_kernels_match_reference(backend, dtype, shape):
     q, k, g, s, y, p, ky = _problem(*shape, dtype)
-    run = lambda name, *args: kernel(backend, "gated_info_nce", name)(*args)  # noqa: E731
+    run = _runner(backend)
     want_neg, want_count = ref.gated_fwd(*_f64(q, k, g, s), y, p, ky)
     neg_lse, pos_count = run("gated_fwd", q, k, g, s, y, p, ky)
     assert neg_lse.dtype == s.dtype
@@ -109,7 +114,7 @@ def test_kernels_handle_clamped_norms_and_empty_sets():
         p[:] = torch.tensor([1, 1, 2, 3, 0])  # anchor 4: partner = own class
         y[3] = 2  # anchor 3: own 2, partner 3 -> negatives 0, 0, 1, 1
         y[2] = 3  # anchor 2: own 3, partner 2
-        run = lambda name, *args: kernel(backend, "gated_info_nce", name)(*args)  # noqa: E731
+        run = _runner(backend)
         f64 = _f64(q, k, g, s)
         want_neg, _ = ref.gated_fwd(*f64, y, p, ky)
         neg_lse, _ = run("gated_fwd", q, k, g, s, y, p, ky)

@@ -350,6 +350,38 @@ LabelCodes label_codes(const Tensor& labels, const Tensor& partner_labels,
   return {std::get<1>(at::_unique(all, false, true)).to(at::kInt).contiguous(), labels.size(0)};
 }
 
+// Everything a pass reads, prepared once per call: anchors (with column
+// blocks when they supply the columns of key-major tiles), keys and labels.
+struct Problem {
+  Anchors anchors;
+  Side keys;
+  LabelCodes codes;
+};
+
+Problem prepare(const Tensor& q, const Tensor& k, const Tensor& gates, const Tensor& scale,
+                const Tensor& labels, const Tensor& partner_labels, const Tensor& key_labels,
+                bool anchor_columns) {
+  const auto acc = stats_dtype(q.scalar_type());
+  return {make_anchors(q, gates, scale, acc, anchor_columns), make_keys(k, acc, true),
+          label_codes(labels, partner_labels, key_labels)};
+}
+
+// For every anchor-major tile of logits: on_tile(logits, anchor0, rows, cols,
+// mask); after the last key block of an anchor block: on_rows(anchor0, rows).
+template <typename acc_t, typename OnTile, typename OnRows>
+void for_each_logit_tile(const Problem& problem, const OnTile& on_tile, const OnRows& on_rows) {
+  const acc_t* anchor_scale = problem.anchors.scale.data_ptr<acc_t>();
+  const GatedMask mask = problem.codes.mask();
+  tile_pass<acc_t>(
+      problem.anchors.side, problem.keys, false,
+      [&](acc_t* dots, acc_t* sq_norms, int64_t anchor0, int64_t rows, int64_t key0,
+          int64_t cols) {
+        gated_logits_tile<acc_t, false>(dots, sq_norms, rows, cols, anchor_scale + anchor0);
+        on_tile(dots, anchor0, rows, cols, mask.at(anchor0, key0));
+      },
+      [&](int64_t anchor0, int64_t rows, const acc_t*, const acc_t*) { on_rows(anchor0, rows); });
+}
+
 // ------------------------------------------------------------------- ops
 
 std::tuple<Tensor, Tensor> gated_fwd(const Tensor& q, const Tensor& k, const Tensor& gates,
@@ -362,26 +394,20 @@ std::tuple<Tensor, Tensor> gated_fwd(const Tensor& q, const Tensor& k, const Ten
   Tensor run_max = at::full({b}, -INFINITY, q.options().dtype(acc));
   Tensor neg_lse = at::zeros({b}, q.options().dtype(acc));  // the running sum, then the LSE
   Tensor pos_count = at::zeros({b}, q.options().dtype(acc));
-  const Anchors anchors = make_anchors(q, gates, scale, acc, false);
-  const Side keys = make_keys(k, acc, true);
-  const LabelCodes codes = label_codes(labels, partner_labels, key_labels);
+  const Problem problem = prepare(q, k, gates, scale, labels, partner_labels, key_labels, false);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const acc_t* anchor_scale = anchors.scale.data_ptr<acc_t>();
     acc_t* max_data = run_max.data_ptr<acc_t>();
     acc_t* lse_data = neg_lse.data_ptr<acc_t>();
     acc_t* count_data = pos_count.data_ptr<acc_t>();
-    const GatedMask mask = codes.mask();
-    tile_pass<acc_t>(
-        anchors.side, keys, false,
-        [&](acc_t* dots, acc_t* sq_norms, int64_t anchor0, int64_t rows, int64_t key0,
-            int64_t cols) {
-          gated_logits_tile<acc_t, false>(dots, sq_norms, rows, cols, anchor_scale + anchor0);
-          negatives_tile(dots, rows, cols, mask.at(anchor0, key0), max_data + anchor0,
-                         lse_data + anchor0, count_data + anchor0);
+    for_each_logit_tile<acc_t>(
+        problem,
+        [&](acc_t* logits, int64_t anchor0, int64_t rows, int64_t cols, GatedMask mask) {
+          negatives_tile(logits, rows, cols, mask, max_data + anchor0, lse_data + anchor0,
+                         count_data + anchor0);
         },
-        [&](int64_t anchor0, int64_t rows, const acc_t*, const acc_t*) {
+        [&](int64_t anchor0, int64_t rows) {
           for (int64_t i = anchor0; i < anchor0 + rows; ++i) {
             lse_data[i] = max_data[i] == kNegInf<acc_t> ? kNegInf<acc_t>
                                                          : max_data[i] + std::log(lse_data[i]);
@@ -402,26 +428,20 @@ std::tuple<Tensor, Tensor> gated_pair_fwd(const Tensor& q, const Tensor& k, cons
   check_stats(op, "neg_lse", neg_lse, b, acc);
   Tensor loss_sum = at::zeros({b}, q.options().dtype(acc));
   Tensor sigmoid_sum = at::zeros({b}, q.options().dtype(acc));
-  const Anchors anchors = make_anchors(q, gates, scale, acc, false);
-  const Side keys = make_keys(k, acc, true);
-  const LabelCodes codes = label_codes(labels, partner_labels, key_labels);
+  const Problem problem = prepare(q, k, gates, scale, labels, partner_labels, key_labels, false);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const acc_t* anchor_scale = anchors.scale.data_ptr<acc_t>();
     const acc_t* lse_data = neg_lse.data_ptr<acc_t>();
     acc_t* loss_data = loss_sum.data_ptr<acc_t>();
     acc_t* sigmoid_data = sigmoid_sum.data_ptr<acc_t>();
-    const GatedMask mask = codes.mask();
-    tile_pass<acc_t>(
-        anchors.side, keys, false,
-        [&](acc_t* dots, acc_t* sq_norms, int64_t anchor0, int64_t rows, int64_t key0,
-            int64_t cols) {
-          gated_logits_tile<acc_t, false>(dots, sq_norms, rows, cols, anchor_scale + anchor0);
-          positives_tile(dots, rows, cols, mask.at(anchor0, key0), lse_data + anchor0,
-                         loss_data + anchor0, sigmoid_data + anchor0);
+    for_each_logit_tile<acc_t>(
+        problem,
+        [&](const acc_t* logits, int64_t anchor0, int64_t rows, int64_t cols, GatedMask mask) {
+          positives_tile(logits, rows, cols, mask, lse_data + anchor0, loss_data + anchor0,
+                         sigmoid_data + anchor0);
         },
-        [](int64_t, int64_t, const acc_t*, const acc_t*) {});
+        [](int64_t, int64_t) {});
   });
   return {loss_sum, sigmoid_sum};
 }
@@ -442,15 +462,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_bwd(
   Tensor dgates = at::empty_like(gates);
   Tensor dk = need_dk ? at::empty_like(k) : at::empty({0}, k.options());
   Tensor anchor_dlogit = at::zeros({b}, q.options().dtype(acc));
-  const Anchors anchors = make_anchors(q, gates, scale, acc, need_dk);
-  const Side keys = make_keys(k, acc, true);
-  const LabelCodes codes = label_codes(labels, partner_labels, key_labels);
+  const Problem problem = prepare(q, k, gates, scale, labels, partner_labels, key_labels, need_dk);
+  const Anchors& anchors = problem.anchors;
+  const Side& keys = problem.keys;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const AnchorTerms<acc_t> terms{anchors.scale.data_ptr<acc_t>(), neg_lse.data_ptr<acc_t>(),
                                    neg_coef.data_ptr<acc_t>(), pos_coef.data_ptr<acc_t>()};
-    const GatedMask mask = codes.mask();
+    const GatedMask mask = problem.codes.mask();
     const acc_t* norm = anchors.norm.data_ptr<acc_t>();
     const acc_t* q_data = anchors.q.data_ptr<acc_t>();
     const acc_t* g_data = anchors.gates.data_ptr<acc_t>();

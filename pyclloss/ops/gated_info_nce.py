@@ -70,7 +70,8 @@ gated_pair_loss.register_autograd(_backward, setup_context=_setup)
 @torch.library.custom_op("pyclloss::gated_bwd", mutates_args=())
 def gated_bwd(q: Tensor, k: Tensor, gates: Tensor, scale: Tensor, labels: Tensor,
               partner_labels: Tensor, key_labels: Tensor, neg_lse: Tensor, neg_coef: Tensor,
-              pos_coef: Tensor, need_dk: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+              pos_coef: Tensor, need_dk: bool,
+              backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """dq, dk, dgates, dscale of Σ_bn G_bn·l_bn (docs/gated_info_nce.md)."""
     outs = _run(backend, "gated_bwd", q, k, gates, scale, labels, partner_labels, key_labels,
                 neg_lse, neg_coef, pos_coef, need_dk)

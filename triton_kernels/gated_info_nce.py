@@ -15,14 +15,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .info_nce import _SUPPORTED_DTYPES, _block_d, _sigmoid, _softplus
+from .info_nce import _SUPPORTED_DTYPES, _autotune, _block_d, _sigmoid, _softplus
 
 Tensor = torch.Tensor
 
 EPS = 1e-12  # gated norms are clamped below at EPS, as F.normalize does
 _EPS = tl.constexpr(EPS)
-_BLOCK_M = 32  # anchors (or keys) per program
-_BLOCK_N = 32  # keys (or anchors) per tile
 _MAX_BLOCK_D = 64  # feature chunk of a tile's dot products and of a gradient slice
 
 _jit = triton.jit(do_not_specialize=["B", "N"])
@@ -73,6 +71,7 @@ def _gradient(logits, inv_norm, anchor_scale, neg_lse, neg_coef, pos_coef, pos, 
     return grad, grad * anchor_scale * inv_norm, norm_coef
 
 
+@_autotune  # BLOCK_M, BLOCK_N per D and dtype (one fixed tile under the interpreter)
 @_jit
 def _forward_kernel(a_ptr, gsq_ptr, k_ptr, ksq_ptr, anchor_scale_ptr, own_ptr, partner_ptr,
                     key_ptr, neg_lse_ptr, out0_ptr, out1_ptr, B, N, D,
@@ -117,6 +116,7 @@ def _forward_kernel(a_ptr, gsq_ptr, k_ptr, ksq_ptr, anchor_scale_ptr, own_ptr, p
     tl.store(out1_ptr + offs_m, acc1, mask=row_in)
 
 
+@_autotune
 @_jit
 def _anchor_grad_kernel(q_ptr, g_ptr, a_ptr, gsq_ptr, k_ptr, ksq_ptr, norm_ptr, anchor_scale_ptr,
                         own_ptr, partner_ptr, key_ptr, neg_lse_ptr, neg_coef_ptr, pos_coef_ptr,
@@ -170,6 +170,7 @@ def _anchor_grad_kernel(q_ptr, g_ptr, a_ptr, gsq_ptr, k_ptr, ksq_ptr, norm_ptr, 
         tl.store(dlogit_ptr + offs_m, dlogit, mask=row_in)
 
 
+@_autotune
 @_jit
 def _key_grad_kernel(k_ptr, ksq_ptr, a_ptr, gsq_ptr, anchor_scale_ptr, own_ptr, partner_ptr,
                      key_ptr, neg_lse_ptr, neg_coef_ptr, pos_coef_ptr, dk_ptr, B, N, D,
@@ -236,11 +237,10 @@ class _Operands:
 def _forward(ops: _Operands, labels, partner_labels, key_labels, neg_lse, pairs):
     out0 = torch.empty(ops.b, device=ops.q.device, dtype=torch.float32)
     out1 = torch.empty_like(out0)
-    grid = (triton.cdiv(ops.b, _BLOCK_M),)
+    grid = lambda meta: (triton.cdiv(ops.b, meta["BLOCK_M"]),)  # noqa: E731
     _forward_kernel[grid](ops.a, ops.gate_sq, ops.k, ops.k_sq, ops.anchor_scale, labels,
                           partner_labels, key_labels, neg_lse if pairs else out0, out0, out1,
-                          ops.b, ops.n, ops.d, PAIRS=pairs, BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N,
-                          BLOCK_D=ops.block_d)
+                          ops.b, ops.n, ops.d, PAIRS=pairs, BLOCK_D=ops.block_d)
     return out0, out1
 
 
@@ -260,15 +260,16 @@ def gated_bwd(q, k, gates, scale, labels, partner_labels, key_labels, neg_lse, n
     dq, dgates = torch.empty_like(q), torch.empty_like(gates)
     dlogit = torch.empty(ops.b, device=q.device, dtype=torch.float32)
     out_slices = triton.cdiv(ops.d, ops.block_d)
-    _anchor_grad_kernel[(triton.cdiv(ops.b, _BLOCK_M), out_slices)](
+    anchor_grid = lambda meta: (triton.cdiv(ops.b, meta["BLOCK_M"]), out_slices)  # noqa: E731
+    _anchor_grad_kernel[anchor_grid](
         ops.q, ops.gates, ops.a, ops.gate_sq, ops.k, ops.k_sq, ops.norm, ops.anchor_scale,
         labels, partner_labels, key_labels, neg_lse, neg_coef, pos_coef, dq, dgates, dlogit,
-        ops.b, ops.n, ops.d, BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_D=ops.block_d,
-        BLOCK_DO=ops.block_d)
+        ops.b, ops.n, ops.d, BLOCK_D=ops.block_d, BLOCK_DO=ops.block_d)
     dk = torch.empty_like(k) if need_dk else k.new_empty(0)
     if need_dk:
-        _key_grad_kernel[(triton.cdiv(ops.n, _BLOCK_N), out_slices)](
+        key_grid = lambda meta: (triton.cdiv(ops.n, meta["BLOCK_N"]), out_slices)  # noqa: E731
+        _key_grad_kernel[key_grid](
             ops.k, ops.k_sq, ops.a, ops.gate_sq, ops.anchor_scale, labels, partner_labels,
             key_labels, neg_lse, neg_coef, pos_coef, dk, ops.b, ops.n, ops.d,
-            BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_D=ops.block_d, BLOCK_DO=ops.block_d)
+            BLOCK_D=ops.block_d, BLOCK_DO=ops.block_d)
     return dq, dk, dgates, dlogit.sum() / scale

@@ -201,12 +201,13 @@ def test_no_positive_pairs_gives_zero_and_finite_gradients():
         assert all(torch.equal(gr, torch.zeros_like(gr)) for gr in grads), backend
 
 
-def test_opcheck():
-    if "cpp" not in fused_backends("cpu"):
-        pytest.skip("cpp not available")
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_opcheck(backend):
+    if backend not in fused_backends("cpu") + ["reference"]:
+        pytest.skip(f"{backend} not available")
     q, k, g, s, y, p, ky = _problem(5, 7, 4, torch.float64)
     args = (q.requires_grad_(), k.requires_grad_(), g.requires_grad_(), s.requires_grad_(), y, p,
-            ky, "cpp")
+            ky, backend)
     torch.library.opcheck(torch.ops.pyclloss.gated_pair_loss, args)
 
 

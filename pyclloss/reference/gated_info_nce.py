@@ -84,17 +84,36 @@ def gated_logit_grad(logits, pos, excluded, neg_lse, neg_coef, pos_coef):
     return grad + torch.where(positive, pos_coef[:, None] * weight, torch.zeros_like(logits))
 
 
+def _normalize_backward(x, grad_unit):
+    """Gradient through x / max(‖x‖, EPS) (last dim): the norm passes a gradient
+    only where it is above EPS."""
+    norm = x.norm(dim=-1, keepdim=True)
+    clamped = norm.clamp_min(EPS)
+    unit = x / clamped
+    radial = unit * (unit * grad_unit).sum(-1, keepdim=True) * (norm > EPS)
+    return (grad_unit - radial) / clamped
+
+
 def gated_bwd(q, k, gates, scale, labels, partner_labels, key_labels, neg_lse, neg_coef,
               pos_coef, need_dk):
-    """dq, dk, dgates, dscale of sum_bn G_bn·l_bn (G from gated_logit_grad)."""
-    inputs = [t.detach().to(stats_dtype(q.dtype)).requires_grad_() for t in (q, k, gates, scale)]
-    logits = _gated_logits(*inputs)
+    """dq, dk, dgates, dscale of sum_bn G_bn·l_bn (G from gated_logit_grad), by the
+    chain rule through the B×N×K gated keys (no autograd: the kernels' contract
+    holds inside custom ops too)."""
+    acc = stats_dtype(q.dtype)
+    q_, k_, g_, s = q.to(acc), k.to(acc), gates.to(acc), scale.to(acc)
+    gated_q = q_ * g_
+    gated_k = k_[None, :, :] * g_[:, None, :]
+    unit_q = F.normalize(gated_q, dim=1, eps=EPS)
+    unit_k = F.normalize(gated_k, dim=2, eps=EPS)
+    logits = s * torch.einsum("bd,bnd->bn", unit_q, unit_k)
     pos, excluded = _masks(labels, partner_labels, key_labels)
-    grad = gated_logit_grad(logits.detach(), pos, excluded, neg_lse, neg_coef, pos_coef)
-    dq, dk, dgates, dscale = torch.autograd.grad(logits, inputs, grad, allow_unused=True)
-    zeros = lambda t: torch.zeros_like(t) if t is None else t  # noqa: E731 (empty B or N)
-    dk = zeros(dk).to(k.dtype) if need_dk else k.new_empty(0)
-    return zeros(dq).to(q.dtype), dk, zeros(dgates).to(gates.dtype), zeros(dscale)
+    grad = gated_logit_grad(logits, pos, excluded, neg_lse, neg_coef, pos_coef)
+    d_gated_q = _normalize_backward(gated_q, s * torch.einsum("bn,bnd->bd", grad, unit_k))
+    d_gated_k = _normalize_backward(gated_k, s * grad[:, :, None] * unit_q[:, None, :])
+    dgates = d_gated_q * q_ + torch.einsum("bnd,nd->bd", d_gated_k, k_)
+    dk = torch.einsum("bnd,bd->nd", d_gated_k, g_).to(k.dtype) if need_dk else k.new_empty(0)
+    dscale = (grad * logits).sum() / s
+    return (d_gated_q * g_).to(q.dtype), dk, dgates.to(gates.dtype), dscale
 
 
 # --------------------------------------------------------------- the loss, from the paper

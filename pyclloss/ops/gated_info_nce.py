@@ -17,7 +17,7 @@ from ..reference.info_nce import stats_dtype
 
 Tensor = torch.Tensor
 FAMILY = "gated_info_nce"
-BACKENDS = ("cpp", "triton", "reference")  # the backends with kernels for this family
+BACKENDS = ("cpp", "cuda", "triton", "reference")  # the backends with kernels for this family
 
 
 def _run(backend: str, name: str, *args):

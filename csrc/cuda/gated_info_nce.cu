@@ -69,6 +69,39 @@ __device__ void row_tile(TileBuffer& buf, const float* first, const float* secon
   }
 }
 
+// sum_first[c] += sum_j coef_first[j] first[j0 + j][o0 + c] (and the same for
+// second) over the feature slice [o0, o0 + kChunk). Called by the whole block.
+__device__ void accumulate_slice(TileBuffer& buf, const float* first, const float* second,
+                                 int64_t j0, int64_t rows, int64_t o0, int64_t dim,
+                                 const float (&coef_first)[kTile],
+                                 const float (&coef_second)[kTile], float (&sum_first)[kChunk],
+                                 float (&sum_second)[kChunk]) {
+  __syncthreads();  // everyone is done with the tile's dot products
+  stage(buf, first, second, j0, rows, o0, dim);
+  __syncthreads();
+#pragma unroll
+  for (int c = 0; c < kChunk; ++c) {
+#pragma unroll
+    for (int j = 0; j < kTile; ++j) {
+      sum_first[c] = fmaf(coef_first[j], buf.first[j][c], sum_first[c]);
+      sum_second[c] = fmaf(coef_second[j], buf.second[j][c], sum_second[c]);
+    }
+  }
+}
+
+// Row `row` of two (rows x dim) outputs over the feature slice from o0.
+__device__ void store_slice(float* first, float* second, int64_t row, int64_t o0, int64_t dim,
+                            const float (&first_slice)[kChunk],
+                            const float (&second_slice)[kChunk]) {
+#pragma unroll
+  for (int c = 0; c < kChunk; ++c) {
+    if (o0 + c < dim) {
+      first[row * dim + o0 + c] = first_slice[c];
+      second[row * dim + o0 + c] = second_slice[c];
+    }
+  }
+}
+
 __device__ __forceinline__ float inverse_norm(float sq_norm) {
   return 1.0f / fmaxf(sqrtf(sq_norm), kEps);
 }
@@ -102,6 +135,19 @@ __device__ __forceinline__ PairGrad pair_grad(float logit, float inv_norm, float
   return {grad * anchor_scale * inv_norm, key_norm, grad * logit};
 }
 
+// The tile of anchor `row` against keys [j0, j0 + kTile), and those keys'
+// labels in `keys`. Called by the whole block.
+__device__ void anchor_tile(TileBuffer& buf, int64_t (&keys)[kTile], const GatedOperands& ops,
+                            int64_t row, bool active, int64_t j0, float (&dot)[kTile],
+                            float (&sq)[kTile]) {
+  row_tile(buf, ops.a, ops.gate_sq, row, active, ops.k, ops.k_sq, j0, ops.n, ops.dim, dot, sq);
+  if (threadIdx.x < kTile) {
+    const int64_t j = j0 + threadIdx.x;
+    keys[threadIdx.x] = j < ops.n ? ops.key_labels[j] : 0;
+  }
+  __syncthreads();
+}
+
 // kPairs = false: out0 = LSE over the negatives, out1 = number of positives.
 // kPairs = true: out0 = sum over positives of softplus(neg_lse - l), out1 of sigmoid.
 template <bool kPairs>
@@ -121,12 +167,7 @@ __global__ void __launch_bounds__(kRows)
   float dot[kTile];
   float sq[kTile];
   for (int64_t j0 = 0; j0 < ops.n; j0 += kTile) {
-    row_tile(buf, ops.a, ops.gate_sq, row, active, ops.k, ops.k_sq, j0, ops.n, ops.dim, dot, sq);
-    if (threadIdx.x < kTile) {
-      const int64_t j = j0 + threadIdx.x;
-      keys[threadIdx.x] = j < ops.n ? ops.key_labels[j] : 0;
-    }
-    __syncthreads();
+    anchor_tile(buf, keys, ops, row, active, j0, dot, sq);
     const int64_t count = ops.n - j0;
 #pragma unroll
     for (int j = 0; j < kTile; ++j) {
@@ -178,12 +219,7 @@ __global__ void __launch_bounds__(kRows)
   float dot[kTile];
   float sq[kTile];
   for (int64_t j0 = 0; j0 < ops.n; j0 += kTile) {
-    row_tile(buf, ops.a, ops.gate_sq, row, active, ops.k, ops.k_sq, j0, ops.n, ops.dim, dot, sq);
-    if (threadIdx.x < kTile) {
-      const int64_t j = j0 + threadIdx.x;
-      keys[threadIdx.x] = j < ops.n ? ops.key_labels[j] : 0;
-    }
-    __syncthreads();
+    anchor_tile(buf, keys, ops, row, active, j0, dot, sq);
     const int64_t count = ops.n - j0;
 #pragma unroll
     for (int j = 0; j < kTile; ++j) {
@@ -196,26 +232,10 @@ __global__ void __launch_bounds__(kRows)
       sq[j] = g.key_norm;
       dlogit += g.dlogit;
     }
-    __syncthreads();
-    stage(buf, ops.k, ops.k_sq, j0, ops.n, o0, ops.dim);
-    __syncthreads();
-#pragma unroll
-    for (int c = 0; c < kChunk; ++c) {
-#pragma unroll
-      for (int j = 0; j < kTile; ++j) {
-        hk[c] = fmaf(dot[j], buf.first[j][c], hk[c]);
-        tk[c] = fmaf(sq[j], buf.second[j][c], tk[c]);
-      }
-    }
+    accumulate_slice(buf, ops.k, ops.k_sq, j0, ops.n, o0, ops.dim, dot, sq, hk, tk);
   }
   if (!active) return;
-#pragma unroll
-  for (int c = 0; c < kChunk; ++c) {
-    if (o0 + c < ops.dim) {
-      h_k[row * ops.dim + o0 + c] = hk[c];
-      t_ksq[row * ops.dim + o0 + c] = tk[c];
-    }
-  }
+  store_slice(h_k, t_ksq, row, o0, ops.dim, hk, tk);
   if (blockIdx.y == 0) dlogit_out[row] = dlogit;
 }
 
@@ -262,26 +282,10 @@ __global__ void __launch_bounds__(kRows)
       dot[j] = g.numerator;
       sq[j] = g.key_norm;
     }
-    __syncthreads();
-    stage(buf, ops.a, ops.gate_sq, i0, ops.b, o0, ops.dim);
-    __syncthreads();
-#pragma unroll
-    for (int c = 0; c < kChunk; ++c) {
-#pragma unroll
-      for (int j = 0; j < kTile; ++j) {
-        ha[c] = fmaf(dot[j], buf.first[j][c], ha[c]);
-        tg[c] = fmaf(sq[j], buf.second[j][c], tg[c]);
-      }
-    }
+    accumulate_slice(buf, ops.a, ops.gate_sq, i0, ops.b, o0, ops.dim, dot, sq, ha, tg);
   }
   if (!active) return;
-#pragma unroll
-  for (int c = 0; c < kChunk; ++c) {
-    if (o0 + c < ops.dim) {
-      h_a[row * ops.dim + o0 + c] = ha[c];
-      t_gsq[row * ops.dim + o0 + c] = tg[c];
-    }
-  }
+  store_slice(h_a, t_gsq, row, o0, ops.dim, ha, tg);
 }
 
 dim3 row_blocks(int64_t rows, int64_t dim = 0) {

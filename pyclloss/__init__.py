@@ -28,6 +28,8 @@ from .sorting import (
 
 from .functional import ft_moco_loss
 from .losses import FTMoCoLoss
+from .functional import gated_info_nce
+from .losses import HydraLoss
 
 __version__ = "0.1.0"
 
@@ -55,4 +57,6 @@ __all__ = [
     "GroCoLoss",
     "ft_moco_loss",
     "FTMoCoLoss",
+    "gated_info_nce",
+    "HydraLoss",
 ]

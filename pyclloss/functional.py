@@ -19,8 +19,10 @@ import torch.nn.functional as F
 from . import _checks, distributed
 from .backends import resolve
 from .ops import ft_moco as ft_moco_ops
+from .ops import gated_info_nce as gated_ops
 from .ops import info_nce as core
 from .reference import ft_moco as ft_moco_reference
+from .reference import gated_info_nce as gated_reference
 from .reference import info_nce as reference
 from .reference.info_nce import reduce_anchors, stats_dtype
 
@@ -430,3 +432,71 @@ def ft_moco_loss(q: Tensor, k: Tensor, queue: Tensor, lam_pos, lam_neg, perm: Te
     neg_lse = ft_moco_ops.negatives_lse(q_hat.to(q.dtype), negatives, *weights, perm, scale,
                                         backend)
     return reduce_anchors(torch.logaddexp(pos, neg_lse) - pos, None, None, reduction)
+
+
+# ------------------------------------------------------- gated subspaces (Hydra / SimLAP)
+
+
+def gated_info_nce(q: Tensor, k: Tensor, gates: Tensor, labels: Tensor, partner_labels: Tensor,
+                   key_labels: Optional[Tensor] = None, temperature=0.2, *,
+                   reduction: str = "mean", backend: str = "auto") -> Tensor:
+    """The gated-subspace loss of Hydra / SimLAP (Wu et al., "Rethinking Positive
+    Pairs in Contrastive Learning", 2024), pairwise multi-positive form.
+
+    Anchor b compares with key n in the subspace its gate g_b selects:
+    ``l_bn = <q_b⊙g_b, k_n⊙g_b> / (‖q_b⊙g_b‖·‖k_n⊙g_b‖) / τ``. Its positives are
+    the keys of its partner class (``key_labels[n] == partner_labels[b]``); its
+    own class and the partner class are left out of the negatives:
+    ``L = Σ_{b, n∈P_b} softplus(NEG_b − l_bn) / |P|``,
+    ``NEG_b = LSE_{n: key_labels[n] ∉ {labels[b], partner_labels[b]}} l_bn``.
+    The B×N×K tensor of gated keys is never built (see docs/gated_info_nce.md).
+
+    Gated norms are clamped below at 1e-12 as ``F.normalize`` does, in every
+    backend. An anchor without positives adds 0; an anchor without negatives
+    has ``NEG_b = −inf`` and its positive terms are 0 (as in the authors'
+    code); a batch without positive pairs gives 0, never NaN.
+
+    Args:
+        q: (B, K) anchors; k: (N, K) keys (not normalised inside: the loss is
+            invariant to the scale of each row).
+        gates: (B, K) per-anchor gates in (0, 1), cast to q's dtype; gets a gradient.
+        labels: (B,) the anchors' classes; partner_labels: (B,) their partner
+            classes; key_labels: (N,) the keys' classes (default ``labels``, N = B).
+        temperature: τ > 0, a float or a 0-dim tensor (gets a gradient).
+        reduction: "mean" over positive pairs, "sum", or "none" (B,): each
+            anchor's sum over its positives.
+    """
+    _checks.features("q", q)
+    _checks.features("k", k)
+    _checks.same_kind("k", k, "q", q)
+    if not isinstance(gates, torch.Tensor) or not gates.dtype.is_floating_point:
+        raise TypeError("gates must be a floating torch.Tensor of shape (B, K)")
+    if gates.shape != q.shape:
+        raise ValueError(f"gates must have the shape of q {tuple(q.shape)}, got "
+                         f"{tuple(gates.shape)}")
+    if gates.device != q.device:
+        raise ValueError(f"gates is on {gates.device} but q is on {q.device}")
+    if not _checks._tracing() and not bool(torch.isfinite(gates).all()):
+        raise ValueError("gates contains NaN or Inf")
+    b, n, device = q.shape[0], k.shape[0], q.device
+    labels = _checks.labels("labels", labels, b, device)
+    partner_labels = _checks.labels("partner_labels", partner_labels, b, device)
+    if key_labels is None:
+        if n != b:
+            raise ValueError(f"key_labels is required when k has {n} rows and q has {b}")
+        key_labels = labels
+    key_labels = _checks.labels("key_labels", key_labels, n, device)
+    reduction = _checks.reduction(reduction)
+    tau = _checks.positive("temperature", temperature, device, stats_dtype(q.dtype))
+    gates = gates.to(q.dtype)
+    backend = resolve(backend, device, implemented=gated_ops.BACKENDS)
+    if backend == "reference":
+        return gated_reference.gated_info_nce(q, k, gates, labels, partner_labels, key_labels,
+                                              tau, reduction=reduction)
+    loss_sum, _, pos_count, _ = gated_ops.gated_pair_loss(
+        q.contiguous(), k.contiguous(), gates.contiguous(), 1 / tau, labels, partner_labels,
+        key_labels, backend)
+    if reduction == "none":
+        return loss_sum
+    total = loss_sum.sum()
+    return total if reduction == "sum" else total / pos_count.sum().clamp_min(1)

@@ -203,3 +203,54 @@ class FTMoCoLoss(MoCoLoss):
                                backend=self.backend)
         self._enqueue(key)
         return loss
+
+
+class HydraLoss(nn.Module):
+    """Hydra / SimLAP (Wu et al., "Rethinking Positive Pairs in Contrastive
+    Learning", 2024): InfoNCE plus the gated-subspace loss of arbitrary class pairs.
+
+    Owns the class embeddings E and the gate MLP of the authors' code
+    (ReLU → BatchNorm → Linear → ReLU → BatchNorm → Linear, then sigmoid).
+    ``forward(q, k, labels)`` draws a partner class per anchor
+    (``labels[randperm(B)]``, or ``partner_labels`` when given), computes
+    ``g_b = σ(MLP((E[y_b] + E[partner_b]) / 2))`` and returns
+    ``(info_nce(q, k) + β·gated_info_nce(q, k, g, ...)) / (1 + β)``; q_b and k_b
+    are two views of sample b. See :func:`pyclloss.gated_info_nce`.
+
+    Args:
+        num_classes: size of the class-embedding table. dim: K, the embedding size.
+        temperature: τ of both terms. beta: β, the weight of the gated term.
+        embed_dim, mlp_dim: class-embedding and hidden sizes of the gate MLP.
+    """
+
+    def __init__(self, num_classes: int, dim: int, temperature: float = 0.2, beta: float = 1.0,
+                 embed_dim: int = 512, mlp_dim: int = 1024, backend: str = "auto"):
+        super().__init__()
+        for name, value in (("num_classes", num_classes), ("dim", dim), ("embed_dim", embed_dim),
+                            ("mlp_dim", mlp_dim)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not beta >= 0:
+            raise ValueError(f"beta must be >= 0, got {beta!r}")
+        self.temperature, self.beta, self.backend = temperature, beta, backend
+        self.class_embedding = nn.Embedding(num_classes, embed_dim)
+        self.gate_mlp = nn.Sequential(
+            nn.ReLU(), nn.BatchNorm1d(embed_dim), nn.Linear(embed_dim, mlp_dim),
+            nn.ReLU(), nn.BatchNorm1d(mlp_dim), nn.Linear(mlp_dim, dim))
+
+    def gates(self, labels: Tensor, partner_labels: Tensor) -> Tensor:
+        """g = σ(MLP((E[labels] + E[partner_labels]) / 2)), (B, dim)."""
+        pair = (self.class_embedding(labels) + self.class_embedding(partner_labels)) / 2
+        return torch.sigmoid(self.gate_mlp(pair))
+
+    def forward(self, q: Tensor, k: Tensor, labels: Tensor, key_labels: Optional[Tensor] = None,
+                partner_labels: Optional[Tensor] = None) -> Tensor:
+        if partner_labels is None:
+            partner_labels = labels[torch.randperm(labels.shape[0], device=labels.device)]
+        gated = fn.gated_info_nce(q, k, self.gates(labels, partner_labels), labels,
+                                  partner_labels, key_labels, self.temperature,
+                                  backend=self.backend)
+        if self.beta == 0:
+            return gated
+        contrast = fn.info_nce(q, k, self.temperature, backend=self.backend)
+        return (contrast + self.beta * gated) / (1 + self.beta)

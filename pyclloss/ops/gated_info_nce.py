@@ -17,7 +17,9 @@ from ..reference.info_nce import stats_dtype
 
 Tensor = torch.Tensor
 FAMILY = "gated_info_nce"
-BACKENDS = ("cpp", "cuda", "triton", "reference")  # the backends with kernels for this family
+# The backends with kernels for this family. On the GPU ``auto`` tries Triton
+# first: its tiles use tensor cores, the CUDA kernels are scalar float32.
+BACKENDS = ("cpp", "triton", "cuda", "reference")
 
 
 def _run(backend: str, name: str, *args):

@@ -209,7 +209,7 @@ def test_every_registered_loss_trains(tiny_data):
 
 def test_moco_entry_is_pycllosss_moco_loss_with_its_queue():
     torch.manual_seed(0)
-    loss = LOSSES["moco"].build(6, TrainConfig(queue_size=5, temperature=0.2))
+    loss = LOSSES["moco"].build(6, 10, TrainConfig(queue_size=5, temperature=0.2))
     query, key = torch.randn(3, 6), torch.randn(3, 6)
     queue_before = loss.loss.queue.clone()
     expected = reference.info_nce(query, key, 0.2, queue=queue_before)

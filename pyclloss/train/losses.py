@@ -1,7 +1,7 @@
 """The trainer's losses: ``--loss`` name -> a module ``forward(z1, z2, labels)``.
 
-Adding a loss is one ``LOSSES`` entry: a factory taking (embedding dim, config)
-and returning such a module.
+Adding a loss is one ``LOSSES`` entry: a factory taking (embedding dim, number
+of classes in the labels, config) and returning such a module.
 """
 
 import functools
@@ -103,7 +103,7 @@ class GroCoViews(nn.Module):
 
 @dataclass(frozen=True)
 class LossEntry:
-    build: Callable[[int, Any], nn.Module]  # (embedding dim, TrainConfig) -> loss module
+    build: Callable[[int, int, Any], nn.Module]  # (embedding dim, classes, TrainConfig) -> loss
     temperature: float  # the default of the loss's paper / code
     needs_labels: bool = False
     momentum_encoder: bool = False  # keys from an EMA copy of the model (MoCo)
@@ -112,25 +112,31 @@ class LossEntry:
 
 LOSSES: Dict[str, LossEntry] = {
     "nt_xent": LossEntry(
-        lambda dim, cfg: PairLoss(loss_function("nt_xent", cfg.backend), cfg.temperature, False),
+        lambda dim, classes, cfg: PairLoss(loss_function("nt_xent", cfg.backend), cfg.temperature, False),
         temperature=0.5, about="SimCLR's NT-Xent"),
     "supcon": LossEntry(
-        lambda dim, cfg: PairLoss(loss_function("supcon", cfg.backend), cfg.temperature, True),
+        lambda dim, classes, cfg: PairLoss(loss_function("supcon", cfg.backend), cfg.temperature, True),
         temperature=0.1, needs_labels=True, about="supervised contrastive (uses the labels)"),
     "clip": LossEntry(
-        lambda dim, cfg: ClipLoss(loss_function("clip_loss", cfg.backend), cfg.temperature),
+        lambda dim, classes, cfg: ClipLoss(loss_function("clip_loss", cfg.backend), cfg.temperature),
         temperature=0.07, about="CLIP's symmetric loss between the views, learnable scale"),
     "moco": LossEntry(
-        lambda dim, cfg: QueryKeyLoss(_modules().MoCoLoss(dim, cfg.queue_size, cfg.temperature,
+        lambda dim, classes, cfg: QueryKeyLoss(_modules().MoCoLoss(dim, cfg.queue_size, cfg.temperature,
                                                           cfg.backend)),
         temperature=0.2, momentum_encoder=True, about="MoCo v2: momentum encoder and key queue"),
     "ft_moco": LossEntry(
-        lambda dim, cfg: QueryKeyLoss(_modules().FTMoCoLoss(dim, cfg.queue_size, cfg.temperature,
+        lambda dim, classes, cfg: QueryKeyLoss(_modules().FTMoCoLoss(dim, cfg.queue_size, cfg.temperature,
                                                             backend=cfg.backend)),
         temperature=0.2, momentum_encoder=True,
         about="MoCo with feature transformation (positive extrapolation, queue interpolation)"),
+    "hydra": LossEntry(
+        # HydraLoss.forward(q, k, labels) is already the trainer's signature.
+        lambda dim, classes, cfg: _modules().HydraLoss(classes, dim, cfg.temperature,
+                                                       backend=cfg.backend),
+        temperature=0.2, needs_labels=True,
+        about="Hydra: InfoNCE plus gated-subspace contrast of random class pairs (uses the labels)"),
     "groco": LossEntry(
-        lambda dim, cfg: GroCoViews(cfg.backend, cfg.temperature),
+        lambda dim, classes, cfg: GroCoViews(cfg.backend, cfg.temperature),
         temperature=1.0, about="GroCo: relaxed sorting of the positive above the hardest "
                                "negatives (steepness = 1 / temperature)"),
 }

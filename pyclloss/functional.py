@@ -439,7 +439,9 @@ def ft_moco_loss(q: Tensor, k: Tensor, queue: Tensor, lam_pos, lam_neg, perm: Te
 
 def gated_info_nce(q: Tensor, k: Tensor, gates: Tensor, labels: Tensor, partner_labels: Tensor,
                    key_labels: Optional[Tensor] = None, temperature=0.2, *,
-                   reduction: str = "mean", backend: str = "auto") -> Tensor:
+                   reduction: str = "mean", backend: str = "auto",
+                   gather_distributed: bool = False, process_group=None,
+                   strategy: str = "all_gather") -> Tensor:
     """The gated-subspace loss of Hydra / SimLAP (Wu et al., "Rethinking Positive
     Pairs in Contrastive Learning", 2024), pairwise multi-positive form.
 
@@ -465,6 +467,9 @@ def gated_info_nce(q: Tensor, k: Tensor, gates: Tensor, labels: Tensor, partner_
         temperature: τ > 0, a float or a 0-dim tensor (gets a gradient).
         reduction: "mean" over positive pairs, "sum", or "none" (B,): each
             anchor's sum over its positives.
+        gather_distributed, process_group, strategy: see the module docstring;
+            the local anchors (with their gates) meet every rank's keys and key
+            labels. Only ``strategy="all_gather"`` is implemented for this loss.
     """
     _checks.features("q", q)
     _checks.features("k", k)
@@ -488,15 +493,29 @@ def gated_info_nce(q: Tensor, k: Tensor, gates: Tensor, labels: Tensor, partner_
     key_labels = _checks.labels("key_labels", key_labels, n, device)
     reduction = _checks.reduction(reduction)
     tau = _checks.positive("temperature", temperature, device, stats_dtype(q.dtype))
+    if strategy == "ring" and (gather_distributed or process_group is not None):
+        raise ValueError("gated_info_nce supports strategy='all_gather' only")
+    exchange = distributed.exchange(gather_distributed, process_group, strategy)
     gates = gates.to(q.dtype)
     backend = resolve(backend, device, implemented=gated_ops.BACKENDS)
-    if backend == "reference":
+    if backend == "reference" and exchange is None:
         return gated_reference.gated_info_nce(q, k, gates, labels, partner_labels, key_labels,
                                               tau, reduction=reduction)
-    loss_sum, _, pos_count, _ = gated_ops.gated_pair_loss(
-        q.contiguous(), k.contiguous(), gates.contiguous(), 1 / tau, labels, partner_labels,
-        key_labels, backend)
+    if exchange is not None:
+        k, key_labels = exchange.gather(k, key_labels, exchange.layout(n, device))
+        tau = exchange.replicated(tau)
+    if backend == "reference":
+        loss_sum = gated_reference.gated_info_nce(q, k, gates, labels, partner_labels,
+                                                  key_labels, tau, reduction="none")
+        pos_count = (partner_labels[:, None] == key_labels[None, :]).sum(1)
+    else:
+        loss_sum, _, pos_count, _ = gated_ops.gated_pair_loss(
+            q.contiguous(), k.contiguous(), gates.contiguous(), 1 / tau, labels, partner_labels,
+            key_labels, backend)
     if reduction == "none":
         return loss_sum
     total = loss_sum.sum()
-    return total if reduction == "sum" else total / pos_count.sum().clamp_min(1)
+    if reduction == "sum":
+        return _over_ranks(exchange, total)
+    pairs = _over_ranks(exchange, pos_count.sum().to(total.dtype)).clamp_min(1)
+    return _over_ranks(exchange, total / pairs)

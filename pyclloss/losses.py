@@ -221,11 +221,17 @@ class HydraLoss(nn.Module):
         num_classes: size of the class-embedding table. dim: K, the embedding size.
         temperature: τ of both terms. beta: β, the weight of the gated term.
         embed_dim, mlp_dim: class-embedding and hidden sizes of the gate MLP.
+        gather_distributed, process_group, strategy: both terms over a process
+            group (pyclloss.distributed; the gated term gathers the keys).
     """
 
     def __init__(self, num_classes: int, dim: int, temperature: float = 0.2, beta: float = 1.0,
-                 embed_dim: int = 512, mlp_dim: int = 1024, backend: str = "auto"):
+                 embed_dim: int = 512, mlp_dim: int = 1024, backend: str = "auto", *,
+                 gather_distributed: bool = False, process_group=None,
+                 strategy: str = "all_gather"):
         super().__init__()
+        self.distributed = {"gather_distributed": gather_distributed,
+                            "process_group": process_group, "strategy": strategy}
         for name, value in (("num_classes", num_classes), ("dim", dim), ("embed_dim", embed_dim),
                             ("mlp_dim", mlp_dim)):
             if not isinstance(value, int) or value < 1:
@@ -249,8 +255,8 @@ class HydraLoss(nn.Module):
             partner_labels = labels[torch.randperm(labels.shape[0], device=labels.device)]
         gated = fn.gated_info_nce(q, k, self.gates(labels, partner_labels), labels,
                                   partner_labels, key_labels, self.temperature,
-                                  backend=self.backend)
+                                  backend=self.backend, **self.distributed)
         if self.beta == 0:
             return gated
-        contrast = fn.info_nce(q, k, self.temperature, backend=self.backend)
+        contrast = fn.info_nce(q, k, self.temperature, backend=self.backend, **self.distributed)
         return (contrast + self.beta * gated) / (1 + self.beta)

@@ -39,6 +39,7 @@ class Case(NamedTuple):
     scalars: Dict[str, float]
     differentiable: tuple
     rtol: float = RTOL  # fp32; fp16 gradients are rounded to fp16 (1 ulp ~ 5e-4)
+    strategies: tuple = STRATEGIES
 
 
 def _cases(sizes, seed: int) -> Dict[str, Case]:
@@ -74,6 +75,11 @@ def _cases(sizes, seed: int) -> Dict[str, Case]:
         "siglip": Case(lambda x, s, o, **kw: pyclloss.SigLipLoss(**kw)(x["i"], x["x"], s["s"],
                                                                       s["b"]),
                        {"i": feats(n), "x": feats(n)}, {"s": 4.0, "b": -2.0}, ("i", "x")),
+        "gated": Case(lambda x, s, o, **kw: fn.gated_info_nce(x["q"], x["k"], x["g"], x["y"],
+                                                              x["p"], x["y"], s["t"], **kw),
+                      {"q": feats(n), "k": feats(n), "g": torch.rand(n, DIM, generator=gen),
+                       "y": labels, "p": torch.randint(0, 3, (n,), generator=gen)},
+                      {"t": 0.2}, ("q", "k", "g"), strategies=("all_gather",)),
     }
 
 
@@ -143,7 +149,7 @@ def _worker(rank, world, port, sizes, seed, out_dir, on_gpu):
         start, stop = sum(sizes[:rank]), sum(sizes[:rank + 1])
         results = {}
         for name, case in _cases(sizes, seed).items():
-            for strategy in STRATEGIES:
+            for strategy in case.strategies:
                 for backend in ("auto",) if on_gpu else BACKENDS:
                     results[name, strategy, backend] = _run(
                         case, start, stop, backend, device, gather_distributed=True,
@@ -225,7 +231,9 @@ def _assert_close(actual, expected, what, rtol=RTOL):
 
 
 LOSSES = ["nt_xent", "pair_nt_xent", "supcon", "supcon_views", "info_nce", "clip", "clip_fp16",
-          "siglip"]
+          "siglip", "gated"]
+RUNS = [(name, strategy) for name in LOSSES
+        for strategy in _cases((1,), 0)[name].strategies]
 
 
 def _assert_matches(per_rank, sizes, seed, name, strategy, backend, device="cpu"):
@@ -245,11 +253,18 @@ def _assert_matches(per_rank, sizes, seed, name, strategy, backend, device="cpu"
 
 @pytest.mark.parametrize("world", sorted(WORLD_SIZES))
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("strategy", STRATEGIES)
-@pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("name, strategy", RUNS)
 def test_matches_the_global_batch(spawned, world, backend, strategy, name):
     seed, per_rank = spawned[world]
     _assert_matches(per_rank, WORLD_SIZES[world], seed, name, strategy, backend)
+
+
+def test_gated_ring_is_rejected_by_name():
+    q = torch.randn(4, DIM)
+    y = torch.arange(4)
+    with pytest.raises(ValueError, match="strategy='all_gather' only"):
+        fn.gated_info_nce(q, q, torch.rand(4, DIM), y, y, gather_distributed=True,
+                          strategy="ring")
 
 
 @pytest.mark.gpu
@@ -261,9 +276,8 @@ def test_nccl_matches_the_global_batch(tmp_path):
     sizes = tuple(5 + (r % 3) for r in range(world))
     seed = int(torch.randint(0, 2**31, ()))
     per_rank = _spawn(world, sizes, seed, str(tmp_path), on_gpu=True)
-    for name in LOSSES:
-        for strategy in STRATEGIES:
-            _assert_matches(per_rank, sizes, seed, name, strategy, "auto", "cuda")
+    for name, strategy in RUNS:
+        _assert_matches(per_rank, sizes, seed, name, strategy, "auto", "cuda")
 
 
 @pytest.mark.parametrize("world", sorted(WORLD_SIZES))

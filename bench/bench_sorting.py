@@ -3,11 +3,15 @@ peak memory of pyclloss against diffsort (and torchsort.soft_sort when it is
 importable), written as a markdown table to bench/results/sorting-<machine>.md.
 
     python bench/bench_sorting.py                   # CPU
-    python bench/bench_sorting.py --device cuda     # GPU (Triton)
+    python bench/bench_sorting.py --device cuda     # GPU (auto backend)
+    python bench/bench_sorting.py --gpu-check       # GPU target: cuda, triton, diffsort
+    python bench/bench_sorting.py --gpu-check --dry-run   # the same, small, on the CPU
 
 Sort cases: cauchy, float32, odd-even and bitonic, B x n over the grid below;
 the loss is <w, sorted> + <W, P> with fixed random w, W, so the backward runs
-through both outputs. GroCo cases: 10 negatives and 1, 2, 3 positives
+through both outputs. --gpu-check: the issue's GPU target, B = 65536, n = 32,
+bfloat16 and float32, both networks, the CUDA and Triton backends and diffsort
+in one run, written to bench/results/sorting-gpu-<card>.md. GroCo cases: 10 negatives and 1, 2, 3 positives
 (n = 11, 12, 13), against the authors' formulation on diffsort.
 
 Timings are medians over interleaved repeats after a warm-up (the
@@ -60,6 +64,7 @@ GROCO_NEGATIVES = 10
 # diffsort / the reference keep several B x n x n tensors per layer.
 CPU_FUSED_WORK_LIMIT = 1.1e9
 DENSE_BYTES_LIMIT = {"cpu": 3e9, "cuda": 40e9}
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 # ------------------------------------------------------------------ measurement
@@ -143,9 +148,11 @@ def run_case(kind, params, device, repeats, log):
 # ----------------------------------------------------------------------- cases
 
 
-def diffsort_sorter(network, n, steepness, device):
+def diffsort_sorter(network, n, steepness, device, dtype=torch.float32):
     sorter = diffsort.DiffSortNet(network, n, steepness=steepness, distribution="cauchy")
-    sorter.sorting_network = [[m.to(device) for m in layer] for layer in sorter.sorting_network]
+    # The network is a plain list of matrices: .to() on the module does not reach it.
+    sorter.sorting_network = [[m.to(device, dtype) for m in layer]
+                              for layer in sorter.sorting_network]
     return sorter
 
 
@@ -262,6 +269,108 @@ def groco_rows(device, repeats, batches, log):
     return rows
 
 
+# -------------------------------------------------------------------- GPU check
+
+GPU_CHECK_BATCH, GPU_CHECK_SIZE = 65536, 32
+DRY_RUN_BATCH = 16
+GPU_CHECK_DTYPES = (torch.bfloat16, torch.float32)
+
+
+def fused_backends(device):
+    """The fused backends of diff_sort that run on device here."""
+    names = ("cuda", "triton") if device == "cuda" else ("cpp", "triton")
+    found = []
+    for name in names:
+        try:
+            resolve(name, torch.device(device), sorting_ops.BACKENDS)
+        except (RuntimeError, ValueError):
+            continue
+        found.append(name)
+    return found
+
+
+def sort_outputs(sort_fn, x, w, big_w):
+    """sorted, P and the gradient of x of the benchmark loss, in float32."""
+    xx = x.detach().requires_grad_(True)
+    sorted_x, perm = sort_fn(xx)
+    ((sorted_x * w).sum() + (perm * big_w).sum()).backward()
+    return sorted_x.detach().float(), perm.detach().float(), xx.grad.float()
+
+
+def gpu_check_case(network, dtype, b, n, device, repeats, log):
+    """{name: (median seconds, peak bytes, max abs diffs of (sorted and P, grad x) vs
+    diffsort in float32 or None), or the error that stopped it}."""
+    g = torch.Generator().manual_seed(0)
+    x, w, big_w = (t.to(device, dtype) for t in (torch.randn(b, n, generator=g),
+                                                 torch.randn(b, n, generator=g),
+                                                 torch.randn(b, n, n, generator=g)))
+    impls = {name: functools.partial(S.diff_sort, network=network, backend=name)
+             for name in fused_backends(device)}
+    if diffsort is not None:
+        impls["diffsort"] = diffsort_sorter(network, n, 10.0, device, dtype)
+    # Accuracy: against diffsort in float32 on the same (rounded) inputs.
+    expected = (sort_outputs(diffsort_sorter(network, n, 10.0, device, torch.float32),
+                             *(t.float() for t in (x, w, big_w)))
+                if diffsort is not None else None)
+    results = {}
+    for name, sort_fn in impls.items():
+        step = sort_step(sort_fn, x, w, big_w)
+        log(f"gpu check {network} {dtype} B={b} n={n}: {name}")
+        try:
+            step()  # warm-up (Triton compiles here)
+            peak = measure_memory(step, device)
+            seconds = statistics.median(time_once(step, device) for _ in range(repeats))
+        except RuntimeError as err:  # out of memory included
+            results[name] = str(err).splitlines()[0][:100]
+            continue
+        diff = None
+        if expected is not None:
+            errors = [(a - e).abs().max().item()
+                      for a, e in zip(sort_outputs(sort_fn, x, w, big_w), expected)]
+            diff = (max(errors[:2]), errors[2])
+        results[name] = (seconds, peak, diff)
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return results
+
+
+def gpu_check_lines(device, repeats, b, n, time_budget, log):
+    started = time.monotonic()
+    lines = [f"## diff_sort: forward + backward, cauchy, B = {b}, n = {n}", "",
+             "Loss <w, sorted> + <W, P>. max abs diff: against diffsort in float32 on the same "
+             "(rounded) inputs.", "",
+             "| network | dtype | implementation | ms | peak MiB | speed-up vs diffsort | "
+             "memory / diffsort | max abs diff sorted, P | max abs diff grad x |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    skipped = []
+    for network in NETWORKS:
+        for dtype in GPU_CHECK_DTYPES:
+            dtype_name = str(dtype).replace("torch.", "")
+            if time.monotonic() - started > time_budget:
+                skipped.append(f"{network} {dtype_name}")
+                continue
+            results = gpu_check_case(network, dtype, b, n, device, repeats, log)
+            base = results.get("diffsort")
+            base = None if isinstance(base, str) else base
+            for name, result in results.items():
+                if isinstance(result, str):
+                    lines.append(f"| {network} | {dtype_name} | {name} | failed: {result} "
+                                 "| | | | | |")
+                    continue
+                seconds, peak, diff = result
+                ratios = (["—", "—"] if base is None or name == "diffsort" else
+                          [f"{base[0] / seconds:.1f}x", f"{peak / max(base[1], 1):.3f}"])
+                diffs = ["—", "—"] if diff is None else [f"{d:.1e}" for d in diff]
+                lines.append("| " + " | ".join([network, dtype_name, name, fmt_ms(seconds),
+                                                fmt_mb(peak), *ratios, *diffs]) + " |")
+    lines.append("")
+    if skipped:
+        lines += [f"Not measured (time budget of {time_budget:.0f} s spent): "
+                  + ", ".join(skipped), ""]
+    return lines
+
+
 # ----------------------------------------------------------------------- report
 
 
@@ -358,10 +467,19 @@ def main():
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
     parser.add_argument("--no-groco", action="store_true")
     parser.add_argument("--out", default=None, help="default: bench/results/sorting-<machine>.md")
+    parser.add_argument("--gpu-check", action="store_true",
+                        help="the GPU target: B = 65536, n = 32, cuda, triton and diffsort")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="with --gpu-check: B = 64 on the CPU (cpp in place of cuda)")
+    parser.add_argument("--time-budget", type=float, default=50.0,
+                        help="--gpu-check: seconds after which no new case starts")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # one CPU memory measurement
     args = parser.parse_args()
+    if args.gpu_check:
+        args.device = "cpu" if args.dry_run else "cuda"
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device")
+        raise SystemExit(f"{'--gpu-check' if args.gpu_check else '--device cuda'}: no CUDA "
+                         "device (--gpu-check --dry-run runs it small on the CPU)")
     if args.child:
         kind, params, name = json.loads(args.child)
         fn = CASES[kind](*params, "cpu")[0][name]
@@ -380,6 +498,14 @@ def main():
     if diffsort is None:
         lines += ["diffsort is not installed: no baseline column.", ""]
 
+    if args.gpu_check:
+        batch = DRY_RUN_BATCH if args.dry_run else GPU_CHECK_BATCH
+        lines += gpu_check_lines(args.device, args.repeats, batch, GPU_CHECK_SIZE,
+                                 args.time_budget, log)
+        write_report(lines, args.out or (None if args.dry_run else os.path.join(
+            RESULTS_DIR, f"sorting-gpu-{slug(machine_name('cuda'))}.md")))
+        return
+
     rows, skipped = sort_rows(args.device, args.repeats, args.batches, args.sizes, log)
     lines += table(rows, "diff_sort: forward + backward, cauchy, float32", "sorted and P")
     if skipped:
@@ -390,12 +516,18 @@ def main():
                        f"GroCo: forward + backward, {GROCO_NEGATIVES} negatives, "
                        "n = 10 + positives", "loss")
 
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"sorting-{slug(args.device + '-' + machine_name(args.device))}.md")
+    write_report(lines, args.out or os.path.join(
+        RESULTS_DIR, f"sorting-{slug(args.device + '-' + machine_name(args.device))}.md"))
+
+
+def write_report(lines, out):
+    """Prints the report and writes it to out (when given)."""
+    print("\n".join(lines))
+    if out is None:
+        return
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         f.write("\n".join(lines))
-    print("\n".join(lines))
     print(f"written to {out}", file=sys.stderr)
 
 

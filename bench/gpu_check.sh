@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # One run on a machine with one NVIDIA GPU: versions, the CUDA build of the
-# extension (in place), the GPU tests, then the GPU benchmark
+# extension (in place), the GPU tests, the sorting-network target
+# (bench/bench_sorting.py --gpu-check, which writes
+# bench/results/sorting-gpu-<card>.md), then the GPU benchmark
 # (bench/bench_gpu.py, which writes bench/results/gpu-<card>.md).
 #
 #   bash bench/gpu_check.sh
 #
 # Finishes within GPU_CHECK_SECONDS (default 470) by giving each stage a time
 # limit and the benchmark what is left. The log streams to stdout; when OUT
-# names a folder, the log and the results file are copied there. Exits non-zero
+# names a folder, the log and the results files are copied there. Exits non-zero
 # when the build, the tests or the benchmark failed (later stages still run).
 # PYTHON picks the interpreter (default python3), PYCLLOSS_CUDA_ARCH the target
 # (default: the GPU's compute capability, e.g. 90 on H100/H200).
@@ -71,7 +73,11 @@ EOF
   fi
   "${PYTHON}" -m pyclloss info
 
-  stage tests "$(seconds_within 30 150 150)" "${PYTHON}" -m pytest -m gpu -x -q tests || failed=1
+  stage tests "$(seconds_within 30 150 210)" "${PYTHON}" -m pytest -m gpu -x -q tests || failed=1
+
+  # Starts no new case after 45 s; the stage limit covers the case in flight.
+  stage sorting-bench 60 "${PYTHON}" bench/bench_sorting.py --gpu-check --time-budget 45 \
+    || failed=1
 
   # The benchmark's timings stop at its budget; accuracy rows and the report follow.
   stage bench "$(seconds_within 30 600 5)" \
@@ -87,7 +93,7 @@ status=${PIPESTATUS[0]}
 if [ -n "${OUT:-}" ]; then
   mkdir -p "${OUT}"
   cp "${LOG}" "${OUT}/gpu_check.log"
-  for result in bench/results/gpu-*.md; do
+  for result in bench/results/gpu-*.md bench/results/sorting-gpu-*.md; do
     if [ "${result}" -nt "${STARTED}" ]; then cp "${result}" "${OUT}/"; fi
   done
 fi

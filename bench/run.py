@@ -1,4 +1,4 @@
-"""Benchmark table of the InfoNCE losses (same as `pyclloss bench`)."""
+"""The benchmark report (same as `pyclloss bench`)."""
 
 from pyclloss.benchmark import main
 

@@ -26,6 +26,10 @@ from .sorting import (
     soft_top_k_mask,
 )
 
+from .functional import ft_moco_loss
+from .losses import FTMoCoLoss
+from .functional import gated_info_nce
+from .losses import HydraLoss
 from .functional import rnc_loss, supremix_loss
 from .losses import RnCLoss, SupReMixLoss
 
@@ -53,6 +57,10 @@ __all__ = [
     "soft_top_k_mask",
     "DiffSortNet",
     "GroCoLoss",
+    "ft_moco_loss",
+    "FTMoCoLoss",
+    "gated_info_nce",
+    "HydraLoss",
     "supremix_loss",
     "rnc_loss",
     "SupReMixLoss",

@@ -3,8 +3,9 @@
 Backends: ``"cpp"`` (compiled C++ CPU kernels), ``"cuda"`` (compiled CUDA
 kernels), ``"triton"`` (Triton kernels; CUDA tensors, or CPU tensors under
 ``TRITON_INTERPRET=1``), ``"reference"`` (plain PyTorch, always available).
-``auto`` picks the CUDA kernels on CUDA tensors when built, else Triton; the
-C++ kernels on CPU tensors, else the reference. It never fails for lack of a
+``auto`` picks, on CUDA tensors, the first of an op family's GPU backends (in
+the order the family lists them: fastest measured or expected first) that is
+available; on CPU tensors the C++ kernels; else the reference. It never fails for lack of a
 compiled piece; asking explicitly for a missing backend raises.
 """
 
@@ -92,13 +93,14 @@ def _runs_on(name: str, device: torch.device) -> bool:
 @torch.compiler.assume_constant_result  # a trace bakes the choice in, no graph break
 def resolve(backend: str, device: torch.device, implemented: Tuple[str, ...] = BACKENDS) -> str:
     """The concrete backend that runs for tensors on ``device``, among the
-    backends an op family has kernels for (``implemented``)."""
+    backends an op family has kernels for (``implemented``, in its order of
+    preference on the GPU)."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     if backend == "auto":
-        order = ("cuda", "triton") if device.type == "cuda" else ("cpp",)
-        for name in order:
-            if name in implemented and _availability(name).available and _runs_on(name, device):
+        fused = ("cuda", "triton") if device.type == "cuda" else ("cpp",)
+        for name in (n for n in implemented if n in fused):
+            if _availability(name).available and _runs_on(name, device):
                 return name
         return "reference"
     available, reason = _availability(backend)

@@ -46,19 +46,9 @@ def train(argv: List[str]) -> int:
 
 
 def energy(argv: List[str]) -> int:
-    # The energy benchmark lives in the source tree's bench/ (not installed).
-    import importlib.util
-    import os
+    from pyclloss.energy_benchmark import main as energy_main
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench",
-                        "energy.py")
-    if not os.path.exists(path):
-        print("pyclloss energy runs from a source checkout (bench/energy.py)", file=sys.stderr)
-        return 2
-    spec = importlib.util.spec_from_file_location("pyclloss_bench_energy", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(argv)
+    return energy_main(argv)
 
 
 # Subcommands with parsers of their own get the rest of the command line.
@@ -74,7 +64,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     sub.add_parser("info", help="versions and available backends").set_defaults(func=info)
     sub.add_parser("train", help="the reference trainer (pyclloss train --help)")
     sub.add_parser("bench", help="InfoNCE benchmark table (pyclloss bench --help)")
-    sub.add_parser("energy", help="fp32 vs mixed-precision energy benchmark (source checkout)")
+    sub.add_parser("energy", help="fp32 vs mixed-precision energy benchmark (pyclloss energy --help)")
     args = parser.parse_args(argv)
     return args.func(args)
 

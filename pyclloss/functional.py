@@ -4,6 +4,11 @@ Each loss is assembled from the O(N) statistics of the fused core
 (``pyclloss.ops.info_nce``); the N×M logit matrix is never built except by
 ``backend="reference"``, which runs the formulas of ``pyclloss.reference``.
 Losses are returned in float32 (float64 for float64 inputs).
+
+Every loss takes ``gather_distributed=True`` (or a ``process_group``) to run
+over a torch.distributed group as one big batch, the global batch being the
+rank-major concatenation of the local ones, with ``strategy="all_gather"`` or
+``"ring"``; see ``pyclloss.distributed`` and docs/distributed.md.
 """
 
 from typing import Optional
@@ -11,10 +16,18 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import _checks
+from . import _checks, distributed
 from .backends import resolve
+from .ops import ft_moco as ft_moco_ops
+from .ops import gated_info_nce as gated_ops
 from .ops import info_nce as core
+from .ops import rnc as rnc_ops
+from .ops import supremix as supremix_ops
+from .reference import ft_moco as ft_moco_reference
+from .reference import gated_info_nce as gated_reference
 from .reference import info_nce as reference
+from .reference import rnc as rnc_reference
+from .reference import supremix as supremix_reference
 from .reference.info_nce import reduce_anchors, stats_dtype
 
 Tensor = torch.Tensor
@@ -25,8 +38,22 @@ def _unit(x: Tensor) -> Tensor:
     return F.normalize(x.to(stats_dtype(x.dtype)), dim=-1).to(x.dtype).contiguous()
 
 
+def _reduce(exchange: Optional[distributed.Exchange], per_anchor: Tensor,
+            valid: Optional[Tensor], weights: Optional[Tensor], reduction: str) -> Tensor:
+    """reduce_anchors over the local batch, or over the global one."""
+    if exchange is None:
+        return reduce_anchors(per_anchor, valid, weights, reduction)
+    return exchange.reduce(per_anchor, valid, weights, reduction)
+
+
+def _over_ranks(exchange: Optional[distributed.Exchange], local: Tensor) -> Tensor:
+    """Sum of a reduced term over the ranks (the term itself on one process)."""
+    return local if exchange is None else exchange.sum(local)
+
+
 def nt_xent(z1: Tensor, z2: Tensor, temperature=0.5, *, weights: Optional[Tensor] = None,
-            reduction: str = "mean", backend: str = "auto") -> Tensor:
+            reduction: str = "mean", backend: str = "auto", gather_distributed: bool = False,
+            process_group=None, strategy: str = "all_gather") -> Tensor:
     """NT-Xent, the SimCLR loss (Chen et al., ICML 2020); equals lightly's ``NTXentLoss``.
 
     ``z = normalize(cat(z1, z2))`` (2B×D); row i's positive is its other view;
@@ -38,6 +65,8 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature=0.5, *, weights: Optional[Tensor
         temperature: τ > 0, a float or a 0-dim tensor (gets a gradient).
         weights: optional (B,) per-sample weights, applied to both views.
         reduction: "mean" (over the 2B anchors), "sum", or "none" (2B,).
+        gather_distributed, process_group, strategy: the global batch is
+            ``cat(z1 of every rank)``, ``cat(z2 of every rank)`` (module docstring).
     """
     _checks.features("z1", z1)
     _checks.features("z2", z2)
@@ -45,20 +74,30 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature=0.5, *, weights: Optional[Tensor
     reduction = _checks.reduction(reduction)
     b, device = z1.shape[0], z1.device
     weights = _checks.weights("weights", weights, b, device)
-    weights = torch.cat([weights, weights]) if weights is not None else None
     tau = _checks.positive("temperature", temperature, device, stats_dtype(z1.dtype))
+    exchange = distributed.exchange(gather_distributed, process_group, strategy)
     backend = resolve(backend, device)
-    if backend == "reference":
+    if backend == "reference" and exchange is None:
         return reference.nt_xent(z1, z2, tau, weights=weights, reduction=reduction)
+    weights = torch.cat([weights, weights]) if weights is not None else None  # both views
     z = _unit(torch.cat([z1, z2]))
-    idx = torch.arange(2 * b, device=device)
-    partner = torch.cat([idx[b:], idx[:b]])
-    lse, pos_sum, _, _ = core.infonce_fwd(z, z, 1 / tau, partner, idx, 0, False, False, backend)
-    return reduce_anchors(lse - pos_sum, None, weights, reduction)
+    if exchange is not None:
+        # rows (z1, z2) of the local samples; a row's positive shares its sample id
+        layout = exchange.layout(b, device)
+        ids = layout.ids(device).repeat(2)
+        lse, pos_sum, _ = exchange.row_stats(z, ids, z, ids, layout.times(2),
+                                             1 / exchange.replicated(tau), True, False, backend)
+    else:
+        idx = torch.arange(2 * b, device=device)
+        partner = torch.cat([idx[b:], idx[:b]])
+        lse, pos_sum, _, _ = core.infonce_fwd(z, z, 1 / tau, partner, idx, 0, False, False,
+                                              backend)
+    return _reduce(exchange, lse - pos_sum, None, weights, reduction)
 
 
 def pair_nt_xent(embeddings: Tensor, labels: Tensor, temperature=0.07, *,
-                 reduction: str = "mean", backend: str = "auto") -> Tensor:
+                 reduction: str = "mean", backend: str = "auto", gather_distributed: bool = False,
+                 process_group=None, strategy: str = "all_gather") -> Tensor:
     """Pairwise multi-positive NT-Xent; equals pytorch-metric-learning's
     ``NTXentLoss(temperature)(embeddings, labels)`` for any labels.
 
@@ -71,28 +110,39 @@ def pair_nt_xent(embeddings: Tensor, labels: Tensor, temperature=0.07, *,
         labels: (N,) integer class labels.
         reduction: "mean" over positive pairs, "sum", or "none" (N,): each
             anchor's sum over its positive pairs.
+        gather_distributed, process_group, strategy: see the module docstring;
+            positive pairs across ranks count.
     """
     _checks.features("embeddings", embeddings, min_rows=2)
     n, device = embeddings.shape[0], embeddings.device
     labels = _checks.labels("labels", labels, n, device)
     reduction = _checks.reduction(reduction)
     tau = _checks.positive("temperature", temperature, device, stats_dtype(embeddings.dtype))
+    exchange = distributed.exchange(gather_distributed, process_group, strategy)
     backend = resolve(backend, device)
-    if backend == "reference":
+    if backend == "reference" and exchange is None:
         return reference.pair_nt_xent(embeddings, labels, tau, reduction=reduction)
     z = _unit(embeddings)
-    scale = 1 / tau
-    neg_lse, _, pos_count, _ = core.infonce_fwd(z, z, scale, labels, labels, 0, True, False, backend)
-    loss_sum, _ = core.infonce_pair_fwd(z, z, scale, labels, labels, 0, neg_lse, backend)
+    if exchange is not None:
+        pos_count, loss_sum = exchange.pair_stats(z, labels, exchange.layout(n, device),
+                                                  1 / exchange.replicated(tau), backend)
+    else:
+        scale = 1 / tau
+        neg_lse, _, pos_count, _ = core.infonce_fwd(z, z, scale, labels, labels, 0, True, False,
+                                                    backend)
+        loss_sum, _ = core.infonce_pair_fwd(z, z, scale, labels, labels, 0, neg_lse, backend)
     if reduction == "none":
         return loss_sum
     total = loss_sum.sum()
-    return total if reduction == "sum" else total / pos_count.sum().clamp_min(1)
+    if reduction == "mean":
+        total = total / _over_ranks(exchange, pos_count.sum().detach()).clamp_min(1)
+    return _over_ranks(exchange, total)
 
 
 def supcon(features: Tensor, labels: Optional[Tensor] = None, temperature=0.1,
            base_temperature=None, *, weights: Optional[Tensor] = None, reduction: str = "mean",
-           backend: str = "auto") -> Tensor:
+           backend: str = "auto", gather_distributed: bool = False, process_group=None,
+           strategy: str = "all_gather") -> Tensor:
     """Supervised contrastive loss (Khosla et al., NeurIPS 2020), SupContrast's
     ``SupConLoss`` (contrast_mode "all"); equals pytorch-metric-learning's
     ``SupConLoss(temperature)`` when ``base_temperature`` is τ.
@@ -107,13 +157,18 @@ def supcon(features: Tensor, labels: Optional[Tensor] = None, temperature=0.1,
         temperature: τ > 0; ``base_temperature``: τ_b (default τ).
         weights: optional per-anchor weights, (N,) or (B,) for 3-D features.
         reduction: "mean" over anchors with a positive, "sum", or "none".
+        gather_distributed, process_group, strategy: see the module docstring;
+            labels travel with the keys, so positives on other ranks count.
     """
     _checks.features("features", features, ndims=(2, 3))
     device = features.device
+    exchange = distributed.exchange(gather_distributed, process_group, strategy)
+    layout = exchange.layout(features.shape[0], device) if exchange is not None else None
+    views = 1
     if features.dim() == 3:
         b, views = features.shape[:2]
-        if labels is None:
-            labels = torch.arange(b, device=device)
+        if labels is None:  # each sample its own class, numbered over the global batch
+            labels = layout.ids(device) if layout is not None else torch.arange(b, device=device)
         labels = _checks.labels("labels", labels, b, device).repeat(views)
         weights = _checks.weights("weights", weights, b, device)
         weights = weights.repeat(views) if weights is not None else None
@@ -132,19 +187,26 @@ def supcon(features: Tensor, labels: Optional[Tensor] = None, temperature=0.1,
     tau_b = tau if base_temperature is None else _checks.positive(
         "base_temperature", base_temperature, device, dt)
     backend = resolve(backend, device)
-    if backend == "reference":
+    if backend == "reference" and exchange is None:
         return reference.supcon(features, labels, tau, tau_b, weights=weights, reduction=reduction)
     z = _unit(features)
-    lse, pos_sum, pos_count, _ = core.infonce_fwd(z, z, 1 / tau, labels, labels, 0, False, False,
-                                                  backend)
+    if exchange is not None:
+        tau, tau_b = exchange.replicated(tau), exchange.replicated(tau_b)
+        lse, pos_sum, pos_count = exchange.row_stats(z, labels, z, labels, layout.times(views),
+                                                     1 / tau, True, False, backend)
+    else:
+        lse, pos_sum, pos_count, _ = core.infonce_fwd(z, z, 1 / tau, labels, labels, 0, False,
+                                                      False, backend)
     valid = pos_count > 0
     per_anchor = (tau / tau_b) * (lse - pos_sum / pos_count.clamp_min(1))
-    return reduce_anchors(per_anchor, valid, weights, reduction)
+    return _reduce(exchange, per_anchor, valid, weights, reduction)
 
 
 def info_nce(query: Tensor, key: Tensor, temperature=0.07, targets: Optional[Tensor] = None,
              queue: Optional[Tensor] = None, weights: Optional[Tensor] = None,
-             normalize: bool = True, *, reduction: str = "mean", backend: str = "auto") -> Tensor:
+             normalize: bool = True, *, reduction: str = "mean", backend: str = "auto",
+             gather_distributed: bool = False, process_group=None,
+             strategy: str = "all_gather") -> Tensor:
     """InfoNCE, one direction (van den Oord et al. 2018; MoCo's loss with a queue).
 
     ``L_i = −l_{i,t_i} + LSE_j l_ij`` over the keys and the queue's extra
@@ -156,6 +218,10 @@ def info_nce(query: Tensor, key: Tensor, temperature=0.07, targets: Optional[Ten
         queue: optional (Q, D) extra negatives (detached, cast to the query's dtype).
         weights: optional (N,) per-anchor weights.
         normalize: L2-normalise query, key and queue first (default True).
+        gather_distributed, process_group, strategy: see the module docstring;
+            ``targets`` index the local keys, every rank's keys are negatives,
+            and the queue is used as given on each rank (pass the same queue
+            everywhere for the single-process result).
     """
     _checks.features("query", query)
     _checks.features("key", key)
@@ -174,24 +240,33 @@ def info_nce(query: Tensor, key: Tensor, temperature=0.07, targets: Optional[Ten
     weights = _checks.weights("weights", weights, n, device)
     reduction = _checks.reduction(reduction)
     tau = _checks.positive("temperature", temperature, device, stats_dtype(query.dtype))
+    exchange = distributed.exchange(gather_distributed, process_group, strategy)
     backend = resolve(backend, device)
-    if backend == "reference":
+    if backend == "reference" and exchange is None:
         return reference.info_nce(query, key, tau, targets, queue, weights, normalize,
                                   reduction=reduction)
     prep = _unit if normalize else (lambda x: x.contiguous())
-    q, k, scale = prep(query), prep(key), 1 / tau
-    key_index = torch.arange(m, device=device)
-    lse, pos_sum, _, _ = core.infonce_fwd(q, k, scale, targets, key_index, None, False, False,
-                                          backend)
+    q, k = prep(query), prep(key)
+    if exchange is not None:
+        keys = exchange.layout(m, device)
+        scale = 1 / exchange.replicated(tau)
+        lse, pos_sum, _ = exchange.row_stats(q, targets + keys.offset, k, keys.ids(device), keys,
+                                             scale, False, False, backend)
+    else:
+        scale = 1 / tau
+        key_index = torch.arange(m, device=device)
+        lse, pos_sum, _, _ = core.infonce_fwd(q, k, scale, targets, key_index, None, False, False,
+                                              backend)
     if queue is not None:
         queue_lse = core.infonce_fwd(q, prep(queue.detach()), scale, None, None, None, False,
                                      False, backend)[0]
         lse = torch.logaddexp(lse, queue_lse)
-    return reduce_anchors(lse - pos_sum, None, weights, reduction)
+    return _reduce(exchange, lse - pos_sum, None, weights, reduction)
 
 
 def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, *,
-              reduction: str = "mean", backend: str = "auto") -> Tensor:
+              reduction: str = "mean", backend: str = "auto", gather_distributed: bool = False,
+              process_group=None, strategy: str = "all_gather") -> Tensor:
     """Symmetric CLIP loss (Radford et al. 2021); equals open_clip's ``ClipLoss()``.
 
     ``½·[CE(s·I·Tᵀ, arange) + CE(s·T·Iᵀ, arange)]`` with s = ``logit_scale``
@@ -203,6 +278,9 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, *,
         image_features, text_features: (N, D) paired embeddings.
         logit_scale: s > 0, float or 0-dim tensor.
         reduction: "mean", "sum", or "none" (N,): ½(row loss + column loss).
+        gather_distributed, process_group, strategy: see the module docstring;
+            the local images against every rank's texts and the local texts
+            against every rank's images (open_clip's local loss, exact).
     """
     _checks.features("image_features", image_features)
     _checks.features("text_features", text_features)
@@ -212,7 +290,18 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, *,
     device = image_features.device
     dt = stats_dtype(image_features.dtype)
     scale = _checks.positive("logit_scale", logit_scale, device, dt)
+    exchange = distributed.exchange(gather_distributed, process_group, strategy)
     backend = resolve(backend, device)
+    if exchange is not None:
+        layout = exchange.layout(image_features.shape[0], device)
+        ids, scale = layout.ids(device), exchange.replicated(scale)
+        images, texts = image_features.contiguous(), text_features.contiguous()
+        image_lse, image_pos, _ = exchange.row_stats(images, ids, texts, ids, layout, scale,
+                                                     False, False, backend)
+        text_lse, text_pos, _ = exchange.row_stats(texts, ids, images, ids, layout, scale,
+                                                   False, False, backend)
+        per_anchor = (image_lse - image_pos + text_lse - text_pos) / 2
+        return exchange.reduce(per_anchor, None, None, reduction)
     if backend == "reference":
         return reference.clip_loss(image_features, text_features, scale, reduction=reduction)
     idx = torch.arange(image_features.shape[0], device=device)
@@ -223,7 +312,8 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, *,
 
 
 def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_bias, *,
-                reduction: str = "mean", backend: str = "auto") -> Tensor:
+                reduction: str = "mean", backend: str = "auto", gather_distributed: bool = False,
+                process_group=None, strategy: str = "all_gather") -> Tensor:
     """Sigmoid loss (SigLIP, Zhai et al. 2023); equals open_clip's single-process
     ``SigLipLoss()``: ``−(1/N)·Σ_ij log σ(z_ij·(s·<x_i, y_j> + b))``, z = +1 on
     the diagonal, −1 elsewhere.
@@ -232,6 +322,9 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logi
         image_features, text_features: (N, D) paired embeddings (not normalised inside).
         logit_scale: s > 0 (exponentiated); logit_bias: b. Floats or 0-dim tensors.
         reduction: "mean" (sum over pairs / N), "sum", or "none" (N,) row sums.
+        gather_distributed, process_group, strategy: see the module docstring;
+            the local images against every rank's texts (with ``"ring"``,
+            open_clip's neighbour exchange: the texts travel).
     """
     _checks.features("image_features", image_features)
     _checks.features("text_features", text_features)
@@ -241,25 +334,201 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logi
     device, dt = image_features.device, stats_dtype(image_features.dtype)
     scale = _checks.positive("logit_scale", logit_scale, device, dt)
     bias = _checks.scalar("logit_bias", logit_bias, device, dt)
+    exchange = distributed.exchange(gather_distributed, process_group, strategy)
     backend = resolve(backend, device)
-    if backend == "reference":
+    if backend == "reference" and exchange is None:
         return reference.siglip_loss(image_features, text_features, scale, bias,
                                      reduction=reduction)
-    idx = torch.arange(image_features.shape[0], device=device)
-    rows = core.siglip_fwd(image_features.contiguous(), text_features.contiguous(), scale, bias,
-                           idx, idx, backend)
+    images, texts = image_features.contiguous(), text_features.contiguous()
+    if exchange is not None:
+        layout = exchange.layout(images.shape[0], device)
+        ids, rows_in_all = layout.ids(device), layout.total
+        rows = exchange.siglip_rows(images, ids, texts, ids, layout, exchange.replicated(scale),
+                                    exchange.replicated(bias), backend)
+    else:
+        idx = torch.arange(images.shape[0], device=device)
+        rows = core.siglip_fwd(images, texts, scale, bias, idx, idx, backend)
+        rows_in_all = images.shape[0]
     if reduction == "none":
         return rows
     total = rows.sum()
+    return _over_ranks(exchange, total if reduction == "sum" else total / rows_in_all)
+
+
+# ----------------------------------------------------- feature-transformation MoCo
+
+
+def _mixing_coefficient(name: str, value, shapes, device: torch.device,
+                        dtype: torch.dtype) -> Tensor:
+    """A finite mixing coefficient: a number or 0-dim tensor, or a tensor of one of
+    ``shapes``; detached, in ``dtype``."""
+    if not isinstance(value, torch.Tensor) or value.dim() == 0:
+        return _checks.scalar(name, value, device, dtype).detach()
+    if not value.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
+    if tuple(value.shape) not in shapes:
+        forms = " or ".join(str(s) for s in shapes)
+        raise ValueError(f"{name} must be a scalar or have shape {forms}, got {tuple(value.shape)}")
+    if value.device != device:
+        raise ValueError(f"{name} is on {value.device} but the features are on {device}")
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{name} contains NaN or Inf")
+    return value.detach().to(dtype)
+
+
+def ft_moco_loss(q: Tensor, k: Tensor, queue: Tensor, lam_pos, lam_neg, perm: Tensor,
+                 temperature=0.2, *, normalize: bool = True, normalize_mixed: bool = False,
+                 reduction: str = "mean", backend: str = "auto") -> Tensor:
+    """MoCo's InfoNCE with feature transformation ("Improving Contrastive Learning
+    by Visualizing Feature Transformation", Zhu et al., ICCV 2021).
+
+    Positive extrapolation ``q̂ = λ_p·q + (1−λ_p)·k``, ``k̂ = λ_p·k + (1−λ_p)·q``
+    (the key is detached first, as in the authors' code, so q gets a gradient
+    through both); negative interpolation of the queue
+    ``Q̂_j = λ_n·Q_j + (1−λ_n)·Q_π(j)``; ``L_i = CE([q̂_i·k̂_i, q̂_i·Q̂ᵀ] / τ, 0)``.
+    The paper samples one λ_p = 1 + Beta(2, 2) and one λ_n ~ Beta(1.6, 1.6) per
+    step and π = randperm(K) (:class:`pyclloss.FTMoCoLoss` does). The fused
+    backends never build the N×K logits: the Triton kernels blend Q_j and
+    Q_π(j) inside their key tiles, the C++ backend builds Q̂ (K×D) once per
+    step for the InfoNCE core (see :mod:`pyclloss.ops.ft_moco`).
+
+    Args:
+        q: (N, D) queries. k: (N, D) keys (detached inside).
+        queue: (K, D) negatives (detached; cast to q's dtype).
+        lam_pos: λ_p, a number / 0-dim tensor, or per sample (N,) or per
+            element (N, D) (the code's ``dim_mask`` variants).
+        lam_neg: λ_n, a number / 0-dim tensor, or per queue row (K,).
+            Mixing coefficients get no gradient.
+        perm: (K,) integer queue indices π (a permutation in the paper).
+        temperature: τ > 0 (float or 0-dim tensor, which gets a gradient).
+        normalize: L2-normalise q, k and the queue before mixing (the paper's
+            encoder outputs and queue are unit vectors). The mixed features are
+            not normalised again unless ``normalize_mixed`` (the code's
+            ``postmix_norm``: q̂ and k̂ only).
+        reduction: "mean", "sum" or "none" (N,).
+    """
+    _checks.features("q", q)
+    _checks.features("k", k)
+    _checks.same_kind("k", k, "q", q, same_rows=True)
+    queue = _checks.features("queue", queue).to(q.dtype)
+    _checks.same_kind("queue", queue, "q", q)
+    (n, d), size, device = q.shape, queue.shape[0], q.device
+    dt = stats_dtype(q.dtype)
+    lam_pos = _mixing_coefficient("lam_pos", lam_pos, [(n,), (n, d)], device, dt)
+    lam_neg = _mixing_coefficient("lam_neg", lam_neg, [(size,)], device, dt)
+    perm = _checks.index_targets("perm", perm, size, size, device)
+    reduction = _checks.reduction(reduction)
+    tau = _checks.positive("temperature", temperature, device, dt)
+    backend = resolve(backend, device, implemented=ft_moco_ops.BACKENDS)
+    if backend == "reference":
+        return ft_moco_reference.ft_moco_loss(q, k, queue, lam_pos, lam_neg, perm, tau,
+                                              normalize, normalize_mixed, reduction)
+    anchors, keys = q.to(dt), k.detach().to(dt)
+    if normalize:
+        anchors, keys = F.normalize(anchors, dim=1), F.normalize(keys, dim=1)
+    q_hat, k_hat = ft_moco_reference.extrapolate_pair(anchors, keys, lam_pos)
+    if normalize_mixed:
+        q_hat, k_hat = F.normalize(q_hat, dim=1), F.normalize(k_hat, dim=1)
+    scale = 1 / tau
+    pos = scale * (q_hat * k_hat).sum(1)
+    negatives = queue.detach().contiguous()
+    weights = ft_moco_ops.interpolation_weights(negatives, lam_neg, perm, normalize)
+    neg_lse = ft_moco_ops.negatives_lse(q_hat.to(q.dtype), negatives, *weights, perm, scale,
+                                        backend)
+    return reduce_anchors(torch.logaddexp(pos, neg_lse) - pos, None, None, reduction)
+
+
+# ------------------------------------------------------- gated subspaces (Hydra / SimLAP)
+
+
+def gated_info_nce(q: Tensor, k: Tensor, gates: Tensor, labels: Tensor, partner_labels: Tensor,
+                   key_labels: Optional[Tensor] = None, temperature=0.2, *,
+                   reduction: str = "mean", backend: str = "auto",
+                   gather_distributed: bool = False, process_group=None,
+                   strategy: str = "all_gather") -> Tensor:
+    """The gated-subspace loss of Hydra / SimLAP (Wu et al., "Rethinking Positive
+    Pairs in Contrastive Learning", 2024), pairwise multi-positive form.
+
+    Anchor b compares with key n in the subspace its gate g_b selects:
+    ``l_bn = <q_b⊙g_b, k_n⊙g_b> / (‖q_b⊙g_b‖·‖k_n⊙g_b‖) / τ``. Its positives are
+    the keys of its partner class (``key_labels[n] == partner_labels[b]``); its
+    own class and the partner class are left out of the negatives:
+    ``L = Σ_{b, n∈P_b} softplus(NEG_b − l_bn) / |P|``,
+    ``NEG_b = LSE_{n: key_labels[n] ∉ {labels[b], partner_labels[b]}} l_bn``.
+    The B×N×K tensor of gated keys is never built (see docs/gated_info_nce.md).
+
+    Gated norms are clamped below at 1e-12 as ``F.normalize`` does, in every
+    backend. An anchor without positives adds 0; an anchor without negatives
+    has ``NEG_b = −inf`` and its positive terms are 0 (as in the authors'
+    code); a batch without positive pairs gives 0, never NaN.
+
+    Args:
+        q: (B, K) anchors; k: (N, K) keys (not normalised inside: the loss is
+            invariant to the scale of each row).
+        gates: (B, K) per-anchor gates in (0, 1), cast to q's dtype; gets a gradient.
+        labels: (B,) the anchors' classes; partner_labels: (B,) their partner
+            classes; key_labels: (N,) the keys' classes (default ``labels``, N = B).
+        temperature: τ > 0, a float or a 0-dim tensor (gets a gradient).
+        reduction: "mean" over positive pairs, "sum", or "none" (B,): each
+            anchor's sum over its positives.
+        gather_distributed, process_group, strategy: see the module docstring;
+            the local anchors (with their gates) meet every rank's keys and key
+            labels. Only ``strategy="all_gather"`` is implemented for this loss.
+    """
+    _checks.features("q", q)
+    _checks.features("k", k)
+    _checks.same_kind("k", k, "q", q)
+    if not isinstance(gates, torch.Tensor) or not gates.dtype.is_floating_point:
+        raise TypeError("gates must be a floating torch.Tensor of shape (B, K)")
+    if gates.shape != q.shape:
+        raise ValueError(f"gates must have the shape of q {tuple(q.shape)}, got "
+                         f"{tuple(gates.shape)}")
+    if gates.device != q.device:
+        raise ValueError(f"gates is on {gates.device} but q is on {q.device}")
+    if not _checks._tracing() and not bool(torch.isfinite(gates).all()):
+        raise ValueError("gates contains NaN or Inf")
+    b, n, device = q.shape[0], k.shape[0], q.device
+    labels = _checks.labels("labels", labels, b, device)
+    partner_labels = _checks.labels("partner_labels", partner_labels, b, device)
+    if key_labels is None:
+        if n != b:
+            raise ValueError(f"key_labels is required when k has {n} rows and q has {b}")
+        key_labels = labels
+    key_labels = _checks.labels("key_labels", key_labels, n, device)
+    reduction = _checks.reduction(reduction)
+    tau = _checks.positive("temperature", temperature, device, stats_dtype(q.dtype))
+    if strategy == "ring" and (gather_distributed or process_group is not None):
+        raise ValueError("gated_info_nce supports strategy='all_gather' only")
+    exchange = distributed.exchange(gather_distributed, process_group, strategy)
+    gates = gates.to(q.dtype)
+    backend = resolve(backend, device, implemented=gated_ops.BACKENDS)
+    if backend == "reference" and exchange is None:
+        return gated_reference.gated_info_nce(q, k, gates, labels, partner_labels, key_labels,
+                                              tau, reduction=reduction)
+    if exchange is not None:
+        k, key_labels = exchange.gather(k, key_labels, exchange.layout(n, device))
+        tau = exchange.replicated(tau)
+    if backend == "reference":
+        loss_sum = gated_reference.gated_info_nce(q, k, gates, labels, partner_labels,
+                                                  key_labels, tau, reduction="none")
+        pos_count = (partner_labels[:, None] == key_labels[None, :]).sum(1)
+    else:
+        loss_sum, _, pos_count, _ = gated_ops.gated_pair_loss(
+            q.contiguous(), k.contiguous(), gates.contiguous(), 1 / tau, labels, partner_labels,
+            key_labels, backend)
+    if reduction == "none":
+        return loss_sum
+    total = loss_sum.sum()
+    if reduction == "sum":
+        return _over_ranks(exchange, total)
+    pairs = _over_ranks(exchange, pos_count.sum().to(total.dtype)).clamp_min(1)
+    return _over_ranks(exchange, total / pairs)
+
+
     return total if reduction == "sum" else total / rows.shape[0]
 
 
 # ---------------------------------------------------------------- regression losses
-
-from .ops import rnc as rnc_ops
-from .ops import supremix as supremix_ops
-from .reference import rnc as rnc_reference
-from .reference import supremix as supremix_reference
 
 
 def _fixed_positive(name: str, value) -> float:
@@ -288,9 +557,8 @@ def _regression_labels(name: str, y, n: int, device: torch.device, dtype: torch.
     return y.contiguous()
 
 
-def supremix_loss(z: Tensor, t: Tensor, lam_neg: Tensor, temperature: float = 0.5,
-                  base_temperature: float = 0.5, gap: float = 5.0, *, reduction: str = "mean",
-                  backend: str = "auto") -> Tensor:
+def supremix_loss(z: Tensor, t: Tensor, lam_neg: Tensor, temperature=0.5, base_temperature=0.5,
+                  gap: float = 5.0, *, reduction: str = "mean", backend: str = "auto") -> Tensor:
     """SupReMix (Wu et al., "Mixup Your Own Pairs"): supervised contrastive
     regression with mix-neg and mix-pos mixtures and distance-magnified
     denominators (LOSSES.md §4, ``pyclloss.reference.supremix``).
@@ -348,8 +616,8 @@ def _euclidean_distances(v: Tensor) -> Tensor:
                        torch.zeros_like(sq))
 
 
-def rnc_loss(features: Tensor, labels: Tensor, temperature: float = 2.0, *,
-             reduction: str = "mean", backend: str = "auto") -> Tensor:
+def rnc_loss(features: Tensor, labels: Tensor, temperature=2.0, *, reduction: str = "mean",
+             backend: str = "auto") -> Tensor:
     """Rank-N-Contrast (Zha et al., NeurIPS 2023); equals the authors' ``RnCLoss``.
 
     ``s_ij = −‖v_i − v_j‖₂/τ``, ``d_ij = ‖y_i − y_j‖₁``;

@@ -12,88 +12,110 @@ from . import functional as fn
 Tensor = torch.Tensor
 
 
-class NTXentLoss(nn.Module):
+class _Distributable(nn.Module):
+    """Keeps the keyword-only distributed arguments of the functional losses
+    (``gather_distributed``, ``process_group``, ``strategy``; off by default)."""
+
+    def __init__(self, reduction: str, backend: str, gather_distributed: bool,
+                 process_group, strategy: str):
+        super().__init__()
+        self.reduction, self.backend = reduction, backend
+        self.distributed = {"gather_distributed": gather_distributed,
+                            "process_group": process_group, "strategy": strategy}
+
+
+class NTXentLoss(_Distributable):
     """SimCLR's NT-Xent; ``forward(z1, z2)``. See :func:`pyclloss.nt_xent`."""
 
-    def __init__(self, temperature: float = 0.5, reduction: str = "mean", backend: str = "auto"):
-        super().__init__()
-        self.temperature, self.reduction, self.backend = temperature, reduction, backend
+    def __init__(self, temperature: float = 0.5, reduction: str = "mean", backend: str = "auto", *,
+                 gather_distributed: bool = False, process_group=None,
+                 strategy: str = "all_gather"):
+        super().__init__(reduction, backend, gather_distributed, process_group, strategy)
+        self.temperature = temperature
 
     def forward(self, z1: Tensor, z2: Tensor, weights: Optional[Tensor] = None) -> Tensor:
         return fn.nt_xent(z1, z2, self.temperature, weights=weights, reduction=self.reduction,
-                          backend=self.backend)
+                          backend=self.backend, **self.distributed)
 
 
-class PairNTXentLoss(nn.Module):
+class PairNTXentLoss(_Distributable):
     """pytorch-metric-learning's NTXentLoss with labels; ``forward(embeddings, labels)``.
     See :func:`pyclloss.pair_nt_xent`."""
 
-    def __init__(self, temperature: float = 0.07, reduction: str = "mean", backend: str = "auto"):
-        super().__init__()
-        self.temperature, self.reduction, self.backend = temperature, reduction, backend
+    def __init__(self, temperature: float = 0.07, reduction: str = "mean", backend: str = "auto", *,
+                 gather_distributed: bool = False, process_group=None,
+                 strategy: str = "all_gather"):
+        super().__init__(reduction, backend, gather_distributed, process_group, strategy)
+        self.temperature = temperature
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         return fn.pair_nt_xent(embeddings, labels, self.temperature, reduction=self.reduction,
-                               backend=self.backend)
+                               backend=self.backend, **self.distributed)
 
 
-class SupConLoss(nn.Module):
+class SupConLoss(_Distributable):
     """Supervised contrastive loss; ``forward(features, labels=None)``.
     See :func:`pyclloss.supcon`."""
 
     def __init__(self, temperature: float = 0.1, base_temperature: Optional[float] = None,
-                 reduction: str = "mean", backend: str = "auto"):
-        super().__init__()
+                 reduction: str = "mean", backend: str = "auto", *,
+                 gather_distributed: bool = False, process_group=None,
+                 strategy: str = "all_gather"):
+        super().__init__(reduction, backend, gather_distributed, process_group, strategy)
         self.temperature, self.base_temperature = temperature, base_temperature
-        self.reduction, self.backend = reduction, backend
 
     def forward(self, features: Tensor, labels: Optional[Tensor] = None,
                 weights: Optional[Tensor] = None) -> Tensor:
         return fn.supcon(features, labels, self.temperature, self.base_temperature,
-                         weights=weights, reduction=self.reduction, backend=self.backend)
+                         weights=weights, reduction=self.reduction, backend=self.backend,
+                         **self.distributed)
 
 
-class InfoNCELoss(nn.Module):
+class InfoNCELoss(_Distributable):
     """One-direction InfoNCE; ``forward(query, key, targets=None, queue=None, weights=None)``.
     See :func:`pyclloss.info_nce`."""
 
     def __init__(self, temperature: float = 0.07, normalize: bool = True,
-                 reduction: str = "mean", backend: str = "auto"):
-        super().__init__()
+                 reduction: str = "mean", backend: str = "auto", *,
+                 gather_distributed: bool = False, process_group=None,
+                 strategy: str = "all_gather"):
+        super().__init__(reduction, backend, gather_distributed, process_group, strategy)
         self.temperature, self.normalize = temperature, normalize
-        self.reduction, self.backend = reduction, backend
 
     def forward(self, query: Tensor, key: Tensor, targets: Optional[Tensor] = None,
                 queue: Optional[Tensor] = None, weights: Optional[Tensor] = None) -> Tensor:
         return fn.info_nce(query, key, self.temperature, targets, queue, weights, self.normalize,
-                           reduction=self.reduction, backend=self.backend)
+                           reduction=self.reduction, backend=self.backend, **self.distributed)
 
 
-class ClipLoss(nn.Module):
-    """open_clip's ``ClipLoss`` (single process); ``forward(image_features,
-    text_features, logit_scale)``. See :func:`pyclloss.clip_loss`."""
+class ClipLoss(_Distributable):
+    """open_clip's ``ClipLoss``; ``forward(image_features, text_features,
+    logit_scale)``. See :func:`pyclloss.clip_loss`."""
 
-    def __init__(self, reduction: str = "mean", backend: str = "auto"):
-        super().__init__()
-        self.reduction, self.backend = reduction, backend
+    def __init__(self, reduction: str = "mean", backend: str = "auto", *,
+                 gather_distributed: bool = False, process_group=None,
+                 strategy: str = "all_gather"):
+        super().__init__(reduction, backend, gather_distributed, process_group, strategy)
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale) -> Tensor:
         return fn.clip_loss(image_features, text_features, logit_scale, reduction=self.reduction,
-                            backend=self.backend)
+                            backend=self.backend, **self.distributed)
 
 
-class SigLipLoss(nn.Module):
-    """open_clip's ``SigLipLoss`` (single process); ``forward(image_features,
-    text_features, logit_scale, logit_bias)``. See :func:`pyclloss.siglip_loss`."""
+class SigLipLoss(_Distributable):
+    """open_clip's ``SigLipLoss``; ``forward(image_features, text_features,
+    logit_scale, logit_bias)``. See :func:`pyclloss.siglip_loss`."""
 
-    def __init__(self, reduction: str = "mean", backend: str = "auto"):
-        super().__init__()
-        self.reduction, self.backend = reduction, backend
+    def __init__(self, reduction: str = "mean", backend: str = "auto", *,
+                 gather_distributed: bool = False, process_group=None,
+                 strategy: str = "all_gather"):
+        super().__init__(reduction, backend, gather_distributed, process_group, strategy)
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale,
                 logit_bias) -> Tensor:
         return fn.siglip_loss(image_features, text_features, logit_scale, logit_bias,
-                              reduction=self.reduction, backend=self.backend)
+                              reduction=self.reduction, backend=self.backend,
+                              **self.distributed)
 
 
 class MoCoLoss(nn.Module):
@@ -134,6 +156,110 @@ class MoCoLoss(nn.Module):
         rows = (start + torch.arange(keys.shape[0], device=keys.device)) % size
         self.queue[rows] = keys
         self.queue_ptr.fill_((start + keys.shape[0]) % size)
+
+
+class FTMoCoLoss(MoCoLoss):
+    """MoCo with feature transformation (Zhu et al., ICCV 2021): positive
+    extrapolation and negative interpolation; ``forward(query, key)``.
+
+    Each call samples, as the authors' training script does, one
+    ``λ_p = 1 + Beta(pos_alpha, pos_alpha)``, one ``λ_n ~ Beta(neg_alpha,
+    neg_alpha)`` and a permutation π of the queue (:meth:`sample_mix`, from
+    torch's random generator), computes :func:`pyclloss.ft_moco_loss` against
+    the queue, then enqueues the untransformed keys.
+
+    Args:
+        dim, queue_size: as :class:`MoCoLoss`. temperature: τ (0.2).
+        pos_alpha, neg_alpha: the Beta parameters (2.0 and 1.6 in the paper).
+        normalize_mixed: normalise q̂ and k̂ after mixing (off in the paper).
+    """
+
+    def __init__(self, dim: int, queue_size: int = 65536, temperature: float = 0.2,
+                 pos_alpha: float = 2.0, neg_alpha: float = 1.6, normalize_mixed: bool = False,
+                 backend: str = "auto"):
+        super().__init__(dim, queue_size, temperature, backend)
+        for name, alpha in (("pos_alpha", pos_alpha), ("neg_alpha", neg_alpha)):
+            if not isinstance(alpha, (int, float)) or not alpha > 0:
+                raise ValueError(f"{name} must be a number > 0, got {alpha!r}")
+        self.pos_alpha, self.neg_alpha = float(pos_alpha), float(neg_alpha)
+        self.normalize_mixed = normalize_mixed
+
+    def sample_mix(self):
+        """(λ_p, λ_n, π) for one step: two 0-dim float32 tensors and a (K,) permutation."""
+        device = self.queue.device
+        lam_pos = (1 + self._symmetric_beta(self.pos_alpha)).to(device)
+        lam_neg = self._symmetric_beta(self.neg_alpha).to(device)
+        return lam_pos, lam_neg, torch.randperm(self.queue.shape[0], device=device)
+
+    @staticmethod
+    def _symmetric_beta(alpha: float) -> Tensor:
+        concentration = torch.tensor(alpha)
+        return torch.distributions.Beta(concentration, concentration).sample()
+
+    def forward(self, query: Tensor, key: Tensor) -> Tensor:
+        lam_pos, lam_neg, perm = self.sample_mix()
+        loss = fn.ft_moco_loss(query, key, self.queue.to(query.dtype), lam_pos, lam_neg, perm,
+                               self.temperature, normalize_mixed=self.normalize_mixed,
+                               backend=self.backend)
+        self._enqueue(key)
+        return loss
+
+
+class HydraLoss(nn.Module):
+    """Hydra / SimLAP (Wu et al., "Rethinking Positive Pairs in Contrastive
+    Learning", 2024): InfoNCE plus the gated-subspace loss of arbitrary class pairs.
+
+    Owns the class embeddings E and the gate MLP of the authors' code
+    (ReLU → BatchNorm → Linear → ReLU → BatchNorm → Linear, then sigmoid).
+    ``forward(q, k, labels)`` draws a partner class per anchor
+    (``labels[randperm(B)]``, or ``partner_labels`` when given), computes
+    ``g_b = σ(MLP((E[y_b] + E[partner_b]) / 2))`` and returns
+    ``(info_nce(q, k) + β·gated_info_nce(q, k, g, ...)) / (1 + β)``; q_b and k_b
+    are two views of sample b. See :func:`pyclloss.gated_info_nce`.
+
+    Args:
+        num_classes: size of the class-embedding table. dim: K, the embedding size.
+        temperature: τ of both terms. beta: β, the weight of the gated term.
+        embed_dim, mlp_dim: class-embedding and hidden sizes of the gate MLP.
+        gather_distributed, process_group, strategy: both terms over a process
+            group (pyclloss.distributed; the gated term gathers the keys).
+    """
+
+    def __init__(self, num_classes: int, dim: int, temperature: float = 0.2, beta: float = 1.0,
+                 embed_dim: int = 512, mlp_dim: int = 1024, backend: str = "auto", *,
+                 gather_distributed: bool = False, process_group=None,
+                 strategy: str = "all_gather"):
+        super().__init__()
+        self.distributed = {"gather_distributed": gather_distributed,
+                            "process_group": process_group, "strategy": strategy}
+        for name, value in (("num_classes", num_classes), ("dim", dim), ("embed_dim", embed_dim),
+                            ("mlp_dim", mlp_dim)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not beta >= 0:
+            raise ValueError(f"beta must be >= 0, got {beta!r}")
+        self.temperature, self.beta, self.backend = temperature, beta, backend
+        self.class_embedding = nn.Embedding(num_classes, embed_dim)
+        self.gate_mlp = nn.Sequential(
+            nn.ReLU(), nn.BatchNorm1d(embed_dim), nn.Linear(embed_dim, mlp_dim),
+            nn.ReLU(), nn.BatchNorm1d(mlp_dim), nn.Linear(mlp_dim, dim))
+
+    def gates(self, labels: Tensor, partner_labels: Tensor) -> Tensor:
+        """g = σ(MLP((E[labels] + E[partner_labels]) / 2)), (B, dim)."""
+        pair = (self.class_embedding(labels) + self.class_embedding(partner_labels)) / 2
+        return torch.sigmoid(self.gate_mlp(pair))
+
+    def forward(self, q: Tensor, k: Tensor, labels: Tensor, key_labels: Optional[Tensor] = None,
+                partner_labels: Optional[Tensor] = None) -> Tensor:
+        if partner_labels is None:
+            partner_labels = labels[torch.randperm(labels.shape[0], device=labels.device)]
+        gated = fn.gated_info_nce(q, k, self.gates(labels, partner_labels), labels,
+                                  partner_labels, key_labels, self.temperature,
+                                  backend=self.backend, **self.distributed)
+        if self.beta == 0:
+            return gated
+        contrast = fn.info_nce(q, k, self.temperature, backend=self.backend, **self.distributed)
+        return (contrast + self.beta * gated) / (1 + self.beta)
 
 
 class SupReMixLoss(nn.Module):

@@ -13,9 +13,11 @@ similarities below its positive ones and penalises, with a binary
 cross-entropy, every input's probability of landing on the wrong side.
 
 Backends (``backend=``): ``auto`` picks the C++ kernel on CPU tensors (the
-reference when the extension is not built) and Triton on CUDA tensors;
-``reference``, ``cpp``, ``triton`` ask for one. There is no CUDA C++ kernel for
-this family.
+reference when the extension is not built) and, on CUDA tensors, the CUDA
+kernel, else Triton; ``reference``, ``cpp``, ``cuda``, ``triton`` ask for one.
+The fused kernels that form P take rows of up to 128 values (CUDA, Triton);
+the CUDA ``diff_sort_apply`` rows of up to 1024. ``auto`` passes larger rows
+on to the next backend.
 """
 
 import math
@@ -52,17 +54,30 @@ def _check_backend_name(backend) -> None:
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
 
 
-def _resolve_backend(backend: str, x: Tensor, needs_perm: bool) -> str:
-    """The concrete backend for x; ``needs_perm``: the op returns P (n×n per row),
-    which the Triton kernel holds in registers only up to MAX_SORT_SIZE."""
-    name = resolve(backend, x.device, ops.BACKENDS)
-    n = x.shape[1]
-    if name == "triton" and needs_perm and n > _triton_max_sort_size():
-        if backend == "auto":
-            return "reference"
-        raise ValueError(f"backend 'triton' returns P for n <= {_triton_max_sort_size()}, "
-                         f"got n = {n}; use diff_sort_apply or another backend")
-    return name
+def _max_wires(name: str, needs_perm: bool):
+    """The largest row a backend takes (None: any); P (n×n per row) is held on chip."""
+    if name == "cuda":
+        return ops.CUDA_MAX_SORT_WIRES if needs_perm else ops.CUDA_MAX_APPLY_WIRES
+    if name == "triton" and needs_perm:
+        return _triton_max_sort_size()
+    return None
+
+
+def _resolve_backend(backend: str, x: Tensor, needs_perm: bool,
+                     implemented: tuple = ops.BACKENDS) -> str:
+    """The concrete backend for x; ``needs_perm``: the op returns P. ``auto``
+    passes rows too large for a backend on to the next one."""
+    name = resolve(backend, x.device, implemented)
+    n, limit = x.shape[1], _max_wires(name, needs_perm)
+    if limit is None or n <= limit:
+        return name
+    if backend == "auto":
+        return _resolve_backend(backend, x, needs_perm, tuple(b for b in implemented if b != name))
+    if needs_perm:
+        raise ValueError(f"backend {name!r} returns P for n <= {limit}, got n = {n}; "
+                         "use diff_sort_apply or another backend")
+    raise ValueError(f"backend {name!r} takes rows of n <= {limit}, got n = {n}; "
+                     "use another backend")
 
 
 # ------------------------------------------------------------------ validation

@@ -208,15 +208,9 @@ def test_meter_as_decorator(powercap):
 
 @pytest.fixture
 def bench_energy():
-    """bench/energy.py, loaded from its file (bench/ is not a package)."""
-    import importlib.util
-    import pathlib
+    from pyclloss import energy_benchmark
 
-    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "energy.py"
-    spec = importlib.util.spec_from_file_location("bench_energy", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return energy_benchmark
 
 
 def table_rows(report):

@@ -1,15 +1,12 @@
 """Drop-in parity with the implementations users already have:
 pytorch-metric-learning, lightly and open_clip (each skipped when not installed)."""
 
-import importlib.util
-import sys
-import types
-
 import pytest
 import torch
 from torch import nn
 
 import pyclloss
+from pyclloss import peers
 
 from conftest import fused_backends
 
@@ -63,59 +60,25 @@ def test_supcon_equals_pytorch_metric_learning(backend):
     _assert_same(*res)
 
 
-def _load_file_module(package: str, relpath: str, name: str, stubs=()):
-    """Load one file of an installed package without importing the package
-    (lightly and open_clip import torchvision at the top)."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip(f"{package} is not installed")
-    path = f"{spec.submodule_search_locations[0]}/{relpath}"
-    saved = {k: sys.modules.get(k) for k, _ in stubs}
-    sys.modules.update(dict(stubs))
+def _peer(loader):
     try:
-        module_spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                sys.modules.pop(key, None)
-            else:
-                sys.modules[key] = value
-    return module
-
-
-class _NoMemoryBank(nn.Module):
-    """Stands in for lightly's MemoryBankModule with size 0 (no memory bank)."""
-
-    def __init__(self, size=0, **kwargs):
-        super().__init__()
-        assert not size
-
-    def forward(self, output, update=False):
-        return output, None
+        return loader()
+    except peers.PeerUnavailable as exc:
+        pytest.skip(str(exc))
 
 
 def test_nt_xent_equals_lightly():
-    bank = types.ModuleType("memory_bank")
-    bank.MemoryBankModule = _NoMemoryBank
-    stubs = [("lightly", types.ModuleType("lightly")),
-             ("lightly.models", types.ModuleType("lightly.models")),
-             ("lightly.models.modules", types.ModuleType("lightly.models.modules")),
-             ("lightly.models.modules.memory_bank", bank),
-             ("lightly.utils", types.ModuleType("lightly.utils")),
-             ("lightly.utils.dist", types.ModuleType("lightly.utils.dist"))]
-    lightly_loss = _load_file_module("lightly", "loss/ntx_ent_loss.py", "lightly_ntxent", stubs)
+    ntxent = _peer(peers.lightly_ntxent)
     z1, z2 = torch.randn(17, 32, dtype=torch.float64), torch.randn(17, 32, dtype=torch.float64)
     for backend in BACKENDS:
         res = _grad_pair(lambda a, b: pyclloss.nt_xent(a, b, 0.5, backend=backend),
-                         lambda a, b: lightly_loss.NTXentLoss(temperature=0.5)(a, b), z1, z2)
+                         lambda a, b: ntxent(temperature=0.5)(a, b), z1, z2)
         _assert_same(*res)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_clip_and_siglip_equal_open_clip(backend):
-    oc = _load_file_module("open_clip", "loss.py", "open_clip_loss")
+    oc = _peer(peers.open_clip_losses)
     n = 29
     img = nn.functional.normalize(torch.randn(n, 24, dtype=torch.float64), dim=1)
     txt = nn.functional.normalize(torch.randn(n, 24, dtype=torch.float64), dim=1)

@@ -10,6 +10,7 @@ if not torch.cuda.is_available():
     # Before triton is imported anywhere: Triton kernels run on the CPU interpreter.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import functools
 import importlib.util
 
 import pytest
@@ -33,6 +34,18 @@ TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
 needs_cpp = pytest.mark.skipif(not HAS_CPP, reason="pyclloss._C is not built")
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+needs_cuda_kernels = pytest.mark.skipif(not (HAS_CUDA and pyclloss.backends()["cuda"].available),
+                                        reason="needs a CUDA GPU and the CUDA build")
+
+
+class BackendKernels:
+    """The kernels of one backend with the reference's signatures (ops._run)."""
+
+    def __init__(self, backend):
+        self.backend = backend
+
+    def __getattr__(self, name):
+        return functools.partial(ops._run, self.backend, name)
 
 
 def assert_close(actual, expected, tol):
@@ -57,6 +70,12 @@ def random_cotangents(x, seed):
     b, n = x.shape
     return (torch.randn(b, n, generator=g, dtype=torch.float64).to(x),
             torch.randn(b, n, n, generator=g, dtype=torch.float64).to(x))
+
+
+def random_inputs(rows, n, seed):
+    """x, v and the cotangents of sorted and P of a kernel test (float64, CPU)."""
+    x = torch.randn(rows, n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    return (x, torch.randn_like(x), *random_cotangents(x, seed))
 
 
 def sort_and_grad(fn, x, grad_sorted, grad_perm):
@@ -130,13 +149,10 @@ def test_network_depths():
 @pytest.mark.parametrize("network", NETWORKS)
 @pytest.mark.parametrize("distribution", DISTRIBUTIONS)
 def test_cpp_kernels_match_reference(network, distribution):
-    cpp = ops._kernels("cpp")
+    cpp = BackendKernels("cpp")
     args = (network, 3.0, distribution, 0.25)
     for seed, n in enumerate((1,) + SIZES):
-        rows = 1 if n == 1 else 4
-        x = torch.randn(rows, n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-        v = torch.randn_like(x)
-        gs, gp = random_cotangents(x, seed)
+        x, v, gs, gp = random_inputs(1 if n == 1 else 4, n, seed)
         expected = kernel_results(ref, x, v, gs, gp, args)
         for a, b in zip(kernel_results(cpp, x, v, gs, gp, args), expected):
             assert_close(a, b, 1e-11)
@@ -157,7 +173,7 @@ def test_cpp_half_inputs(dtype):
     args = ("odd_even", 5.0, "cauchy", 0.25)
     expected = kernel_results(ref, x, v, gs, gp, args)
     low = [t.to(dtype) for t in (x, v, gs, gp)]
-    got = kernel_results(ops._kernels("cpp"), *low, args)
+    got = kernel_results(BackendKernels("cpp"), *low, args)
     # inputs rounded to the low precision, arithmetic in float32, outputs rounded again
     for a, b in zip(got, expected):
         assert a.dtype == dtype
@@ -176,7 +192,7 @@ def _triton_cases():
 @needs_triton
 @pytest.mark.parametrize("network,distribution,n", _triton_cases())
 def test_triton_kernels_match_reference(network, distribution, n):
-    tri = ops._kernels("triton")
+    tri = BackendKernels("triton")
     args = (network, 3.0, distribution, 0.25)
     x = torch.randn(3, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
     v = torch.randn_like(x)
@@ -190,7 +206,7 @@ def test_triton_kernels_match_reference(network, distribution, n):
 
 @needs_triton
 def test_triton_float64_and_float16():
-    tri = ops._kernels("triton")
+    tri = BackendKernels("triton")
     args = ("bitonic", 4.0, "cauchy", 0.25)
     x = torch.randn(2, 6, dtype=torch.float64)
     v = torch.randn_like(x)
@@ -412,7 +428,9 @@ def test_groco_module_and_steepness(backend):
     (lambda: S.diff_sort(torch.randn(2, 3), steepness="10"), TypeError, "steepness must be"),
     (lambda: S.diff_sort(torch.randn(2, 3), steepness=float("nan")), ValueError, "steepness"),
     (lambda: S.diff_sort(torch.randn(2, 3), backend="gpu"), ValueError, "backend must be"),
-    (lambda: S.diff_sort(torch.randn(2, 3), backend="cuda"), ValueError, "backend=.cuda. has no kernels for this op"),
+    # not built here, or built and given CPU tensors
+    (lambda: S.diff_sort(torch.randn(2, 3), backend="cuda"), (RuntimeError, ValueError),
+     "backend='cuda' (is not available|cannot run on cpu)"),
     (lambda: S.diff_sort_apply(torch.randn(2, 3), torch.randn(4)), ValueError, "v must have shape"),
     (lambda: S.diff_sort_apply(torch.randn(2, 3), torch.tensor([1.0, float("nan"), 0.0])),
      ValueError, "v contains NaN"),
@@ -461,12 +479,10 @@ def test_one_wire_and_empty_batch():
 @pytest.mark.parametrize("distribution", DISTRIBUTIONS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_triton_gpu_all_sizes(network, distribution, dtype):
-    tri = ops._kernels("triton")
+    tri = BackendKernels("triton")
     args = (network, 3.0, distribution, 0.25)
     for seed, n in enumerate(SIZES + (64, 100)):
-        x = torch.randn(37, n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-        v = torch.randn_like(x)
-        gs, gp = random_cotangents(x, seed)
+        x, v, gs, gp = random_inputs(37, n, seed)
         expected = kernel_results(ref, x, v, gs, gp, args)
         inputs = [t.to(dtype).cuda() for t in (x, v, gs, gp)]
         tol = 1e-12 if dtype == torch.float64 else 1e-5
@@ -484,3 +500,186 @@ def test_groco_gpu_matches_authors_formulation():
     (g_expected,) = torch.autograd.grad(expected, z)
     assert abs(loss.item() - expected.item()) <= 1e-6
     assert_close(g, g_expected, 1e-5)
+
+
+def _cuda_backends():
+    return [b for b in ("cuda", "triton") if pyclloss.backends()[b].available]
+
+
+@pytest.mark.gpu
+@needs_cuda_kernels
+@pytest.mark.parametrize("network", NETWORKS)
+@pytest.mark.parametrize("distribution", DISTRIBUTIONS)
+def test_cuda_kernels_match_reference(network, distribution):
+    cuda = BackendKernels("cuda")
+    args = (network, 3.0, distribution, 0.25)
+    # one wire, odd sizes, a power of two, more wires than lanes, the largest P
+    for seed, n in enumerate((1, 2, 5, 16, 33, 128)):
+        inputs = [t.cuda() for t in random_inputs(37, n, seed)]
+        expected = kernel_results(ref, *inputs, args)
+        # float32: up to ~5e-5 for logistic_phi (slope unbounded at d = 0) and
+        # optimal (kinks), whatever the implementation
+        for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-4)):
+            for a, b in zip(kernel_results(cuda, *(t.to(dtype) for t in inputs), args), expected):
+                assert a.dtype == dtype and a.is_cuda
+                assert_close(a, b, tol)
+
+
+@pytest.mark.gpu
+@needs_cuda_kernels
+@pytest.mark.parametrize("network", NETWORKS)
+def test_cuda_apply_kernels_on_long_rows(network):
+    cuda = BackendKernels("cuda")
+    args = (network, 2.0, "cauchy", 0.25)
+    for n in (129, 300):
+        x = torch.randn(5, n, dtype=torch.float64)
+        v, g = torch.randn_like(x), torch.randn_like(x)
+        expected = (ref.apply_forward(x, v, *args), *ref.apply_backward(x, v, g, *args))
+        got = (cuda.apply_forward(x.cuda(), v.cuda(), *args),
+               *cuda.apply_backward(x.cuda(), v.cuda(), g.cuda(), *args))
+        for a, b in zip(got, expected):
+            assert_close(a, b, 1e-12)
+
+
+@pytest.mark.gpu
+@needs_cuda_kernels
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("network", NETWORKS)
+def test_cuda_half_inputs(dtype, network):
+    for n in (11, 32):
+        x = torch.randn(40, n, dtype=torch.float64)
+        v = torch.randn_like(x)
+        gs, gp = random_cotangents(x, n)
+        args = (network, 5.0, "cauchy", 0.25)
+        low = [t.to(dtype) for t in (x, v, gs, gp)]
+        # the reference on the rounded inputs: only the outputs' rounding differs
+        expected = kernel_results(ref, *(t.double() for t in low), args)
+        got = kernel_results(BackendKernels("cuda"), *(t.cuda() for t in low), args)
+        for a, b in zip(got, expected):
+            assert a.dtype == dtype
+            assert_close(a, b, 1e-2)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("backend", _cuda_backends())
+@pytest.mark.parametrize("network", NETWORKS)
+@pytest.mark.parametrize("distribution", DISTRIBUTIONS)
+def test_gpu_backends_match_diffsort(backend, network, distribution):
+    for seed, n in enumerate((11, 32, 33)):
+        x = torch.randn(64, n, dtype=torch.float64,
+                        generator=torch.Generator().manual_seed(seed)).cuda()
+        gs, gp = (t.cuda() for t in random_cotangents(x.cpu(), seed))
+        # float64: logistic_phi's slope is unbounded at d = 0, so float32 results
+        # of any two implementations differ by more than rounding there.
+        # float32, float16, bfloat16: the benchmark's cauchy, against diffsort in
+        # float32 on the same rounded inputs.
+        cases = [(torch.float64, 1e-6)]
+        if distribution == "cauchy":  # few cases: every one is a Triton compile
+            cases += [(torch.float32, 2e-5), (torch.float16, 1e-2), (torch.bfloat16, 1e-2)]
+        for dtype, tol in cases:
+            inputs = [t.to(dtype) for t in (x, gs, gp)]
+            ours = sort_and_grad(
+                lambda t: S.diff_sort(t, network, 5.0, distribution, 0.25, backend), *inputs)
+            theirs = sort_and_grad(
+                lambda t: diffsort_sort(t, network, 5.0, distribution),
+                *(t.to(torch.promote_types(dtype, torch.float32)) for t in inputs))
+            for a, b in zip(ours, theirs):
+                assert a.dtype == dtype and a.is_cuda
+                assert_close(a, b, tol)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("backend", _cuda_backends())
+def test_gpu_p_free_mode(backend):
+    x = torch.randn(50, 13, dtype=torch.float64, device="cuda", requires_grad=True)
+    v = torch.randn(50, 13, dtype=torch.float64, device="cuda", requires_grad=True)
+    w = torch.randn(50, 13, dtype=torch.float64, device="cuda")
+    _, perm = S.diff_sort(x, "bitonic", 3.0, "logistic", backend="reference")
+    expected = {
+        "apply": (perm @ v[:, :, None])[:, :, 0],
+        "rank": perm @ torch.arange(1, 14, dtype=torch.float64, device="cuda"),
+        "top": perm[:, :, -4:].sum(2),
+    }
+    got = {
+        "apply": S.diff_sort_apply(x, v, "bitonic", 3.0, "logistic", backend=backend),
+        "rank": S.soft_rank(x, "bitonic", 3.0, "logistic", backend=backend),
+        "top": S.soft_top_k_mask(x, 4, "bitonic", 3.0, "logistic", backend=backend),
+    }
+    for key, out in got.items():
+        assert_close(out, expected[key], 1e-12)
+        grads = torch.autograd.grad((out * w).sum(), (x, v), allow_unused=True,
+                                    materialize_grads=True)
+        grads_expected = torch.autograd.grad((expected[key] * w).sum(), (x, v),
+                                             allow_unused=True, materialize_grads=True,
+                                             retain_graph=True)
+        for a, b in zip(grads, grads_expected):
+            assert_close(a, b, 1e-12)
+
+
+@pytest.mark.gpu
+@needs_cuda_kernels
+@pytest.mark.parametrize("network,distribution", [("odd_even", "cauchy"),
+                                                  ("bitonic", "logistic_phi"),
+                                                  ("bitonic", "gaussian"),
+                                                  ("odd_even", "optimal")])
+def test_cuda_gradcheck_and_opcheck(network, distribution):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 7, dtype=torch.float64, generator=g).cuda().requires_grad_(True)
+    v = torch.randn(3, 7, dtype=torch.float64, generator=g).cuda().requires_grad_(True)
+    kw = {"network": network, "steepness": 2.0, "distribution": distribution, "backend": "cuda"}
+    assert torch.autograd.gradcheck(lambda t: S.diff_sort(t, **kw), (x,))
+    assert torch.autograd.gradcheck(lambda t: S.diff_sort(t, **kw)[0], (x,))
+    assert torch.autograd.gradcheck(lambda t: S.diff_sort(t, **kw)[1], (x,))
+    assert torch.autograd.gradcheck(lambda t, u: S.diff_sort_apply(t, u, **kw), (x, v))
+    args = (network, 2.0, distribution, 0.25, "cuda")
+    xf, vf = x.detach().float(), v.detach().float()
+    torch.library.opcheck(ops.diff_sort, (xf.requires_grad_(True), *args))
+    torch.library.opcheck(ops.diff_sort_apply, (xf, vf.requires_grad_(True), *args))
+    gs, gp = torch.randn_like(xf), torch.randn(3, 7, 7, device="cuda")
+    torch.library.opcheck(ops.diff_sort_backward, (xf.detach(), gs, gp, *args))
+    torch.library.opcheck(ops.diff_sort_backward, (xf.detach(), gs, None, *args))
+    torch.library.opcheck(ops.diff_sort_apply_backward, (xf.detach(), vf.detach(), gs, *args))
+
+
+@pytest.mark.gpu
+@needs_cuda_kernels
+def test_cuda_backend_choice_and_limits():
+    small, wide = torch.randn(2, 8, device="cuda"), torch.randn(2, 200, device="cuda")
+    assert S._resolve_backend("auto", small, needs_perm=True) == "cuda"
+    assert S._resolve_backend("auto", wide, needs_perm=False) == "cuda"
+    assert S._resolve_backend("auto", wide, needs_perm=True) == "reference"
+    with pytest.raises(ValueError, match="cuda' returns P for n <= 128"):
+        S.diff_sort(wide, backend="cuda")
+    with pytest.raises(ValueError, match="cuda' takes rows of n <= 1024"):
+        S.soft_rank(torch.randn(2, 1025, device="cuda"), backend="cuda")
+    for network in NETWORKS:
+        sorted_x, perm = S.diff_sort(small[:, :1], network, backend="cuda")
+        assert_close(sorted_x, small[:, :1], 0)
+        assert_close(perm, torch.ones(2, 1, 1), 0)
+        empty_sorted, empty_perm = S.diff_sort(torch.randn(0, 4, device="cuda"), network,
+                                               backend="cuda")
+        assert empty_sorted.shape == (0, 4) and empty_perm.shape == (0, 4, 4)
+
+
+@pytest.mark.gpu
+@needs_cuda_kernels
+def test_cuda_ops_reject_bad_tensors():
+    x = torch.randn(2, 4, device="cuda")
+    pairs = ops._comparators("odd_even", 4, x.device)
+    with pytest.raises(RuntimeError, match="comparators must be a contiguous int32"):
+        torch.ops.pyclloss_C.diff_sort_fwd(x, pairs.cpu(), 1.0, 3, 0.25)
+    with pytest.raises(RuntimeError, match="comparators must be a contiguous int32"):
+        torch.ops.pyclloss_C.diff_sort_fwd(x, pairs.long(), 1.0, 3, 0.25)
+    with pytest.raises(RuntimeError, match="rows of 1 to 128 values"):
+        torch.ops.pyclloss_C.diff_sort_fwd(torch.randn(2, 129, device="cuda"),
+                                           ops._comparators("odd_even", 129, x.device),
+                                           1.0, 3, 0.25)
+    with pytest.raises(RuntimeError, match="grad_perm must be a contiguous"):
+        torch.ops.pyclloss_C.diff_sort_bwd(x, None, torch.randn(2, 4, 3, device="cuda"), pairs,
+                                           1.0, 3, 0.25)
+    with pytest.raises(RuntimeError, match="v must be a contiguous"):
+        torch.ops.pyclloss_C.diff_sort_apply_fwd(x, x.double(), pairs, 1.0, 3, 0.25)
+    with pytest.raises(RuntimeError, match="unknown distribution code"):
+        torch.ops.pyclloss_C.diff_sort_apply_fwd(x, x, pairs, 1.0, 9, 0.25)

@@ -16,7 +16,7 @@ from pyclloss.train import LOSSES, TrainConfig, main, train
 from pyclloss.train import trainer as trainer_module
 from pyclloss.train.data import augment, epoch_generator, load_dataset, load_tensor_file
 from pyclloss.train.evaluate import knn_accuracy, linear_probe_accuracy
-from pyclloss.train.losses import QueueInfoNCE, loss_function
+from pyclloss.train.losses import loss_function
 
 
 @pytest.fixture
@@ -207,19 +207,14 @@ def test_every_registered_loss_trains(tiny_data):
         assert torch.isfinite(torch.tensor(summary["epoch_losses"])).all(), name
 
 
-def test_queue_loss_matches_info_nce_with_the_queue_and_enqueues():
+def test_moco_entry_is_pycllosss_moco_loss_with_its_queue():
     torch.manual_seed(0)
-    loss = QueueInfoNCE(loss_function("info_nce", "auto"), dim=6, queue_size=5, temperature=0.2)
+    loss = LOSSES["moco"].build(6, 10, TrainConfig(queue_size=5, temperature=0.2))
     query, key = torch.randn(3, 6), torch.randn(3, 6)
-    queue_before = loss.queue.clone()
+    queue_before = loss.loss.queue.clone()
     expected = reference.info_nce(query, key, 0.2, queue=queue_before)
     torch.testing.assert_close(loss(query, key, None), expected)
-    normalized = torch.nn.functional.normalize(key, dim=1)
-    torch.testing.assert_close(loss.queue[:3], normalized)
-    loss(query, key * 2, None)  # wraps around: slots 3, 4, 0
-    torch.testing.assert_close(loss.queue[[3, 4, 0]], normalized)
-    torch.testing.assert_close(loss.queue[[1, 2]], normalized[1:])
-    assert int(loss.next_slot) == 1
+    torch.testing.assert_close(loss.loss.queue[:3], torch.nn.functional.normalize(key, dim=1))
 
 
 def test_the_backend_is_passed_to_the_loss(monkeypatch):

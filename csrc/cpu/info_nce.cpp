@@ -22,6 +22,7 @@
 #include <tuple>
 #include <vector>
 
+#include "pyclloss/cpu_args.h"
 #include "pyclloss/cpu_math.h"
 #include "pyclloss/cpu_tile.h"
 
@@ -420,10 +421,6 @@ void gradient_pass(const TileOperand& outer, const TileOperand& inner, acc_t sca
 
 // ------------------------------------------------------------ arguments
 
-at::ScalarType stats_dtype(at::ScalarType input) {
-  return input == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 void check_core_inputs(const char* op, const Tensor& q, const Tensor& k, const Tensor& scale,
                        const OptionalTensor& q_labels, const OptionalTensor& k_labels) {
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu(), op,
@@ -456,14 +453,6 @@ void check_core_inputs(const char* op, const Tensor& q, const Tensor& k, const T
   };
   check_labels("q_labels", *q_labels, q.size(0));
   check_labels("k_labels", *k_labels, k.size(0));
-}
-
-void check_stats_vector(const char* op, const char* name, const Tensor& t, int64_t length,
-                        at::ScalarType dtype) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.dim() == 1 &&
-                  t.size(0) == length && t.is_contiguous(),
-              op, ": ", name, " must be a contiguous ", dtype, " CPU vector of length ", length,
-              ", got shape ", t.sizes(), " and dtype ", t.scalar_type());
 }
 
 void check_optional_stats(const char* op, const char* name, const OptionalTensor& t,

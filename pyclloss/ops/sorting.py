@@ -7,8 +7,8 @@
 
 Each op has a fake kernel and an autograd formula; the backwards are custom
 ops themselves, so ``torch.compile`` traces forward and backward without graph
-breaks. ``backend`` is one of ``reference``, ``cpp``, ``triton`` (already
-resolved by the caller); the backward runs on the forward's backend.
+breaks. ``backend`` is one of ``reference``, ``cpp``, ``cuda``, ``triton``
+(already resolved by the caller); the backward runs on the forward's backend.
 """
 
 from functools import cache
@@ -16,62 +16,45 @@ from typing import Optional
 
 import torch
 
+from ..backends import kernel
 from ..reference import sorting as reference
 
 Tensor = torch.Tensor
 
-BACKENDS = ("reference", "cpp", "triton")
+FAMILY = "sorting"
+BACKENDS = ("reference", "cpp", "cuda", "triton")
+# kMaxSortWires and kMaxApplyWires of csrc/include/pyclloss/sorting_cuda.h: the
+# CUDA kernels form P for rows of up to 128 values, P v for up to 1024.
+CUDA_MAX_SORT_WIRES = 128
+CUDA_MAX_APPLY_WIRES = 1024
+
+# The compiled ops (csrc/cpu/sorting.cpp, csrc/cuda/sorting.cu) of each kernel.
+_COMPILED_OPS = {
+    "sort_forward": "diff_sort_fwd",
+    "sort_backward": "diff_sort_bwd",
+    "apply_forward": "diff_sort_apply_fwd",
+    "apply_backward": "diff_sort_apply_bwd",
+}
 
 
 @cache
 def _comparators(network: str, n: int, device: torch.device) -> Tensor:
-    """The network as the C++ kernels take it: (lo, hi) int32 pairs, layer after layer."""
+    """The network as the compiled kernels take it: (lo, hi) int32 pairs, layer after layer."""
     pairs = [pair for layer in reference.network_layers(network, n) for pair in layer]
     return torch.tensor(pairs, dtype=torch.int32).reshape(-1, 2).to(device)
 
 
-class _CppKernels:
-    """The C++ kernels of csrc/cpu/sorting.cpp with the reference's signatures."""
-
-    @staticmethod
-    def _code(distribution: str) -> int:
-        return reference.DISTRIBUTIONS.index(distribution)
-
-    def sort_forward(self, x, network, steepness, distribution, art_lambda):
-        return torch.ops.pyclloss_C.diff_sort_fwd(
-            x, _comparators(network, x.shape[1], x.device), steepness,
-            self._code(distribution), art_lambda)
-
-    def sort_backward(self, x, grad_sorted, grad_perm, network, steepness, distribution,
-                      art_lambda):
-        return torch.ops.pyclloss_C.diff_sort_bwd(
-            x, grad_sorted, grad_perm, _comparators(network, x.shape[1], x.device), steepness,
-            self._code(distribution), art_lambda)
-
-    def apply_forward(self, x, v, network, steepness, distribution, art_lambda):
-        return torch.ops.pyclloss_C.diff_sort_apply_fwd(
-            x, v, _comparators(network, x.shape[1], x.device), steepness,
-            self._code(distribution), art_lambda)
-
-    def apply_backward(self, x, v, grad_out, network, steepness, distribution, art_lambda):
-        return torch.ops.pyclloss_C.diff_sort_apply_bwd(
-            x, v, grad_out, _comparators(network, x.shape[1], x.device), steepness,
-            self._code(distribution), art_lambda)
-
-
-_CPP_KERNELS = _CppKernels()
-
-
-def _kernels(backend: str):
-    if backend == "reference":
-        return reference
-    if backend == "cpp":
-        import pyclloss._C  # noqa: F401  (registers torch.ops.pyclloss_C)
-        return _CPP_KERNELS
-    if backend == "triton":
-        from ..triton_kernels import sorting as triton_sorting
-        return triton_sorting
-    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+def _run(backend: str, name: str, *args):
+    """Kernel ``name`` of a backend with the reference's signature: tensors, then
+    (network, steepness, distribution, art_lambda). The compiled ops take the
+    network as comparator pairs on x's device and the distribution as its code."""
+    if backend not in ("cpp", "cuda"):
+        return kernel(backend, FAMILY, name)(*args)
+    *tensors, network, steepness, distribution, art_lambda = args
+    x = tensors[0]
+    return kernel(backend, FAMILY, _COMPILED_OPS[name])(
+        *tensors, _comparators(network, x.shape[1], x.device), steepness,
+        reference.DISTRIBUTIONS.index(distribution), art_lambda)
 
 
 def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -84,8 +67,8 @@ def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
 @torch.library.custom_op("pyclloss::diff_sort", mutates_args=())
 def diff_sort(x: Tensor, network: str, steepness: float, distribution: str, art_lambda: float,
               backend: str) -> tuple[Tensor, Tensor]:
-    return _kernels(backend).sort_forward(x.contiguous(), network, steepness, distribution,
-                                          art_lambda)
+    return _run(backend, "sort_forward", x.contiguous(), network, steepness, distribution,
+                art_lambda)
 
 
 @diff_sort.register_fake
@@ -98,9 +81,8 @@ def _(x, network, steepness, distribution, art_lambda, backend):
 def diff_sort_backward(x: Tensor, grad_sorted: Optional[Tensor], grad_perm: Optional[Tensor],
                        network: str, steepness: float, distribution: str, art_lambda: float,
                        backend: str) -> Tensor:
-    return _kernels(backend).sort_backward(x.contiguous(), _contiguous(grad_sorted),
-                                           _contiguous(grad_perm), network, steepness,
-                                           distribution, art_lambda)
+    return _run(backend, "sort_backward", x.contiguous(), _contiguous(grad_sorted),
+                _contiguous(grad_perm), network, steepness, distribution, art_lambda)
 
 
 @diff_sort_backward.register_fake
@@ -134,8 +116,8 @@ diff_sort.register_autograd(_diff_sort_grad, setup_context=_setup_diff_sort)
 @torch.library.custom_op("pyclloss::diff_sort_apply", mutates_args=())
 def diff_sort_apply(x: Tensor, v: Tensor, network: str, steepness: float, distribution: str,
                     art_lambda: float, backend: str) -> Tensor:
-    return _kernels(backend).apply_forward(x.contiguous(), v.contiguous(), network, steepness,
-                                           distribution, art_lambda)
+    return _run(backend, "apply_forward", x.contiguous(), v.contiguous(), network, steepness,
+                distribution, art_lambda)
 
 
 @diff_sort_apply.register_fake
@@ -147,8 +129,8 @@ def _(x, v, network, steepness, distribution, art_lambda, backend):
 def diff_sort_apply_backward(x: Tensor, v: Tensor, grad_out: Tensor, network: str,
                              steepness: float, distribution: str, art_lambda: float,
                              backend: str) -> tuple[Tensor, Tensor]:
-    return _kernels(backend).apply_backward(x.contiguous(), v.contiguous(), grad_out.contiguous(),
-                                            network, steepness, distribution, art_lambda)
+    return _run(backend, "apply_backward", x.contiguous(), v.contiguous(), grad_out.contiguous(),
+                network, steepness, distribution, art_lambda)
 
 
 @diff_sort_apply_backward.register_fake

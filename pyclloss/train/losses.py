@@ -1,7 +1,7 @@
 """The trainer's losses: ``--loss`` name -> a module ``forward(z1, z2, labels)``.
 
-Adding a loss is one ``LOSSES`` entry: a factory taking (embedding dim, config)
-and returning such a module.
+Adding a loss is one ``LOSSES`` entry: a factory taking (embedding dim, number
+of classes in the labels, config) and returning such a module.
 """
 
 import functools
@@ -19,6 +19,12 @@ def _loss_library():
     from pyclloss import functional as library
 
     return library
+
+
+def _modules():
+    from pyclloss import losses
+
+    return losses
 
 
 def loss_function(name: str, backend: str) -> Callable:
@@ -55,33 +61,49 @@ class ClipLoss(nn.Module):
         return self.function(F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1), scale)
 
 
-class QueueInfoNCE(nn.Module):
-    """InfoNCE of queries against their keys plus a queue of earlier keys (MoCo);
-    each call then enqueues the new keys, replacing the oldest. The queue must
-    hold at least one batch."""
+class QueryKeyLoss(nn.Module):
+    """A loss module of (query, key), such as pyclloss's ``MoCoLoss`` with its
+    key queue, with the trainer's signature."""
 
-    def __init__(self, function: Callable, dim: int, queue_size: int, temperature: float):
+    def __init__(self, loss: nn.Module):
         super().__init__()
-        self.function = function
-        self.temperature = temperature
-        self.register_buffer("queue", F.normalize(torch.randn(queue_size, dim), dim=1))
-        self.register_buffer("next_slot", torch.zeros((), dtype=torch.int64))
+        self.loss = loss
 
     def forward(self, query, key, labels):
-        loss = self.function(query, key, self.temperature, queue=self.queue)
-        self._enqueue(F.normalize(key.detach().float(), dim=1))
-        return loss
+        return self.loss(query, key)
 
-    @torch.no_grad()
-    def _enqueue(self, keys):
-        slots = (self.next_slot + torch.arange(keys.shape[0], device=keys.device)) % len(self.queue)
-        self.queue[slots] = keys
-        self.next_slot.copy_((self.next_slot + keys.shape[0]) % len(self.queue))
+
+class GroCoViews(nn.Module):
+    """GroCo between two views as its authors train it (Shvetsova et al.,
+    "Learning by Sorting", ICCV 2023): each view's embeddings are anchors; an
+    anchor's positive is the cosine similarity to its other view, its negatives
+    those to the other anchors of its own view, of which the ``num_neg``
+    hardest are relaxed-sorted below the positive; positives and negatives are
+    detached (the authors' stop-gradient); the mean over the two views. The
+    sorting steepness is 1 / temperature."""
+
+    def __init__(self, backend: str, temperature: float, num_neg: int = 10):
+        super().__init__()
+        self.backend, self.steepness, self.num_neg = backend, 1.0 / temperature, num_neg
+
+    def forward(self, z1, z2, labels):
+        from pyclloss.sorting import groco_loss
+
+        views = [F.normalize(z.float(), dim=1) for z in (z1, z2)]
+        b = z1.shape[0]
+        own = torch.eye(b, dtype=torch.bool, device=z1.device)
+        loss = 0.0
+        for anchor, other in (views, views[::-1]):
+            pos = (anchor * other.detach()).sum(1, keepdim=True)
+            neg = (anchor @ anchor.detach().T).masked_fill(own, float("-inf"))
+            loss = loss + groco_loss(pos, neg, self.steepness, min(self.num_neg, b - 1),
+                                     backend=self.backend)
+        return loss / 2
 
 
 @dataclass(frozen=True)
 class LossEntry:
-    build: Callable[[int, Any], nn.Module]  # (embedding dim, TrainConfig) -> loss module
+    build: Callable[[int, int, Any], nn.Module]  # (embedding dim, classes, TrainConfig) -> loss
     temperature: float  # the default of the loss's paper / code
     needs_labels: bool = False
     momentum_encoder: bool = False  # keys from an EMA copy of the model (MoCo)
@@ -90,16 +112,31 @@ class LossEntry:
 
 LOSSES: Dict[str, LossEntry] = {
     "nt_xent": LossEntry(
-        lambda dim, cfg: PairLoss(loss_function("nt_xent", cfg.backend), cfg.temperature, False),
+        lambda dim, classes, cfg: PairLoss(loss_function("nt_xent", cfg.backend), cfg.temperature, False),
         temperature=0.5, about="SimCLR's NT-Xent"),
     "supcon": LossEntry(
-        lambda dim, cfg: PairLoss(loss_function("supcon", cfg.backend), cfg.temperature, True),
+        lambda dim, classes, cfg: PairLoss(loss_function("supcon", cfg.backend), cfg.temperature, True),
         temperature=0.1, needs_labels=True, about="supervised contrastive (uses the labels)"),
     "clip": LossEntry(
-        lambda dim, cfg: ClipLoss(loss_function("clip_loss", cfg.backend), cfg.temperature),
+        lambda dim, classes, cfg: ClipLoss(loss_function("clip_loss", cfg.backend), cfg.temperature),
         temperature=0.07, about="CLIP's symmetric loss between the views, learnable scale"),
     "moco": LossEntry(
-        lambda dim, cfg: QueueInfoNCE(loss_function("info_nce", cfg.backend), dim, cfg.queue_size,
-                                  cfg.temperature),
+        lambda dim, classes, cfg: QueryKeyLoss(_modules().MoCoLoss(dim, cfg.queue_size, cfg.temperature,
+                                                          cfg.backend)),
         temperature=0.2, momentum_encoder=True, about="MoCo v2: momentum encoder and key queue"),
+    "ft_moco": LossEntry(
+        lambda dim, classes, cfg: QueryKeyLoss(_modules().FTMoCoLoss(dim, cfg.queue_size, cfg.temperature,
+                                                            backend=cfg.backend)),
+        temperature=0.2, momentum_encoder=True,
+        about="MoCo with feature transformation (positive extrapolation, queue interpolation)"),
+    "hydra": LossEntry(
+        # HydraLoss.forward(q, k, labels) is already the trainer's signature.
+        lambda dim, classes, cfg: _modules().HydraLoss(classes, dim, cfg.temperature,
+                                                       backend=cfg.backend),
+        temperature=0.2, needs_labels=True,
+        about="Hydra: InfoNCE plus gated-subspace contrast of random class pairs (uses the labels)"),
+    "groco": LossEntry(
+        lambda dim, classes, cfg: GroCoViews(cfg.backend, cfg.temperature),
+        temperature=1.0, about="GroCo: relaxed sorting of the positive above the hardest "
+                               "negatives (steepness = 1 / temperature)"),
 }

@@ -167,11 +167,13 @@ def loss_temperature(cfg: TrainConfig) -> float:
     return LOSSES[cfg.loss].temperature if cfg.temperature is None else cfg.temperature
 
 
-def build_learner(cfg: TrainConfig, in_channels: int, mean, std) -> ContrastiveLearner:
+def build_learner(cfg: TrainConfig, in_channels: int, mean, std,
+                  num_classes: int = 10) -> ContrastiveLearner:
     entry = LOSSES[cfg.loss]
     loss_cfg = dataclasses.replace(cfg, temperature=loss_temperature(cfg))
     encoder = Encoder(in_channels, cfg.width, mean, std)
-    return ContrastiveLearner(encoder, cfg.embedding_dim, entry.build(cfg.embedding_dim, loss_cfg),
+    loss = entry.build(cfg.embedding_dim, num_classes, loss_cfg)
+    return ContrastiveLearner(encoder, cfg.embedding_dim, loss,
                               cfg.momentum if entry.momentum_encoder else None)
 
 
@@ -256,7 +258,8 @@ def _train(cfg: TrainConfig) -> dict:
     torch.manual_seed(cfg.seed)
     mean = train_set.images.mean(dim=(0, 2, 3))
     std = train_set.images.std(dim=(0, 2, 3)).clamp_min(1e-6)
-    learner = build_learner(cfg, train_set.images.shape[1], mean, std).to(device)
+    classes = int(data.labels.max()) + 1 if data.labels is not None else 0
+    learner = build_learner(cfg, train_set.images.shape[1], mean, std, classes).to(device)
     optimizer = torch.optim.AdamW([p for p in learner.parameters() if p.requires_grad],
                                   lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")

@@ -1,0 +1,448 @@
+"""The InfoNCE family over a torch.distributed process group, as one big batch.
+
+Each rank holds its local rows; the loss is that of a single process holding
+the global batch (the rank-major concatenation of the local batches). Two
+strategies bring the other ranks' keys to the local anchors:
+
+* ``"all_gather"``: every rank gathers all key blocks (open_clip's local-loss
+  pattern); the gathered keys' gradient is summed over ranks and sliced home.
+  Memory O(global batch · D) per rank.
+* ``"ring"``: key blocks (with their labels) rotate one rank forward per step,
+  the transfer of the next block overlapping the fused kernel on the current
+  one; row statistics merge exactly (logaddexp, +). In backward the keys rotate
+  again and each block's key gradient travels with it, back to its owner. No
+  rank holds more than two key blocks: memory O(local batch · D) per rank.
+
+Gradient convention (that of DDP, open_clip and lightly): every rank returns
+the global loss L, and the gradients are those of the sum of the returned
+losses over the W ranks. Rank r's embeddings get W·∂L/∂x_r, so once DDP has
+averaged the parameter gradients over ranks, every parameter holds exactly the
+single-process gradient dL/dθ. Scalars every rank holds (temperature,
+logit_scale, logit_bias) are averaged over ranks inside backward: their
+gradient is dL/ds on every rank already, and DDP's averaging keeps it so.
+See docs/distributed.md.
+"""
+
+from typing import Callable, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from .ops import info_nce as core
+from .reference.info_nce import reduce_anchors, stats_dtype
+
+Tensor = torch.Tensor
+STRATEGIES = ("all_gather", "ring")
+
+
+# ------------------------------------------------------------ collectives with autograd
+
+
+def _gather_rows(x: Tensor, sizes: Sequence[int], group) -> Tensor:
+    """Rank-major concatenation of every rank's ``x`` (``sizes[r]`` rows on rank r)."""
+    most = max(sizes)
+    padded = x.new_zeros((most,) + tuple(x.shape[1:]))
+    padded[:x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+
+
+class _AllGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, sizes, group):
+        ctx.sizes, ctx.group = sizes, group
+        return _gather_rows(x.contiguous(), sizes, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # every rank's loss touches every row: sum the contributions, keep ours
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        rank = dist.get_rank(ctx.group)
+        start = sum(ctx.sizes[:rank])
+        return grad[start:start + ctx.sizes[rank]], None, None
+
+
+def all_gather_with_grad(x: Tensor, group=None, sizes: Optional[Sequence[int]] = None) -> Tensor:
+    """Rank-major concatenation of every rank's rows of ``x``; the gradient of the
+    result is summed over ranks and each rank's slice flows back to its ``x``.
+
+    Local row counts may differ between ranks; ``sizes`` (rows on every rank)
+    saves the collective that finds them. Any loss that pairs local anchors
+    with the global key set can be built on this.
+    """
+    group = group if group is not None else dist.group.WORLD
+    if sizes is None:
+        sizes = row_counts(x.shape[0], x.device, group)
+    return _AllGather.apply(x, tuple(sizes), group)
+
+
+class _SumOverRanks(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        total = x.clone()
+        dist.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _Replicated(torch.autograd.Function):
+    """Identity on a value every rank holds; its gradient is averaged over ranks."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad / dist.get_world_size(ctx.group), None
+
+
+def row_counts(n: int, device: torch.device, group) -> Tuple[int, ...]:
+    """Rows on every rank (one small all_gather)."""
+    mine = torch.tensor([n], dtype=torch.int64, device=device)
+    counts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(counts, mine, group=group)
+    return tuple(int(c) for c in counts)
+
+
+# ------------------------------------------------------------------------- the ring
+
+
+class _Ring:
+    """Point-to-point rotation of tensors one rank forward around the group."""
+
+    def __init__(self, group):
+        self.group = group
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.send_to = dist.get_global_rank(group, (self.rank + 1) % self.world)
+        self.recv_from = dist.get_global_rank(group, (self.rank - 1) % self.world)
+
+    def owner(self, step: int) -> int:
+        """Rank whose block this rank holds after ``step`` rotations."""
+        return (self.rank - step) % self.world
+
+    def start(self, tensors: Sequence[Tensor], rows: int, tag: int = 0):
+        """Send ``tensors`` on, receive the previous rank's (``rows`` rows each).
+        Transfers in flight together get distinct ``tag``s."""
+        sent = [t.contiguous() for t in tensors]
+        received = [t.new_empty((rows,) + tuple(t.shape[1:])) for t in sent]
+        ops = []
+        for i, (out, into) in enumerate(zip(sent, received)):
+            ops.append(dist.P2POp(dist.isend, out, self.send_to, self.group, tag + i))
+            ops.append(dist.P2POp(dist.irecv, into, self.recv_from, self.group, tag + i))
+        # the sent tensors stay referenced until the transfer is finished
+        return received, (dist.batch_isend_irecv(ops), sent)
+
+
+def _finish(transfer) -> None:
+    requests, _ = transfer
+    for request in requests:
+        request.wait()
+
+
+def _ring_forward(ring: _Ring, block: Sequence[Tensor], sizes: Sequence[int],
+                  visit: Callable[[int, Sequence[Tensor]], None]) -> None:
+    """Call ``visit(step, block)`` on every rank's block, the local one first,
+    receiving the next block while ``visit`` runs."""
+    for step in range(ring.world):
+        last = step + 1 == ring.world
+        if not last:
+            incoming, transfer = ring.start(block, sizes[ring.owner(step + 1)])
+        visit(step, block)
+        if not last:
+            _finish(transfer)
+            block, transfer = incoming, None  # the block sent on is no longer needed
+
+
+def _ring_backward(ring: _Ring, block: Sequence[Tensor], sizes: Sequence[int], need_dk: bool,
+                   visit: Callable[[int, Sequence[Tensor]], Tuple[Tensor, ...]]):
+    """Sum ``visit(step, block) = (dq, dk, *scalars)`` over every rank's block.
+
+    dq and the scalars stay here. Each block's dk accumulates along the ring
+    (received from the previous visitor while the next block is computed) and
+    arrives at its owner after the last visit. Returns (dq, dk of the local
+    block, *scalars).
+    """
+    totals, in_flight = None, None
+    for step in range(ring.world):
+        last = step + 1 == ring.world
+        if not last:
+            incoming, transfer = ring.start(block, sizes[ring.owner(step + 1)])
+        dq, dk, *scalars = visit(step, block)
+        if totals is None:
+            totals = [dq.to(stats_dtype(dq.dtype))] + scalars
+        else:
+            totals = [totals[0].add_(dq)] + [a + b for a, b in zip(totals[1:], scalars)]
+        dq = None  # no block-sized temporary outlives its step
+        if need_dk:
+            dk = dk.to(stats_dtype(dk.dtype))
+            if in_flight is not None:
+                (earlier,), acc_transfer = in_flight
+                _finish(acc_transfer)
+                in_flight = acc_transfer = None  # frees the gradient we sent
+                dk = earlier.add_(dk)
+            if ring.world > 1:
+                in_flight = ring.start([dk], sizes[ring.owner(step + 1)], tag=len(block))
+            home = dk
+        if not last:
+            _finish(transfer)
+            block, transfer = incoming, None
+    if need_dk and in_flight is not None:
+        (home,), acc_transfer = in_flight
+        _finish(acc_transfer)
+    return totals[0], home if need_dk else None, *totals[1:]
+
+
+def _self_offset(self_keys: bool, step: int) -> Optional[int]:
+    """Exclusion offset of the block visited at ``step``: the diagonal of the local block."""
+    return 0 if self_keys and step == 0 else None
+
+
+def _ring_row_stats(q, k, scale, q_labels, k_labels, self_keys, neg_only, ring, sizes, backend):
+    dt = stats_dtype(q.dtype)
+    row_lse = torch.full((q.shape[0],), float("-inf"), dtype=dt, device=q.device)
+    pos_sum, pos_count = torch.zeros_like(row_lse), torch.zeros_like(row_lse)
+
+    def visit(step, block):
+        lse, p_sum, p_count, _ = core.infonce_fwd(q, block[0], scale, q_labels, block[1],
+                                                  _self_offset(self_keys, step), neg_only,
+                                                  False, backend)
+        torch.logaddexp(row_lse, lse, out=row_lse)
+        pos_sum.add_(p_sum)
+        pos_count.add_(p_count)
+
+    _ring_forward(ring, (k, k_labels), sizes, visit)
+    return row_lse, pos_sum, pos_count
+
+
+def _ring_infonce_backward(ctx, row_lse, row_coef, pos_coef, pair_lse, neg_only):
+    q, k, scale, q_labels, k_labels = ctx.saved_tensors[:5]
+    need_dk = ctx.needs_input_grad[1]
+
+    def visit(step, block):
+        return core.infonce_bwd(q, block[0], scale, q_labels, block[1],
+                                _self_offset(ctx.self_keys, step), neg_only,
+                                row_lse if row_coef is not None else None, row_coef, None, None,
+                                pos_coef, pair_lse, need_dk, ctx.backend)
+
+    dq, dk, dscale = _ring_backward(ctx.ring, (k, k_labels), ctx.sizes, need_dk, visit)
+    return dq.to(q.dtype), dk.to(k.dtype) if need_dk else None, dscale
+
+
+class _RingRowStats(torch.autograd.Function):
+    """(row_lse, pos_sum, pos_count) of local anchors against every rank's keys."""
+
+    @staticmethod
+    def forward(ctx, q, k, scale, q_labels, k_labels, self_keys, neg_only, ring, sizes, backend):
+        ctx.set_materialize_grads(False)
+        row_lse, pos_sum, pos_count = _ring_row_stats(q, k, scale, q_labels, k_labels,
+                                                      self_keys, neg_only, ring, sizes, backend)
+        ctx.save_for_backward(q, k, scale, q_labels, k_labels, row_lse)
+        ctx.self_keys, ctx.neg_only, ctx.ring, ctx.sizes = self_keys, neg_only, ring, sizes
+        ctx.backend = backend
+        ctx.mark_non_differentiable(pos_count)
+        return row_lse, pos_sum, pos_count
+
+    @staticmethod
+    def backward(ctx, g_row_lse, g_pos_sum, _):
+        row_lse = ctx.saved_tensors[5]
+        dq, dk, dscale = _ring_infonce_backward(ctx, row_lse, g_row_lse, g_pos_sum, None,
+                                                ctx.neg_only)
+        return dq, dk, dscale, None, None, None, None, None, None, None
+
+
+class _RingPairStats(torch.autograd.Function):
+    """(neg_lse, pos_count, loss_sum) of the pairwise form against every rank's keys."""
+
+    @staticmethod
+    def forward(ctx, q, k, scale, q_labels, k_labels, ring, sizes, backend):
+        ctx.set_materialize_grads(False)
+        neg_lse, _, pos_count = _ring_row_stats(q, k, scale, q_labels, k_labels, True, True,
+                                                ring, sizes, backend)
+        loss_sum, sigmoid_sum = torch.zeros_like(neg_lse), torch.zeros_like(neg_lse)
+
+        def visit(step, block):
+            loss, sig = core.infonce_pair_fwd(q, block[0], scale, q_labels, block[1],
+                                              _self_offset(True, step), neg_lse, backend)
+            loss_sum.add_(loss)
+            sigmoid_sum.add_(sig)
+
+        _ring_forward(ring, (k, k_labels), sizes, visit)
+        ctx.save_for_backward(q, k, scale, q_labels, k_labels, neg_lse, sigmoid_sum)
+        ctx.self_keys, ctx.ring, ctx.sizes, ctx.backend = True, ring, sizes, backend
+        ctx.mark_non_differentiable(pos_count)
+        return neg_lse, pos_count, loss_sum
+
+    @staticmethod
+    def backward(ctx, g_neg_lse, _, g_loss_sum):
+        neg_lse, sigmoid_sum = ctx.saved_tensors[5:]
+        row_coef, pos_coef, pair_lse = g_neg_lse, None, None
+        if g_loss_sum is not None:
+            # d loss_sum / d neg_lse = sigmoid_sum, merged with the neg_lse row term
+            through = g_loss_sum * sigmoid_sum
+            row_coef = through if row_coef is None else row_coef + through
+            pos_coef, pair_lse = -g_loss_sum, neg_lse
+        dq, dk, dscale = _ring_infonce_backward(ctx, neg_lse, row_coef, pos_coef, pair_lse, True)
+        return dq, dk, dscale, None, None, None, None, None
+
+
+class _RingSiglipRows(torch.autograd.Function):
+    """SigLIP row losses of local anchors against every rank's keys (neighbour exchange)."""
+
+    @staticmethod
+    def forward(ctx, q, k, scale, bias, q_labels, k_labels, ring, sizes, backend):
+        rows = torch.zeros(q.shape[0], dtype=stats_dtype(q.dtype), device=q.device)
+
+        def visit(step, block):
+            rows.add_(core.siglip_fwd(q, block[0], scale, bias, q_labels, block[1], backend))
+
+        _ring_forward(ring, (k, k_labels), sizes, visit)
+        ctx.save_for_backward(q, k, scale, bias, q_labels, k_labels)
+        ctx.ring, ctx.sizes, ctx.backend = ring, sizes, backend
+        return rows
+
+    @staticmethod
+    def backward(ctx, g_rows):
+        q, k, scale, bias, q_labels, k_labels = ctx.saved_tensors
+        need_dk = ctx.needs_input_grad[1]
+        g_rows = g_rows.contiguous()
+
+        def visit(step, block):
+            return core.siglip_bwd(q, block[0], scale, bias, q_labels, block[1], g_rows,
+                                   need_dk, ctx.backend)
+
+        dq, dk, dscale, dbias = _ring_backward(ctx.ring, (k, k_labels), ctx.sizes, need_dk, visit)
+        return (dq.to(q.dtype), dk.to(k.dtype) if need_dk else None, dscale, dbias,
+                None, None, None, None, None)
+
+
+# ------------------------------------------------------------------ what the losses use
+
+
+class Layout(NamedTuple):
+    """Rows of one tensor on every rank of the group, and this rank's index."""
+    sizes: Tuple[int, ...]
+    rank: int
+
+    @property
+    def offset(self) -> int:
+        """Global index of this rank's first row."""
+        return sum(self.sizes[:self.rank])
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes)
+
+    def times(self, factor: int) -> "Layout":
+        """The layout of ``factor`` rows per row (views stacked per rank)."""
+        return Layout(tuple(factor * n for n in self.sizes), self.rank)
+
+    def ids(self, device: torch.device) -> Tensor:
+        """Global indices of this rank's rows."""
+        return torch.arange(self.offset, self.offset + self.sizes[self.rank], device=device)
+
+
+class Exchange:
+    """How one loss call meets the other ranks' rows: through ``strategy`` in ``group``."""
+
+    def __init__(self, group, strategy: str):
+        self.group = group
+        self.rank = dist.get_rank(group)
+        if self.rank < 0:
+            raise ValueError("process_group does not contain this process")
+        self.ring = _Ring(group) if strategy == "ring" else None
+
+    def layout(self, n: int, device: torch.device) -> Layout:
+        return Layout(row_counts(n, device, self.group), self.rank)
+
+    def replicated(self, value: Tensor) -> Tensor:
+        """A scalar every rank holds; its gradient becomes the mean over ranks."""
+        return _Replicated.apply(value, self.group) if value.requires_grad else value
+
+    def gather(self, keys: Tensor, key_labels: Tensor, layout: Layout) -> Tuple[Tensor, Tensor]:
+        """Every rank's keys (gradient routed home) and key labels, rank-major."""
+        return (all_gather_with_grad(keys, self.group, layout.sizes),
+                _gather_rows(key_labels, layout.sizes, self.group))
+
+    def row_stats(self, q: Tensor, q_labels: Tensor, keys: Tensor, key_labels: Tensor,
+                  layout: Layout, scale: Tensor, self_keys: bool, neg_only: bool,
+                  backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+        """``infonce_fwd``'s (row_lse, pos_sum, pos_count) of the local anchors
+        against the keys of every rank (``self_keys``: the keys are the anchors,
+        each anchor's own row excluded)."""
+        if self.ring is not None:
+            return _RingRowStats.apply(q, keys, scale, q_labels, key_labels, self_keys,
+                                       neg_only, self.ring, layout.sizes, backend)
+        all_keys, all_labels = self.gather(keys, key_labels, layout)
+        offset = layout.offset if self_keys else None
+        return core.infonce_fwd(q, all_keys, scale, q_labels, all_labels, offset, neg_only,
+                                False, backend)[:3]
+
+    def pair_stats(self, z: Tensor, labels: Tensor, layout: Layout, scale: Tensor,
+                   backend: str) -> Tuple[Tensor, Tensor]:
+        """(pos_count, loss_sum) of the pairwise form: the local rows as anchors,
+        every rank's rows as keys."""
+        if self.ring is not None:
+            _, pos_count, loss_sum = _RingPairStats.apply(z, z, scale, labels, labels,
+                                                          self.ring, layout.sizes, backend)
+            return pos_count, loss_sum
+        all_z, all_labels = self.gather(z, labels, layout)
+        neg_lse, _, pos_count, _ = core.infonce_fwd(z, all_z, scale, labels, all_labels,
+                                                    layout.offset, True, False, backend)
+        loss_sum, _ = core.infonce_pair_fwd(z, all_z, scale, labels, all_labels, layout.offset,
+                                            neg_lse, backend)
+        return pos_count, loss_sum
+
+    def siglip_rows(self, q: Tensor, q_labels: Tensor, keys: Tensor, key_labels: Tensor,
+                    layout: Layout, scale: Tensor, bias: Tensor, backend: str) -> Tensor:
+        """SigLIP row losses of the local anchors against every rank's keys."""
+        if self.ring is not None:
+            return _RingSiglipRows.apply(q, keys, scale, bias, q_labels, key_labels,
+                                         self.ring, layout.sizes, backend)
+        all_keys, all_labels = self.gather(keys, key_labels, layout)
+        return core.siglip_fwd(q, all_keys, scale, bias, q_labels, all_labels, backend)
+
+    def sum(self, local: Tensor) -> Tensor:
+        """The sum over ranks, on every rank; gradients as in the module docstring."""
+        return _SumOverRanks.apply(local, self.group)
+
+    def reduce(self, per_anchor: Tensor, valid: Optional[Tensor], weights: Optional[Tensor],
+               reduction: str) -> Tensor:
+        """``reduce_anchors`` over the global batch: "mean" and "sum" over every
+        rank's anchors (the same value on every rank); "none" keeps the local anchors."""
+        local = reduce_anchors(per_anchor, valid, weights, "none" if reduction == "none"
+                               else "sum")
+        if reduction != "mean":
+            return local if reduction == "none" else self.sum(local)
+        weight = self.sum(reduce_anchors(torch.ones_like(per_anchor), valid, weights, "sum"))
+        return self.sum(local / weight.clamp_min(torch.finfo(weight.dtype).tiny))
+
+
+def exchange(gather_distributed: bool, process_group, strategy: str) -> Optional[Exchange]:
+    """The Exchange of a loss call, or None when it runs on the local batch only.
+
+    Distributed when ``gather_distributed`` is True or a ``process_group`` is
+    given (default group: the world).
+    """
+    if not isinstance(gather_distributed, bool):
+        raise TypeError(f"gather_distributed must be a bool, got {type(gather_distributed).__name__}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if not gather_distributed and process_group is None:
+        return None
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("gather_distributed=True needs an initialised torch.distributed "
+                           "process group (torch.distributed.init_process_group)")
+    return Exchange(process_group if process_group is not None else dist.group.WORLD, strategy)

@@ -1,0 +1,344 @@
+"""The losses over torch.distributed against one process holding the global batch.
+
+One spawn per world size (gloo on the CPU, 127.0.0.1) runs every loss with
+both strategies and two backends (and CLIP in fp16) inside the workers, a
+DDP-wrapped model and a group of one rank, and sends the results
+back; the parent compares them with the single-process computation. Local
+batch sizes differ between ranks. Per the gradient convention
+(pyclloss.distributed): every rank returns the global loss, rank r's inputs
+get W·∂L/∂x_r, shared scalars get dL/ds on every rank.
+"""
+
+import os
+import socket
+from typing import Callable, Dict, NamedTuple
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+import pyclloss
+from pyclloss import functional as fn
+
+STRATEGIES = ("all_gather", "ring")
+BACKENDS = ("cpp", "reference")
+SPAWN_TIMEOUT_S = 150
+RTOL = 1e-5
+DIM = 16
+# the memory test: same local batch at every world size
+MEMORY_ROWS, MEMORY_DIM = 256, 1024
+
+
+class Case(NamedTuple):
+    """A loss call on row tensors (split by rank along dim 0) and shared scalars."""
+    call: Callable
+    rows: Dict[str, torch.Tensor]
+    scalars: Dict[str, float]
+    differentiable: tuple
+    rtol: float = RTOL  # fp32; fp16 gradients are rounded to fp16 (1 ulp ~ 5e-4)
+    strategies: tuple = STRATEGIES
+
+
+def _cases(sizes, seed: int) -> Dict[str, Case]:
+    gen = torch.Generator().manual_seed(seed)
+    n = sum(sizes)
+    feats = lambda *shape: torch.randn(*shape, DIM, generator=gen)
+    labels = torch.randint(0, 3, (n,), generator=gen)
+    # each rank's queries point at a permutation of its own keys
+    local_targets = torch.cat([torch.randperm(s, generator=gen) + sum(sizes[:r])
+                               for r, s in enumerate(sizes)])
+    return {
+        "nt_xent": Case(lambda x, s, o, **kw: fn.nt_xent(x["z1"], x["z2"], s["t"],
+                                                         weights=x["w"], **kw),
+                        {"z1": feats(n), "z2": feats(n), "w": torch.rand(n, generator=gen)},
+                        {"t": 0.5}, ("z1", "z2")),
+        "pair_nt_xent": Case(lambda x, s, o, **kw: fn.pair_nt_xent(x["z"], x["y"], s["t"], **kw),
+                             {"z": feats(n), "y": labels}, {"t": 0.2}, ("z",)),
+        "supcon": Case(lambda x, s, o, **kw: fn.supcon(x["z"], x["y"], s["t"], 0.5, **kw),
+                       {"z": feats(n), "y": labels}, {"t": 0.1}, ("z",)),
+        "supcon_views": Case(lambda x, s, o, **kw: pyclloss.SupConLoss(s["t"], **kw)(
+                                 x["z"], None, x["w"]),
+                             {"z": feats(n, 2), "w": torch.rand(n, generator=gen)}, {"t": 0.3},
+                             ("z",)),
+        "info_nce": Case(lambda x, s, o, **kw: fn.info_nce(x["q"], x["k"], s["t"], x["t"] - o,
+                                                           reduction="sum", **kw),
+                         {"q": feats(n), "k": feats(n), "t": local_targets}, {"t": 0.07},
+                         ("q", "k")),
+        "clip": Case(lambda x, s, o, **kw: fn.clip_loss(x["i"], x["x"], s["s"], **kw),
+                     {"i": feats(n), "x": feats(n)}, {"s": 5.0}, ("i", "x")),
+        "clip_fp16": Case(lambda x, s, o, **kw: fn.clip_loss(x["i"].half(), x["x"].half(),
+                                                             s["s"], **kw),
+                          {"i": feats(n), "x": feats(n)}, {"s": 5.0}, ("i", "x"), rtol=2e-3),
+        "siglip": Case(lambda x, s, o, **kw: pyclloss.SigLipLoss(**kw)(x["i"], x["x"], s["s"],
+                                                                      s["b"]),
+                       {"i": feats(n), "x": feats(n)}, {"s": 4.0, "b": -2.0}, ("i", "x")),
+        "gated": Case(lambda x, s, o, **kw: fn.gated_info_nce(x["q"], x["k"], x["g"], x["y"],
+                                                              x["p"], x["y"], s["t"], **kw),
+                      {"q": feats(n), "k": feats(n), "g": torch.rand(n, DIM, generator=gen),
+                       "y": labels, "p": torch.randint(0, 3, (n,), generator=gen)},
+                      {"t": 0.2}, ("q", "k", "g"), strategies=("all_gather",)),
+    }
+
+
+def _run(case: Case, start: int, stop: int, backend: str, device="cpu", **kw):
+    """Loss and the gradients of its differentiable inputs and scalars (on the CPU)."""
+    x = {k: v[start:stop].to(device).requires_grad_(k in case.differentiable)
+         for k, v in case.rows.items()}
+    s = {k: torch.tensor(v, device=device, requires_grad=True) for k, v in case.scalars.items()}
+    loss = case.call(x, s, start, backend=backend, **kw)
+    loss.backward()
+    grads = {k: x[k].grad.cpu() for k in case.differentiable}
+    grads.update({k: v.grad.cpu() for k, v in s.items()})
+    return loss.detach().cpu(), grads
+
+
+class _Towers(nn.Module):
+    """Two linear towers and CLIP's learnable log logit scale."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.image, self.text = nn.Linear(DIM, 8), nn.Linear(DIM, 8)
+        self.log_scale = nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, images, texts):
+        return self.image(images), self.text(texts), self.log_scale.exp()
+
+
+def _tower_grads(model: nn.Module, case: Case, start: int, stop: int, **kw):
+    """Parameter gradients of CLIP on the rows start:stop through ``model``."""
+    model.zero_grad()
+    fn.clip_loss(*model(case.rows["i"][start:stop], case.rows["x"][start:stop]),
+                 backend="cpp", **kw).backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def _rss_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+
+def _peak_extra_bytes(strategy: str, rank: int) -> int:
+    """Peak resident growth over one forward and backward of NT-Xent."""
+    gen = torch.Generator().manual_seed(rank)
+    z1, z2 = (torch.randn(MEMORY_ROWS, MEMORY_DIM, generator=gen).requires_grad_()
+              for _ in range(2))
+    peak = None
+    for _ in range(2):  # the first call also sets up the process group's buffers
+        dist.barrier()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # VmHWM := VmRSS
+        base = _rss_bytes("VmRSS")
+        fn.nt_xent(z1, z2, backend="cpp", gather_distributed=True, strategy=strategy).backward()
+        peak = _rss_bytes("VmHWM") - base
+    return peak
+
+
+def _worker(rank, world, port, sizes, seed, out_dir, on_gpu):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    device = torch.device("cuda", rank) if on_gpu else torch.device("cpu")
+    if on_gpu:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if on_gpu else "gloo", rank=rank, world_size=world)
+    try:
+        start, stop = sum(sizes[:rank]), sum(sizes[:rank + 1])
+        results = {}
+        for name, case in _cases(sizes, seed).items():
+            for strategy in case.strategies:
+                for backend in ("auto",) if on_gpu else BACKENDS:
+                    results[name, strategy, backend] = _run(
+                        case, start, stop, backend, device, gather_distributed=True,
+                        strategy=strategy)
+        if not on_gpu:
+            _cpu_only_results(results, sizes, seed, start, stop, rank)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _cpu_only_results(results, sizes, seed, start, stop, rank):
+    local_clip = _cases(sizes, seed)["clip"]
+    ddp = DistributedDataParallel(_Towers(seed))
+    alone = [dist.new_group([r]) for r in range(dist.get_world_size())][rank]
+    for strategy in STRATEGIES:
+        results["ddp", strategy] = _tower_grads(ddp, local_clip, start, stop,
+                                                gather_distributed=True, strategy=strategy)
+        results["alone", strategy] = _run(local_clip, start, stop, "cpp",
+                                          process_group=alone, strategy=strategy)
+    results["clip_none"] = fn.clip_loss(local_clip.rows["i"][start:stop],
+                                        local_clip.rows["x"][start:stop], 5.0, reduction="none",
+                                        gather_distributed=True, strategy="ring")
+    results["memory"] = {s: _peak_extra_bytes(s, rank) for s in STRATEGIES}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(world: int, sizes, seed: int, out_dir: str, on_gpu: bool = False):
+    """Run the workers; a hang or a failed rank fails the test instead of blocking."""
+    ctx = mp.get_context("spawn")
+    # a fixed mmap threshold: glibc hands large buffers back, so RSS follows live memory
+    env_before = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"
+    try:
+        port = _free_port()
+        procs = [ctx.Process(target=_worker, args=(r, world, port, sizes, seed, out_dir, on_gpu))
+                 for r in range(world)]
+        for p in procs:
+            p.start()
+    finally:
+        if env_before is None:
+            del os.environ["MALLOC_MMAP_THRESHOLD_"]
+        else:
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = env_before
+    for p in procs:
+        p.join(SPAWN_TIMEOUT_S)
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert not hung, f"ranks {hung} did not finish within {SPAWN_TIMEOUT_S} s"
+    codes = [p.exitcode for p in procs]
+    assert codes == [0] * world, f"worker exit codes {codes}"
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]
+
+
+WORLD_SIZES = {2: (5, 7), 3: (6, 3, 5), 4: (4, 6, 5, 3)}
+
+
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory):
+    seed = int(torch.randint(0, 2**31, ()))
+    runs = {}
+    for world, sizes in WORLD_SIZES.items():
+        out_dir = str(tmp_path_factory.mktemp(f"world{world}"))
+        runs[world] = (seed, _spawn(world, sizes, seed, out_dir))
+    return runs
+
+
+def _assert_close(actual, expected, what, rtol=RTOL):
+    err = (actual.double() - expected.double()).abs().max()
+    scale = expected.double().abs().max().clamp_min(1e-30)
+    assert err <= rtol * scale, f"{what}: max error {err:.3g} vs max |value| {scale:.3g}"
+
+
+LOSSES = ["nt_xent", "pair_nt_xent", "supcon", "supcon_views", "info_nce", "clip", "clip_fp16",
+          "siglip", "gated"]
+RUNS = [(name, strategy) for name in LOSSES
+        for strategy in _cases((1,), 0)[name].strategies]
+
+
+def _assert_matches(per_rank, sizes, seed, name, strategy, backend, device="cpu"):
+    world = len(sizes)
+    case = _cases(sizes, seed)[name]
+    loss, grads = _run(case, 0, sum(sizes), backend, device)
+    for rank, results in enumerate(per_rank):
+        got_loss, got_grads = results[name, strategy, backend]
+        _assert_close(got_loss, loss, f"rank {rank} loss", case.rtol)
+        start, stop = sum(sizes[:rank]), sum(sizes[:rank + 1])
+        for key in case.differentiable:
+            _assert_close(got_grads[key] / world, grads[key][start:stop], f"rank {rank} d{key}",
+                          case.rtol)
+        for key in case.scalars:
+            _assert_close(got_grads[key], grads[key], f"rank {rank} d{key}", case.rtol)
+
+
+@pytest.mark.parametrize("world", sorted(WORLD_SIZES))
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name, strategy", RUNS)
+def test_matches_the_global_batch(spawned, world, backend, strategy, name):
+    seed, per_rank = spawned[world]
+    _assert_matches(per_rank, WORLD_SIZES[world], seed, name, strategy, backend)
+
+
+def test_gated_ring_is_rejected_by_name():
+    q = torch.randn(4, DIM)
+    y = torch.arange(4)
+    with pytest.raises(ValueError, match="strategy='all_gather' only"):
+        fn.gated_info_nce(q, q, torch.rand(4, DIM), y, y, gather_distributed=True,
+                          strategy="ring")
+
+
+@pytest.mark.gpu
+def test_nccl_matches_the_global_batch(tmp_path):
+    """NCCL on every GPU here (at least 2), the GPU kernels that "auto" picks."""
+    world = torch.cuda.device_count()
+    if world < 2:
+        pytest.skip("needs 2 or more GPUs")
+    sizes = tuple(5 + (r % 3) for r in range(world))
+    seed = int(torch.randint(0, 2**31, ()))
+    per_rank = _spawn(world, sizes, seed, str(tmp_path), on_gpu=True)
+    for name, strategy in RUNS:
+        _assert_matches(per_rank, sizes, seed, name, strategy, "auto", "cuda")
+
+
+@pytest.mark.parametrize("world", sorted(WORLD_SIZES))
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_ddp_parameters_get_the_global_batch_gradient(spawned, world, strategy):
+    """No world-size factor: after DDP's averaging, every parameter (the
+    learnable logit scale included) has the single-process gradient."""
+    seed, per_rank = spawned[world]
+    sizes = WORLD_SIZES[world]
+    case = _cases(sizes, seed)["clip"]
+    single = _tower_grads(_Towers(seed), case, 0, sum(sizes))
+    for rank, results in enumerate(per_rank):
+        for name, grad in single.items():
+            _assert_close(results["ddp", strategy]["module." + name], grad, f"rank {rank} {name}")
+
+
+@pytest.mark.parametrize("world", sorted(WORLD_SIZES))
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_group_of_one_rank_is_the_local_batch(spawned, world, strategy):
+    """process_group= picks the group: each rank alone in its own group."""
+    seed, per_rank = spawned[world]
+    sizes = WORLD_SIZES[world]
+    case = _cases(sizes, seed)["clip"]
+    for rank, results in enumerate(per_rank):
+        start, stop = sum(sizes[:rank]), sum(sizes[:rank + 1])
+        loss, grads = _run(case, start, stop, "cpp")
+        got_loss, got_grads = results["alone", strategy]
+        _assert_close(got_loss, loss, f"rank {rank} loss")
+        for key, grad in grads.items():
+            _assert_close(got_grads[key], grad, f"rank {rank} d{key}")
+
+
+@pytest.mark.parametrize("world", sorted(WORLD_SIZES))
+def test_reduction_none_gives_the_local_anchors(spawned, world):
+    seed, per_rank = spawned[world]
+    sizes = WORLD_SIZES[world]
+    case = _cases(sizes, seed)["clip"]
+    full = fn.clip_loss(case.rows["i"], case.rows["x"], 5.0, reduction="none")
+    for rank, results in enumerate(per_rank):
+        _assert_close(results["clip_none"], full[sum(sizes[:rank]):sum(sizes[:rank + 1])],
+                      f"rank {rank}")
+
+
+def test_ring_memory_does_not_grow_with_world_size(spawned):
+    """Same local batch on every rank count: the ring's peak extra memory stays
+    (from 3 ranks on; 2 ranks never hold a second foreign block), all_gather's
+    grows by W blocks and more."""
+    block = 2 * MEMORY_ROWS * MEMORY_DIM * 4  # one rank's rows (both views), fp32
+    ring = {w: max(r["memory"]["ring"] for r in spawned[w][1]) for w in WORLD_SIZES}
+    gathered = {w: max(r["memory"]["all_gather"] for r in spawned[w][1]) for w in WORLD_SIZES}
+    slack = block / 4
+    assert ring[4] <= ring[3] + slack, (ring, block)
+    assert ring[4] <= ring[2] + 2 * block + slack, (ring, block)
+    assert gathered[4] >= gathered[3] + 2 * block, (gathered, block)  # the measure can fail
+
+
+def test_bad_arguments():
+    z = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="strategy"):
+        fn.nt_xent(z, z, strategy="tree")
+    with pytest.raises(TypeError, match="gather_distributed"):
+        fn.clip_loss(z, z, 1.0, gather_distributed=1)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        pyclloss.SupConLoss(gather_distributed=True)(z, torch.arange(4))

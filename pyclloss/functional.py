@@ -525,9 +525,6 @@ def gated_info_nce(q: Tensor, k: Tensor, gates: Tensor, labels: Tensor, partner_
     return _over_ranks(exchange, total / pairs)
 
 
-    return total if reduction == "sum" else total / rows.shape[0]
-
-
 # ---------------------------------------------------------------- regression losses
 
 

@@ -25,21 +25,27 @@ def _block(n: int) -> int:
 
 
 @triton.jit
+def _row_entries(ptr, i, n, cols, mask):
+    """Entries ``cols`` of row i of an (n, n) matrix, 0 off ``mask``."""
+    return tl.load(ptr + i * n + cols, mask=mask, other=0.0)
+
+
+@triton.jit
 def _rnc_fwd_kernel(s_ptr, d_ptr, rows_ptr, log_den_ptr, n, BLOCK: tl.constexpr):
     i = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     row = 0.0
     for j_start in range(0, n, BLOCK):
         j = j_start + offs
-        d_j = tl.load(d_ptr + i * n + j, mask=j < n, other=0.0)
-        s_j = tl.load(s_ptr + i * n + j, mask=j < n, other=0.0)
+        d_j = _row_entries(d_ptr, i, n, j, j < n)
+        s_j = _row_entries(s_ptr, i, n, j, j < n)
         run_max = tl.full([BLOCK], float("-inf"), tl.float32)
         run_sum = tl.zeros([BLOCK], tl.float32)
         for k_start in range(0, n, BLOCK):
             k = k_start + offs
             other_k = (k < n) & (k != i)
-            d_k = tl.load(d_ptr + i * n + k, mask=other_k, other=0.0)
-            s_k = tl.load(s_ptr + i * n + k, mask=other_k, other=0.0)
+            d_k = _row_entries(d_ptr, i, n, k, other_k)
+            s_k = _row_entries(s_ptr, i, n, k, other_k)
             in_set = other_k[None, :] & (d_k[None, :] >= d_j[:, None])
             tile = tl.where(in_set, s_k[None, :], float("-inf"))
             new_max = tl.maximum(run_max, tl.max(tile, axis=1))
@@ -64,14 +70,14 @@ def _rnc_bwd_kernel(s_ptr, d_ptr, log_den_ptr, grad_rows_ptr, grad_s_ptr, n,
     for k_start in range(0, n, BLOCK):
         k = k_start + offs
         other_k = (k < n) & (k != i)
-        d_k = tl.load(d_ptr + i * n + k, mask=k < n, other=0.0)
-        s_k = tl.load(s_ptr + i * n + k, mask=k < n, other=0.0)
+        d_k = _row_entries(d_ptr, i, n, k, k < n)
+        s_k = _row_entries(s_ptr, i, n, k, k < n)
         acc = tl.zeros([BLOCK], tl.float32)
         for j_start in range(0, n, BLOCK):
             j = j_start + offs
             other_j = (j < n) & (j != i)
-            d_j = tl.load(d_ptr + i * n + j, mask=other_j, other=0.0)
-            log_den_j = tl.load(log_den_ptr + i * n + j, mask=other_j, other=0.0)
+            d_j = _row_entries(d_ptr, i, n, j, other_j)
+            log_den_j = _row_entries(log_den_ptr, i, n, j, other_j)
             in_pair = other_j[:, None] & (d_j[:, None] <= d_k[None, :])
             ratio = tl.exp(tl.where(in_pair, s_k[None, :] - log_den_j[:, None], float("-inf")))
             acc += tl.sum(ratio, axis=0)

@@ -64,14 +64,18 @@ def _columns(g_row_ptr, t_ptr, lam_row_ptr, i, c, n, ti, g_self, inv_tau):
 
 
 @triton.jit
+def _anchor(g_ptr, t_ptr, lam_ptr, scale_ptr, n):
+    """This program's anchor i: its rows of G and λ, t_i, G_ii and 1/τ."""
+    i = tl.program_id(0)
+    g_row_ptr = g_ptr + i * n
+    ti = tl.load(t_ptr + i)
+    return i, g_row_ptr, lam_ptr + i * n, ti, tl.load(g_row_ptr + i), tl.load(scale_ptr)
+
+
+@triton.jit
 def _supremix_fwd_kernel(g_ptr, t_ptr, lam_ptr, scale_ptr, lse_ptr, pos_sum_ptr, pos_count_ptr,
                          mean_logit_ptr, n, gap, BLOCK: tl.constexpr):
-    i = tl.program_id(0)
-    inv_tau = tl.load(scale_ptr)
-    g_row_ptr = g_ptr + i * n
-    lam_row_ptr = lam_ptr + i * n
-    ti = tl.load(t_ptr + i)
-    g_self = tl.load(g_row_ptr + i)
+    i, g_row_ptr, lam_row_ptr, ti, g_self, inv_tau = _anchor(g_ptr, t_ptr, lam_ptr, scale_ptr, n)
     offs = tl.arange(0, BLOCK)
 
     shift = float("-inf")
@@ -112,12 +116,7 @@ def _supremix_fwd_kernel(g_ptr, t_ptr, lam_ptr, scale_ptr, lse_ptr, pos_sum_ptr,
 @triton.jit
 def _supremix_bwd_kernel(g_ptr, t_ptr, lam_ptr, scale_ptr, lse_ptr, grad_lse_ptr, grad_pos_ptr,
                          real_ptr, mix_ptr, mix_diag_ptr, n, gap, BLOCK: tl.constexpr):
-    i = tl.program_id(0)
-    inv_tau = tl.load(scale_ptr)
-    g_row_ptr = g_ptr + i * n
-    lam_row_ptr = lam_ptr + i * n
-    ti = tl.load(t_ptr + i)
-    g_self = tl.load(g_row_ptr + i)
+    i, g_row_ptr, lam_row_ptr, ti, g_self, inv_tau = _anchor(g_ptr, t_ptr, lam_ptr, scale_ptr, n)
     lse = tl.load(lse_ptr + i)
     g_lse = tl.load(grad_lse_ptr + i)
     g_pos = tl.load(grad_pos_ptr + i)

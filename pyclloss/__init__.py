@@ -1,20 +1,35 @@
 """pyclloss: fused contrastive-learning losses for PyTorch.
 
 Functions (``pyclloss.nt_xent`` ...) and modules (``pyclloss.NTXentLoss`` ...)
-of the InfoNCE family, each with ``backend="auto" | "cpp" | "cuda" | "triton" |
+of the InfoNCE family, gated subspaces, embedding mixup and sorting networks, each with ``backend="auto" | "cpp" | "cuda" | "triton" |
 "reference"``; ``pyclloss.backends()`` says which backends are available here.
 """
 
 from .backends import backends
-from .functional import clip_loss, info_nce, nt_xent, pair_nt_xent, siglip_loss, supcon
+from .functional import (
+    clip_loss,
+    ft_moco_loss,
+    gated_info_nce,
+    info_nce,
+    nt_xent,
+    pair_nt_xent,
+    rnc_loss,
+    siglip_loss,
+    supcon,
+    supremix_loss,
+)
 from .losses import (
     ClipLoss,
+    FTMoCoLoss,
+    HydraLoss,
     InfoNCELoss,
     MoCoLoss,
     NTXentLoss,
     PairNTXentLoss,
+    RnCLoss,
     SigLipLoss,
     SupConLoss,
+    SupReMixLoss,
 )
 from .sorting import (
     DiffSortNet,
@@ -25,13 +40,6 @@ from .sorting import (
     soft_rank,
     soft_top_k_mask,
 )
-
-from .functional import ft_moco_loss
-from .losses import FTMoCoLoss
-from .functional import gated_info_nce
-from .losses import HydraLoss
-from .functional import rnc_loss, supremix_loss
-from .losses import RnCLoss, SupReMixLoss
 
 __version__ = "0.1.0"
 

@@ -73,6 +73,20 @@ class QueryKeyLoss(nn.Module):
         return self.loss(query, key)
 
 
+class LabelledViews(nn.Module):
+    """A loss module of (features, labels) over both views: the views stacked
+    as (B, 2, D) (``stacked``) or concatenated, with the labels repeated."""
+
+    def __init__(self, loss: nn.Module, stacked: bool):
+        super().__init__()
+        self.loss, self.stacked = loss, stacked
+
+    def forward(self, z1, z2, labels):
+        if self.stacked:
+            return self.loss(torch.stack([z1, z2], dim=1), labels)
+        return self.loss(torch.cat([z1, z2]), torch.cat([labels, labels]).float())
+
+
 class GroCoViews(nn.Module):
     """GroCo between two views as its authors train it (Shvetsova et al.,
     "Learning by Sorting", ICCV 2023): each view's embeddings are anchors; an
@@ -135,6 +149,18 @@ LOSSES: Dict[str, LossEntry] = {
                                                        backend=cfg.backend),
         temperature=0.2, needs_labels=True,
         about="Hydra: InfoNCE plus gated-subspace contrast of random class pairs (uses the labels)"),
+    "supremix": LossEntry(
+        lambda dim, classes, cfg: LabelledViews(_modules().SupReMixLoss(
+            cfg.temperature, cfg.temperature, backend=cfg.backend), stacked=False),
+        temperature=0.5, needs_labels=True,
+        about="SupReMix, contrastive regression with mixed embeddings (the labels as ordinal "
+              "targets)"),
+    "rnc": LossEntry(
+        lambda dim, classes, cfg: LabelledViews(_modules().RnCLoss(cfg.temperature,
+                                                                   backend=cfg.backend),
+                                                stacked=True),
+        temperature=2.0, needs_labels=True,
+        about="Rank-N-Contrast, contrastive regression (the labels as ordinal targets)"),
     "groco": LossEntry(
         lambda dim, classes, cfg: GroCoViews(cfg.backend, cfg.temperature),
         temperature=1.0, about="GroCo: relaxed sorting of the positive above the hardest "

@@ -8,7 +8,9 @@ Losses and their peers:
 - ``nt_xent``: pytorch-metric-learning ``NTXentLoss``, lightly ``NTXentLoss``;
 - ``clip``: open_clip ``ClipLoss``, Inf-CL (CUDA only);
 - ``siglip``: open_clip ``SigLipLoss``;
-- ``diff_sort``: N rows of 16 values, odd-even, cauchy; diffsort ``DiffSortNet``.
+- ``diff_sort``: N rows of 16 values, odd-even, cauchy; diffsort ``DiffSortNet``;
+- ``gated``: ``gated_info_nce`` with B = N anchors and keys of D = K dims, 100
+  classes (the reference builds the B×N×K gated keys).
 
 Each (loss, implementation, N) runs in a fresh subprocess, so that peak memory
 is that run's alone: on the CPU it is the growth of the process's peak resident
@@ -32,12 +34,13 @@ from typing import Callable, Dict, List, Optional
 
 from . import peers
 
-LOSSES = ("supcon", "nt_xent", "clip", "siglip", "diff_sort")
+LOSSES = ("supcon", "nt_xent", "clip", "siglip", "diff_sort", "gated")
 BACKEND_IMPLS = ("cuda", "cpp", "triton", "reference")
 PEERS = {"supcon": ("pml",), "nt_xent": ("pml", "lightly"), "clip": ("open_clip", "inf_cl"),
-         "siglip": ("open_clip",), "diff_sort": ("diffsort",)}
+         "siglip": ("open_clip",), "diff_sort": ("diffsort",), "gated": ()}
 IMPLS = BACKEND_IMPLS + ("pml", "lightly", "open_clip", "inf_cl", "diffsort")
 SORT_SIZE = 16  # values per row of the diff_sort rows
+GATED_CLASSES = 100
 GIB = 1024 ** 3
 
 
@@ -55,6 +58,11 @@ def _inputs(loss: str, n: int, d: int, device: str, dtype) -> Dict:
         return {"img": unit(), "txt": unit(),
                 "scale": torch.tensor(1 / 0.07, device=device), "bias":
                 torch.tensor(-10.0, device=device)}
+    if loss == "gated":
+        labels = torch.randint(0, GATED_CLASSES, (n,), generator=gen).to(device)
+        return {"q": leaf(n, d).requires_grad_(), "k": leaf(n, d).requires_grad_(),
+                "gates": torch.rand(n, d, generator=gen).to(device, dtype).requires_grad_(),
+                "labels": labels, "partners": labels[torch.randperm(n, generator=gen).to(device)]}
     labels = torch.randint(0, max(2, n // 8), (n,), generator=gen).to(device)
     return {"x": leaf(n, d).requires_grad_(), "labels": labels}
 
@@ -76,6 +84,9 @@ def _loss_call(loss: str, impl: str, a: Dict) -> Callable:
             values, p = sort(a["x"])
             return (values * a["w"]).sum() + (p * a["wp"]).sum()
         return sorted_and_p
+    if loss == "gated":
+        return lambda: pyclloss.gated_info_nce(a["q"], a["k"], a["gates"], a["labels"],
+                                               a["partners"], backend=impl)
     if loss in ("clip", "siglip"):
         img, txt, scale, bias = a["img"], a["txt"], a["scale"], a["bias"]
         if impl == "open_clip":
@@ -122,8 +133,10 @@ def _step_fn(loss: str, impl: str, inputs: Dict) -> Callable[[], None]:
     return step
 
 
-def _estimated_bytes(loss: str, impl: str, n: int) -> float:
+def _estimated_bytes(loss: str, impl: str, n: int, d: int) -> float:
     """What a dense implementation needs, to skip cells beyond the memory budget."""
+    if loss == "gated":  # gated keys, normalised, and their gradients
+        return 4.0 * 4 * n * n * d if impl == "reference" else 0.0
     if loss == "diff_sort":
         # diffsort keeps several (N, n, n) tensors per layer (n layers of odd-even)
         return 4.0 * 6 * n * SORT_SIZE ** 3 if impl in ("diffsort", "reference") else 0.0
@@ -244,7 +257,8 @@ def _header(args, peer_status: Dict[str, str]) -> str:
             f"- versions: pyclloss {pyclloss.__version__}, torch {torch.__version__}, "
             f"python {platform.python_version()}\n"
             f"- command: `{cmd.strip()}`\n"
-            f"- D = {args.dim} ({SORT_SIZE} values per row for diff_sort), {args.dtype}, median "
+            f"- D = {args.dim} ({SORT_SIZE} values per row for diff_sort; K = D and "
+            f"{GATED_CLASSES} classes for gated), {args.dtype}, median "
             f"of {args.repeats} after warm-up; peak = extra memory over the inputs after a tiny "
             f"warm-up call (fresh process per cell)\n"
             + (f"- peers not measured: {missing}\n" if missing else ""))
@@ -270,7 +284,7 @@ def measure_all(args) -> Dict:
         results[loss] = {impl: {} for impl in impls}
         for n in args.sizes:
             for impl in impls:
-                estimate = _estimated_bytes(loss, impl, n)
+                estimate = _estimated_bytes(loss, impl, n, args.dim)
                 if estimate > budget:
                     result = {"error": f"skipped: needs ~{estimate / GIB:,.0f} GiB"}
                 else:

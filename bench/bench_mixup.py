@@ -109,8 +109,7 @@ def header(args, command):
     lines.append(f"- Machine: {machine_name(args.device)}")
     if args.device == "cpu":
         lines.append(f"- CPU cores: {os.cpu_count()}, torch threads: {torch.get_num_threads()}, "
-                     f"load average at start: {os.getloadavg()[0]:.1f} (shared machine: other "
-                     "processes ran throughout)")
+                     f"1-minute load average at start: {os.getloadavg()[0]:.1f}")
         lines.append("- Peak memory: RSS growth over one call, in a fresh process per "
                      "implementation with MALLOC_MMAP_THRESHOLD_=4096")
     lines.append(f"- Versions: python {platform.python_version()}, torch {torch.__version__}, "

@@ -163,7 +163,7 @@ def main():
         "# Feature-transformation MoCo loss: forward+backward on the CPU\n",
         f"- machine: CPU {cpu_model()}, {os.cpu_count()} cores, "
         f"{torch.get_num_threads()} threads; 1-minute load average "
-        f"{os.getloadavg()[0]:.1f} at the start (other processes share the cores)",
+        f"{os.getloadavg()[0]:.1f} at the start",
         f"- date: {datetime.date.today().isoformat()}",
         f"- versions: pyclloss {pyclloss.__version__}, torch {torch.__version__}",
         f"- command: `python bench/bench_ft_moco.py {' '.join(sys.argv[1:])}`",

@@ -73,7 +73,10 @@ EOF
   fi
   "${PYTHON}" -m pyclloss info
 
-  stage tests "$(seconds_within 30 150 210)" "${PYTHON}" -m pytest -m gpu -x -q tests || failed=1
+  # One Triton tile per kernel in the tests (autotuning every odd size would
+  # spend the stage compiling); the benchmark stages autotune.
+  stage tests "$(seconds_within 30 150 210)" env PYCLLOSS_TRITON_AUTOTUNE=0 \
+    "${PYTHON}" -m pytest -m gpu -q --maxfail=10 -p no:cacheprovider tests || failed=1
 
   # Starts no new case after 45 s; the stage limit covers the case in flight.
   stage sorting-bench 60 "${PYTHON}" bench/bench_sorting.py --gpu-check --time-budget 45 \

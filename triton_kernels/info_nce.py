@@ -40,6 +40,9 @@ def _configs():
         (128, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3),
         (64, 64, 4, 2), (64, 64, 4, 4), (128, 128, 8, 3),
     ]
+    if os.environ.get("PYCLLOSS_TRITON_AUTOTUNE") == "0":
+        # one compile per kernel and D (test runs over many sizes): the first tile
+        shapes = shapes[:1]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
             for bm, bn, w, s in shapes]
 

@@ -22,7 +22,7 @@ import resource
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -74,7 +74,9 @@ def loss_workload(cfg: TrainConfig, args, device, precision) -> Workload:
     z1, z2 = (torch.randn(args.batch_size, args.dim, generator=generator, device=device,
                           dtype=dtype).requires_grad_() for _ in range(2))
     labels = torch.randint(0, 10, (args.batch_size,), generator=generator, device=device)
-    loss_module = build_learner(cfg, 1, torch.zeros(1), torch.ones(1)).loss.to(device)
+    # the loss module's own buffers (a queue, gates) take the workload's dim
+    loss_cfg = replace(cfg, embedding_dim=args.dim)
+    loss_module = build_learner(loss_cfg, 1, torch.zeros(1), torch.ones(1)).loss.to(device)
 
     def run(steps):
         for _ in range(steps):

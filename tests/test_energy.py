@@ -277,3 +277,15 @@ def test_bench_bad_arguments(bench_energy, argv, message, tmp_path, capsys):
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_loss_workload_runs_every_registered_loss(bench_energy):
+    """The loss workload's embeddings have --dim columns, whatever the trainer's default."""
+    import torch
+
+    from pyclloss.train import LOSSES, TrainConfig
+
+    args = types.SimpleNamespace(batch_size=16, dim=24)
+    for name in LOSSES:
+        cfg = TrainConfig(loss=name, batch_size=16, queue_size=64)
+        bench_energy.loss_workload(cfg, args, torch.device("cpu"), "fp32").run(1)

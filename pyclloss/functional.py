@@ -371,7 +371,7 @@ def _mixing_coefficient(name: str, value, shapes, device: torch.device,
         raise ValueError(f"{name} must be a scalar or have shape {forms}, got {tuple(value.shape)}")
     if value.device != device:
         raise ValueError(f"{name} is on {value.device} but the features are on {device}")
-    if not torch.compiler.is_compiling() and not bool(torch.isfinite(value).all()):
+    if not _checks._tracing() and not _checks.all_finite(value):
         raise ValueError(f"{name} contains NaN or Inf")
     return value.detach().to(dtype)
 
@@ -549,7 +549,7 @@ def _regression_labels(name: str, y, n: int, device: torch.device, dtype: torch.
     if y.device != device:
         raise ValueError(f"{name} is on {y.device} but the features are on {device}")
     y = y.detach().to(dtype)
-    if not _checks._tracing() and not bool(torch.isfinite(y).all()):
+    if not _checks._tracing() and not _checks.all_finite(y):
         raise ValueError(f"{name} contains NaN or Inf")
     return y.contiguous()
 

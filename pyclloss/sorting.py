@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import _checks
 from .backends import BACKENDS, resolve
 from .ops import sorting as ops
 from .reference.sorting import DISTRIBUTIONS, NETWORKS
@@ -90,7 +91,7 @@ def _check_rows(x, name: str) -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
     if x.dim() != 2:
         raise ValueError(f"{name} must be 2-D (batch, n), got shape {tuple(x.shape)}")
-    if not bool(torch.isfinite(x).all()):
+    if not _checks.all_finite(x):
         raise ValueError(f"{name} contains NaN or Inf")
 
 

@@ -82,3 +82,19 @@ def test_backends_report():
     assert report["reference"].available
     for available, reason in report.values():
         assert isinstance(available, bool) and reason
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_all_finite_is_exact(dtype):
+    """The one-reduction finiteness check: a bad entry anywhere is found, and a sum
+    that overflows on finite entries is not mistaken for one."""
+    from pyclloss._checks import all_finite
+
+    x = torch.randn(37, 5).to(dtype)
+    assert all_finite(x)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        y = x.clone()
+        y[int(torch.randint(0, 37, ())), int(torch.randint(0, 5, ()))] = bad
+        assert not all_finite(y)
+    huge = torch.full((8,), torch.finfo(dtype).max, dtype=dtype)
+    assert all_finite(huge)

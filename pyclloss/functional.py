@@ -433,8 +433,8 @@ def ft_moco_loss(q: Tensor, k: Tensor, queue: Tensor, lam_pos, lam_neg, perm: Te
     pos = scale * (q_hat * k_hat).sum(1)
     negatives = queue.detach().contiguous()
     weights = ft_moco_ops.interpolation_weights(negatives, lam_neg, perm, normalize)
-    neg_lse = ft_moco_ops.negatives_lse(q_hat.to(q.dtype), negatives, *weights, perm, scale,
-                                        backend)
+    neg_lse = ft_moco_ops.negatives_lse(q_hat.to(q.dtype).contiguous(), negatives, *weights,
+                                        perm, scale, backend)
     return reduce_anchors(torch.logaddexp(pos, neg_lse) - pos, None, None, reduction)
 
 
@@ -605,6 +605,9 @@ def _euclidean_distances(v: Tensor) -> Tensor:
     """‖v_i − v_j‖ (n, n) from the GEMM v·vᵀ. Squared distances within the
     GEMM's rounding of 0 (i = j, duplicates) count as 0, with gradient 0
     there (the subgradient torch.cdist uses), never the 1/0 of the sqrt."""
+    # centred first: distances do not change, and the GEMM form's cancellation
+    # (|a|² + |b|² − 2a·b) no longer scales with a common offset of the rows
+    v = v - v.mean(0, keepdim=True)
     sq_norms = (v * v).sum(1)
     norm_sum = sq_norms[:, None] + sq_norms[None, :]
     sq = norm_sum - 2 * (v @ v.T)

@@ -244,6 +244,14 @@ class HydraLoss(nn.Module):
             nn.ReLU(), nn.BatchNorm1d(embed_dim), nn.Linear(embed_dim, mlp_dim),
             nn.ReLU(), nn.BatchNorm1d(mlp_dim), nn.Linear(mlp_dim, dim))
 
+    def _class_indices(self, name: str, y, q: Tensor) -> Tensor:
+        """``y`` checked as indices into the class-embedding table, by name."""
+        y = fn._checks.labels(name, y, q.shape[0], q.device)
+        classes = self.class_embedding.num_embeddings
+        if not fn._checks._tracing() and bool(((y < 0) | (y >= classes)).any()):
+            raise ValueError(f"{name} must be class indices in [0, num_classes = {classes})")
+        return y
+
     def gates(self, labels: Tensor, partner_labels: Tensor) -> Tensor:
         """g = σ(MLP((E[labels] + E[partner_labels]) / 2)), (B, dim)."""
         pair = (self.class_embedding(labels) + self.class_embedding(partner_labels)) / 2
@@ -251,14 +259,16 @@ class HydraLoss(nn.Module):
 
     def forward(self, q: Tensor, k: Tensor, labels: Tensor, key_labels: Optional[Tensor] = None,
                 partner_labels: Optional[Tensor] = None) -> Tensor:
+        contrast = fn.info_nce(q, k, self.temperature, backend=self.backend, **self.distributed)
+        if self.beta == 0:
+            return contrast
+        labels = self._class_indices("labels", labels, q)
         if partner_labels is None:
             partner_labels = labels[torch.randperm(labels.shape[0], device=labels.device)]
+        partner_labels = self._class_indices("partner_labels", partner_labels, q)
         gated = fn.gated_info_nce(q, k, self.gates(labels, partner_labels), labels,
                                   partner_labels, key_labels, self.temperature,
                                   backend=self.backend, **self.distributed)
-        if self.beta == 0:
-            return gated
-        contrast = fn.info_nce(q, k, self.temperature, backend=self.backend, **self.distributed)
         return (contrast + self.beta * gated) / (1 + self.beta)
 
 
@@ -270,8 +280,12 @@ class SupReMixLoss(nn.Module):
     def __init__(self, temperature: float = 0.5, base_temperature: float = 0.5, gap: float = 5.0,
                  beta: tuple = (2.0, 8.0), reduction: str = "mean", backend: str = "auto"):
         super().__init__()
+        if (not isinstance(beta, (tuple, list)) or len(beta) != 2
+                or not all(isinstance(c, (int, float)) and c > 0 for c in beta)):
+            raise ValueError(f"beta must be two numbers > 0 (the Beta distribution's "
+                             f"concentrations), got {beta!r}")
         self.temperature, self.base_temperature, self.gap = temperature, base_temperature, gap
-        self.beta, self.reduction, self.backend = beta, reduction, backend
+        self.beta, self.reduction, self.backend = tuple(beta), reduction, backend
 
     def forward(self, z: Tensor, t: Tensor) -> Tensor:
         fn._checks.features("z", z, min_rows=2)

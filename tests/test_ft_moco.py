@@ -204,6 +204,19 @@ def test_bad_input(kwargs, error, match):
         pyclloss.ft_moco_loss(**args, backend=backend)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_strided_inputs_equal_contiguous_ones(backend):
+    q, k, queue = torch.randn(DIM, 7).T, torch.randn(DIM, 7).T, torch.randn(DIM, 11).T
+    args = (1.4, torch.rand(11), torch.randperm(11), 0.2)
+    for normalize_mixed in (False, True):
+        expected = pyclloss.ft_moco_loss(q.contiguous(), k.contiguous(), queue.contiguous(),
+                                         *args, normalize_mixed=normalize_mixed,
+                                         backend="reference")
+        actual = pyclloss.ft_moco_loss(q, k, queue, *args, normalize_mixed=normalize_mixed,
+                                       backend=backend)
+        assert_close_rel(actual, expected, 1e-5, "strided")
+
+
 def test_module_bad_alpha():
     with pytest.raises(ValueError, match="neg_alpha must be a number > 0"):
         pyclloss.FTMoCoLoss(dim=4, queue_size=8, neg_alpha=0)

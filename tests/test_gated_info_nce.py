@@ -237,10 +237,30 @@ def test_hydra_loss_combines_info_nce_and_gated_term():
 
 def test_hydra_loss_draws_partners_from_the_batch():
     torch.manual_seed(4)
-    module = pyclloss.HydraLoss(num_classes=3, dim=4, beta=0.0, embed_dim=8, mlp_dim=8)
+    module = pyclloss.HydraLoss(num_classes=3, dim=4, beta=1.0, embed_dim=8, mlp_dim=8)
     q, k = torch.randn(6, 4), torch.randn(6, 4)
     loss = module(q, k, torch.tensor([0, 0, 1, 1, 2, 2]))
     assert torch.isfinite(loss) and loss >= 0
+
+
+def test_hydra_loss_without_the_gated_term_is_info_nce():
+    module = pyclloss.HydraLoss(num_classes=3, dim=4, beta=0.0, embed_dim=8, mlp_dim=8)
+    q, k = torch.randn(6, 4), torch.randn(6, 4)
+    expected = pyclloss.info_nce(q, k, 0.2, backend="reference")
+    torch.testing.assert_close(module(q, k, torch.tensor([0, 0, 1, 1, 2, 2])), expected)
+
+
+@pytest.mark.parametrize("labels, partners, match", [
+    ([0, 1, 3], None, "labels must be class indices"),
+    ([0, 1, -1], None, "labels must be class indices"),
+    ([0, 1, 2], [0, 5, 1], "partner_labels must be class indices"),
+])
+def test_hydra_loss_names_bad_class_indices(labels, partners, match):
+    module = pyclloss.HydraLoss(num_classes=3, dim=4, embed_dim=8, mlp_dim=8)
+    q = torch.randn(3, 4)
+    with pytest.raises(ValueError, match=match):
+        module(q, q, torch.tensor(labels),
+               partner_labels=None if partners is None else torch.tensor(partners))
 
 
 # ----------------------------------------------------------------- bad input

@@ -169,3 +169,19 @@ def test_bad_input(change, error, words):
     with pytest.raises(error) as info:
         pyclloss.rnc_loss(**args)
     assert words in str(info.value)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_features_with_a_large_common_offset(backend):
+    """Distances of rows that share a large offset: the fused GEMM form must not
+    lose them to cancellation (ReLU outputs, nearly collapsed features)."""
+    v = 100 + 0.05 * torch.randn(17, 8)
+    y = make_labels((17,), True)
+    exact = v.double().requires_grad_()
+    expected = pyclloss.rnc_loss(exact, y.double(), 2.0, backend="reference")
+    expected.backward()
+    fused = v.clone().requires_grad_()
+    actual = pyclloss.rnc_loss(fused, y, 2.0, backend=backend)
+    actual.backward()
+    assert_close_rel(actual, expected, 1e-5, "value")
+    assert_close_rel(fused.grad, exact.grad, 1e-3, "grad")

@@ -146,6 +146,12 @@ def test_module_draws_lambda_from_beta():
     assert_close_rel(loss, ref.supremix_loss(z, t, lam, 0.4, 0.5), 1e-6, "module")
 
 
+@pytest.mark.parametrize("beta", [(0.0, 1.0), 2.0, (1.0, 2.0, 3.0)])
+def test_module_rejects_bad_beta(beta):
+    with pytest.raises(ValueError, match="beta must be two numbers > 0"):
+        pyclloss.SupReMixLoss(beta=beta)
+
+
 # ------------------------------------------------------------- the op contract
 
 

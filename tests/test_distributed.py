@@ -79,7 +79,7 @@ def _cases(sizes, seed: int) -> Dict[str, Case]:
                                                               x["p"], x["y"], s["t"], **kw),
                       {"q": feats(n), "k": feats(n), "g": torch.rand(n, DIM, generator=gen),
                        "y": labels, "p": torch.randint(0, 3, (n,), generator=gen)},
-                      {"t": 0.2}, ("q", "k", "g"), strategies=("all_gather",)),
+                      {"t": 0.2}, ("q", "k", "g")),
     }
 
 
@@ -173,6 +173,11 @@ def _cpu_only_results(results, sizes, seed, start, stop, rank):
     results["clip_none"] = fn.clip_loss(local_clip.rows["i"][start:stop],
                                         local_clip.rows["x"][start:stop], 5.0, reduction="none",
                                         gather_distributed=True, strategy="ring")
+    gated = _cases(sizes, seed)["gated"]
+    for reduction in ("none", "sum"):
+        results["gated", reduction] = gated.call(
+            {k: v[start:stop] for k, v in gated.rows.items()}, gated.scalars, start,
+            reduction=reduction, gather_distributed=True, strategy="ring")
     results["memory"] = {s: _peak_extra_bytes(s, rank) for s in STRATEGIES}
 
 
@@ -259,14 +264,6 @@ def test_matches_the_global_batch(spawned, world, backend, strategy, name):
     _assert_matches(per_rank, WORLD_SIZES[world], seed, name, strategy, backend)
 
 
-def test_gated_ring_is_rejected_by_name():
-    q = torch.randn(4, DIM)
-    y = torch.arange(4)
-    with pytest.raises(ValueError, match="strategy='all_gather' only"):
-        fn.gated_info_nce(q, q, torch.rand(4, DIM), y, y, gather_distributed=True,
-                          strategy="ring")
-
-
 @pytest.mark.gpu
 def test_nccl_matches_the_global_batch(tmp_path):
     """NCCL on every GPU here (at least 2), the GPU kernels that "auto" picks."""
@@ -314,11 +311,17 @@ def test_a_group_of_one_rank_is_the_local_batch(spawned, world, strategy):
 def test_reduction_none_gives_the_local_anchors(spawned, world):
     seed, per_rank = spawned[world]
     sizes = WORLD_SIZES[world]
-    case = _cases(sizes, seed)["clip"]
-    full = fn.clip_loss(case.rows["i"], case.rows["x"], 5.0, reduction="none")
+    cases = _cases(sizes, seed)
+    clip, gated = cases["clip"], cases["gated"]
+    full = fn.clip_loss(clip.rows["i"], clip.rows["x"], 5.0, reduction="none")
+    gated_full = gated.call(gated.rows, gated.scalars, 0, reduction="none")
+    gated_sum = gated.call(gated.rows, gated.scalars, 0, reduction="sum")
     for rank, results in enumerate(per_rank):
-        _assert_close(results["clip_none"], full[sum(sizes[:rank]):sum(sizes[:rank + 1])],
-                      f"rank {rank}")
+        mine = slice(sum(sizes[:rank]), sum(sizes[:rank + 1]))
+        _assert_close(results["clip_none"], full[mine], f"rank {rank}")
+        # the gated ring: each local anchor's sum over its positives on every rank
+        _assert_close(results["gated", "none"], gated_full[mine], f"rank {rank} gated")
+        _assert_close(results["gated", "sum"], gated_sum, f"rank {rank} gated sum")
 
 
 def test_ring_memory_does_not_grow_with_world_size(spawned):

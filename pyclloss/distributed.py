@@ -28,6 +28,8 @@ from typing import Callable, NamedTuple, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+from .backends import kernel
+from .ops import gated_info_nce as gated_ops
 from .ops import info_nce as core
 from .reference.info_nce import reduce_anchors, stats_dtype
 
@@ -168,24 +170,27 @@ def _ring_forward(ring: _Ring, block: Sequence[Tensor], sizes: Sequence[int],
 
 def _ring_backward(ring: _Ring, block: Sequence[Tensor], sizes: Sequence[int], need_dk: bool,
                    visit: Callable[[int, Sequence[Tensor]], Tuple[Tensor, ...]]):
-    """Sum ``visit(step, block) = (dq, dk, *scalars)`` over every rank's block.
+    """Sum ``visit(step, block) = (dq, dk, *others)`` over every rank's block.
 
-    dq and the scalars stay here. Each block's dk accumulates along the ring
+    dq and the other gradients (of the anchor side and the scalars) stay here,
+    summed in the statistics dtype. Each block's dk accumulates along the ring
     (received from the previous visitor while the next block is computed) and
     arrives at its owner after the last visit. Returns (dq, dk of the local
-    block, *scalars).
+    block, *others).
     """
     totals, in_flight = None, None
     for step in range(ring.world):
         last = step + 1 == ring.world
         if not last:
             incoming, transfer = ring.start(block, sizes[ring.owner(step + 1)])
-        dq, dk, *scalars = visit(step, block)
+        dq, dk, *others = visit(step, block)
+        here = (dq, *others)
         if totals is None:
-            totals = [dq.to(stats_dtype(dq.dtype))] + scalars
+            totals = [g.to(stats_dtype(g.dtype), copy=True) for g in here]
         else:
-            totals = [totals[0].add_(dq)] + [a + b for a, b in zip(totals[1:], scalars)]
-        dq = None  # no block-sized temporary outlives its step
+            for total, g in zip(totals, here):
+                total.add_(g)
+        dq = here = None  # no block-sized temporary outlives its step
         if need_dk:
             dk = dk.to(stats_dtype(dk.dtype))
             if in_flight is not None:
@@ -263,39 +268,106 @@ class _RingRowStats(torch.autograd.Function):
         return dq, dk, dscale, None, None, None, None, None, None, None
 
 
+class _InfoNCEPairs:
+    """pair_nt_xent's kernels on one key block. Anchors: (z, scale, labels); the
+    keys are the anchors, each anchor's own row excluded."""
+
+    def __init__(self, backend: str):
+        self.backend = backend
+
+    def neg_stats(self, anchors, step, block):
+        z, scale, labels = anchors
+        neg_lse, _, pos_count, _ = core.infonce_fwd(z, block[0], scale, labels, block[1],
+                                                    _self_offset(True, step), True, False,
+                                                    self.backend)
+        return neg_lse, pos_count
+
+    def pair_terms(self, anchors, step, block, neg_lse):
+        z, scale, labels = anchors
+        return core.infonce_pair_fwd(z, block[0], scale, labels, block[1],
+                                     _self_offset(True, step), neg_lse, self.backend)
+
+    def grads(self, anchors, step, block, neg_lse, neg_coef, pos_coef, need_dk):
+        z, scale, labels = anchors
+        return core.infonce_bwd(z, block[0], scale, labels, block[1], _self_offset(True, step),
+                                True, neg_lse, neg_coef, None, None, pos_coef, neg_lse, need_dk,
+                                self.backend)
+
+
+class _GatedPairs:
+    """gated_info_nce's kernels on one key block (docs/gated_info_nce.md). Anchors:
+    (q, gates, scale, labels, partner_labels); exclusions come from the labels alone."""
+
+    def __init__(self, backend: str):
+        self.backend = backend
+
+    def neg_stats(self, anchors, step, block):
+        q, gates, scale, labels, partners = anchors
+        return kernel(self.backend, gated_ops.FAMILY, "gated_fwd")(
+            q, block[0], gates, scale, labels, partners, block[1])
+
+    def pair_terms(self, anchors, step, block, neg_lse):
+        q, gates, scale, labels, partners = anchors
+        return kernel(self.backend, gated_ops.FAMILY, "gated_pair_fwd")(
+            q, block[0], gates, scale, labels, partners, block[1], neg_lse)
+
+    def grads(self, anchors, step, block, neg_lse, neg_coef, pos_coef, need_dk):
+        q, gates, scale, labels, partners = anchors
+        return gated_ops.gated_bwd(q, block[0], gates, scale, labels, partners, block[1], neg_lse,
+                                   neg_coef, pos_coef, need_dk, self.backend)
+
+
 class _RingPairStats(torch.autograd.Function):
-    """(neg_lse, pos_count, loss_sum) of the pairwise form against every rank's keys."""
+    """(pos_count, loss_sum) of a pairwise multi-positive form for the local anchors
+    against every rank's keys: NEG_b = LSE over the negatives, merged over the key
+    blocks, then a second rotation sums Σ_{n∈P_b} softplus(NEG_b − l_bn).
+
+    ``pairs`` holds the form's kernels on one key block (``_InfoNCEPairs``,
+    ``_GatedPairs``); ``anchors`` are its anchor-side tensors, the ones that get a
+    gradient first: ``pairs.grads`` returns (d anchors[0], dk, d anchors[1], ...).
+    """
 
     @staticmethod
-    def forward(ctx, q, k, scale, q_labels, k_labels, ring, sizes, backend):
+    def forward(ctx, pairs, ring, sizes, k, k_labels, *anchors):
         ctx.set_materialize_grads(False)
-        neg_lse, _, pos_count = _ring_row_stats(q, k, scale, q_labels, k_labels, True, True,
-                                                ring, sizes, backend)
-        loss_sum, sigmoid_sum = torch.zeros_like(neg_lse), torch.zeros_like(neg_lse)
+        dt = stats_dtype(k.dtype)
+        neg_lse = torch.full((anchors[0].shape[0],), float("-inf"), dtype=dt, device=k.device)
+        pos_count, loss_sum, sigmoid_sum = (torch.zeros_like(neg_lse) for _ in range(3))
+
+        def visit_negatives(step, block):
+            lse, count = pairs.neg_stats(anchors, step, block)
+            torch.logaddexp(neg_lse, lse, out=neg_lse)
+            pos_count.add_(count)
+
+        def visit_positives(step, block):
+            loss, sigmoid = pairs.pair_terms(anchors, step, block, neg_lse)
+            loss_sum.add_(loss)
+            sigmoid_sum.add_(sigmoid)
+
+        _ring_forward(ring, (k, k_labels), sizes, visit_negatives)
+        _ring_forward(ring, (k, k_labels), sizes, visit_positives)
+        ctx.save_for_backward(k, k_labels, neg_lse, sigmoid_sum, *anchors)
+        ctx.pairs, ctx.ring, ctx.sizes = pairs, ring, sizes
+        ctx.mark_non_differentiable(pos_count)
+        return pos_count, loss_sum
+
+    @staticmethod
+    def backward(ctx, _, g_loss_sum):
+        k, k_labels, neg_lse, sigmoid_sum, *anchors = ctx.saved_tensors
+        if g_loss_sum is None:
+            return (None,) * (5 + len(anchors))
+        need_dk = ctx.needs_input_grad[3]
+        # d loss_sum / d neg_lse = sigmoid_sum: the negatives' coefficient
+        neg_coef = (g_loss_sum * sigmoid_sum).contiguous()
+        pos_coef = (-g_loss_sum).contiguous()
 
         def visit(step, block):
-            loss, sig = core.infonce_pair_fwd(q, block[0], scale, q_labels, block[1],
-                                              _self_offset(True, step), neg_lse, backend)
-            loss_sum.add_(loss)
-            sigmoid_sum.add_(sig)
+            return ctx.pairs.grads(anchors, step, block, neg_lse, neg_coef, pos_coef, need_dk)
 
-        _ring_forward(ring, (k, k_labels), sizes, visit)
-        ctx.save_for_backward(q, k, scale, q_labels, k_labels, neg_lse, sigmoid_sum)
-        ctx.self_keys, ctx.ring, ctx.sizes, ctx.backend = True, ring, sizes, backend
-        ctx.mark_non_differentiable(pos_count)
-        return neg_lse, pos_count, loss_sum
-
-    @staticmethod
-    def backward(ctx, g_neg_lse, _, g_loss_sum):
-        neg_lse, sigmoid_sum = ctx.saved_tensors[5:]
-        row_coef, pos_coef, pair_lse = g_neg_lse, None, None
-        if g_loss_sum is not None:
-            # d loss_sum / d neg_lse = sigmoid_sum, merged with the neg_lse row term
-            through = g_loss_sum * sigmoid_sum
-            row_coef = through if row_coef is None else row_coef + through
-            pos_coef, pair_lse = -g_loss_sum, neg_lse
-        dq, dk, dscale = _ring_infonce_backward(ctx, neg_lse, row_coef, pos_coef, pair_lse, True)
-        return dq, dk, dscale, None, None, None, None, None
+        d_first, dk, *d_rest = _ring_backward(ctx.ring, (k, k_labels), ctx.sizes, need_dk, visit)
+        d_anchors = [g.to(a.dtype) for g, a in zip((d_first, *d_rest), anchors)]
+        d_anchors += [None] * (len(anchors) - len(d_anchors))
+        return (None, None, None, dk.to(k.dtype) if need_dk else None, None, *d_anchors)
 
 
 class _RingSiglipRows(torch.autograd.Function):
@@ -395,15 +467,23 @@ class Exchange:
         """(pos_count, loss_sum) of the pairwise form: the local rows as anchors,
         every rank's rows as keys."""
         if self.ring is not None:
-            _, pos_count, loss_sum = _RingPairStats.apply(z, z, scale, labels, labels,
-                                                          self.ring, layout.sizes, backend)
-            return pos_count, loss_sum
+            return _RingPairStats.apply(_InfoNCEPairs(backend), self.ring, layout.sizes, z,
+                                        labels, z, scale, labels)
         all_z, all_labels = self.gather(z, labels, layout)
         neg_lse, _, pos_count, _ = core.infonce_fwd(z, all_z, scale, labels, all_labels,
                                                     layout.offset, True, False, backend)
         loss_sum, _ = core.infonce_pair_fwd(z, all_z, scale, labels, all_labels, layout.offset,
                                             neg_lse, backend)
         return pos_count, loss_sum
+
+    def ring_gated_stats(self, q: Tensor, gates: Tensor, labels: Tensor, partner_labels: Tensor,
+                         keys: Tensor, key_labels: Tensor, layout: Layout, scale: Tensor,
+                         backend: str) -> Tuple[Tensor, Tensor]:
+        """gated_info_nce's (pos_count, loss_sum) of the local anchors (with their
+        gates) against every rank's keys, by the ring."""
+        return _RingPairStats.apply(_GatedPairs(backend), self.ring, layout.sizes,
+                                    keys.contiguous(), key_labels, q.contiguous(),
+                                    gates.contiguous(), scale, labels, partner_labels)
 
     def siglip_rows(self, q: Tensor, q_labels: Tensor, keys: Tensor, key_labels: Tensor,
                     layout: Layout, scale: Tensor, bias: Tensor, backend: str) -> Tensor:

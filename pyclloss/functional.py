@@ -473,7 +473,8 @@ def gated_info_nce(q: Tensor, k: Tensor, gates: Tensor, labels: Tensor, partner_
             anchor's sum over its positives.
         gather_distributed, process_group, strategy: see the module docstring;
             the local anchors (with their gates) meet every rank's keys and key
-            labels. Only ``strategy="all_gather"`` is implemented for this loss.
+            labels. With ``"ring"`` the keys and key labels rotate; the gates
+            stay with their anchors.
     """
     _checks.features("q", q)
     _checks.features("k", k)
@@ -497,8 +498,6 @@ def gated_info_nce(q: Tensor, k: Tensor, gates: Tensor, labels: Tensor, partner_
     key_labels = _checks.labels("key_labels", key_labels, n, device)
     reduction = _checks.reduction(reduction)
     tau = _checks.positive("temperature", temperature, device, stats_dtype(q.dtype))
-    if strategy == "ring" and (gather_distributed or process_group is not None):
-        raise ValueError("gated_info_nce supports strategy='all_gather' only")
     exchange = distributed.exchange(gather_distributed, process_group, strategy)
     gates = gates.to(q.dtype)
     backend = resolve(backend, device, implemented=gated_ops.BACKENDS)
@@ -506,16 +505,22 @@ def gated_info_nce(q: Tensor, k: Tensor, gates: Tensor, labels: Tensor, partner_
         return gated_reference.gated_info_nce(q, k, gates, labels, partner_labels, key_labels,
                                               tau, reduction=reduction)
     if exchange is not None:
-        k, key_labels = exchange.gather(k, key_labels, exchange.layout(n, device))
+        layout = exchange.layout(n, device)
         tau = exchange.replicated(tau)
-    if backend == "reference":
-        loss_sum = gated_reference.gated_info_nce(q, k, gates, labels, partner_labels,
-                                                  key_labels, tau, reduction="none")
-        pos_count = (partner_labels[:, None] == key_labels[None, :]).sum(1)
+    if exchange is not None and exchange.ring is not None:
+        pos_count, loss_sum = exchange.ring_gated_stats(q, gates, labels, partner_labels, k,
+                                                        key_labels, layout, 1 / tau, backend)
     else:
-        loss_sum, _, pos_count, _ = gated_ops.gated_pair_loss(
-            q.contiguous(), k.contiguous(), gates.contiguous(), 1 / tau, labels, partner_labels,
-            key_labels, backend)
+        if exchange is not None:
+            k, key_labels = exchange.gather(k, key_labels, layout)
+        if backend == "reference":
+            loss_sum = gated_reference.gated_info_nce(q, k, gates, labels, partner_labels,
+                                                      key_labels, tau, reduction="none")
+            pos_count = (partner_labels[:, None] == key_labels[None, :]).sum(1)
+        else:
+            loss_sum, _, pos_count, _ = gated_ops.gated_pair_loss(
+                q.contiguous(), k.contiguous(), gates.contiguous(), 1 / tau, labels,
+                partner_labels, key_labels, backend)
     if reduction == "none":
         return loss_sum
     total = loss_sum.sum()

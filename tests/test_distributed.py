@@ -79,7 +79,7 @@ def _cases(sizes, seed: int) -> Dict[str, Case]:
                                                               x["p"], x["y"], s["t"], **kw),
                       {"q": feats(n), "k": feats(n), "g": torch.rand(n, DIM, generator=gen),
                        "y": labels, "p": torch.randint(0, 3, (n,), generator=gen)},
-                      {"t": 0.2}, ("q", "k", "g"), strategies=("all_gather",)),
+                      {"t": 0.2}, ("q", "k", "g")),
     }
 
 
@@ -122,18 +122,27 @@ def _rss_bytes(field: str) -> int:
     return int(line.split()[1]) * 1024
 
 
-def _peak_extra_bytes(strategy: str, rank: int) -> int:
-    """Peak resident growth over one forward and backward of NT-Xent."""
+def _memory_losses(rank: int) -> Dict[str, Callable]:
+    """The losses of the memory test on this rank's rows (MEMORY_ROWS × MEMORY_DIM
+    per tensor)."""
     gen = torch.Generator().manual_seed(rank)
-    z1, z2 = (torch.randn(MEMORY_ROWS, MEMORY_DIM, generator=gen).requires_grad_()
-              for _ in range(2))
+    feats = lambda: torch.randn(MEMORY_ROWS, MEMORY_DIM, generator=gen).requires_grad_()
+    z1, z2, q, k = feats(), feats(), feats(), feats()
+    gates = torch.rand(MEMORY_ROWS, MEMORY_DIM, generator=gen).requires_grad_()
+    y = torch.randint(0, 8, (MEMORY_ROWS,), generator=gen)
+    return {"nt_xent": lambda **kw: fn.nt_xent(z1, z2, **kw),
+            "gated": lambda **kw: fn.gated_info_nce(q, k, gates, y, (y + 1) % 8, **kw)}
+
+
+def _peak_extra_bytes(loss: Callable, strategy: str) -> int:
+    """Peak resident growth over one forward and backward of ``loss``."""
     peak = None
     for _ in range(2):  # the first call also sets up the process group's buffers
         dist.barrier()
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # VmHWM := VmRSS
         base = _rss_bytes("VmRSS")
-        fn.nt_xent(z1, z2, backend="cpp", gather_distributed=True, strategy=strategy).backward()
+        loss(backend="cpp", gather_distributed=True, strategy=strategy).backward()
         peak = _rss_bytes("VmHWM") - base
     return peak
 
@@ -173,7 +182,13 @@ def _cpu_only_results(results, sizes, seed, start, stop, rank):
     results["clip_none"] = fn.clip_loss(local_clip.rows["i"][start:stop],
                                         local_clip.rows["x"][start:stop], 5.0, reduction="none",
                                         gather_distributed=True, strategy="ring")
-    results["memory"] = {s: _peak_extra_bytes(s, rank) for s in STRATEGIES}
+    gated = _cases(sizes, seed)["gated"]
+    for reduction in ("none", "sum"):
+        results["gated", reduction] = gated.call(
+            {k: v[start:stop] for k, v in gated.rows.items()}, gated.scalars, start,
+            reduction=reduction, gather_distributed=True, strategy="ring")
+    results["memory"] = {(name, s): _peak_extra_bytes(loss, s)
+                         for name, loss in _memory_losses(rank).items() for s in STRATEGIES}
 
 
 def _free_port() -> int:
@@ -259,14 +274,6 @@ def test_matches_the_global_batch(spawned, world, backend, strategy, name):
     _assert_matches(per_rank, WORLD_SIZES[world], seed, name, strategy, backend)
 
 
-def test_gated_ring_is_rejected_by_name():
-    q = torch.randn(4, DIM)
-    y = torch.arange(4)
-    with pytest.raises(ValueError, match="strategy='all_gather' only"):
-        fn.gated_info_nce(q, q, torch.rand(4, DIM), y, y, gather_distributed=True,
-                          strategy="ring")
-
-
 @pytest.mark.gpu
 def test_nccl_matches_the_global_batch(tmp_path):
     """NCCL on every GPU here (at least 2), the GPU kernels that "auto" picks."""
@@ -314,20 +321,32 @@ def test_a_group_of_one_rank_is_the_local_batch(spawned, world, strategy):
 def test_reduction_none_gives_the_local_anchors(spawned, world):
     seed, per_rank = spawned[world]
     sizes = WORLD_SIZES[world]
-    case = _cases(sizes, seed)["clip"]
-    full = fn.clip_loss(case.rows["i"], case.rows["x"], 5.0, reduction="none")
+    cases = _cases(sizes, seed)
+    clip, gated = cases["clip"], cases["gated"]
+    full = fn.clip_loss(clip.rows["i"], clip.rows["x"], 5.0, reduction="none")
+    gated_full = gated.call(gated.rows, gated.scalars, 0, reduction="none")
+    gated_sum = gated.call(gated.rows, gated.scalars, 0, reduction="sum")
     for rank, results in enumerate(per_rank):
-        _assert_close(results["clip_none"], full[sum(sizes[:rank]):sum(sizes[:rank + 1])],
-                      f"rank {rank}")
+        mine = slice(sum(sizes[:rank]), sum(sizes[:rank + 1]))
+        _assert_close(results["clip_none"], full[mine], f"rank {rank}")
+        # the gated ring: each local anchor's sum over its positives on every rank
+        _assert_close(results["gated", "none"], gated_full[mine], f"rank {rank} gated")
+        _assert_close(results["gated", "sum"], gated_sum, f"rank {rank} gated sum")
 
 
-def test_ring_memory_does_not_grow_with_world_size(spawned):
+# one rank's travelling keys, fp32: NT-Xent's both views, the gated loss's keys
+MEMORY_BLOCKS = {"nt_xent": 2 * MEMORY_ROWS * MEMORY_DIM * 4, "gated": MEMORY_ROWS * MEMORY_DIM * 4}
+
+
+@pytest.mark.parametrize("name", sorted(MEMORY_BLOCKS))
+def test_ring_memory_does_not_grow_with_world_size(spawned, name):
     """Same local batch on every rank count: the ring's peak extra memory stays
     (from 3 ranks on; 2 ranks never hold a second foreign block), all_gather's
     grows by W blocks and more."""
-    block = 2 * MEMORY_ROWS * MEMORY_DIM * 4  # one rank's rows (both views), fp32
-    ring = {w: max(r["memory"]["ring"] for r in spawned[w][1]) for w in WORLD_SIZES}
-    gathered = {w: max(r["memory"]["all_gather"] for r in spawned[w][1]) for w in WORLD_SIZES}
+    block = MEMORY_BLOCKS[name]
+    peak = {s: {w: max(r["memory"][name, s] for r in spawned[w][1]) for w in WORLD_SIZES}
+            for s in STRATEGIES}
+    ring, gathered = peak["ring"], peak["all_gather"]
     slack = block / 4
     assert ring[4] <= ring[3] + slack, (ring, block)
     assert ring[4] <= ring[2] + 2 * block + slack, (ring, block)

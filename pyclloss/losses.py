@@ -222,7 +222,7 @@ class HydraLoss(nn.Module):
         temperature: τ of both terms. beta: β, the weight of the gated term.
         embed_dim, mlp_dim: class-embedding and hidden sizes of the gate MLP.
         gather_distributed, process_group, strategy: both terms over a process
-            group (pyclloss.distributed; the gated term gathers the keys).
+            group (pyclloss.distributed), with either strategy.
     """
 
     def __init__(self, num_classes: int, dim: int, temperature: float = 0.2, beta: float = 1.0,

@@ -1,8 +1,9 @@
 """pyclloss: fused contrastive-learning losses for PyTorch.
 
 Functions (``pyclloss.nt_xent`` ...) and modules (``pyclloss.NTXentLoss`` ...)
-of the InfoNCE family, gated subspaces, embedding mixup and sorting networks, each with ``backend="auto" | "cpp" | "cuda" | "triton" |
-"reference"``; ``pyclloss.backends()`` says which backends are available here.
+of the InfoNCE family, gated subspaces, embedding mixup and sorting networks,
+each with ``backend="auto" | "cpp" | "cuda" | "triton" | "reference"``;
+``pyclloss.backends()`` says which backends are available here.
 """
 
 from .backends import backends

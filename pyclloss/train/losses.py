@@ -13,18 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import losses as modules
+
 
 def _loss_library():
     """The module with nt_xent, supcon, info_nce and clip_loss."""
     from pyclloss import functional as library
 
     return library
-
-
-def _modules():
-    from pyclloss import losses
-
-    return losses
 
 
 def loss_function(name: str, backend: str) -> Callable:
@@ -126,39 +122,43 @@ class LossEntry:
 
 LOSSES: Dict[str, LossEntry] = {
     "nt_xent": LossEntry(
-        lambda dim, classes, cfg: PairLoss(loss_function("nt_xent", cfg.backend), cfg.temperature, False),
+        lambda dim, classes, cfg: PairLoss(loss_function("nt_xent", cfg.backend),
+                                           cfg.temperature, False),
         temperature=0.5, about="SimCLR's NT-Xent"),
     "supcon": LossEntry(
-        lambda dim, classes, cfg: PairLoss(loss_function("supcon", cfg.backend), cfg.temperature, True),
+        lambda dim, classes, cfg: PairLoss(loss_function("supcon", cfg.backend),
+                                           cfg.temperature, True),
         temperature=0.1, needs_labels=True, about="supervised contrastive (uses the labels)"),
     "clip": LossEntry(
-        lambda dim, classes, cfg: ClipLoss(loss_function("clip_loss", cfg.backend), cfg.temperature),
+        lambda dim, classes, cfg: ClipLoss(loss_function("clip_loss", cfg.backend),
+                                           cfg.temperature),
         temperature=0.07, about="CLIP's symmetric loss between the views, learnable scale"),
     "moco": LossEntry(
-        lambda dim, classes, cfg: QueryKeyLoss(_modules().MoCoLoss(dim, cfg.queue_size, cfg.temperature,
-                                                          cfg.backend)),
+        lambda dim, classes, cfg: QueryKeyLoss(
+            modules.MoCoLoss(dim, cfg.queue_size, cfg.temperature, cfg.backend)),
         temperature=0.2, momentum_encoder=True, about="MoCo v2: momentum encoder and key queue"),
     "ft_moco": LossEntry(
-        lambda dim, classes, cfg: QueryKeyLoss(_modules().FTMoCoLoss(dim, cfg.queue_size, cfg.temperature,
-                                                            backend=cfg.backend)),
+        lambda dim, classes, cfg: QueryKeyLoss(
+            modules.FTMoCoLoss(dim, cfg.queue_size, cfg.temperature, backend=cfg.backend)),
         temperature=0.2, momentum_encoder=True,
         about="MoCo with feature transformation (positive extrapolation, queue interpolation)"),
     "hydra": LossEntry(
         # HydraLoss.forward(q, k, labels) is already the trainer's signature.
-        lambda dim, classes, cfg: _modules().HydraLoss(classes, dim, cfg.temperature,
-                                                       backend=cfg.backend),
+        lambda dim, classes, cfg: modules.HydraLoss(classes, dim, cfg.temperature,
+                                                    backend=cfg.backend),
         temperature=0.2, needs_labels=True,
-        about="Hydra: InfoNCE plus gated-subspace contrast of random class pairs (uses the labels)"),
+        about="Hydra: InfoNCE plus gated-subspace contrast of random class pairs (uses the "
+              "labels)"),
     "supremix": LossEntry(
-        lambda dim, classes, cfg: LabelledViews(_modules().SupReMixLoss(
-            cfg.temperature, cfg.temperature, backend=cfg.backend), stacked=False),
+        lambda dim, classes, cfg: LabelledViews(
+            modules.SupReMixLoss(cfg.temperature, cfg.temperature, backend=cfg.backend),
+            stacked=False),
         temperature=0.5, needs_labels=True,
         about="SupReMix, contrastive regression with mixed embeddings (the labels as ordinal "
               "targets)"),
     "rnc": LossEntry(
-        lambda dim, classes, cfg: LabelledViews(_modules().RnCLoss(cfg.temperature,
-                                                                   backend=cfg.backend),
-                                                stacked=True),
+        lambda dim, classes, cfg: LabelledViews(
+            modules.RnCLoss(cfg.temperature, backend=cfg.backend), stacked=True),
         temperature=2.0, needs_labels=True,
         about="Rank-N-Contrast, contrastive regression (the labels as ordinal targets)"),
     "groco": LossEntry(

@@ -12,6 +12,12 @@ from . import functional as fn
 Tensor = torch.Tensor
 
 
+def _distributed_arguments(gather_distributed: bool, process_group, strategy: str) -> dict:
+    """The keyword-only distributed arguments of the functional losses."""
+    return {"gather_distributed": gather_distributed, "process_group": process_group,
+            "strategy": strategy}
+
+
 class _Distributable(nn.Module):
     """Keeps the keyword-only distributed arguments of the functional losses
     (``gather_distributed``, ``process_group``, ``strategy``; off by default)."""
@@ -20,8 +26,7 @@ class _Distributable(nn.Module):
                  process_group, strategy: str):
         super().__init__()
         self.reduction, self.backend = reduction, backend
-        self.distributed = {"gather_distributed": gather_distributed,
-                            "process_group": process_group, "strategy": strategy}
+        self.distributed = _distributed_arguments(gather_distributed, process_group, strategy)
 
 
 class NTXentLoss(_Distributable):
@@ -230,8 +235,7 @@ class HydraLoss(nn.Module):
                  gather_distributed: bool = False, process_group=None,
                  strategy: str = "all_gather"):
         super().__init__()
-        self.distributed = {"gather_distributed": gather_distributed,
-                            "process_group": process_group, "strategy": strategy}
+        self.distributed = _distributed_arguments(gather_distributed, process_group, strategy)
         for name, value in (("num_classes", num_classes), ("dim", dim), ("embed_dim", embed_dim),
                             ("mlp_dim", mlp_dim)):
             if not isinstance(value, int) or value < 1:

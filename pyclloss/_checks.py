@@ -104,15 +104,21 @@ def positive(name: str, value, device: torch.device, dtype: torch.dtype) -> Tens
     return result
 
 
+def float_tensor(name: str, x, shape: tuple, device: torch.device) -> Tensor:
+    """A floating tensor of exactly ``shape`` on the features' ``device``."""
+    if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating torch.Tensor of shape {shape}")
+    if tuple(x.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(x.shape)}")
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device} but the features are on {device}")
+    return x
+
+
 def weights(name: str, w: Optional[Tensor], n: int, device: torch.device) -> Optional[Tensor]:
     if w is None:
         return None
-    if not isinstance(w, torch.Tensor) or not w.dtype.is_floating_point:
-        raise TypeError(f"{name} must be a floating torch.Tensor of shape ({n},)")
-    if w.dim() != 1 or w.shape[0] != n:
-        raise ValueError(f"{name} must have shape ({n},), got {tuple(w.shape)}")
-    if w.device != device:
-        raise ValueError(f"{name} is on {w.device} but the features are on {device}")
+    float_tensor(name, w, (n,), device)
     if not _tracing() and not bool((torch.isfinite(w) & (w >= 0)).all()):
         raise ValueError(f"{name} must be finite and >= 0")
     return w.detach()

@@ -479,14 +479,8 @@ def gated_info_nce(q: Tensor, k: Tensor, gates: Tensor, labels: Tensor, partner_
     _checks.features("q", q)
     _checks.features("k", k)
     _checks.same_kind("k", k, "q", q)
-    if not isinstance(gates, torch.Tensor) or not gates.dtype.is_floating_point:
-        raise TypeError("gates must be a floating torch.Tensor of shape (B, K)")
-    if gates.shape != q.shape:
-        raise ValueError(f"gates must have the shape of q {tuple(q.shape)}, got "
-                         f"{tuple(gates.shape)}")
-    if gates.device != q.device:
-        raise ValueError(f"gates is on {gates.device} but q is on {q.device}")
-    if not _checks._tracing() and not bool(torch.isfinite(gates).all()):
+    _checks.float_tensor("gates", gates, tuple(q.shape), q.device)
+    if not _checks._tracing() and not _checks.all_finite(gates):
         raise ValueError("gates contains NaN or Inf")
     b, n, device = q.shape[0], k.shape[0], q.device
     labels = _checks.labels("labels", labels, b, device)
@@ -585,13 +579,7 @@ def supremix_loss(z: Tensor, t: Tensor, lam_neg: Tensor, temperature=0.5, base_t
     _checks.features("z", z, min_rows=2)
     n, device, dt = z.shape[0], z.device, stats_dtype(z.dtype)
     t = _regression_labels("t", t, n, device, dt)
-    if not isinstance(lam_neg, torch.Tensor) or not lam_neg.dtype.is_floating_point:
-        raise TypeError(f"lam_neg must be a floating torch.Tensor of shape ({n}, {n})")
-    if lam_neg.shape != (n, n):
-        raise ValueError(f"lam_neg must have shape ({n}, {n}), got {tuple(lam_neg.shape)}")
-    if lam_neg.device != device:
-        raise ValueError(f"lam_neg is on {lam_neg.device} but z is on {device}")
-    lam = lam_neg.detach().to(dt).contiguous()
+    lam = _checks.float_tensor("lam_neg", lam_neg, (n, n), device).detach().to(dt).contiguous()
     if not _checks._tracing() and not bool(((lam >= 0) & (lam <= 1)).all()):
         raise ValueError("lam_neg must lie in [0, 1]")
     reduction = _checks.reduction(reduction)

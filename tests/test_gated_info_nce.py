@@ -275,7 +275,7 @@ def _good():
     (dict(q=torch.randn(4)), ValueError, "q must have shape"),
     (dict(k=torch.randn(5, 4)), ValueError, "feature dimension"),
     (dict(k=torch.randn(5, 3, dtype=torch.float64)), TypeError, "dtype"),
-    (dict(gates=torch.rand(3, 3)), ValueError, "gates must have the shape"),
+    (dict(gates=torch.rand(3, 3)), ValueError, r"gates must have shape \(4, 3\), got \(3, 3\)"),
     (dict(gates=torch.ones(4, 3, dtype=torch.long)), TypeError, "gates must be a floating"),
     (dict(gates=torch.full((4, 3), float("nan"))), ValueError, "gates contains NaN"),
     (dict(labels=torch.zeros(3, dtype=torch.long)), ValueError, "labels must have shape"),

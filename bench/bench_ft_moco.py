@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pyclloss  # noqa: E402
 import pyclloss._C  # noqa: E402,F401  (registers torch.ops.pyclloss_C)
+from pyclloss.benchmark import peak_extra_bytes  # noqa: E402
 from pyclloss.energy import cpu_model  # noqa: E402
 from pyclloss.ops import ft_moco as ops  # noqa: E402
 from pyclloss.ops import info_nce as core  # noqa: E402
@@ -94,20 +95,10 @@ def _step(impl, n, size, d):
     return step
 
 
-def _rss(field):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
-
-
 def peak_memory(impl, n, size, d):
     """Peak resident-set growth over one call (run in a fresh process)."""
     _step(impl, 64, 64, d)()  # one-time library set-up stays out of the peak
-    step = _step(impl, n, size, d)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = _rss("VmRSS")
-    step()
-    return max(_rss("VmHWM") - base, 0)
+    return max(peak_extra_bytes(_step(impl, n, size, d)), 0)
 
 
 def interleaved_times(impls, n, size, d, repeats):

@@ -42,6 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pyclloss
 import pyclloss.sorting as S
 from pyclloss.backends import resolve
+from pyclloss.benchmark import peak_extra_bytes
 from pyclloss.ops import sorting as sorting_ops
 from pyclloss.reference.sorting import network_layers
 
@@ -70,33 +71,10 @@ RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"
 # ------------------------------------------------------------------ measurement
 
 
-def _read_status_kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak_rss():
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
 def measure_memory(fn, device):
     """Peak memory growth of one call, in bytes."""
     gc.collect()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    _reset_peak_rss()
-    base = _read_status_kib("VmRSS")
-    fn()
-    return (_read_status_kib("VmHWM") - base) * 1024
+    return peak_extra_bytes(fn, device)
 
 
 def time_once(fn, device):

@@ -149,12 +149,33 @@ def _estimated_bytes(loss: str, impl: str, n: int, d: int) -> float:
     return 0.0
 
 
-def _rss_bytes(field: str) -> int:
+def rss_bytes(field: str) -> int:
+    """A memory field of /proc/self/status (VmRSS, VmHWM), in bytes."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_extra_bytes(fn: Callable[[], object], device: str = "cpu") -> int:
+    """Peak memory growth over one call of ``fn``: on CUDA the allocator's peak
+    over what is allocated now; on the CPU the peak resident set (VmHWM, reset
+    through /proc/self/clear_refs) over the resident set now."""
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS
+    base = rss_bytes("VmRSS")
+    fn()
+    return rss_bytes("VmHWM") - base
 
 
 def measure_one(loss: str, impl: str, n: int, d: int, device: str, dtype_name: str,
@@ -168,16 +189,7 @@ def measure_one(loss: str, impl: str, n: int, d: int, device: str, dtype_name: s
     _step_fn(loss, impl, _inputs(loss, 64, d, device, dtype))()
     step = _step_fn(loss, impl, _inputs(loss, n, d, device, dtype))
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current resident set
-        base = _rss_bytes("VmRSS")
-    step()
-    sync()
-    peak = (torch.cuda.max_memory_allocated() if device == "cuda" else _rss_bytes("VmHWM")) - base
+    peak = peak_extra_bytes(step, device)
     step()  # warm-up
     times = []
     for _ in range(repeats):

@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import pyclloss
 from pyclloss import functional as fn
+from pyclloss.benchmark import peak_extra_bytes
 
 STRATEGIES = ("all_gather", "ring")
 BACKENDS = ("cpp", "reference")
@@ -116,12 +117,6 @@ def _tower_grads(model: nn.Module, case: Case, start: int, stop: int, **kw):
     return {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
-def _rss_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        line = next(line for line in f if line.startswith(field + ":"))
-    return int(line.split()[1]) * 1024
-
-
 def _memory_losses(rank: int) -> Dict[str, Callable]:
     """The losses of the memory test on this rank's rows (MEMORY_ROWS × MEMORY_DIM
     per tensor)."""
@@ -139,11 +134,8 @@ def _peak_extra_bytes(loss: Callable, strategy: str) -> int:
     peak = None
     for _ in range(2):  # the first call also sets up the process group's buffers
         dist.barrier()
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # VmHWM := VmRSS
-        base = _rss_bytes("VmRSS")
-        loss(backend="cpp", gather_distributed=True, strategy=strategy).backward()
-        peak = _rss_bytes("VmHWM") - base
+        peak = peak_extra_bytes(
+            lambda: loss(backend="cpp", gather_distributed=True, strategy=strategy).backward())
     return peak
 
 

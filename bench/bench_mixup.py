@@ -20,14 +20,14 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench_sorting import fmt_mb, fmt_ms, machine_name, measure_memory, time_once
+from bench_sorting import (child_memory, fmt_mb, fmt_ms, machine_name, measure_memory,
+                           time_once)
 
 import pyclloss
 from pyclloss.backends import resolve
@@ -68,15 +68,6 @@ def make_step(loss, n, impl, device):
     return step
 
 
-def child_memory(loss, n, impl, warm_up):
-    """Peak memory of one call in a fresh process (see bench_sorting.child_memory)."""
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="4096", MALLOC_TRIM_THRESHOLD_="0")
-    spec = json.dumps([loss, n, impl, warm_up])
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", spec], env=env,
-                         capture_output=True, text=True, check=True)
-    return int(out.stdout.split()[-1])
-
-
 def run_case(loss, n, args, log):
     fused = resolve("auto", torch.device(args.device), OPS[loss].BACKENDS)
     impls = [fused]
@@ -90,7 +81,7 @@ def run_case(loss, n, args, log):
         if args.device == "cuda":
             peaks[impl] = measure_memory(steps[impl], "cuda")
         elif not big_reference:
-            peaks[impl] = child_memory(loss, n, impl, impl != "reference")
+            peaks[impl] = child_memory(loss, n, impl, impl != "reference", script=__file__)
     times = {impl: [] for impl in impls}
     for r in range(args.repeats):
         for impl in impls:

@@ -90,16 +90,16 @@ def time_once(fn, device):
     return time.perf_counter() - t0
 
 
-def child_memory(kind, params, name):
-    """Peak memory of one implementation, measured in a fresh process whose glibc
-    serves every block of 4 KiB or more with its own mmap: freed blocks leave the
-    RSS at once and are never reused, so the RSS growth is the peak of live
+def child_memory(*spec, script=__file__):
+    """Peak memory of one implementation, measured by ``script --child SPEC``
+    (``spec`` as JSON; this file unless given) in a fresh process whose glibc
+    serves every block of 4 KiB or more with its own mmap: freed blocks leave
+    the RSS at once and are never reused, so the RSS growth is the peak of live
     tensors (in one long-lived process, fragments freed by earlier cases are
     reused and hide allocations)."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="4096", MALLOC_TRIM_THRESHOLD_="0")
-    spec = json.dumps([kind, params, name])
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", spec], env=env,
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, os.path.abspath(script), "--child", json.dumps(spec)],
+                         env=env, capture_output=True, text=True, check=True)
     return int(out.stdout.split()[-1])
 
 

@@ -35,6 +35,16 @@ def assert_close_rel(actual, expected, tol, what):
     assert err <= bound, f"{what}: max error {err:.3e} > {bound:.3e}"
 
 
+def assert_same_value_and_grad(expected_fn, actual_fn, x, tol):
+    """Two computations of one loss on copies of ``x``: values and gradients within ``tol``."""
+    a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    expected, actual = expected_fn(a), actual_fn(b)
+    assert_close_rel(actual, expected, tol, "value")
+    expected.backward()
+    actual.backward()
+    assert_close_rel(b.grad, a.grad, tol, "grad")
+
+
 def check_against_reference(fused_fn, ref_fn, inputs, dtype, what):
     """Loss and gradients of ``fused_fn`` (inputs in ``dtype``) against ``ref_fn``
     on the same values in float64."""

@@ -6,7 +6,7 @@ custom-op contract and bad input."""
 import pytest
 import torch
 from conftest import fused_backends
-from test_info_nce import assert_close_rel, check_against_reference
+from test_info_nce import assert_close_rel, assert_same_value_and_grad, check_against_reference
 
 import pyclloss
 from pyclloss.ops import rnc as ops
@@ -49,13 +49,9 @@ def authors_rnc(features, labels, tau):
 def test_reference_equals_authors_formulation(label_dims, ties):
     f = torch.randn(7, 2, 5, dtype=torch.float64)
     y = make_labels((7, label_dims), ties).double()
-    fa, fb = f.clone().requires_grad_(True), f.clone().requires_grad_(True)
-    expected = authors_rnc(fa, y, 2.0)
-    actual = pyclloss.rnc_loss(fb, y, 2.0, backend="reference")
-    assert_close_rel(actual, expected, 1e-12, "value")
-    expected.backward()
-    actual.backward()
-    assert_close_rel(fb.grad, fa.grad, 1e-12, "grad")
+    assert_same_value_and_grad(lambda v: authors_rnc(v, y, 2.0),
+                               lambda v: pyclloss.rnc_loss(v, y, 2.0, backend="reference"), f,
+                               1e-12)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

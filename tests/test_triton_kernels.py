@@ -334,3 +334,25 @@ class TestGPU:
         assert not torch.allclose(row_lse, expected)
         graph.replay()
         torch.testing.assert_close(row_lse, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("flat_loop", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_row_chunks_and_loop_forms(dtype, flat_loop, monkeypatch):
+    """Chunked column statistics in forward and G chunks in backward (dk summed
+    over chunks) give the results of one chunk, with either loop form of the kernel."""
+    from pyclloss.triton_kernels import tuning
+
+    monkeypatch.setattr(tri, "CHUNK_ROWS", 32)
+    monkeypatch.setattr(tri, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(tri, "COLUMN_STATS_BYTES", 1)
+    monkeypatch.setattr(tuning, "CHOSEN", {})
+    candidates = tri._candidates
+    monkeypatch.setattr(tri, "_candidates", lambda dtype, d: [
+        c for c in candidates(dtype, d) if c["FLAT_LOOP"] == flat_loop][:1])
+    p = Problem(100, 45, 33, dtype, DEVICE)
+    run_fwd(p, 3, False, True)
+    run_pair(p, 0)
+    run_bwd(p, 0, False, BWD_TERMS[-1], True)
+    run_siglip(p, True)
+    assert all(entry["config"]["FLAT_LOOP"] == flat_loop for entry in tuning.CHOSEN.values())

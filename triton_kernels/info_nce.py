@@ -1,18 +1,35 @@
 """Triton kernels of the fused InfoNCE core (contract: docs/fused_core.md).
 
-FlashAttention-style streaming: a program owns a block of rows (queries, or keys
-for the column statistics and dk), walks the other side in tiles, rebuilds each
-logit tile with ``tl.dot`` (fp32 accumulation) and reduces it on the fly. Masks
-come from the label vectors and ``exclude_offset`` inside the kernel; nothing
-N×M is ever stored. The backward recomputes the logit tiles: one kernel for dq
-(programs over row blocks), one for dk (programs over key blocks), no atomics.
-Gradients of the scalar scale and bias come from per-row partial sums reduced by
-torch in a fixed order: results are deterministic for a given tile config (the
-autotuner picks one per D and dtype; another config rounds differently).
+One kernel, ``_tiles_kernel``, walks the N×M logit matrix the way a GEMM does:
+program (i, s) owns row block i and the s-th contiguous range of key tiles,
+and for each tile accumulates ``q_i · k_jᵀ`` over D in ``BLOCK_D`` chunks (one
+flat, software-pipelined loop over tile × chunk), then runs an epilogue on the
+fp32 tile. What the epilogue does is the pass:
 
-The five Python entry points take and return exactly what the dense reference
+- ``_LSE``: online log-sum-exp of each row over its denominator set, the
+  positives' sum and count, and (``COL_STATS``) each key column's max and
+  sum-of-exp over the block's rows — all four statistics from one tile pass;
+- ``_PAIR`` / ``_SIGLIP``: row sums of softplus / sigmoid terms;
+- ``_GRAD``: the logit gradient G of the tile (docs/fused_core.md), written to
+  a row chunk of G in the operands' dtype, plus per-row Σ G·dot (and Σ G).
+
+Partial statistics (per range of key tiles, per row block) are merged by
+torch in a fixed order, so results are deterministic for a given tile
+configuration. The backward materialises G one chunk of rows at a time (at
+most ``CHUNK_BYTES``) and hands the two products, dq = s·G·k and
+dk = s·Gᵀ·q, to torch's matmul (cuBLAS on the GPU): 8·N·M·D operations in all
+for the forward and backward together (the tiles once in forward, once in
+backward, the two products), with peak extra memory one G chunk plus an fp32
+dk when several chunks accumulate into it.
+
+Operand precision: fp16/bf16 tiles run on the tensor cores with fp32
+accumulation; fp32 tiles use TF32 exactly when torch allows it for matmuls
+(``torch.backends.cuda.matmul``), else three TF32 products per tile (``tf32x3``,
+fp32-level accuracy). The products with G follow torch's own setting.
+
+The five entry points take and return exactly what the dense reference
 ``pyclloss.reference.info_nce`` does. ``scale`` and ``bias`` are read from device
-memory inside the kernels (no host sync, so the calls are CUDA-graph safe).
+memory (no host sync, so the calls are CUDA-graph safe).
 """
 
 import os
@@ -22,15 +39,24 @@ import torch
 import triton
 import triton.language as tl
 
+from . import tuning
+
 Tensor = torch.Tensor
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-# Chunk of the feature dimension per tl.dot (the reduction of a logit tile) and
-# the widest slice of dq/dk one program accumulates; a wider D splits the
-# gradient over several programs, each recomputing the logit tiles.
+# Chunk of the feature dimension per tl.dot and the widest gradient slice of
+# the kernels that build on these helpers (ft_moco, gated).
 _MAX_BLOCK_D = 64
 _MAX_BLOCK_D_OUT = 128
+
+# Largest row chunk of G the backward materialises, and the largest buffer of
+# per-row-block column statistics the forward keeps, in bytes.
+CHUNK_BYTES = 64 << 20
+COLUMN_STATS_BYTES = 32 << 20
+CHUNK_ROWS = 256  # chunks are a multiple of this many rows (of any row block)
+
+_LSE, _PAIR, _SIGLIP, _GRAD = 0, 1, 2, 3
 
 
 def _configs():
@@ -47,10 +73,32 @@ def _configs():
             for bm, bn, w, s in shapes]
 
 
-# Keyed on D only (the autotuner appends the tensors' dtypes itself): the best
-# tile does not depend on N or M, and the flag variants share one tuning.
+# The autotuner of the kernels built on these helpers (ft_moco, gated), keyed
+# on D (it appends the tensors' dtypes itself).
 _autotune = triton.autotune(configs=_configs(), key=["D"])
 _jit = triton.jit(do_not_specialize=["N", "M", "exclude_offset"])
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input precision for operands of ``dtype``: fp32 runs TF32 when
+    torch allows TF32 matmuls, else three TF32 products (fp32 accuracy)."""
+    if dtype != torch.float32:
+        return "tf32"  # ignored for 16-bit operands
+    return "tf32" if _tf32_allowed() else "tf32x3"
+
+
+def _tf32_allowed() -> bool:
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", "none")  # torch >= 2.9 reports both APIs here
+    if precision != "none":
+        return precision == "tf32"
+    return bool(matmul.allow_tf32)
+
+
+def _precision_key(dtype: torch.dtype) -> str:
+    """The key of tuned configurations: the dtype, and for fp32 the dot precision."""
+    name = str(dtype).replace("torch.", "")
+    return f"{name}-{dot_precision(dtype)}" if dtype == torch.float32 else name
 
 
 # ----------------------------------------------------------------------- tile helpers
@@ -61,18 +109,24 @@ def _dot_tile(a_ptr, b_ptr, offs_a, offs_b, n_a, n_b, D,
               BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
               DOT_PRECISION: tl.constexpr):
     """<a_i, b_j> for a (BLOCK_A, BLOCK_B) tile in fp32; rows out of range read 0."""
-    offs_d = tl.arange(0, BLOCK_D)
-    a_rows = a_ptr + offs_a.to(tl.int64)[:, None] * D
-    b_rows = b_ptr + offs_b.to(tl.int64)[:, None] * D
-    a_in = (offs_a < n_a)[:, None]
-    b_in = (offs_b < n_b)[:, None]
     acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        d_in = (d0 + offs_d < D)[None, :]
-        a = tl.load(a_rows + d0 + offs_d[None, :], mask=a_in & d_in, other=0.0)
-        b = tl.load(b_rows + d0 + offs_d[None, :], mask=b_in & d_in, other=0.0)
-        acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
+        acc = _dot_chunk(a_ptr, b_ptr, offs_a, offs_b, d0, n_a, n_b, D, acc, BLOCK_D,
+                         DOT_PRECISION)
     return acc
+
+
+@triton.jit
+def _dot_chunk(a_ptr, b_ptr, offs_a, offs_b, d0, n_a, n_b, D, acc,
+               BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc + the features [d0, d0 + BLOCK_D) of <a_i, b_j>."""
+    offs_d = d0 + tl.arange(0, BLOCK_D)
+    d_in = (offs_d < D)[None, :]
+    a = tl.load(a_ptr + offs_a.to(tl.int64)[:, None] * D + offs_d[None, :],
+                mask=(offs_a < n_a)[:, None] & d_in, other=0.0)
+    b = tl.load(b_ptr + offs_b.to(tl.int64)[:, None] * D + offs_d[None, :],
+                mask=(offs_b < n_b)[:, None] & d_in, other=0.0)
+    return tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -170,174 +224,154 @@ def _grad_dot(grad, x, acc, DOT_PRECISION: tl.constexpr):
     return tl.dot(grad.to(x.dtype), x, acc, input_precision=DOT_PRECISION)
 
 
-# --------------------------------------------------------------------- forward kernels
+@triton.jit
+def _online_lse(run_max, run_sum, masked, AXIS: tl.constexpr):
+    """The running (max, sum of exp(x - max)) after one more tile of masked logits.
+
+    A lane that has seen nothing yet keeps max -inf; it shifts by 0 instead so
+    that no -inf - -inf appears and its sum stays exactly 0."""
+    new_max = tl.maximum(run_max, tl.max(masked, axis=AXIS))
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+    tile_sum = tl.sum(tl.exp(masked - tl.expand_dims(shift, AXIS)), axis=AXIS)
+    return new_max, run_sum * tl.exp(run_max - shift) + tile_sum
 
 
-@_autotune
-@_jit
-def _row_lse_kernel(q_ptr, k_ptr, scale_ptr, q_labels_ptr, k_labels_ptr,
-                    lse_ptr, pos_sum_ptr, pos_count_ptr, N, M, D, exclude_offset,
-                    HAS_LABELS: tl.constexpr, HAS_EXCLUDE: tl.constexpr,
-                    NEG_ONLY: tl.constexpr, BLOCK_D: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr):
-    """Online LSE of each row over its den set, plus the positives' sum and count.
+# ------------------------------------------------------------------------- the kernel
 
-    Also serves the column statistics, launched with q and k swapped."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    scale = tl.load(scale_ptr)
-    run_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    run_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    pos_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    pos_count = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for start_n in range(0, M, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        logits = scale * _dot_tile(q_ptr, k_ptr, offs_m, offs_n, N, M, D,
-                                   BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
-        _, kept, pos = _pair_masks(offs_m, offs_n, N, M, q_labels_ptr, k_labels_ptr,
-                                   exclude_offset, HAS_LABELS, HAS_EXCLUDE)
-        den = kept & ~pos if NEG_ONLY else kept
-        masked = tl.where(den, logits, float("-inf"))
-        new_max = tl.maximum(run_max, tl.max(masked, axis=1))
-        # A row that has seen nothing yet keeps max -inf; shift by 0 there so
-        # that no -inf - -inf appears and its sum stays exactly 0.
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        run_sum = run_sum * tl.exp(run_max - shift) + tl.sum(tl.exp(masked - shift[:, None]), axis=1)
-        run_max = new_max
-        if HAS_LABELS:
-            pos_sum += tl.sum(tl.where(pos, logits, 0.0), axis=1)
-            pos_count += tl.sum(pos.to(tl.float32), axis=1)
+
+@triton.jit
+def _epilogue(dot, offs_m, offs_n, pid_m, N, M, scale, bias, neg_lse, grad_scale,
+              q_labels_ptr, k_labels_ptr, exclude_offset, row_lse_ptr, row_coef_ptr,
+              col_lse_ptr, col_coef_ptr, pos_coef_ptr, pair_lse_ptr, grad_ptr, col_part_ptr,
+              acc0, acc1, acc2, acc3,
+              PASS: tl.constexpr, SIGLIP: tl.constexpr, HAS_LABELS: tl.constexpr,
+              HAS_EXCLUDE: tl.constexpr, NEG_ONLY: tl.constexpr, COL_STATS: tl.constexpr,
+              ROW_TERM: tl.constexpr, COL_TERM: tl.constexpr, POS_TERM: tl.constexpr,
+              HAS_PAIR_LSE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The pass's work on one finished fp32 tile of dot products; returns the
+    updated row accumulators (see _tiles_kernel)."""
     row_in = offs_m < N
-    tl.store(lse_ptr + offs_m, run_max + tl.log(run_sum), mask=row_in)
-    if HAS_LABELS:
-        tl.store(pos_sum_ptr + offs_m, pos_sum, mask=row_in)
-        tl.store(pos_count_ptr + offs_m, pos_count, mask=row_in)
-
-
-@_autotune
-@_jit
-def _pair_kernel(q_ptr, k_ptr, scale_ptr, q_labels_ptr, k_labels_ptr, neg_lse_ptr,
-                 loss_sum_ptr, sigmoid_sum_ptr, N, M, D, exclude_offset,
-                 HAS_EXCLUDE: tl.constexpr, BLOCK_D: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Sums over each row's positives of softplus / sigmoid(neg_lse_i - l_ij)."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_in = offs_m < N
-    scale = tl.load(scale_ptr)
-    neg_lse = tl.load(neg_lse_ptr + offs_m, mask=row_in, other=0.0)
-    loss_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    sigmoid_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for start_n in range(0, M, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        logits = scale * _dot_tile(q_ptr, k_ptr, offs_m, offs_n, N, M, D,
-                                   BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
-        _, _, pos = _pair_masks(offs_m, offs_n, N, M, q_labels_ptr, k_labels_ptr,
-                                exclude_offset, True, HAS_EXCLUDE)
-        margin = neg_lse[:, None] - logits
-        loss_sum += tl.sum(tl.where(pos, _softplus(margin), 0.0), axis=1)
-        sigmoid_sum += tl.sum(tl.where(pos, _sigmoid(margin), 0.0), axis=1)
-    tl.store(loss_sum_ptr + offs_m, loss_sum, mask=row_in)
-    tl.store(sigmoid_sum_ptr + offs_m, sigmoid_sum, mask=row_in)
-
-
-@_autotune
-@_jit
-def _siglip_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, q_labels_ptr, k_labels_ptr,
-                   row_loss_ptr, N, M, D,
-                   HAS_LABELS: tl.constexpr, BLOCK_D: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """row_loss_i = sum_j softplus(-z_ij (l_ij + b)), z = +1 on positives, -1 elsewhere."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    scale = tl.load(scale_ptr)
-    bias = tl.load(bias_ptr)
-    row_loss = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for start_n in range(0, M, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        logits = scale * _dot_tile(q_ptr, k_ptr, offs_m, offs_n, N, M, D,
-                                   BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
-        valid, _, pos = _pair_masks(offs_m, offs_n, N, M, q_labels_ptr, k_labels_ptr,
-                                    0, HAS_LABELS, False)
-        neg_z = tl.where(pos, -1.0, 1.0)
-        row_loss += tl.sum(tl.where(valid, _softplus(neg_z * (logits + bias)), 0.0), axis=1)
-    tl.store(row_loss_ptr + offs_m, row_loss, mask=offs_m < N)
-
-
-# -------------------------------------------------------------------- backward kernels
-
-
-@_autotune
-@_jit
-def _dq_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, q_labels_ptr, k_labels_ptr,
-               row_lse_ptr, row_coef_ptr, col_lse_ptr, col_coef_ptr, pos_coef_ptr, pair_lse_ptr,
-               dq_ptr, row_dscale_ptr, row_dbias_ptr, N, M, D, exclude_offset,
-               SIGLIP: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_EXCLUDE: tl.constexpr,
-               NEG_ONLY: tl.constexpr, ROW_TERM: tl.constexpr, COL_TERM: tl.constexpr,
-               POS_TERM: tl.constexpr, HAS_PAIR_LSE: tl.constexpr,
-               BLOCK_D: tl.constexpr, BLOCK_D_OUT: tl.constexpr,
-               DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dq[rows, d slice] = s * G @ k; the d-slice-0 program also writes the rows'
-    sums of G * dot (for dscale) and, for SigLIP, of G (for dbias)."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.program_id(1) * BLOCK_D_OUT + tl.arange(0, BLOCK_D_OUT)
-    d_in = (offs_d < D)[None, :]
-    scale = tl.load(scale_ptr)
-    bias = tl.load(bias_ptr) if SIGLIP else 0.0
-    dq = tl.zeros((BLOCK_M, BLOCK_D_OUT), dtype=tl.float32)
-    row_dscale = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    row_dbias = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for start_n in range(0, M, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        dot = _dot_tile(q_ptr, k_ptr, offs_m, offs_n, N, M, D,
-                        BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
+    col_in = offs_n < M
+    logits = scale * dot
+    if PASS == _GRAD:
         grad = _grad_tile(dot, scale, bias, offs_m, offs_n, N, M, q_labels_ptr, k_labels_ptr,
                           exclude_offset, row_lse_ptr, row_coef_ptr, col_lse_ptr, col_coef_ptr,
                           pos_coef_ptr, pair_lse_ptr, SIGLIP, HAS_LABELS, HAS_EXCLUDE,
                           NEG_ONLY, ROW_TERM, COL_TERM, POS_TERM, HAS_PAIR_LSE)
-        row_dscale += tl.sum(grad * dot, axis=1)
+        acc0 += tl.sum(grad * dot, axis=1)
         if SIGLIP:
-            row_dbias += tl.sum(grad, axis=1)
-        k_slice = tl.load(k_ptr + offs_n.to(tl.int64)[:, None] * D + offs_d[None, :],
-                          mask=(offs_n < M)[:, None] & d_in, other=0.0)
-        dq = _grad_dot(grad, k_slice, dq, DOT_PRECISION)
-    row_in = offs_m < N
-    tl.store(dq_ptr + offs_m.to(tl.int64)[:, None] * D + offs_d[None, :],
-             (scale * dq).to(dq_ptr.dtype.element_ty), mask=row_in[:, None] & d_in)
-    if tl.program_id(1) == 0:
-        tl.store(row_dscale_ptr + offs_m, row_dscale, mask=row_in)
-        if SIGLIP:
-            tl.store(row_dbias_ptr + offs_m, row_dbias, mask=row_in)
+            acc1 += tl.sum(grad, axis=1)
+        tl.store(grad_ptr + offs_m.to(tl.int64)[:, None] * M + offs_n[None, :],
+                 (grad * grad_scale).to(grad_ptr.dtype.element_ty),
+                 mask=row_in[:, None] & col_in[None, :])
+    else:
+        valid, kept, pos = _pair_masks(offs_m, offs_n, N, M, q_labels_ptr, k_labels_ptr,
+                                       exclude_offset, HAS_LABELS, HAS_EXCLUDE)
+        if PASS == _LSE:
+            den = kept & ~pos if NEG_ONLY else kept
+            acc0, acc1 = _online_lse(acc0, acc1, tl.where(den, logits, float("-inf")), 1)
+            if HAS_LABELS:
+                acc2 += tl.sum(tl.where(pos, logits, 0.0), axis=1)
+                acc3 += tl.sum(pos.to(tl.float32), axis=1)
+            if COL_STATS:
+                col_max, col_sum = _online_lse(
+                    tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32),
+                    tl.zeros((BLOCK_N,), dtype=tl.float32),
+                    tl.where(kept, logits, float("-inf")), 0)
+                col_row = col_part_ptr + pid_m.to(tl.int64) * 2 * M + offs_n
+                tl.store(col_row, col_max, mask=col_in)
+                tl.store(col_row + M, col_sum, mask=col_in)
+        if PASS == _PAIR:
+            margin = neg_lse[:, None] - logits
+            acc0 += tl.sum(tl.where(pos, _softplus(margin), 0.0), axis=1)
+            acc1 += tl.sum(tl.where(pos, _sigmoid(margin), 0.0), axis=1)
+        if PASS == _SIGLIP:
+            neg_z = tl.where(pos, -1.0, 1.0)
+            acc0 += tl.sum(tl.where(valid, _softplus(neg_z * (logits + bias)), 0.0), axis=1)
+    return acc0, acc1, acc2, acc3
 
 
-@_autotune
 @_jit
-def _dk_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, q_labels_ptr, k_labels_ptr,
-               row_lse_ptr, row_coef_ptr, col_lse_ptr, col_coef_ptr, pos_coef_ptr, pair_lse_ptr,
-               dk_ptr, N, M, D, exclude_offset,
-               SIGLIP: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_EXCLUDE: tl.constexpr,
-               NEG_ONLY: tl.constexpr, ROW_TERM: tl.constexpr, COL_TERM: tl.constexpr,
-               POS_TERM: tl.constexpr, HAS_PAIR_LSE: tl.constexpr,
-               BLOCK_D: tl.constexpr, BLOCK_D_OUT: tl.constexpr,
-               DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dk[keys, d slice] = s * G^T @ q, streaming row tiles past a block of keys."""
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.program_id(1) * BLOCK_D_OUT + tl.arange(0, BLOCK_D_OUT)
-    d_in = (offs_d < D)[None, :]
+def _tiles_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, q_labels_ptr, k_labels_ptr,
+                  row_lse_ptr, row_coef_ptr, col_lse_ptr, col_coef_ptr, pos_coef_ptr,
+                  pair_lse_ptr, grad_scale_ptr, grad_ptr, row_part_ptr, col_part_ptr,
+                  N, M, D, exclude_offset,
+                  PASS: tl.constexpr, SIGLIP: tl.constexpr, HAS_LABELS: tl.constexpr,
+                  HAS_EXCLUDE: tl.constexpr, NEG_ONLY: tl.constexpr, COL_STATS: tl.constexpr,
+                  ROW_TERM: tl.constexpr, COL_TERM: tl.constexpr, POS_TERM: tl.constexpr,
+                  HAS_PAIR_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                  FLAT_LOOP: tl.constexpr):
+    """One row block × one range of key tiles; see the module docstring for PASS.
+
+    Row accumulators (_LSE: running max, sum, positives' sum and count; _PAIR:
+    softplus and sigmoid sums; _SIGLIP: loss sum; _GRAD: Σ G·dot, Σ G) go to
+    row_part[split, 0..3, N]; _LSE's column partials to col_part[row block,
+    0..1, M] (max, sum). _PAIR reads neg_lse from row_lse_ptr.
+
+    FLAT_LOOP runs tiles × feature chunks as one loop (the compiler pipelines
+    the loads across tile boundaries, as in a persistent matmul); otherwise a
+    loop over tiles holds the loop over feature chunks."""
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     scale = tl.load(scale_ptr)
-    bias = tl.load(bias_ptr) if SIGLIP else 0.0
-    dk = tl.zeros((BLOCK_N, BLOCK_D_OUT), dtype=tl.float32)
-    for start_m in range(0, N, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        dot = _dot_tile(q_ptr, k_ptr, offs_m, offs_n, N, M, D,
-                        BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
-        grad = _grad_tile(dot, scale, bias, offs_m, offs_n, N, M, q_labels_ptr, k_labels_ptr,
-                          exclude_offset, row_lse_ptr, row_coef_ptr, col_lse_ptr, col_coef_ptr,
-                          pos_coef_ptr, pair_lse_ptr, SIGLIP, HAS_LABELS, HAS_EXCLUDE,
-                          NEG_ONLY, ROW_TERM, COL_TERM, POS_TERM, HAS_PAIR_LSE)
-        q_slice = tl.load(q_ptr + offs_m.to(tl.int64)[:, None] * D + offs_d[None, :],
-                          mask=(offs_m < N)[:, None] & d_in, other=0.0)
-        dk = _grad_dot(tl.trans(grad), q_slice, dk, DOT_PRECISION)
-    tl.store(dk_ptr + offs_n.to(tl.int64)[:, None] * D + offs_d[None, :],
-             (scale * dk).to(dk_ptr.dtype.element_ty), mask=(offs_n < M)[:, None] & d_in)
+    bias = 0.0
+    if SIGLIP:
+        bias = tl.load(bias_ptr)
+    neg_lse = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if PASS == _PAIR:
+        neg_lse = tl.load(row_lse_ptr + offs_m, mask=offs_m < N, other=0.0)
+    grad_scale = 1.0
+    if PASS == _GRAD:
+        grad_scale = tl.load(grad_scale_ptr)
+
+    per_split = tl.cdiv(tl.cdiv(M, BLOCK_N), tl.num_programs(1))
+    first_tile = pid_s * per_split
+    tiles = tl.maximum(tl.minimum(per_split, tl.cdiv(M, BLOCK_N) - first_tile), 0)
+    d_chunks = tl.cdiv(D, BLOCK_D)
+
+    acc0 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if PASS == _LSE:
+        acc0 = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if FLAT_LOOP:
+        dot = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for step in range(0, tiles * d_chunks):
+            tile = first_tile + step // d_chunks
+            chunk = step % d_chunks
+            offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+            dot = _dot_chunk(q_ptr, k_ptr, offs_m, offs_n, chunk * BLOCK_D, N, M, D, dot,
+                             BLOCK_D, DOT_PRECISION)
+            if chunk == d_chunks - 1:
+                acc0, acc1, acc2, acc3 = _epilogue(
+                    dot, offs_m, offs_n, pid_m, N, M, scale, bias, neg_lse, grad_scale,
+                    q_labels_ptr, k_labels_ptr, exclude_offset, row_lse_ptr, row_coef_ptr,
+                    col_lse_ptr, col_coef_ptr, pos_coef_ptr, pair_lse_ptr, grad_ptr,
+                    col_part_ptr, acc0, acc1, acc2, acc3, PASS, SIGLIP, HAS_LABELS,
+                    HAS_EXCLUDE, NEG_ONLY, COL_STATS, ROW_TERM, COL_TERM, POS_TERM,
+                    HAS_PAIR_LSE, BLOCK_N)
+                dot = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        for tile in range(first_tile, first_tile + tiles):
+            offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+            dot = _dot_tile(q_ptr, k_ptr, offs_m, offs_n, N, M, D, BLOCK_M, BLOCK_N, BLOCK_D,
+                            DOT_PRECISION)
+            acc0, acc1, acc2, acc3 = _epilogue(
+                dot, offs_m, offs_n, pid_m, N, M, scale, bias, neg_lse, grad_scale,
+                q_labels_ptr, k_labels_ptr, exclude_offset, row_lse_ptr, row_coef_ptr,
+                col_lse_ptr, col_coef_ptr, pos_coef_ptr, pair_lse_ptr, grad_ptr, col_part_ptr,
+                acc0, acc1, acc2, acc3, PASS, SIGLIP, HAS_LABELS, HAS_EXCLUDE, NEG_ONLY,
+                COL_STATS, ROW_TERM, COL_TERM, POS_TERM, HAS_PAIR_LSE, BLOCK_N)
+
+    row_in = offs_m < N
+    part = row_part_ptr + pid_s.to(tl.int64) * 4 * N + offs_m
+    tl.store(part, acc0, mask=row_in)
+    tl.store(part + N, acc1, mask=row_in)
+    tl.store(part + 2 * N, acc2, mask=row_in)
+    tl.store(part + 3 * N, acc3, mask=row_in)
 
 
 # ------------------------------------------------------------------------ launchers
@@ -360,55 +394,149 @@ def _block_d(d: int, cap: int) -> int:
     return max(16, min(triton.next_power_of_2(d), cap))
 
 
-def _or_empty(t: Optional[Tensor], dtype: torch.dtype, like: Tensor) -> Tensor:
-    """An absent optional input travels as an empty tensor of its usual dtype
-    (its constexpr flag keeps the kernel off it), so that the autotune key, D
-    and the tensors' dtypes, is the same for every combination of flags."""
-    return like.new_empty(0, dtype=dtype) if t is None else t.contiguous()
-
-
-def _shared_args(q, k, q_labels, k_labels, exclude_offset):
-    """Arguments and constexprs that every kernel takes the same way."""
-    labels = [_or_empty(t, torch.int64, q) for t in (q_labels, k_labels)]
-    sizes = (q.shape[0], k.shape[0], q.shape[1])
-    meta = dict(
-        HAS_LABELS=q_labels is not None,
-        HAS_EXCLUDE=exclude_offset is not None,
-        BLOCK_D=_block_d(q.shape[1], _MAX_BLOCK_D),
-        # Exact fp32 products: fp32 results must match float64 closely.
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-    )
-    return labels, sizes, 0 if exclude_offset is None else exclude_offset, meta
-
-
 def _row_grid(n: int):
     return lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),)
 
 
-def _row_lse(q, k, scale, q_labels, k_labels, exclude_offset, neg_only):
-    labels, (n, m, d), offset, meta = _shared_args(q, k, q_labels, k_labels, exclude_offset)
-    lse, pos_sum, pos_count = (torch.zeros(n, dtype=torch.float32, device=q.device)
-                               for _ in range(3))
-    if n > 0:
-        _row_lse_kernel[_row_grid(n)](
-            q.contiguous(), k.contiguous(), scale, *labels, lse, pos_sum, pos_count,
-            n, m, d, offset, NEG_ONLY=neg_only and meta["HAS_LABELS"], **meta)
-    return lse, pos_sum, pos_count
+def _candidates(dtype: torch.dtype, d: int):
+    """Tile configurations worth timing for the tiles kernel (first: the default)."""
+    if _INTERPRET:
+        shapes = [(32, 32, 32, 4, 1, True), (32, 32, 32, 4, 1, False)]
+    elif dtype == torch.float32:  # 4-byte operands: narrower feature chunks
+        shapes = [(128, 128, 32, 8, 3, True), (128, 64, 32, 4, 3, True),
+                  (64, 128, 32, 4, 3, True), (128, 128, 64, 8, 2, True),
+                  (128, 128, 32, 8, 3, False)]
+    else:
+        shapes = [(128, 128, 64, 8, 3, True), (128, 256, 64, 8, 3, True),
+                  (256, 128, 64, 8, 3, True), (128, 128, 128, 8, 2, True),
+                  (128, 64, 64, 4, 4, True), (128, 128, 64, 8, 3, False)]
+    configs = []
+    for bm, bn, bd, warps, stages, flat in shapes:
+        config = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_d(d, bd), FLAT_LOOP=flat,
+                      num_warps=warps, num_stages=stages)
+        if config not in configs:
+            configs.append(config)
+    return configs
+
+
+def _programs_wanted(device: torch.device) -> int:
+    """How many programs a launch should have to fill the GPU (two per SM)."""
+    if _INTERPRET or device.type != "cuda":
+        return 3  # a few splits, so the merges are exercised
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+class _Tiles:
+    """The shared arguments of one problem, and launches of the tiles kernel over
+    a range of its rows (a chunk: the rows [r0, r1) against every key)."""
+
+    def __init__(self, q, k, scale, q_labels, k_labels, exclude_offset, bias=None):
+        self.q, self.k = q.contiguous(), k.contiguous()
+        self.scale, self.bias = scale, bias
+        self.q_labels, self.k_labels = q_labels, k_labels
+        self.exclude_offset = exclude_offset
+        self.n, self.m, self.d = q.shape[0], k.shape[0], q.shape[1]
+        self.device = q.device
+        self.precision = dot_precision(q.dtype)
+        self.precision_key = _precision_key(q.dtype)
+        self.empty = q.new_empty(0, dtype=torch.float32)
+
+    def vector(self, t: Optional[Tensor], r0: int = 0, r1: Optional[int] = None) -> Tensor:
+        """An optional per-row (sliced to the chunk) or per-key vector; absent ones
+        travel as an empty tensor that the kernel's flags keep it off."""
+        if t is None:
+            return self.empty
+        return t[r0:r1].contiguous() if r1 is not None else t.contiguous()
+
+    def splits(self, rows: int, block_m: int, block_n: int) -> int:
+        row_blocks = triton.cdiv(rows, block_m)
+        tiles = max(1, triton.cdiv(self.m, block_n))
+        return max(1, min(tiles, triton.cdiv(_programs_wanted(self.device), row_blocks)))
+
+    def launch(self, kernel_name: str, r0: int, r1: int, vectors: dict, outputs: dict, **flags):
+        """Runs the tiles kernel on rows [r0, r1); returns the row partials
+        (splits, 4, rows) and the column partials (row blocks, 2, M) if asked for."""
+        rows = r1 - r0
+        offset = 0 if self.exclude_offset is None else self.exclude_offset + r0
+        args = dict(
+            q_ptr=self.q[r0:r1], k_ptr=self.k, scale_ptr=self.scale,
+            bias_ptr=self.bias if self.bias is not None else self.empty,
+            q_labels_ptr=self.vector(self.q_labels, r0, r1),
+            k_labels_ptr=self.vector(self.k_labels),
+            row_lse_ptr=self.vector(vectors.get("row_lse"), r0, r1),
+            row_coef_ptr=self.vector(vectors.get("row_coef"), r0, r1),
+            col_lse_ptr=self.vector(vectors.get("col_lse")),
+            col_coef_ptr=self.vector(vectors.get("col_coef")),
+            pos_coef_ptr=self.vector(vectors.get("pos_coef"), r0, r1),
+            pair_lse_ptr=self.vector(vectors.get("pair_lse"), r0, r1),
+            grad_scale_ptr=outputs.get("grad_scale", self.empty),
+            grad_ptr=outputs.get("grad", self.empty),
+            N=rows, M=self.m, D=self.d, exclude_offset=offset,
+            HAS_LABELS=self.q_labels is not None,
+            HAS_EXCLUDE=self.exclude_offset is not None,
+            DOT_PRECISION=self.precision, **flags)
+        buffers = {}
+
+        def run(config):
+            # a recorded configuration of another feature size may chunk D wider than needed
+            config = dict(config, BLOCK_D=min(config["BLOCK_D"], _block_d(self.d, 1 << 16)))
+            block_m, block_n = config["BLOCK_M"], config["BLOCK_N"]
+            splits = self.splits(rows, block_m, block_n)
+            buffers["row"] = torch.empty(splits, 4, rows, dtype=torch.float32, device=self.device)
+            buffers["col"] = (torch.empty(triton.cdiv(rows, block_m), 2, self.m,
+                                          dtype=torch.float32, device=self.device)
+                              if flags.get("COL_STATS") else self.empty)
+            _tiles_kernel[(triton.cdiv(rows, block_m), splits)](
+                row_part_ptr=buffers["row"], col_part_ptr=buffers["col"], **args, **config)
+
+        config = tuning.choose(kernel_name, self.precision_key, self.d,
+                               _candidates(self.q.dtype, self.d), run)
+        run(config)
+        return buffers["row"], buffers["col"]
+
+    def row_chunks(self, bytes_per_row: int, budget: int):
+        """Row ranges [r0, r1) of at most ``budget`` bytes at ``bytes_per_row``
+        (a multiple of CHUNK_ROWS rows, at least CHUNK_ROWS)."""
+        rows = max(CHUNK_ROWS, budget // max(1, bytes_per_row) // CHUNK_ROWS * CHUNK_ROWS)
+        return [(r0, min(self.n, r0 + rows)) for r0 in range(0, self.n, rows)]
+
+
+def _merge(maxes: Tensor, sums: Tensor):
+    """Partial (max, sum of exp(x - max)) pairs merged along dim 0, in a fixed
+    order, into one (shift, sum) pair; shift 0 and sum 0 where every partial is empty."""
+    top = maxes.amax(0)
+    shift = torch.where(torch.isneginf(top), torch.zeros_like(top), top)
+    return shift, (sums * torch.exp(maxes - shift)).sum(0)
+
+
+def _lse(shift: Tensor, total: Tensor) -> Tensor:
+    return shift + torch.log(total)  # -inf for an empty set
 
 
 def infonce_fwd(q, k, scale, q_labels, k_labels, exclude_offset, neg_only, col_stats):
     _check(q, k, q_labels, k_labels)
     if col_stats and neg_only:
         raise ValueError("col_stats cannot be combined with neg_only")
-    row_lse, pos_sum, pos_count = _row_lse(q, k, scale, q_labels, k_labels,
-                                           exclude_offset, neg_only)
-    if col_stats:
-        # Column j's set is every row but j - exclude_offset: the row LSE of the
-        # swapped problem with the opposite offset.
-        swapped_offset = None if exclude_offset is None else -exclude_offset
-        col_lse, _, _ = _row_lse(k, q, scale, None, None, swapped_offset, False)
-    else:
-        col_lse = row_lse.new_empty(0)
+    tiles = _Tiles(q, k, scale, q_labels, k_labels, exclude_offset)
+    n, m = tiles.n, tiles.m
+    row_lse = torch.full((n,), float("-inf"), dtype=torch.float32, device=q.device)
+    pos_sum, pos_count = (torch.zeros(n, dtype=torch.float32, device=q.device) for _ in range(2))
+    col = (torch.zeros(m, dtype=torch.float32, device=q.device),) * 2  # (shift, sum)
+    # Column partials take 8 bytes per key for each block of rows (64 rows at
+    # least): chunk the rows so that they stay under COLUMN_STATS_BYTES.
+    chunks = tiles.row_chunks(8 * m // 64, COLUMN_STATS_BYTES) if n > 0 and m > 0 else []
+    for r0, r1 in chunks:
+        row_part, col_part = tiles.launch(
+            "info_nce.lse", r0, r1, {}, {}, PASS=_LSE, SIGLIP=False,
+            NEG_ONLY=neg_only and q_labels is not None, COL_STATS=col_stats,
+            ROW_TERM=False, COL_TERM=False, POS_TERM=False, HAS_PAIR_LSE=False)
+        row_lse[r0:r1] = _lse(*_merge(row_part[:, 0], row_part[:, 1]))
+        pos_sum[r0:r1] = row_part[:, 2].sum(0)
+        pos_count[r0:r1] = row_part[:, 3].sum(0)
+        if col_stats:
+            col = _merge(torch.cat([col[0][None], col_part[:, 0]]),
+                         torch.cat([col[1][None], col_part[:, 1]]))
+    col_lse = _lse(*col) if col_stats else row_lse.new_empty(0)
     return row_lse, pos_sum, pos_count, col_lse
 
 
@@ -416,74 +544,127 @@ def infonce_pair_fwd(q, k, scale, q_labels, k_labels, exclude_offset, neg_lse):
     _check(q, k, q_labels, k_labels)
     if q_labels is None:
         raise ValueError("infonce_pair_fwd needs q_labels and k_labels")
-    labels, (n, m, d), offset, meta = _shared_args(q, k, q_labels, k_labels, exclude_offset)
-    del meta["HAS_LABELS"]
-    loss_sum, sigmoid_sum = (torch.empty(n, dtype=torch.float32, device=q.device)
+    tiles = _Tiles(q, k, scale, q_labels, k_labels, exclude_offset)
+    loss_sum, sigmoid_sum = (torch.zeros(tiles.n, dtype=torch.float32, device=q.device)
                              for _ in range(2))
-    if n > 0:
-        _pair_kernel[_row_grid(n)](
-            q.contiguous(), k.contiguous(), scale, *labels, neg_lse.contiguous(),
-            loss_sum, sigmoid_sum, n, m, d, offset, **meta)
+    if tiles.n > 0 and tiles.m > 0:
+        row, _ = tiles.launch("info_nce.pair", 0, tiles.n, {"row_lse": neg_lse}, {},
+                              PASS=_PAIR, SIGLIP=False, NEG_ONLY=False, COL_STATS=False,
+                              ROW_TERM=False, COL_TERM=False, POS_TERM=False,
+                              HAS_PAIR_LSE=False)
+        loss_sum, sigmoid_sum = row[:, 0].sum(0), row[:, 1].sum(0)
     return loss_sum, sigmoid_sum
 
 
 def siglip_fwd(q, k, scale, bias, q_labels, k_labels):
     _check(q, k, q_labels, k_labels)
-    labels, (n, m, d), _, meta = _shared_args(q, k, q_labels, k_labels, None)
-    del meta["HAS_EXCLUDE"]
-    row_loss = torch.empty(n, dtype=torch.float32, device=q.device)
-    if n > 0:
-        _siglip_kernel[_row_grid(n)](q.contiguous(), k.contiguous(), scale, bias, *labels,
-                                     row_loss, n, m, d, **meta)
-    return row_loss
+    tiles = _Tiles(q, k, scale, q_labels, k_labels, None, bias)
+    if tiles.n == 0 or tiles.m == 0:
+        return torch.zeros(tiles.n, dtype=torch.float32, device=q.device)
+    row, _ = tiles.launch("info_nce.siglip", 0, tiles.n, {}, {}, PASS=_SIGLIP, SIGLIP=True,
+                          NEG_ONLY=False, COL_STATS=False, ROW_TERM=False, COL_TERM=False,
+                          POS_TERM=False, HAS_PAIR_LSE=False)
+    return row[:, 0].sum(0)
+
+
+def _grad_scale(dtype: torch.dtype, coefficients, device) -> Tensor:
+    """The power of two G is multiplied by before it is rounded to fp16 (the
+    largest possible |G_ij|, the sum of the largest coefficients, brought to 1),
+    so that small gradients keep fp16's precision; 1 for the other dtypes.
+    Computed on the device (no sync)."""
+    one = torch.ones((), dtype=torch.float32, device=device)
+    if dtype != torch.float16:
+        return one
+    bound = torch.zeros((), dtype=torch.float32, device=device)
+    for coef in coefficients:
+        if coef is not None and coef.numel() > 0:
+            bound = bound + coef.abs().max()
+    exponent = torch.clamp(torch.ceil(torch.log2(bound)), -100, 100)
+    return torch.where(torch.isfinite(bound) & (bound > 0), torch.exp2(-exponent), one)
 
 
 def _backward(q, k, scale, bias, q_labels, k_labels, exclude_offset, neg_only,
               row_lse, row_coef, col_lse, col_coef, pos_coef, pair_lse, need_dk):
-    """dq, dk (empty unless need_dk), and the per-row partial sums of G * dot
-    and, for SigLIP (bias given), of G."""
-    q, k = q.contiguous(), k.contiguous()
-    labels, (n, m, d), offset, meta = _shared_args(q, k, q_labels, k_labels, exclude_offset)
-    siglip = bias is not None
-    vectors = [_or_empty(t, torch.float32, q)
-               for t in (bias, row_lse, row_coef, col_lse, col_coef, pos_coef, pair_lse)]
-    block_d_out = _block_d(d, _MAX_BLOCK_D_OUT)
-    meta.update(
-        SIGLIP=siglip, NEG_ONLY=neg_only and meta["HAS_LABELS"],
-        ROW_TERM=row_coef is not None, COL_TERM=col_coef is not None,
-        POS_TERM=pos_coef is not None and meta["HAS_LABELS"],
-        HAS_PAIR_LSE=pair_lse is not None, BLOCK_D_OUT=block_d_out)
-    d_slices = triton.cdiv(d, block_d_out)
+    """dq, dk (empty unless need_dk), and the sums of G·dot and, for SigLIP
+    (bias given), of G: G in row chunks from the tiles kernel, then the two
+    products through torch's matmul, accumulated in fp32."""
+    tiles = _Tiles(q, k, scale, q_labels, k_labels, exclude_offset, bias)
+    n, m = tiles.n, tiles.m
+    grad_scale = _grad_scale(q.dtype, (row_coef, col_coef, pos_coef), q.device)
+    # dq and dk are s·G·k and s·Gᵀ·q, and G was multiplied by grad_scale.
+    out_scale = scale / grad_scale
+    dq = torch.zeros_like(tiles.q)
+    dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device) if need_dk else None
+    sums = torch.zeros(2, dtype=torch.float32, device=q.device)
+    chunks = tiles.row_chunks(m * q.element_size(), CHUNK_BYTES) if n > 0 and m > 0 else []
+    if chunks:
+        grad_buffer = torch.empty(chunks[0][1] - chunks[0][0], m, dtype=q.dtype,
+                                  device=q.device)
+    flags = dict(PASS=_GRAD, SIGLIP=bias is not None, NEG_ONLY=neg_only and q_labels is not None,
+                 COL_STATS=False, ROW_TERM=row_coef is not None, COL_TERM=col_coef is not None,
+                 POS_TERM=pos_coef is not None and q_labels is not None,
+                 HAS_PAIR_LSE=pair_lse is not None)
+    vectors = dict(row_lse=row_lse, row_coef=row_coef, col_lse=col_lse, col_coef=col_coef,
+                   pos_coef=pos_coef, pair_lse=pair_lse)
+    for r0, r1 in chunks:
+        grad = grad_buffer[: r1 - r0]
+        row_part, _ = tiles.launch("info_nce.grad", r0, r1, vectors,
+                                   {"grad": grad, "grad_scale": grad_scale}, **flags)
+        sums += row_part[:, :2].sum((0, 2))
+        dq[r0:r1] = _matmul_fp32(grad, tiles.k).mul_(out_scale)
+        if need_dk:
+            dk = _addmm_fp32(dk, grad.t(), tiles.q[r0:r1])
+    dk = dk.mul_(out_scale).to(k.dtype) if need_dk else k.new_empty(0)
+    return dq, dk, sums
 
-    dq = torch.empty_like(q)
-    row_partials = torch.zeros(2, n, dtype=torch.float32, device=q.device)
-    if n > 0:
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), d_slices)  # noqa: E731
-        _dq_kernel[grid](q, k, scale, *vectors[:1], *labels, *vectors[1:], dq, *row_partials,
-                         n, m, d, offset, **meta)
-    dk = k.new_empty(0)
-    if need_dk:
-        dk = torch.empty_like(k)
-        if m > 0:
-            grid = lambda meta: (triton.cdiv(m, meta["BLOCK_N"]), d_slices)  # noqa: E731
-            _dk_kernel[grid](q, k, scale, *vectors[:1], *labels, *vectors[1:], dk,
-                             n, m, d, offset, **meta)
-    return dq, dk, row_partials
+
+# cuBLAS can return fp32 products of 16-bit operands (torch's out_dtype, CUDA only);
+# where this torch lacks it, the 16-bit product is widened instead (one more rounding).
+_fp32_output = {"available": True}
+
+
+def _matmul_fp32(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b in fp32: 16-bit operands keep their fp32 accumulation instead of a
+    rounding to 16 bits where cuBLAS offers it."""
+    if a.dtype == torch.float32:
+        return torch.mm(a, b)
+    if not a.is_cuda:
+        return torch.mm(a.float(), b.float())
+    if _fp32_output["available"]:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            _fp32_output["available"] = False
+    return torch.mm(a, b).float()
+
+
+def _addmm_fp32(acc: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """acc + a @ b for an fp32 acc (see _matmul_fp32)."""
+    if a.dtype == torch.float32:
+        return acc.addmm_(a, b)
+    if not a.is_cuda:
+        return acc.addmm_(a.float(), b.float())
+    if _fp32_output["available"]:
+        try:
+            return torch.addmm(acc, a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            _fp32_output["available"] = False
+    return acc.add_(torch.mm(a, b))
 
 
 def infonce_bwd(q, k, scale, q_labels, k_labels, exclude_offset, neg_only,
                 row_lse, row_coef, col_lse, col_coef, pos_coef, pair_lse, need_dk):
     _check(q, k, q_labels, k_labels)
-    dq, dk, row_partials = _backward(
+    dq, dk, sums = _backward(
         q, k, scale, None, q_labels, k_labels, exclude_offset, neg_only,
         row_lse if row_coef is not None else None, row_coef,
         col_lse if col_coef is not None else None, col_coef,
         pos_coef, pair_lse if pos_coef is not None else None, need_dk)
-    return dq, dk, row_partials[0].sum()
+    return dq, dk, sums[0]
 
 
 def siglip_bwd(q, k, scale, bias, q_labels, k_labels, row_coef, need_dk):
     _check(q, k, q_labels, k_labels)
-    dq, dk, row_partials = _backward(q, k, scale, bias, q_labels, k_labels, None, False,
-                                     None, row_coef, None, None, None, None, need_dk)
-    return dq, dk, row_partials[0].sum(), row_partials[1].sum()
+    dq, dk, sums = _backward(q, k, scale, bias, q_labels, k_labels, None, False,
+                             None, row_coef, None, None, None, None, need_dk)
+    return dq, dk, sums[0].clone(), sums[1].clone()  # results must not alias

@@ -136,10 +136,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> infonce_fwd_cuda(
   check_operands(q, k);
   TORCH_CHECK(!(col_stats && neg_only),
               "infonce_fwd: col_stats together with neg_only is an error");
-  const c10::cuda::CUDAGuard guard(q.device());
   const float* scale_ptr = scalar_pointer(scale, q, "scale");
   const PairMasks masks = pair_masks(q, k, q_labels, k_labels, exclude_offset, neg_only);
   const int64_t n = q.size(0), m = k.size(0);
+  // The device guard comes after the argument checks: a failed check throws
+  // before any device state changes.
+  const c10::cuda::CUDAGuard guard(q.device());
   Tensor row_lse = stats_vector(q, n), pos_sum = stats_vector(q, n), pos_count = stats_vector(q, n);
   Tensor col_lse = stats_vector(q, col_stats ? m : 0);
   check_launch(infonce_fwd(element_type(q), q.data_ptr(), k.data_ptr(), n, m, q.size(1), scale_ptr,
@@ -157,11 +159,11 @@ std::tuple<Tensor, Tensor> infonce_pair_fwd_cuda(const Tensor& q, const Tensor& 
                                                  std::optional<int64_t> exclude_offset,
                                                  const Tensor& neg_lse) {
   check_operands(q, k);
-  const c10::cuda::CUDAGuard guard(q.device());
   const float* scale_ptr = scalar_pointer(scale, q, "scale");
   const PairMasks masks = pair_masks(q, k, q_labels, k_labels, exclude_offset, false);
   const int64_t n = q.size(0), m = k.size(0);
   check_vector(neg_lse, q, "neg_lse", n, at::kFloat);
+  const c10::cuda::CUDAGuard guard(q.device());
   Tensor loss_sum = stats_vector(q, n), sigmoid_sum = stats_vector(q, n);
   check_launch(infonce_pair_fwd(element_type(q), q.data_ptr(), k.data_ptr(), n, m, q.size(1),
                                 scale_ptr, masks, neg_lse.data_ptr<float>(),
@@ -178,7 +180,6 @@ std::tuple<Tensor, Tensor, Tensor> infonce_bwd_cuda(
     const OptionalTensor& col_coef, const OptionalTensor& pos_coef,
     const OptionalTensor& pair_lse, bool need_dk) {
   check_operands(q, k);
-  const c10::cuda::CUDAGuard guard(q.device());
   const float* scale_ptr = scalar_pointer(scale, q, "scale");
   const PairMasks masks = pair_masks(q, k, q_labels, k_labels, exclude_offset, neg_only);
   const int64_t n = q.size(0), m = k.size(0);
@@ -189,6 +190,7 @@ std::tuple<Tensor, Tensor, Tensor> infonce_bwd_cuda(
   terms.col_coef = stats_pointer(col_coef, q, "col_coef", m);
   terms.pos_coef = stats_pointer(pos_coef, q, "pos_coef", n);
   terms.pair_lse = stats_pointer(pair_lse, q, "pair_lse", n);
+  const c10::cuda::CUDAGuard guard(q.device());
   const OptionalTensor grad_scale =
       fp16_grad_scale(q, {present(row_coef), present(col_coef), present(pos_coef)});
   Tensor dq = at::empty_like(q), dk = empty_grad(k, need_dk);
@@ -205,11 +207,11 @@ std::tuple<Tensor, Tensor, Tensor> infonce_bwd_cuda(
 Tensor siglip_fwd_cuda(const Tensor& q, const Tensor& k, const Tensor& scale, const Tensor& bias,
                        const OptionalTensor& q_labels, const OptionalTensor& k_labels) {
   check_operands(q, k);
-  const c10::cuda::CUDAGuard guard(q.device());
   const float* scale_ptr = scalar_pointer(scale, q, "scale");
   const float* bias_ptr = scalar_pointer(bias, q, "bias");
   const PairMasks masks = pair_masks(q, k, q_labels, k_labels, std::nullopt, false);
   const int64_t n = q.size(0), m = k.size(0);
+  const c10::cuda::CUDAGuard guard(q.device());
   Tensor row_loss = stats_vector(q, n);
   check_launch(siglip_fwd(element_type(q), q.data_ptr(), k.data_ptr(), n, m, q.size(1), scale_ptr,
                           bias_ptr, masks.q_labels, masks.k_labels, row_loss.data_ptr<float>(),
@@ -223,12 +225,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> siglip_bwd_cuda(
     const OptionalTensor& q_labels, const OptionalTensor& k_labels, const Tensor& row_coef,
     bool need_dk) {
   check_operands(q, k);
-  const c10::cuda::CUDAGuard guard(q.device());
   const float* scale_ptr = scalar_pointer(scale, q, "scale");
   const float* bias_ptr = scalar_pointer(bias, q, "bias");
   const PairMasks masks = pair_masks(q, k, q_labels, k_labels, std::nullopt, false);
   const int64_t n = q.size(0), m = k.size(0);
   check_vector(row_coef, q, "row_coef", n, at::kFloat);
+  const c10::cuda::CUDAGuard guard(q.device());
   const OptionalTensor grad_scale = fp16_grad_scale(q, {&row_coef});
   Tensor dq = at::empty_like(q), dk = empty_grad(k, need_dk);
   Tensor dscale = at::empty({}, q.options().dtype(at::kFloat));

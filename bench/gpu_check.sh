@@ -14,8 +14,8 @@
 #   bash bench/gpu_check.sh
 #
 # Finishes within GPU_CHECK_SECONDS (default 450). The log streams to stdout;
-# when OUT names a folder, the log, tuned.json and the results files are
-# copied there. Exits non-zero when a stage failed (later stages still run).
+# when OUT names a folder, the log goes there too and tuned.json and the
+# results files are copied there after every stage. Exits non-zero when a stage failed (later stages still run).
 # PYTHON picks the interpreter (default python3), PYCLLOSS_CUDA_ARCH the target
 # (default: the GPU's compute capability, e.g. 90 on H100/H200).
 set -uo pipefail
@@ -27,6 +27,17 @@ LIMIT=${GPU_CHECK_SECONDS:-450}
 LOG=$(mktemp -t gpu_check.XXXXXX)
 STARTED=$(mktemp -t gpu_check_start.XXXXXX)  # results newer than this come from this run
 
+# save: copies tuned.json and this run's results to OUT (after every stage, so
+# that a run stopped from outside still leaves what it measured).
+save() {
+  [ -n "${OUT:-}" ] || return 0
+  mkdir -p "${OUT}"
+  cp triton_kernels/tuned.json "${OUT}/" 2>/dev/null
+  for result in bench/results/gpu-*.md bench/results/sorting-gpu-*.md /tmp/energy-gpu.md; do
+    if [ -f "${result}" ] && [ "${result}" -nt "${STARTED}" ]; then cp "${result}" "${OUT}/"; fi
+  done
+}
+
 # stage NAME SECONDS COMMAND...: runs COMMAND with a time limit, reports its exit.
 stage() {
   local name=$1 seconds=$2
@@ -37,6 +48,7 @@ stage() {
   local rc=$?
   [ "${rc}" -eq 124 ] && echo "=== ${name}: stopped at its time limit"
   echo "=== ${name}: exit ${rc}, ${SECONDS} s elapsed"
+  save
   return "${rc}"
 }
 
@@ -122,14 +134,8 @@ EOF
   return "${failed}"
 }
 
+[ -n "${OUT:-}" ] && mkdir -p "${OUT}" && LOG="${OUT}/gpu_check.log"
 main 2>&1 | tee "${LOG}"
 status=${PIPESTATUS[0]}
-if [ -n "${OUT:-}" ]; then
-  mkdir -p "${OUT}"
-  cp "${LOG}" "${OUT}/gpu_check.log"
-  cp triton_kernels/tuned.json "${OUT}/" 2>/dev/null
-  for result in bench/results/gpu-*.md bench/results/sorting-gpu-*.md /tmp/energy-gpu.md; do
-    if [ -f "${result}" ] && [ "${result}" -nt "${STARTED}" ]; then cp "${result}" "${OUT}/"; fi
-  done
-fi
+save
 exit "${status}"

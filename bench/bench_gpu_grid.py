@@ -59,6 +59,12 @@ def inf_cl_clip():
         from inf_cl import cal_inf_loss
     except Exception as exc:
         return None, f"Inf-CL does not import here ({type(exc).__name__})"
+    import torch.distributed as dist
+
+    if not dist.is_initialized():  # its scale gradient all-reduces even on one GPU
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29531")
+        dist.init_process_group("nccl", rank=0, world_size=1)
     # One direction per call: CLIP is the mean of the two directions.
     return (lambda img, txt, scale: (cal_inf_loss(img, txt, scale=scale) +
                                      cal_inf_loss(txt, img, scale=scale)) / 2), None

@@ -114,7 +114,7 @@ EOF
   if ! stage crash-probe 40 "${PYTHON}" -m pytest -q -p no:cacheprovider "${probe}"; then
     failed=1
     command -v cuda-gdb >/dev/null && timeout 60 cuda-gdb -batch -ex run -ex bt \
-      --args "${PYTHON}" -m pytest -q -p no:cacheprovider "${probe}" 2>&1 | tail -n 40
+      --args "${PYTHON}" -m pytest -q -p no:cacheprovider "${probe}" 2>&1 | grep -m 30 "^#"
   fi
 
   # Tests in parallel processes: a crash (segfault) then fails its test only.

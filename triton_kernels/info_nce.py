@@ -56,7 +56,8 @@ CHUNK_BYTES = 64 << 20
 COLUMN_STATS_BYTES = 32 << 20
 CHUNK_ROWS = 256  # chunks are a multiple of this many rows (of any row block)
 
-_LSE, _PAIR, _SIGLIP, _GRAD = 0, 1, 2, 3
+# The passes of the tiles kernel (constexprs: the compiler reads only those globals).
+_LSE, _PAIR, _SIGLIP, _GRAD = (tl.constexpr(i) for i in range(4))
 
 
 def _configs():
@@ -401,8 +402,15 @@ def _row_grid(n: int):
 def _candidates(dtype: torch.dtype, d: int):
     """Tile configurations worth timing for the tiles kernel (first: the default)."""
     if _INTERPRET:
-        shapes = [(32, 32, 32, 4, 1, True), (32, 32, 32, 4, 1, False)]
-    elif dtype == torch.float32:  # 4-byte operands: narrower feature chunks
+        return [dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=32, FLAT_LOOP=flat, num_warps=4,
+                     num_stages=1) for flat in (True, False)]
+    return _gpu_candidates(dtype, d)
+
+
+def _gpu_candidates(dtype: torch.dtype, d: int):
+    """The candidates on a GPU; all of them compile for sm_90 within its shared
+    memory (tests/triton_sm90.py checks)."""
+    if dtype == torch.float32:  # 4-byte operands: narrower feature chunks
         shapes = [(128, 128, 32, 8, 3, True), (128, 64, 32, 4, 3, True),
                   (64, 128, 32, 4, 3, True), (128, 128, 64, 8, 2, True),
                   (128, 128, 32, 8, 3, False)]

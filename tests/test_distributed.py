@@ -139,7 +139,8 @@ def _peak_extra_bytes(loss: Callable, strategy: str) -> int:
     return peak
 
 
-def _worker(rank, world, port, sizes, seed, out_dir, on_gpu):
+def _worker(rank, world, port, out_dir, on_gpu, body, args):
+    """One rank: joins the group, saves what ``body(rank, device, *args)`` returns."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     device = torch.device("cuda", rank) if on_gpu else torch.device("cpu")
@@ -147,19 +148,25 @@ def _worker(rank, world, port, sizes, seed, out_dir, on_gpu):
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if on_gpu else "gloo", rank=rank, world_size=world)
     try:
-        start, stop = sum(sizes[:rank]), sum(sizes[:rank + 1])
-        results = {}
-        for name, case in _cases(sizes, seed).items():
-            for strategy in case.strategies:
-                for backend in ("auto",) if on_gpu else BACKENDS:
-                    results[name, strategy, backend] = _run(
-                        case, start, stop, backend, device, gather_distributed=True,
-                        strategy=strategy)
-        if not on_gpu:
-            _cpu_only_results(results, sizes, seed, start, stop, rank)
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save(body(rank, device, *args), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def _global_batch_results(rank, device, sizes, seed):
+    """Every case on this rank's rows (and, on the CPU, the tests beyond the cases)."""
+    on_gpu = device.type == "cuda"
+    start, stop = sum(sizes[:rank]), sum(sizes[:rank + 1])
+    results = {}
+    for name, case in _cases(sizes, seed).items():
+        for strategy in case.strategies:
+            for backend in ("auto",) if on_gpu else BACKENDS:
+                results[name, strategy, backend] = _run(
+                    case, start, stop, backend, device, gather_distributed=True,
+                    strategy=strategy)
+    if not on_gpu:
+        _cpu_only_results(results, sizes, seed, start, stop, rank)
+    return results
 
 
 def _cpu_only_results(results, sizes, seed, start, stop, rank):
@@ -189,15 +196,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn(world: int, sizes, seed: int, out_dir: str, on_gpu: bool = False):
-    """Run the workers; a hang or a failed rank fails the test instead of blocking."""
+def _spawn(world: int, out_dir: str, *args, on_gpu: bool = False, body=_global_batch_results):
+    """Run ``body(rank, device, *args)`` on every rank; a hang or a failed rank
+    fails the test instead of blocking."""
     ctx = mp.get_context("spawn")
     # a fixed mmap threshold: glibc hands large buffers back, so RSS follows live memory
     env_before = os.environ.get("MALLOC_MMAP_THRESHOLD_")
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"
     try:
         port = _free_port()
-        procs = [ctx.Process(target=_worker, args=(r, world, port, sizes, seed, out_dir, on_gpu))
+        procs = [ctx.Process(target=_worker, args=(r, world, port, out_dir, on_gpu, body, args))
                  for r in range(world)]
         for p in procs:
             p.start()
@@ -227,7 +235,7 @@ def spawned(tmp_path_factory):
     runs = {}
     for world, sizes in WORLD_SIZES.items():
         out_dir = str(tmp_path_factory.mktemp(f"world{world}"))
-        runs[world] = (seed, _spawn(world, sizes, seed, out_dir))
+        runs[world] = (seed, _spawn(world, out_dir, sizes, seed))
     return runs
 
 
@@ -274,7 +282,7 @@ def test_nccl_matches_the_global_batch(tmp_path):
         pytest.skip("needs 2 or more GPUs")
     sizes = tuple(5 + (r % 3) for r in range(world))
     seed = int(torch.randint(0, 2**31, ()))
-    per_rank = _spawn(world, sizes, seed, str(tmp_path), on_gpu=True)
+    per_rank = _spawn(world, str(tmp_path), sizes, seed, on_gpu=True)
     for name, strategy in RUNS:
         _assert_matches(per_rank, sizes, seed, name, strategy, "auto", "cuda")
 
@@ -351,5 +359,73 @@ def test_bad_arguments():
         fn.nt_xent(z, z, strategy="tree")
     with pytest.raises(TypeError, match="gather_distributed"):
         fn.clip_loss(z, z, 1.0, gather_distributed=1)
-    with pytest.raises(RuntimeError, match="init_process_group"):
-        pyclloss.SupConLoss(gather_distributed=True)(z, torch.arange(4))
+
+
+def test_without_a_process_group_it_is_one_process():
+    """gather_distributed=True before init_process_group: world size 1, as in lightly."""
+    assert not dist.is_initialized()
+    z1, z2, y = torch.randn(6, 8), torch.randn(6, 8), torch.randint(0, 3, (6,))
+    calls = {
+        "nt_xent": lambda **kw: fn.nt_xent(z1, z2, **kw),
+        "supcon": lambda **kw: pyclloss.SupConLoss(**kw)(z1, y),
+        "info_nce": lambda **kw: fn.info_nce(z1, z2, **kw),
+        "clip": lambda **kw: fn.clip_loss(z1, z2, 5.0, **kw),
+        "gated": lambda **kw: fn.gated_info_nce(z1, z2, torch.sigmoid(z2), y, (y + 1) % 3, **kw),
+    }
+    for name, call in calls.items():
+        for strategy in STRATEGIES:
+            assert torch.equal(call(gather_distributed=True, strategy=strategy), call()), name
+
+
+# ------------------------------------------------- ranks that call with different arguments
+
+def _mismatched_calls(rank, device):
+    """What each call raised on this rank (or "no error"): the last rank changes
+    one argument of each call; the final call agrees everywhere."""
+    z = torch.randn(4, DIM, generator=torch.Generator().manual_seed(0))
+    odd = int(rank == dist.get_world_size() - 1)
+    narrow = z[:, odd:]  # one feature fewer on the last rank
+    y = torch.arange(4) % 2
+    on = {"gather_distributed": True}
+    calls = {
+        "feature size": lambda: fn.nt_xent(narrow, narrow, **on),
+        "dtype": lambda: fn.clip_loss(z.double() if odd else z, z.double() if odd else z, 5.0,
+                                      **on),
+        "temperature": lambda: fn.supcon(z, y, 0.2 if odd else 0.1, **on),
+        "base_temperature": lambda: fn.supcon(z, y, 0.1, 0.3 if odd else 0.5, **on),
+        "logit_bias": lambda: fn.siglip_loss(z, z, 5.0, -1.0 if odd else -2.0, **on),
+        "strategy": lambda: fn.pair_nt_xent(z, y, strategy="ring" if odd else "all_gather", **on),
+        "reduction": lambda: fn.info_nce(z, z, reduction="sum" if odd else "mean", **on),
+        "gated feature size": lambda: fn.gated_info_nce(narrow, narrow, torch.sigmoid(narrow),
+                                                        y, 1 - y, **on),
+        "agreeing": lambda: fn.nt_xent(z, z, **on),
+    }
+    outcome = {}
+    for name, call in calls.items():
+        try:
+            call()
+            outcome[name] = "no error"
+        except ValueError as error:
+            outcome[name] = str(error)
+    return outcome
+
+
+# the field each mismatch names
+MISMATCHES = {"feature size": "feature size", "dtype": "dtype", "temperature": "temperature",
+              "base_temperature": "base_temperature", "logit_bias": "logit_bias",
+              "strategy": "strategy", "reduction": "reduction",
+              "gated feature size": "feature size"}
+
+
+def test_mismatched_arguments_raise_the_same_error_on_every_rank(tmp_path):
+    """A feature size, dtype, strategy, reduction or scalar that differs between
+    ranks is one ValueError on every rank, before a collective it would break
+    (gloo aborts the process on mismatched sizes); the group stays usable."""
+    world = 3
+    per_rank = _spawn(world, str(tmp_path), body=_mismatched_calls)
+    for call, field in MISMATCHES.items():
+        messages = {outcome[call] for outcome in per_rank}
+        assert len(messages) == 1, (call, messages)
+        message = messages.pop()
+        assert f"\n  {field}: " in message and f"on rank {world - 1}" in message, (call, message)
+    assert all(outcome["agreeing"] == "no error" for outcome in per_rank)

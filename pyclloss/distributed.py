@@ -512,6 +512,11 @@ class Exchange:
                              "strategy, reduction and scalars):\n  " + "\n  ".join(differences))
         return Layout(tuple(table[:, 0].tolist()), self.rank)
 
+    def all_rows(self, x: Tensor, layout: Layout) -> Tensor:
+        """Every rank's rows of ``x``, rank-major, without gradient (MoCo's
+        concat_all_gather, with uneven row counts)."""
+        return _gather_rows(x.detach().contiguous(), layout.sizes, self.group)
+
     def replicated(self, value: Tensor) -> Tensor:
         """A scalar every rank holds; its gradient becomes the mean over ranks."""
         return _Replicated.apply(value, self.group) if value.requires_grad else value

@@ -206,13 +206,20 @@ def supcon(features: Tensor, labels: Optional[Tensor] = None, temperature=0.1,
 
 def info_nce(query: Tensor, key: Tensor, temperature=0.07, targets: Optional[Tensor] = None,
              queue: Optional[Tensor] = None, weights: Optional[Tensor] = None,
-             normalize: bool = True, *, reduction: str = "mean", backend: str = "auto",
-             gather_distributed: bool = False, process_group=None,
-             strategy: str = "all_gather") -> Tensor:
-    """InfoNCE, one direction (van den Oord et al. 2018; MoCo's loss with a queue).
+             normalize: bool = True, *, in_batch_negatives: bool = True,
+             reduction: str = "mean", backend: str = "auto", gather_distributed: bool = False,
+             process_group=None, strategy: str = "all_gather") -> Tensor:
+    """InfoNCE, one direction (van den Oord et al. 2018), optionally with a queue.
 
-    ``L_i = −l_{i,t_i} + LSE_j l_ij`` over the keys and the queue's extra
-    negatives, ``l = <q, k> / τ``. The queue gets no gradient.
+    ``L_i = −l_{i,t_i} + LSE_{j∈N_i ∪ {t_i}} l_ij``, ``l = <q, k> / τ``; the
+    queue gets no gradient. Which keys are negatives (N_i):
+
+    * ``in_batch_negatives=True`` (default): every key but the query's own, plus
+      the queue (the in-batch InfoNCE of CPC and CLIP's one direction; with a
+      queue, ESimCSE's in-batch + momentum-queue form);
+    * ``in_batch_negatives=False``: the queue only, each query meeting just its
+      own key: MoCo's ``CE([q·k₊, q·queueᵀ] / τ, 0)`` (He et al., CVPR 2020),
+      what :class:`pyclloss.MoCoLoss` computes. Needs a queue.
 
     Args:
         query: (N, D); key: (M, D); targets: (N,) key index of each query's
@@ -220,10 +227,13 @@ def info_nce(query: Tensor, key: Tensor, temperature=0.07, targets: Optional[Ten
         queue: optional (Q, D) extra negatives (detached, cast to the query's dtype).
         weights: optional (N,) per-anchor weights.
         normalize: L2-normalise query, key and queue first (default True).
+        in_batch_negatives: whether the other keys are negatives (above).
         gather_distributed, process_group, strategy: see the module docstring;
-            ``targets`` index the local keys, every rank's keys are negatives,
-            and the queue is used as given on each rank (pass the same queue
-            everywhere for the single-process result).
+            ``targets`` index the local keys; with ``in_batch_negatives`` every
+            rank's keys are negatives, without it each query meets its own key
+            only and the mean runs over the global batch. The queue is used as
+            given on each rank (pass the same queue everywhere for the
+            single-process result).
     """
     _checks.features("query", query)
     _checks.features("key", key)
@@ -239,6 +249,12 @@ def info_nce(query: Tensor, key: Tensor, temperature=0.07, targets: Optional[Ten
         # a stored queue (often float32 under autocast) joins in the query's dtype
         queue = _checks.features("queue", queue).to(query.dtype)
         _checks.same_kind("queue", queue, "query", query)
+    if not isinstance(in_batch_negatives, bool):
+        raise TypeError(f"in_batch_negatives must be a bool, got "
+                        f"{type(in_batch_negatives).__name__}")
+    if not in_batch_negatives and queue is None:
+        raise ValueError("in_batch_negatives=False needs a queue: the queue holds the only "
+                         "negatives")
     weights = _checks.weights("weights", weights, n, device)
     reduction = _checks.reduction(reduction)
     tau = _checks.positive("temperature", temperature, device, stats_dtype(query.dtype))
@@ -246,16 +262,21 @@ def info_nce(query: Tensor, key: Tensor, temperature=0.07, targets: Optional[Ten
     backend = resolve(backend, device)
     if backend == "reference" and exchange is None:
         return reference.info_nce(query, key, tau, targets, queue, weights, normalize,
-                                  reduction=reduction)
+                                  reduction=reduction, in_batch_negatives=in_batch_negatives)
     prep = _unit if normalize else (lambda x: x.contiguous())
     q, k = prep(query), prep(key)
     if exchange is not None:
         keys = exchange.layout(m, k, reduction, temperature=tau)
         scale = 1 / exchange.replicated(tau)
+    else:
+        scale = 1 / tau
+    if not in_batch_negatives:  # the own key: the positive and the only key in the softmax
+        dt = stats_dtype(q.dtype)
+        lse = pos_sum = scale * (q.to(dt) * k[targets].to(dt)).sum(1)
+    elif exchange is not None:
         lse, pos_sum, _ = exchange.row_stats(q, targets + keys.offset, k, keys.ids(device), keys,
                                              scale, False, False, backend)
     else:
-        scale = 1 / tau
         key_index = torch.arange(m, device=device)
         lse, pos_sum, _, _ = core.infonce_fwd(q, k, scale, targets, key_index, None, False, False,
                                               backend)

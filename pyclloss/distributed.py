@@ -20,14 +20,19 @@ averaged the parameter gradients over ranks, every parameter holds exactly the
 single-process gradient dL/dθ. Scalars every rank holds (temperature,
 logit_scale, logit_bias) are averaged over ranks inside backward: their
 gradient is dL/ds on every rank already, and DDP's averaging keeps it so.
-See docs/distributed.md.
+
+A call's first collective (``Exchange.layout``) gathers the row counts with
+what every rank must share (feature size, dtype, strategy, reduction, the
+scalars); a mismatch raises the same ValueError on every rank. Without an
+initialised process group a loss runs on one process. See docs/distributed.md.
 """
 
-from typing import Callable, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
+from ._checks import FLOAT_DTYPES, REDUCTIONS
 from .backends import kernel
 from .ops import gated_info_nce as gated_ops
 from .ops import info_nce as core
@@ -110,12 +115,65 @@ class _Replicated(torch.autograd.Function):
         return grad / dist.get_world_size(ctx.group), None
 
 
+def _gather_small(mine: Tensor, group) -> Tensor:
+    """(W, F) table of every rank's small tensor ``mine`` (F,), on the host."""
+    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, mine, group=group)
+    return torch.stack(parts).cpu()
+
+
 def row_counts(n: int, device: torch.device, group) -> Tuple[int, ...]:
     """Rows on every rank (one small all_gather)."""
-    mine = torch.tensor([n], dtype=torch.int64, device=device)
-    counts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(counts, mine, group=group)
-    return tuple(int(c) for c in counts)
+    counts = _gather_small(torch.tensor([n], dtype=torch.int64, device=device), group)
+    return tuple(int(c) for c in counts[:, 0])
+
+
+# --------------------------------------------- what every rank of a call must agree on
+
+# A call's record: rows, then the fields every rank must share, then the bits
+# (float64 viewed as int64) of up to _MAX_SCALARS named scalars.
+_AGREED = ("feature size", "dtype", "strategy", "reduction")
+_MAX_SCALARS = 2
+
+
+def _call_record(n: int, features: Tensor, strategy: str, reduction: str,
+                 scalars: Dict[str, object]) -> Tensor:
+    """This rank's record of a loss call, int64 on the features' device (no host sync)."""
+    device = features.device
+    head = torch.tensor([n, features.shape[-1], FLOAT_DTYPES.index(features.dtype),
+                         STRATEGIES.index(strategy), REDUCTIONS.index(reduction)],
+                        dtype=torch.int64, device=device)
+    values = [torch.as_tensor(v, dtype=torch.float64, device=device).detach().reshape(())
+              for v in scalars.values()]
+    values += [torch.zeros((), dtype=torch.float64, device=device)] * (_MAX_SCALARS - len(values))
+    return torch.cat([head, torch.stack(values).view(torch.int64)])
+
+
+def _as_float64(bits: int) -> float:
+    return torch.tensor(bits, dtype=torch.int64).view(torch.float64).item()
+
+
+def _disagreements(table: Tensor, scalar_names: Sequence[str]) -> List[str]:
+    """One line per field of the records (W, F) that differs between ranks."""
+    shown = {"dtype": lambda i: str(FLOAT_DTYPES[i]), "strategy": lambda i: repr(STRATEGIES[i]),
+             "reduction": lambda i: repr(REDUCTIONS[i])}
+    fields = [(name, 1 + i, shown.get(name, str)) for i, name in enumerate(_AGREED)]
+    fields += [(name, 1 + len(_AGREED) + i, lambda bits: f"{_as_float64(bits):.7g}")
+               for i, name in enumerate(scalar_names)]
+    lines = []
+    for name, column, show in fields:
+        ranks_of = {}
+        for rank, value in enumerate(table[:, column].tolist()):
+            ranks_of.setdefault(value, []).append(str(rank))
+        if len(ranks_of) == 1:
+            continue
+        labels = [show(value) for value in ranks_of]
+        if len(set(labels)) < len(labels):  # scalars that differ in the last digits
+            labels = [repr(_as_float64(value)) for value in ranks_of]
+        lines.append(f"{name}: " + "; ".join(
+            f"{label} on rank{'s' if len(ranks) > 1 else ''} {', '.join(ranks)}"
+            for label, ranks in zip(labels, ranks_of.values())))
+    return lines
 
 
 # ------------------------------------------------------------------------- the ring
@@ -430,14 +488,34 @@ class Exchange:
     """How one loss call meets the other ranks' rows: through ``strategy`` in ``group``."""
 
     def __init__(self, group, strategy: str):
-        self.group = group
+        self.group, self.strategy = group, strategy
         self.rank = dist.get_rank(group)
         if self.rank < 0:
             raise ValueError("process_group does not contain this process")
         self.ring = _Ring(group) if strategy == "ring" else None
 
-    def layout(self, n: int, device: torch.device) -> Layout:
-        return Layout(row_counts(n, device, self.group), self.rank)
+    def layout(self, n: int, features: Tensor, reduction: str, **scalars) -> Layout:
+        """The rows (``n`` here) on every rank, the call's first collective.
+
+        The same small all_gather checks that every rank calls with the same
+        feature size and dtype (of ``features``), strategy, ``reduction`` and
+        named ``scalars`` (temperature, ...; at most two): a mismatch
+        raises the same ValueError on every rank, before any collective that
+        it would break.
+        """
+        record = _call_record(n, features, self.strategy, reduction, scalars)
+        table = _gather_small(record, self.group)
+        differences = _disagreements(table, list(scalars))
+        if differences:
+            raise ValueError("the ranks of the process group called the loss with different "
+                             "arguments (every rank must pass the same feature size, dtype, "
+                             "strategy, reduction and scalars):\n  " + "\n  ".join(differences))
+        return Layout(tuple(table[:, 0].tolist()), self.rank)
+
+    def all_rows(self, x: Tensor, layout: Layout) -> Tensor:
+        """Every rank's rows of ``x``, rank-major, without gradient (MoCo's
+        concat_all_gather, with uneven row counts)."""
+        return _gather_rows(x.detach().contiguous(), layout.sizes, self.group)
 
     def replicated(self, value: Tensor) -> Tensor:
         """A scalar every rank holds; its gradient becomes the mean over ranks."""
@@ -514,7 +592,8 @@ def exchange(gather_distributed: bool, process_group, strategy: str) -> Optional
     """The Exchange of a loss call, or None when it runs on the local batch only.
 
     Distributed when ``gather_distributed`` is True or a ``process_group`` is
-    given (default group: the world).
+    given (default group: the world). Without an initialised process group
+    there is one process, as in lightly: the loss runs on the local batch.
     """
     if not isinstance(gather_distributed, bool):
         raise TypeError(f"gather_distributed must be a bool, got {type(gather_distributed).__name__}")
@@ -523,6 +602,5 @@ def exchange(gather_distributed: bool, process_group, strategy: str) -> Optional
     if not gather_distributed and process_group is None:
         return None
     if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("gather_distributed=True needs an initialised torch.distributed "
-                           "process group (torch.distributed.init_process_group)")
+        return None  # world size 1
     return Exchange(process_group if process_group is not None else dist.group.WORLD, strategy)

@@ -83,7 +83,7 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature=0.5, *, weights: Optional[Tensor
     z = _unit(torch.cat([z1, z2]))
     if exchange is not None:
         # rows (z1, z2) of the local samples; a row's positive shares its sample id
-        layout = exchange.layout(b, device)
+        layout = exchange.layout(b, z, reduction, temperature=tau)
         ids = layout.ids(device).repeat(2)
         lse, pos_sum, _ = exchange.row_stats(z, ids, z, ids, layout.times(2),
                                              1 / exchange.replicated(tau), True, False, backend)
@@ -124,7 +124,8 @@ def pair_nt_xent(embeddings: Tensor, labels: Tensor, temperature=0.07, *,
         return reference.pair_nt_xent(embeddings, labels, tau, reduction=reduction)
     z = _unit(embeddings)
     if exchange is not None:
-        pos_count, loss_sum = exchange.pair_stats(z, labels, exchange.layout(n, device),
+        layout = exchange.layout(n, z, reduction, temperature=tau)
+        pos_count, loss_sum = exchange.pair_stats(z, labels, layout,
                                                   1 / exchange.replicated(tau), backend)
     else:
         scale = 1 / tau
@@ -162,8 +163,14 @@ def supcon(features: Tensor, labels: Optional[Tensor] = None, temperature=0.1,
     """
     _checks.features("features", features, ndims=(2, 3))
     device = features.device
+    reduction = _checks.reduction(reduction)
+    dt = stats_dtype(features.dtype)
+    tau = _checks.positive("temperature", temperature, device, dt)
+    tau_b = tau if base_temperature is None else _checks.positive(
+        "base_temperature", base_temperature, device, dt)
     exchange = distributed.exchange(gather_distributed, process_group, strategy)
-    layout = exchange.layout(features.shape[0], device) if exchange is not None else None
+    layout = exchange.layout(features.shape[0], features, reduction, temperature=tau,
+                             base_temperature=tau_b) if exchange is not None else None
     views = 1
     if features.dim() == 3:
         b, views = features.shape[:2]
@@ -181,11 +188,6 @@ def supcon(features: Tensor, labels: Optional[Tensor] = None, temperature=0.1,
         weights = _checks.weights("weights", weights, features.shape[0], device)
     if features.shape[0] < 2:
         raise ValueError(f"features needs at least 2 samples in all, got {features.shape[0]}")
-    reduction = _checks.reduction(reduction)
-    dt = stats_dtype(features.dtype)
-    tau = _checks.positive("temperature", temperature, device, dt)
-    tau_b = tau if base_temperature is None else _checks.positive(
-        "base_temperature", base_temperature, device, dt)
     backend = resolve(backend, device)
     if backend == "reference" and exchange is None:
         return reference.supcon(features, labels, tau, tau_b, weights=weights, reduction=reduction)
@@ -204,13 +206,20 @@ def supcon(features: Tensor, labels: Optional[Tensor] = None, temperature=0.1,
 
 def info_nce(query: Tensor, key: Tensor, temperature=0.07, targets: Optional[Tensor] = None,
              queue: Optional[Tensor] = None, weights: Optional[Tensor] = None,
-             normalize: bool = True, *, reduction: str = "mean", backend: str = "auto",
-             gather_distributed: bool = False, process_group=None,
-             strategy: str = "all_gather") -> Tensor:
-    """InfoNCE, one direction (van den Oord et al. 2018; MoCo's loss with a queue).
+             normalize: bool = True, *, in_batch_negatives: bool = True,
+             reduction: str = "mean", backend: str = "auto", gather_distributed: bool = False,
+             process_group=None, strategy: str = "all_gather") -> Tensor:
+    """InfoNCE, one direction (van den Oord et al. 2018), optionally with a queue.
 
-    ``L_i = −l_{i,t_i} + LSE_j l_ij`` over the keys and the queue's extra
-    negatives, ``l = <q, k> / τ``. The queue gets no gradient.
+    ``L_i = −l_{i,t_i} + LSE_{j∈N_i ∪ {t_i}} l_ij``, ``l = <q, k> / τ``; the
+    queue gets no gradient. Which keys are negatives (N_i):
+
+    * ``in_batch_negatives=True`` (default): every key but the query's own, plus
+      the queue (the in-batch InfoNCE of CPC and CLIP's one direction; with a
+      queue, ESimCSE's in-batch + momentum-queue form);
+    * ``in_batch_negatives=False``: the queue only, each query meeting just its
+      own key: MoCo's ``CE([q·k₊, q·queueᵀ] / τ, 0)`` (He et al., CVPR 2020),
+      what :class:`pyclloss.MoCoLoss` computes. Needs a queue.
 
     Args:
         query: (N, D); key: (M, D); targets: (N,) key index of each query's
@@ -218,10 +227,13 @@ def info_nce(query: Tensor, key: Tensor, temperature=0.07, targets: Optional[Ten
         queue: optional (Q, D) extra negatives (detached, cast to the query's dtype).
         weights: optional (N,) per-anchor weights.
         normalize: L2-normalise query, key and queue first (default True).
+        in_batch_negatives: whether the other keys are negatives (above).
         gather_distributed, process_group, strategy: see the module docstring;
-            ``targets`` index the local keys, every rank's keys are negatives,
-            and the queue is used as given on each rank (pass the same queue
-            everywhere for the single-process result).
+            ``targets`` index the local keys; with ``in_batch_negatives`` every
+            rank's keys are negatives, without it each query meets its own key
+            only and the mean runs over the global batch. The queue is used as
+            given on each rank (pass the same queue everywhere for the
+            single-process result).
     """
     _checks.features("query", query)
     _checks.features("key", key)
@@ -237,6 +249,12 @@ def info_nce(query: Tensor, key: Tensor, temperature=0.07, targets: Optional[Ten
         # a stored queue (often float32 under autocast) joins in the query's dtype
         queue = _checks.features("queue", queue).to(query.dtype)
         _checks.same_kind("queue", queue, "query", query)
+    if not isinstance(in_batch_negatives, bool):
+        raise TypeError(f"in_batch_negatives must be a bool, got "
+                        f"{type(in_batch_negatives).__name__}")
+    if not in_batch_negatives and queue is None:
+        raise ValueError("in_batch_negatives=False needs a queue: the queue holds the only "
+                         "negatives")
     weights = _checks.weights("weights", weights, n, device)
     reduction = _checks.reduction(reduction)
     tau = _checks.positive("temperature", temperature, device, stats_dtype(query.dtype))
@@ -244,16 +262,21 @@ def info_nce(query: Tensor, key: Tensor, temperature=0.07, targets: Optional[Ten
     backend = resolve(backend, device)
     if backend == "reference" and exchange is None:
         return reference.info_nce(query, key, tau, targets, queue, weights, normalize,
-                                  reduction=reduction)
+                                  reduction=reduction, in_batch_negatives=in_batch_negatives)
     prep = _unit if normalize else (lambda x: x.contiguous())
     q, k = prep(query), prep(key)
     if exchange is not None:
-        keys = exchange.layout(m, device)
+        keys = exchange.layout(m, k, reduction, temperature=tau)
         scale = 1 / exchange.replicated(tau)
+    else:
+        scale = 1 / tau
+    if not in_batch_negatives:  # the own key: the positive and the only key in the softmax
+        dt = stats_dtype(q.dtype)
+        lse = pos_sum = scale * (q.to(dt) * k[targets].to(dt)).sum(1)
+    elif exchange is not None:
         lse, pos_sum, _ = exchange.row_stats(q, targets + keys.offset, k, keys.ids(device), keys,
                                              scale, False, False, backend)
     else:
-        scale = 1 / tau
         key_index = torch.arange(m, device=device)
         lse, pos_sum, _, _ = core.infonce_fwd(q, k, scale, targets, key_index, None, False, False,
                                               backend)
@@ -293,7 +316,8 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, *,
     exchange = distributed.exchange(gather_distributed, process_group, strategy)
     backend = resolve(backend, device)
     if exchange is not None:
-        layout = exchange.layout(image_features.shape[0], device)
+        layout = exchange.layout(image_features.shape[0], image_features, reduction,
+                                 logit_scale=scale)
         ids, scale = layout.ids(device), exchange.replicated(scale)
         images, texts = image_features.contiguous(), text_features.contiguous()
         image_lse, image_pos, _ = exchange.row_stats(images, ids, texts, ids, layout, scale,
@@ -341,7 +365,8 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logi
                                      reduction=reduction)
     images, texts = image_features.contiguous(), text_features.contiguous()
     if exchange is not None:
-        layout = exchange.layout(images.shape[0], device)
+        layout = exchange.layout(images.shape[0], images, reduction, logit_scale=scale,
+                                 logit_bias=bias)
         ids, rows_in_all = layout.ids(device), layout.total
         rows = exchange.siglip_rows(images, ids, texts, ids, layout, exchange.replicated(scale),
                                     exchange.replicated(bias), backend)
@@ -499,7 +524,7 @@ def gated_info_nce(q: Tensor, k: Tensor, gates: Tensor, labels: Tensor, partner_
         return gated_reference.gated_info_nce(q, k, gates, labels, partner_labels, key_labels,
                                               tau, reduction=reduction)
     if exchange is not None:
-        layout = exchange.layout(n, device)
+        layout = exchange.layout(n, k, reduction, temperature=tau)
         tau = exchange.replicated(tau)
     if exchange is not None and exchange.ring is not None:
         pos_count, loss_sum = exchange.ring_gated_stats(q, gates, labels, partner_labels, k,

@@ -4,9 +4,11 @@ some of them own (MoCo's queue)."""
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from . import functional as fn
 
 Tensor = torch.Tensor
@@ -78,19 +80,22 @@ class SupConLoss(_Distributable):
 
 class InfoNCELoss(_Distributable):
     """One-direction InfoNCE; ``forward(query, key, targets=None, queue=None, weights=None)``.
-    See :func:`pyclloss.info_nce`."""
+    ``in_batch_negatives``: whether the other keys are negatives (default; else
+    the queue only, MoCo). See :func:`pyclloss.info_nce`."""
 
     def __init__(self, temperature: float = 0.07, normalize: bool = True,
                  reduction: str = "mean", backend: str = "auto", *,
-                 gather_distributed: bool = False, process_group=None,
-                 strategy: str = "all_gather"):
+                 in_batch_negatives: bool = True, gather_distributed: bool = False,
+                 process_group=None, strategy: str = "all_gather"):
         super().__init__(reduction, backend, gather_distributed, process_group, strategy)
         self.temperature, self.normalize = temperature, normalize
+        self.in_batch_negatives = in_batch_negatives
 
     def forward(self, query: Tensor, key: Tensor, targets: Optional[Tensor] = None,
                 queue: Optional[Tensor] = None, weights: Optional[Tensor] = None) -> Tensor:
         return fn.info_nce(query, key, self.temperature, targets, queue, weights, self.normalize,
-                           reduction=self.reduction, backend=self.backend, **self.distributed)
+                           in_batch_negatives=self.in_batch_negatives, reduction=self.reduction,
+                           backend=self.backend, **self.distributed)
 
 
 class ClipLoss(_Distributable):
@@ -126,30 +131,69 @@ class SigLipLoss(_Distributable):
 class MoCoLoss(nn.Module):
     """MoCo's InfoNCE with a FIFO queue of negatives (He et al., CVPR 2020).
 
-    ``forward(query, key)`` computes :func:`pyclloss.info_nce` of the queries
-    against their keys plus the queue, then enqueues the normalised, detached
-    keys, overwriting the oldest entries. The queue starts, as in MoCo, filled
-    with random unit vectors.
+    ``forward(query, key)`` is MoCo's ``CE([q·k₊, q·queueᵀ] / τ, 0)``: each
+    query against its own key and the queue, the other keys of the batch are
+    not negatives (:func:`pyclloss.info_nce` with ``in_batch_negatives=False``;
+    lightly's ``NTXentLoss`` with a memory bank). It then enqueues the
+    normalised, detached keys, overwriting the oldest entries. The queue
+    starts, as in MoCo, filled with random unit vectors.
 
     Args:
         dim: embedding size D. queue_size: number of queued negatives.
         temperature: τ (MoCo v2: 0.2).
+        gather_distributed, process_group: run over a torch.distributed group
+            (default group: the world) as one big batch: the loss is the mean
+            over every rank's queries, and every rank enqueues every rank's keys
+            (rank-major, MoCo's concat_all_gather), so all ranks hold the same
+            queue; the first such call gives every rank the queue of the
+            group's first rank. Without an initialised process group: one
+            process. Keys never travel for the loss itself, so there is no
+            ``strategy``. Gradients follow docs/distributed.md.
     """
 
     def __init__(self, dim: int, queue_size: int = 65536, temperature: float = 0.2,
-                 backend: str = "auto"):
+                 backend: str = "auto", *, gather_distributed: bool = False,
+                 process_group=None):
         super().__init__()
         if not isinstance(dim, int) or dim < 1:
             raise ValueError(f"dim must be a positive int, got {dim!r}")
         if not isinstance(queue_size, int) or queue_size < 1:
             raise ValueError(f"queue_size must be a positive int, got {queue_size!r}")
         self.temperature, self.backend = temperature, backend
+        self.gather_distributed, self.process_group = gather_distributed, process_group
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        self._queue_shared = False
 
     def forward(self, query: Tensor, key: Tensor) -> Tensor:
-        queue = self.queue.to(query.dtype)
-        loss = fn.info_nce(query, key, self.temperature, queue=queue, backend=self.backend)
+        exchange, layout = self._join(key)
+        per_query = fn.info_nce(query, key, self.temperature, queue=self.queue,
+                                in_batch_negatives=False, reduction="none", backend=self.backend)
+        return self._mean_and_enqueue(per_query, key, exchange, layout)
+
+    def _join(self, key: Tensor):
+        """(Exchange, Layout of the keys) of a distributed call, else (None, None).
+        Checks that the ranks agree, then gives them the first rank's queue once."""
+        exchange = distributed.exchange(self.gather_distributed, self.process_group, "all_gather")
+        if exchange is None:
+            return None, None
+        layout = exchange.layout(key.shape[0], key, "mean", temperature=self.temperature,
+                                 queue_size=self.queue.shape[0])
+        if not self._queue_shared:
+            first = dist.get_global_rank(exchange.group, 0)
+            dist.broadcast(self.queue, first, group=exchange.group)
+            dist.broadcast(self.queue_ptr, first, group=exchange.group)
+            self._queue_shared = True
+        return exchange, layout
+
+    def _mean_and_enqueue(self, per_query: Tensor, key: Tensor, exchange, layout) -> Tensor:
+        """The mean loss over the batch, every rank's when distributed; the keys
+        (every rank's) enqueued."""
+        if exchange is None:
+            loss = per_query.mean()
+        else:
+            loss = exchange.reduce(per_query, None, None, "mean")
+            key = exchange.all_rows(key, layout)
         self._enqueue(key)
         return loss
 
@@ -177,12 +221,17 @@ class FTMoCoLoss(MoCoLoss):
         dim, queue_size: as :class:`MoCoLoss`. temperature: τ (0.2).
         pos_alpha, neg_alpha: the Beta parameters (2.0 and 1.6 in the paper).
         normalize_mixed: normalise q̂ and k̂ after mixing (off in the paper).
+        gather_distributed, process_group: as :class:`MoCoLoss` (the mean over
+            every rank's queries, one queue on every rank). Each rank draws its
+            own mix from its own generator, as the authors' script does.
     """
 
     def __init__(self, dim: int, queue_size: int = 65536, temperature: float = 0.2,
                  pos_alpha: float = 2.0, neg_alpha: float = 1.6, normalize_mixed: bool = False,
-                 backend: str = "auto"):
-        super().__init__(dim, queue_size, temperature, backend)
+                 backend: str = "auto", *, gather_distributed: bool = False,
+                 process_group=None):
+        super().__init__(dim, queue_size, temperature, backend,
+                         gather_distributed=gather_distributed, process_group=process_group)
         for name, alpha in (("pos_alpha", pos_alpha), ("neg_alpha", neg_alpha)):
             if not isinstance(alpha, (int, float)) or not alpha > 0:
                 raise ValueError(f"{name} must be a number > 0, got {alpha!r}")
@@ -202,12 +251,12 @@ class FTMoCoLoss(MoCoLoss):
         return torch.distributions.Beta(concentration, concentration).sample()
 
     def forward(self, query: Tensor, key: Tensor) -> Tensor:
+        exchange, layout = self._join(key)
         lam_pos, lam_neg, perm = self.sample_mix()
-        loss = fn.ft_moco_loss(query, key, self.queue.to(query.dtype), lam_pos, lam_neg, perm,
-                               self.temperature, normalize_mixed=self.normalize_mixed,
-                               backend=self.backend)
-        self._enqueue(key)
-        return loss
+        per_query = fn.ft_moco_loss(query, key, self.queue, lam_pos, lam_neg, perm,
+                                    self.temperature, normalize_mixed=self.normalize_mixed,
+                                    reduction="none", backend=self.backend)
+        return self._mean_and_enqueue(per_query, key, exchange, layout)
 
 
 class HydraLoss(nn.Module):

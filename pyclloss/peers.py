@@ -12,8 +12,6 @@ import sys
 import types
 from typing import Iterable, Tuple
 
-from torch import nn
-
 
 class PeerUnavailable(ImportError):
     """A peer implementation is not installed or does not import here."""
@@ -45,27 +43,20 @@ def load_file_module(package: str, relpath: str, name: str,
     return module
 
 
-class _NoMemoryBank(nn.Module):
-    """Stands in for lightly's MemoryBankModule with size 0 (no memory bank)."""
-
-    def __init__(self, size=0, **kwargs):
-        super().__init__()
-        if size:
-            raise ValueError("the stand-in memory bank has no memory")
-
-    def forward(self, output, update=False):
-        return output, None
-
-
 def lightly_ntxent():
-    """lightly's ``NTXentLoss`` (without its memory bank and distributed gather)."""
-    bank = types.ModuleType("memory_bank")
-    bank.MemoryBankModule = _NoMemoryBank
-    stubs = [(name, types.ModuleType(name)) for name in
-             ("lightly", "lightly.models", "lightly.models.modules", "lightly.utils",
-              "lightly.utils.dist")]
-    stubs.append(("lightly.models.modules.memory_bank", bank))
-    return load_file_module("lightly", "loss/ntx_ent_loss.py", "lightly_ntxent", stubs).NTXentLoss
+    """lightly's ``NTXentLoss`` with its memory bank (``memory_bank_size``), on
+    one process: the memory bank's distributed gather (in the torchvision-bound
+    ``lightly.models.utils``) is not loaded."""
+    stubs = {name: types.ModuleType(name) for name in (
+        "lightly", "lightly.utils", "lightly.models", "lightly.models.utils",
+        "lightly.models.modules")}
+    stubs["lightly.utils"].dist = load_file_module("lightly", "utils/dist.py", "lightly_dist")
+    stubs["lightly.models"].utils = stubs["lightly.models.utils"]
+    bank = load_file_module("lightly", "models/modules/memory_bank.py", "lightly_memory_bank",
+                            stubs.items())
+    stubs["lightly.models.modules.memory_bank"] = bank
+    return load_file_module("lightly", "loss/ntx_ent_loss.py", "lightly_ntxent",
+                            stubs.items()).NTXentLoss
 
 
 def open_clip_losses():

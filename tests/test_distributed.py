@@ -51,6 +51,7 @@ def _cases(sizes, seed: int) -> Dict[str, Case]:
     # each rank's queries point at a permutation of its own keys
     local_targets = torch.cat([torch.randperm(s, generator=gen) + sum(sizes[:r])
                                for r, s in enumerate(sizes)])
+    queue = feats(7)  # MoCo's negatives: the same on every rank
     return {
         "nt_xent": Case(lambda x, s, o, **kw: fn.nt_xent(x["z1"], x["z2"], s["t"],
                                                          weights=x["w"], **kw),
@@ -68,6 +69,11 @@ def _cases(sizes, seed: int) -> Dict[str, Case]:
                                                            reduction="sum", **kw),
                          {"q": feats(n), "k": feats(n), "t": local_targets}, {"t": 0.07},
                          ("q", "k")),
+        "info_nce_own_key": Case(lambda x, s, o, **kw: fn.info_nce(
+                                     x["q"], x["k"], s["t"], x["t"] - o, queue,
+                                     in_batch_negatives=False, **kw),
+                                 {"q": feats(n), "k": feats(n), "t": local_targets},
+                                 {"t": 0.2}, ("q", "k")),
         "clip": Case(lambda x, s, o, **kw: fn.clip_loss(x["i"], x["x"], s["s"], **kw),
                      {"i": feats(n), "x": feats(n)}, {"s": 5.0}, ("i", "x")),
         "clip_fp16": Case(lambda x, s, o, **kw: fn.clip_loss(x["i"].half(), x["x"].half(),
@@ -139,7 +145,8 @@ def _peak_extra_bytes(loss: Callable, strategy: str) -> int:
     return peak
 
 
-def _worker(rank, world, port, sizes, seed, out_dir, on_gpu):
+def _worker(rank, world, port, out_dir, on_gpu, body, args):
+    """One rank: joins the group, saves what ``body(rank, device, *args)`` returns."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     device = torch.device("cuda", rank) if on_gpu else torch.device("cpu")
@@ -147,19 +154,25 @@ def _worker(rank, world, port, sizes, seed, out_dir, on_gpu):
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if on_gpu else "gloo", rank=rank, world_size=world)
     try:
-        start, stop = sum(sizes[:rank]), sum(sizes[:rank + 1])
-        results = {}
-        for name, case in _cases(sizes, seed).items():
-            for strategy in case.strategies:
-                for backend in ("auto",) if on_gpu else BACKENDS:
-                    results[name, strategy, backend] = _run(
-                        case, start, stop, backend, device, gather_distributed=True,
-                        strategy=strategy)
-        if not on_gpu:
-            _cpu_only_results(results, sizes, seed, start, stop, rank)
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save(body(rank, device, *args), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def _global_batch_results(rank, device, sizes, seed):
+    """Every case on this rank's rows (and, on the CPU, the tests beyond the cases)."""
+    on_gpu = device.type == "cuda"
+    start, stop = sum(sizes[:rank]), sum(sizes[:rank + 1])
+    results = {}
+    for name, case in _cases(sizes, seed).items():
+        for strategy in case.strategies:
+            for backend in ("auto",) if on_gpu else BACKENDS:
+                results[name, strategy, backend] = _run(
+                    case, start, stop, backend, device, gather_distributed=True,
+                    strategy=strategy)
+    if not on_gpu:
+        _cpu_only_results(results, sizes, seed, start, stop, rank)
+    return results
 
 
 def _cpu_only_results(results, sizes, seed, start, stop, rank):
@@ -179,8 +192,41 @@ def _cpu_only_results(results, sizes, seed, start, stop, rank):
         results["gated", reduction] = gated.call(
             {k: v[start:stop] for k, v in gated.rows.items()}, gated.scalars, start,
             reduction=reduction, gather_distributed=True, strategy="ring")
+    for name in MOCO_MODULES:
+        results[name] = _moco_steps(name, sizes, seed, start, stop, rank,
+                                    gather_distributed=True)
     results["memory"] = {(name, s): _peak_extra_bytes(loss, s)
                          for name, loss in _memory_losses(rank).items() for s in STRATEGIES}
+
+
+# ------------------------------------------------------------------ MoCo's queue
+
+MOCO_MODULES = ("MoCoLoss", "FTMoCoLoss")
+MOCO_QUEUE, MOCO_STEPS = 20, 3  # the global batches (12 to 18 keys) wrap around the queue
+
+
+def _moco_batches(sizes, seed):
+    """(queries, keys) of the global batch at each step."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    return [(torch.randn(sum(sizes), DIM, generator=gen), torch.randn(sum(sizes), DIM,
+                                                                      generator=gen))
+            for _ in range(MOCO_STEPS)]
+
+
+def _moco_steps(name, sizes, seed, start, stop, rank, **kw):
+    """(loss, dq, queue, queue_ptr) after each step of the MoCo module ``name`` on
+    the rows start:stop. Each rank builds its module from its own seed: the
+    first distributed call gives every rank the queue of rank 0."""
+    torch.manual_seed(seed + rank)
+    module = getattr(pyclloss, name)(DIM, MOCO_QUEUE, 0.2, backend="cpp", **kw)
+    steps = []
+    for step, (q, k) in enumerate(_moco_batches(sizes, seed)):
+        torch.manual_seed(seed + 1000 + step)  # FTMoCoLoss: the same mix on every rank
+        q = q[start:stop].clone().requires_grad_()
+        loss = module(q, k[start:stop])
+        loss.backward()
+        steps.append((loss.detach(), q.grad, module.queue.clone(), int(module.queue_ptr)))
+    return steps
 
 
 def _free_port() -> int:
@@ -189,15 +235,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn(world: int, sizes, seed: int, out_dir: str, on_gpu: bool = False):
-    """Run the workers; a hang or a failed rank fails the test instead of blocking."""
+def _spawn(world: int, out_dir: str, *args, on_gpu: bool = False, body=_global_batch_results):
+    """Run ``body(rank, device, *args)`` on every rank; a hang or a failed rank
+    fails the test instead of blocking."""
     ctx = mp.get_context("spawn")
     # a fixed mmap threshold: glibc hands large buffers back, so RSS follows live memory
     env_before = os.environ.get("MALLOC_MMAP_THRESHOLD_")
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"
     try:
         port = _free_port()
-        procs = [ctx.Process(target=_worker, args=(r, world, port, sizes, seed, out_dir, on_gpu))
+        procs = [ctx.Process(target=_worker, args=(r, world, port, out_dir, on_gpu, body, args))
                  for r in range(world)]
         for p in procs:
             p.start()
@@ -227,7 +274,7 @@ def spawned(tmp_path_factory):
     runs = {}
     for world, sizes in WORLD_SIZES.items():
         out_dir = str(tmp_path_factory.mktemp(f"world{world}"))
-        runs[world] = (seed, _spawn(world, sizes, seed, out_dir))
+        runs[world] = (seed, _spawn(world, out_dir, sizes, seed))
     return runs
 
 
@@ -237,8 +284,8 @@ def _assert_close(actual, expected, what, rtol=RTOL):
     assert err <= rtol * scale, f"{what}: max error {err:.3g} vs max |value| {scale:.3g}"
 
 
-LOSSES = ["nt_xent", "pair_nt_xent", "supcon", "supcon_views", "info_nce", "clip", "clip_fp16",
-          "siglip", "gated"]
+LOSSES = ["nt_xent", "pair_nt_xent", "supcon", "supcon_views", "info_nce", "info_nce_own_key",
+          "clip", "clip_fp16", "siglip", "gated"]
 RUNS = [(name, strategy) for name in LOSSES
         for strategy in _cases((1,), 0)[name].strategies]
 
@@ -274,7 +321,7 @@ def test_nccl_matches_the_global_batch(tmp_path):
         pytest.skip("needs 2 or more GPUs")
     sizes = tuple(5 + (r % 3) for r in range(world))
     seed = int(torch.randint(0, 2**31, ()))
-    per_rank = _spawn(world, sizes, seed, str(tmp_path), on_gpu=True)
+    per_rank = _spawn(world, str(tmp_path), sizes, seed, on_gpu=True)
     for name, strategy in RUNS:
         _assert_matches(per_rank, sizes, seed, name, strategy, "auto", "cuda")
 
@@ -345,11 +392,108 @@ def test_ring_memory_does_not_grow_with_world_size(spawned, name):
     assert gathered[4] >= gathered[3] + 2 * block, (gathered, block)  # the measure can fail
 
 
+@pytest.mark.parametrize("world", sorted(WORLD_SIZES))
+@pytest.mark.parametrize("name", MOCO_MODULES)
+def test_moco_queue_is_shared_and_the_loss_is_the_global_batchs(spawned, world, name):
+    """Keys are gathered from every rank before they are enqueued (MoCo's
+    concat_all_gather): every rank holds the single process's queue, and the
+    loss and gradients are those of the global batch."""
+    seed, per_rank = spawned[world]
+    sizes = WORLD_SIZES[world]
+    single = _moco_steps(name, sizes, seed, 0, sum(sizes), 0)
+    for rank, results in enumerate(per_rank):
+        mine = slice(sum(sizes[:rank]), sum(sizes[:rank + 1]))
+        for step, ((loss, dq, queue, ptr), (want_loss, want_dq, want_queue, want_ptr)) in \
+                enumerate(zip(results[name], single)):
+            what = f"rank {rank} step {step}"
+            _assert_close(loss, want_loss, f"{what} loss")
+            _assert_close(dq / world, want_dq[mine], f"{what} dq")
+            _assert_close(queue, want_queue, f"{what} queue")
+            assert ptr == want_ptr, f"{what} queue pointer"
+
+
 def test_bad_arguments():
     z = torch.randn(4, 8)
     with pytest.raises(ValueError, match="strategy"):
         fn.nt_xent(z, z, strategy="tree")
     with pytest.raises(TypeError, match="gather_distributed"):
         fn.clip_loss(z, z, 1.0, gather_distributed=1)
-    with pytest.raises(RuntimeError, match="init_process_group"):
-        pyclloss.SupConLoss(gather_distributed=True)(z, torch.arange(4))
+
+
+def test_without_a_process_group_it_is_one_process():
+    """gather_distributed=True before init_process_group: world size 1, as in lightly."""
+    assert not dist.is_initialized()
+    z1, z2, y = torch.randn(6, 8), torch.randn(6, 8), torch.randint(0, 3, (6,))
+    queue = torch.randn(5, 8)
+    calls = {
+        "nt_xent": lambda **kw: fn.nt_xent(z1, z2, **kw),
+        "supcon": lambda **kw: pyclloss.SupConLoss(**kw)(z1, y),
+        "info_nce": lambda **kw: fn.info_nce(z1, z2, queue=queue, in_batch_negatives=False, **kw),
+        "clip": lambda **kw: fn.clip_loss(z1, z2, 5.0, **kw),
+        "gated": lambda **kw: fn.gated_info_nce(z1, z2, torch.sigmoid(z2), y, (y + 1) % 3, **kw),
+    }
+    for name, call in calls.items():
+        for strategy in STRATEGIES:
+            assert torch.equal(call(gather_distributed=True, strategy=strategy), call()), name
+    for name in MOCO_MODULES:
+        alone, gathering = (_moco_steps(name, (6,), 0, 0, 6, 0, gather_distributed=flag)
+                            for flag in (False, True))
+        for step, (a, b) in enumerate(zip(alone, gathering)):
+            assert all(torch.equal(x, y) for x, y in zip(a[:3], b[:3])), (name, step)
+
+
+# ------------------------------------------------- ranks that call with different arguments
+
+def _mismatched_calls(rank, device):
+    """What each call raised on this rank (or "no error"): the last rank changes
+    one argument of each call; the final call agrees everywhere."""
+    z = torch.randn(4, DIM, generator=torch.Generator().manual_seed(0))
+    odd = int(rank == dist.get_world_size() - 1)
+    narrow = z[:, odd:]  # one feature fewer on the last rank
+    y = torch.arange(4) % 2
+    on = {"gather_distributed": True}
+    calls = {
+        "feature size": lambda: fn.nt_xent(narrow, narrow, **on),
+        "dtype": lambda: fn.clip_loss(z.double() if odd else z, z.double() if odd else z, 5.0,
+                                      **on),
+        "temperature": lambda: fn.supcon(z, y, 0.2 if odd else 0.1, **on),
+        "base_temperature": lambda: fn.supcon(z, y, 0.1, 0.3 if odd else 0.5, **on),
+        "logit_bias": lambda: fn.siglip_loss(z, z, 5.0, -1.0 if odd else -2.0, **on),
+        "strategy": lambda: fn.pair_nt_xent(z, y, strategy="ring" if odd else "all_gather", **on),
+        "reduction": lambda: fn.info_nce(z, z, reduction="sum" if odd else "mean", **on),
+        "gated feature size": lambda: fn.gated_info_nce(narrow, narrow, torch.sigmoid(narrow),
+                                                        y, 1 - y, **on),
+        "moco temperature": lambda: pyclloss.MoCoLoss(DIM, 8, 0.3 if odd else 0.2, **on)(z, z),
+        "ft_moco feature size": lambda: pyclloss.FTMoCoLoss(DIM - odd, 8, **on)(narrow, narrow),
+        "agreeing": lambda: fn.nt_xent(z, z, **on),
+    }
+    outcome = {}
+    for name, call in calls.items():
+        try:
+            call()
+            outcome[name] = "no error"
+        except ValueError as error:
+            outcome[name] = str(error)
+    return outcome
+
+
+# the field each mismatch names
+MISMATCHES = {"feature size": "feature size", "dtype": "dtype", "temperature": "temperature",
+              "base_temperature": "base_temperature", "logit_bias": "logit_bias",
+              "strategy": "strategy", "reduction": "reduction",
+              "gated feature size": "feature size", "moco temperature": "temperature",
+              "ft_moco feature size": "feature size"}
+
+
+def test_mismatched_arguments_raise_the_same_error_on_every_rank(tmp_path):
+    """A feature size, dtype, strategy, reduction or scalar that differs between
+    ranks is one ValueError on every rank, before a collective it would break
+    (gloo aborts the process on mismatched sizes); the group stays usable."""
+    world = 3
+    per_rank = _spawn(world, str(tmp_path), body=_mismatched_calls)
+    for call, field in MISMATCHES.items():
+        messages = {outcome[call] for outcome in per_rank}
+        assert len(messages) == 1, (call, messages)
+        message = messages.pop()
+        assert f"\n  {field}: " in message and f"on rank {world - 1}" in message, (call, message)
+    assert all(outcome["agreeing"] == "no error" for outcome in per_rank)

@@ -166,19 +166,25 @@ def reduce_anchors(per_anchor: Tensor, valid: Optional[Tensor], weights: Optiona
 
 
 def info_nce(query, key, temperature=0.07, targets=None, queue=None, weights=None,
-             normalize=True, reduction="mean"):
-    """InfoNCE (van den Oord et al.; MoCo with a queue): cross-entropy of
-    ``query @ cat(key, queue).T / τ`` against ``targets`` (default arange)."""
+             normalize=True, reduction="mean", in_batch_negatives=True):
+    """InfoNCE (van den Oord et al.): cross-entropy of ``query @ cat(key, queue).T / τ``
+    against ``targets`` (default arange). Without ``in_batch_negatives``, MoCo
+    (He et al.): each query's logits are its own key's, then the queue's, target 0."""
     acc = stats_dtype(query.dtype)
     q, k = query.to(acc), key.to(acc)
     negs = queue.to(acc).detach() if queue is not None else None
     if normalize:
         q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
         negs = F.normalize(negs, dim=1) if negs is not None else None
-    keys = k if negs is None else torch.cat([k, negs])
-    logits = q @ keys.T / temperature
     if targets is None:
         targets = torch.arange(q.shape[0], device=q.device)
+    if in_batch_negatives:
+        keys = k if negs is None else torch.cat([k, negs])
+        logits = q @ keys.T / temperature
+    else:
+        own = (q * k[targets]).sum(1, keepdim=True)
+        logits = torch.cat([own, q @ negs.T], dim=1) / temperature
+        targets = torch.zeros_like(targets)
     per_anchor = F.cross_entropy(logits, targets, reduction="none")
     valid = torch.ones_like(per_anchor, dtype=torch.bool)
     return reduce_anchors(per_anchor, valid, weights, reduction)

@@ -356,3 +356,39 @@ def test_row_chunks_and_loop_forms(dtype, flat_loop, monkeypatch):
     run_bwd(p, 0, False, BWD_TERMS[-1], True)
     run_siglip(p, True)
     assert all(entry["config"]["FLAT_LOOP"] == flat_loop for entry in tuning.CHOSEN.values())
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 32])
+def test_clip_work_is_eight_nmd(chunk_rows, monkeypatch):
+    """A CLIP forward+backward does 8·N·M·D operations in all: the tiles once in
+    forward (row and column statistics together), once in backward, and the two
+    products with G; row chunks add nothing."""
+    import pyclloss
+
+    if chunk_rows:
+        monkeypatch.setattr(tri, "CHUNK_ROWS", chunk_rows)
+        monkeypatch.setattr(tri, "CHUNK_BYTES", 1)
+        monkeypatch.setattr(tri, "COLUMN_STATS_BYTES", 1)
+    flops = []
+    launch, matmul, addmm = tri._Tiles.launch, tri._matmul_fp32, tri._addmm_fp32
+
+    def counting_launch(self, kernel_name, r0, r1, *args, **kwargs):
+        flops.append(2 * (r1 - r0) * self.m * self.d)
+        return launch(self, kernel_name, r0, r1, *args, **kwargs)
+
+    def counting_matmul(a, b):
+        flops.append(2 * a.shape[0] * a.shape[1] * b.shape[1])
+        return matmul(a, b)
+
+    def counting_addmm(acc, a, b):
+        flops.append(2 * a.shape[0] * a.shape[1] * b.shape[1])
+        return addmm(acc, a, b)
+
+    monkeypatch.setattr(tri._Tiles, "launch", counting_launch)
+    monkeypatch.setattr(tri, "_matmul_fp32", counting_matmul)
+    monkeypatch.setattr(tri, "_addmm_fp32", counting_addmm)
+    n, d = 100, 33
+    img = F.normalize(torch.randn(n, d), dim=1).to(DEVICE).requires_grad_()
+    txt = F.normalize(torch.randn(n, d), dim=1).to(DEVICE).requires_grad_()
+    pyclloss.clip_loss(img, txt, 14.0, backend="triton").backward()
+    assert sum(flops) == 8 * n * n * d

@@ -156,8 +156,9 @@ def record(card, configs, backends, n, path):
         with open(path) as f:
             data = json.load(f)
     entry = data.setdefault(card, {})
-    entry["measured"] = (f"{time.strftime('%Y-%m-%d')}, CLIP forward+backward at N = M = {n}, "
-                         "median time per configuration (triton.testing.do_bench)")
+    entry.setdefault("measured", {})["info_nce"] = (
+        f"{time.strftime('%Y-%m-%d')}, CLIP forward+backward at N = M = {n}, "
+        "median time per configuration (triton.testing.do_bench)")
     kernels = entry.setdefault("configs", {})
     for precision, by_bucket in configs.items():
         for bucket, by_kernel in by_bucket.items():

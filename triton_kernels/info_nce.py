@@ -80,28 +80,6 @@ _autotune = triton.autotune(configs=_configs(), key=["D"])
 _jit = triton.jit(do_not_specialize=["N", "M", "exclude_offset"])
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """tl.dot's input precision for operands of ``dtype``: fp32 runs TF32 when
-    torch allows TF32 matmuls, else three TF32 products (fp32 accuracy)."""
-    if dtype != torch.float32:
-        return "tf32"  # ignored for 16-bit operands
-    return "tf32" if _tf32_allowed() else "tf32x3"
-
-
-def _tf32_allowed() -> bool:
-    matmul = torch.backends.cuda.matmul
-    precision = getattr(matmul, "fp32_precision", "none")  # torch >= 2.9 reports both APIs here
-    if precision != "none":
-        return precision == "tf32"
-    return bool(matmul.allow_tf32)
-
-
-def _precision_key(dtype: torch.dtype) -> str:
-    """The key of tuned configurations: the dtype, and for fp32 the dot precision."""
-    name = str(dtype).replace("torch.", "")
-    return f"{name}-{dot_precision(dtype)}" if dtype == torch.float32 else name
-
-
 # ----------------------------------------------------------------------- tile helpers
 
 
@@ -445,8 +423,8 @@ class _Tiles:
         self.exclude_offset = exclude_offset
         self.n, self.m, self.d = q.shape[0], k.shape[0], q.shape[1]
         self.device = q.device
-        self.precision = dot_precision(q.dtype)
-        self.precision_key = _precision_key(q.dtype)
+        self.precision = tuning.dot_precision(q.dtype)
+        self.precision_key = tuning.precision_key(q.dtype)
         self.empty = q.new_empty(0, dtype=torch.float32)
 
     def vector(self, t: Optional[Tensor], r0: int = 0, r1: Optional[int] = None) -> Tensor:

@@ -33,6 +33,29 @@ Config = Dict[str, int]
 CHOSEN: Dict[tuple, dict] = {}
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input precision for operands of ``dtype``: fp32 runs TF32 when
+    torch allows TF32 matmuls, else three TF32 products (fp32 accuracy)."""
+    if dtype != torch.float32:
+        return "tf32"  # ignored for 16-bit operands
+    return "tf32" if _tf32_allowed() else "tf32x3"
+
+
+def _tf32_allowed() -> bool:
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", "none")  # torch >= 2.9 reports both APIs here
+    if precision != "none":
+        return precision == "tf32"
+    return bool(matmul.allow_tf32)
+
+
+def precision_key(dtype: torch.dtype) -> str:
+    """How tuned.json names a precision: the dtype, and for fp32 its dot precision
+    ('bfloat16', 'float32-tf32', 'float32-tf32x3', ...)."""
+    name = str(dtype).replace("torch.", "")
+    return f"{name}-{dot_precision(dtype)}" if dtype == torch.float32 else name
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -73,10 +96,12 @@ def tuned_config(kernel: str, precision: str, d: int, card: Optional[str] = None
     return _nearest(entry.get(precision, {}), d)
 
 
-def preferred_backend(family: str, precision: str, d: int, card: Optional[str] = None):
-    """The GPU backend measured fastest for an op family here, or None."""
+def preferred_backend(family: str, dtype: torch.dtype, size: int,
+                      card: Optional[str] = None) -> Optional[str]:
+    """The GPU backend measured fastest on this card for an op family at this
+    precision and size (D, or n for sorting), or None where nothing was measured."""
     entry = _tuned().get(card or card_key(), {}).get("auto", {}).get(family, {})
-    return _nearest(entry.get(precision, {}), d)
+    return _nearest(entry.get(precision_key(dtype), {}), size)
 
 
 def _autotune_enabled() -> bool:

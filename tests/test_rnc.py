@@ -181,3 +181,30 @@ def test_features_with_a_large_common_offset(backend):
     actual.backward()
     assert_close_rel(actual, expected, 1e-5, "value")
     assert_close_rel(fused.grad, exact.grad, 1e-3, "grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_reference_at_low_temperature_is_finite_and_exact(dtype):
+    # τ = 0.05: most exp(s_ik − max_k s_ik) underflow, so a pair whose whole
+    # denominator set lies far below its row's maximum needs its own shift.
+    # Features that follow the labels (what RnC trains towards): the pairs of
+    # the farthest labels are also the farthest in feature space. The truth
+    # is the same loss in float64 with every log-sum-exp written out.
+    y = make_labels((12,), ties=True)
+    v = y[:, None] + 0.1 * torch.randn(12, 6)
+    leaf = v.to(dtype).clone().requires_grad_()
+    loss = ref.rnc_loss(leaf, y.to(dtype), 0.05)
+    loss.backward()
+    exact = v.double().requires_grad_()
+    s = -torch.cdist(exact, exact) / 0.05
+    d = ref.label_distance(y.double())
+    n, total = s.shape[0], 0.0
+    for i in range(n):
+        for j in range(n):
+            if j != i:
+                in_set = (d[i] >= d[i, j]) & (torch.arange(n) != i)
+                total = total + torch.logsumexp(s[i][in_set], 0) - s[i, j]
+    expected = total / (n * (n - 1))
+    expected.backward()
+    assert_close_rel(loss, expected, 1e-5, "value")
+    assert_close_rel(leaf.grad, exact.grad, 1e-4, "grad")

@@ -130,6 +130,11 @@ def test_opcheck(backend):
     d = ref.label_distance(make_labels((9,), ties=True))
     torch.library.opcheck(ops.rnc_rows, (s.requires_grad_(True), d, backend))
     torch.library.opcheck(ops.rnc_rows_backward, (s.detach(), d, torch.randn(9), backend))
+    v = torch.randn(9, 5)
+    torch.library.opcheck(ops.rnc_distances, (v.requires_grad_(True), backend))
+    dist = ops.rnc_distances(v.detach(), backend)
+    torch.library.opcheck(ops.rnc_distances_backward, (v.detach(), dist, torch.randn(9, 9),
+                                                       backend))
 
 
 @pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="C++ extension not built")
@@ -181,6 +186,34 @@ def test_features_with_a_large_common_offset(backend):
     actual.backward()
     assert_close_rel(actual, expected, 1e-5, "value")
     assert_close_rel(fused.grad, exact.grad, 1e-3, "grad")
+
+
+def _hard_float32_features(case, n, dim=8):
+    """Rows whose small distances the GEMM form |a|² + |b|² − 2a·b loses in
+    float32: two clusters far from the origin, or pairs of near-duplicates."""
+    if case == "far_clusters":
+        side = torch.where(torch.arange(n) < n // 2, 1000.0, -1000.0)
+        return side[:, None] + torch.randn(n, dim)
+    rows = torch.randn((n + 1) // 2, dim)
+    return torch.cat([rows, rows + 1e-3 * torch.randn_like(rows)])[:n]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("case", ["far_clusters", "near_duplicates"])
+def test_float32_small_distances_are_exact(backend, case):
+    # The same float32 values in float64 are the truth: the fused float32
+    # loss and gradient stay within 1e-4 of it (relative to the largest entry).
+    n = SIZES[backend][-1]
+    v, y = _hard_float32_features(case, n), make_labels((n,), ties=False)
+    exact = v.double().requires_grad_()
+    expected = pyclloss.rnc_loss(exact, y.double(), 2.0, backend="reference")
+    expected.backward()
+    fused = v.clone().requires_grad_()
+    actual = pyclloss.rnc_loss(fused, y, 2.0, backend=backend)
+    actual.backward()
+    assert abs(actual.item() - expected.item()) <= 1e-4 * abs(expected.item())
+    grad_error = (fused.grad.double() - exact.grad).abs().max()
+    assert grad_error <= 1e-4 * exact.grad.abs().max(), f"gradient error {grad_error:.2e}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -11,7 +11,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import functools
+import gc
 import importlib.util
+import tracemalloc
 
 import pytest
 import torch.nn.functional as F
@@ -485,6 +487,40 @@ def test_one_wire_and_empty_batch(backend, network):
     torch.library.opcheck(ops.diff_sort_apply, (x, torch.randn(3, 1), *args))
     empty_sorted, empty_perm = S.diff_sort(torch.randn(0, 4), network, backend=backend)
     assert empty_sorted.shape == (0, 4) and empty_perm.shape == (0, 4, 4)
+
+
+def _network_caches():
+    caches = [ops._comparators]
+    if HAS_TRITON:
+        from pyclloss.triton_kernels import sorting as triton_sorting
+        caches.append(triton_sorting._lane_tables)
+    return caches
+
+
+def test_network_caches_are_bounded():
+    # Every backend caches the networks it was given in its own form: a few
+    # row lengths at most, however many a program sorts.
+    for n in range(2, 3 * ref.CACHED_NETWORKS + 2):
+        for backend in _cpu_backends():
+            S.soft_rank(torch.randn(1, n), backend=backend)
+    for cached in _network_caches():
+        assert 0 < cached.cache_info().currsize <= ref.CACHED_NETWORKS
+
+
+@needs_cpp
+def test_a_long_row_leaves_no_network_behind_in_python_objects():
+    # The odd-even network of n wires is n²/2 comparator tuples (about 600 MiB
+    # at n = 3000): the caches hold compact tensors, never the tuples.
+    S.soft_rank(torch.randn(1, 3), backend="cpp")
+    gc.collect()
+    tracemalloc.start()
+    try:
+        S.soft_rank(torch.randn(1, 509), backend="cpp")
+        gc.collect()
+        retained, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert retained < 1 << 20, f"{retained / 2**20:.1f} MiB kept"
 
 
 # ------------------------------------------------------------------------------ GPU

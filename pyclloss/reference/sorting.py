@@ -26,7 +26,6 @@ Two layers, like the other reference modules:
 """
 
 import math
-from functools import cache
 from typing import Optional
 
 import torch
@@ -40,6 +39,10 @@ DISTRIBUTIONS = ("logistic", "logistic_phi", "gaussian", "cauchy", "reciprocal",
 
 # Added to |d| before the power of the logistic_phi relaxation (as diffsort).
 LOGISTIC_PHI_EPS = 1e-10
+
+# Networks each backend keeps in its own compact form (index tensors), least
+# recently used out first: an odd-even network has n²/2 comparators.
+CACHED_NETWORKS = 4
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -79,9 +82,9 @@ def _bitonic_layers(n: int) -> list[Layer]:
     return layers
 
 
-@cache
 def network_layers(network: str, n: int) -> tuple[Layer, ...]:
-    """The comparator layers ``((lo, hi), ...)`` of ``network`` on ``n`` wires."""
+    """The comparator layers ``((lo, hi), ...)`` of ``network`` on ``n`` wires.
+    Not cached: as Python tuples they take ~130 bytes a comparator."""
     if network == "odd_even":
         return tuple(_odd_even_layers(n))
     if network == "bitonic":

@@ -31,6 +31,7 @@
 #include <utility>
 #include <vector>
 
+#include "pyclloss/cpu_args.h"
 #include "pyclloss/cpu_math.h"
 
 namespace pyclloss::cpu {
@@ -82,14 +83,18 @@ struct SortedAnchor {
 
 int64_t grain(int64_t n) { return std::max<int64_t>(1, 2048 / std::max<int64_t>(n, 1)); }
 
-void check_inputs(const Tensor& s, const Tensor& d) {
-  TORCH_CHECK(s.dim() == 2 && s.size(0) == s.size(1), "rnc: s must be (n, n)");
-  TORCH_CHECK(d.sizes() == s.sizes(), "rnc: d must have the shape of s");
-  TORCH_CHECK(d.scalar_type() == s.scalar_type(), "rnc: s and d must share one dtype");
+void check_inputs(const char* op, const Tensor& s, const Tensor& d) {
+  TORCH_CHECK(s.device().is_cpu() && s.dim() == 2 && s.size(0) == s.size(1) &&
+                  (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble),
+              op, ": sim must be an (n, n) float32 or float64 CPU tensor, got shape ", s.sizes(),
+              " and dtype ", s.scalar_type());
+  TORCH_CHECK(d.device().is_cpu() && d.sizes() == s.sizes() && d.scalar_type() == s.scalar_type(),
+              op, ": dist must be a CPU tensor of sim's shape ", s.sizes(), " and dtype ",
+              s.scalar_type(), ", got shape ", d.sizes(), " and dtype ", d.scalar_type());
 }
 
 Tensor rnc_fwd(const Tensor& sim, const Tensor& dist) {
-  check_inputs(sim, dist);
+  check_inputs("rnc_fwd", sim, dist);
   const Tensor s = sim.contiguous(), d = dist.contiguous();
   const int64_t n = s.size(0);
   Tensor rows = at::empty({n}, s.options());
@@ -114,14 +119,15 @@ Tensor rnc_fwd(const Tensor& sim, const Tensor& dist) {
 }
 
 Tensor rnc_bwd(const Tensor& sim, const Tensor& dist, const Tensor& grad_rows) {
-  check_inputs(sim, dist);
-  const Tensor s = sim.contiguous(), d = dist.contiguous(), g = grad_rows.contiguous();
-  const int64_t n = s.size(0);
+  check_inputs("rnc_bwd", sim, dist);
+  const int64_t n = sim.size(0);
+  check_stats_vector("rnc_bwd", "grad_rows", grad_rows, n, sim.scalar_type());
+  const Tensor s = sim.contiguous(), d = dist.contiguous();
   Tensor grad_s = at::empty({n, n}, s.options());  // every entry written below
   AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "rnc_bwd", [&] {
     const scalar_t* s_ptr = s.data_ptr<scalar_t>();
     const scalar_t* d_ptr = d.data_ptr<scalar_t>();
-    const scalar_t* g_ptr = g.data_ptr<scalar_t>();
+    const scalar_t* g_ptr = grad_rows.data_ptr<scalar_t>();
     scalar_t* out = grad_s.data_ptr<scalar_t>();
     at::parallel_for(0, n, grain(n), [&](int64_t begin, int64_t end) {
       SortedAnchor<scalar_t> anchor;

@@ -1,10 +1,10 @@
-"""Rank-N-Contrast's row sums as torch.library custom ops.
+"""Rank-N-Contrast's row sums and feature distances as torch.library custom ops.
 
 * ``pyclloss::rnc_rows(sim, label_dist) -> (n,)``:
   ``row_i = Σ_{j≠i} [log Σ_{k≠i, d_ik ≥ d_ij} exp(s_ik) − s_ij]`` for the
   similarities s (n, n) and label distances d (n, n); the loss is their mean
-  over n(n−1). The similarities come from a GEMM outside, so autograd takes
-  the gradient from s to the features.
+  over n(n−1). The similarities are ``−rnc_distances(v) / τ``, so autograd
+  takes the gradient from s to the features and τ.
 * ``pyclloss::rnc_rows_backward(sim, label_dist, grad_rows) -> d rows / d s``.
 * ``pyclloss::rnc_distances(features) -> (n, n)``: ``‖v_i − v_j‖₂`` from the
   differences themselves, with its backward ``pyclloss::rnc_distances_backward``.

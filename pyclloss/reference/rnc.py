@@ -22,7 +22,7 @@ Tensor = torch.Tensor
 
 # Elements of one block's (anchors, j, k) tensors (the mask, the masked
 # similarities and their exponentials).
-_BLOCK_ELEMENTS = 1 << 24
+_BLOCK_ELEMENTS = 1 << 23
 
 
 def label_distance(labels: Tensor) -> Tensor:

@@ -161,8 +161,9 @@ def main():
     rows += [("rnc", n, *run_case("rnc", n, args, log)) for n in args.rnc_sizes]
     lines += table(rows)
     note = (f"RnC reference memory is measured up to n = {args.reference_memory_max_n} (a "
-            "call at n = 2048 takes minutes); its peak is bounded by the mask of one anchor "
-            "block, 2^25 elements (128 MiB in float32), plus O(n²). SupReMix's reference "
+            "call at n = 2048 takes minutes); its peak is bounded by the (anchors, j, k) "
+            "tensors of one anchor block, 2^23 elements each (the mask, the masked "
+            "similarities, their exponentials), plus O(n²). SupReMix's reference "
             f"runs up to n = {SUPREMIX_REFERENCE_MAX_N} (n×n×n tensors).")
     lines += ["", note, ""]
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",

@@ -619,21 +619,6 @@ def supremix_loss(z: Tensor, t: Tensor, lam_neg: Tensor, temperature=0.5, base_t
     return reduce_anchors(per_anchor, pos_count > 0, None, reduction)
 
 
-def _euclidean_distances(v: Tensor) -> Tensor:
-    """‖v_i − v_j‖ (n, n) from the GEMM v·vᵀ. Squared distances within the
-    GEMM's rounding of 0 (i = j, duplicates) count as 0, with gradient 0
-    there (the subgradient torch.cdist uses), never the 1/0 of the sqrt."""
-    # centred first: distances do not change, and the GEMM form's cancellation
-    # (|a|² + |b|² − 2a·b) no longer scales with a common offset of the rows
-    v = v - v.mean(0, keepdim=True)
-    sq_norms = (v * v).sum(1)
-    norm_sum = sq_norms[:, None] + sq_norms[None, :]
-    sq = norm_sum - 2 * (v @ v.T)
-    apart = sq > 8 * torch.finfo(v.dtype).eps * norm_sum
-    return torch.where(apart, torch.where(apart, sq, torch.ones_like(sq)).sqrt(),
-                       torch.zeros_like(sq))
-
-
 def rnc_loss(features: Tensor, labels: Tensor, temperature=2.0, *, reduction: str = "mean",
              backend: str = "auto") -> Tensor:
     """Rank-N-Contrast (Zha et al., NeurIPS 2023); equals the authors' ``RnCLoss``.
@@ -666,6 +651,6 @@ def rnc_loss(features: Tensor, labels: Tensor, temperature=2.0, *, reduction: st
     backend = resolve(backend, device, rnc_ops.BACKENDS)
     if backend == "reference":
         return rnc_reference.rnc_loss(features, labels, tau, reduction)
-    sim = -_euclidean_distances(features.to(dt)) / tau
+    sim = -rnc_ops.rnc_distances(features.to(dt), backend) / tau
     rows = rnc_ops.rnc_rows(sim, rnc_reference.label_distance(labels), backend)
     return reduce_anchors(rows / (n - 1), None, None, reduction)

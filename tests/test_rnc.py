@@ -130,6 +130,11 @@ def test_opcheck(backend):
     d = ref.label_distance(make_labels((9,), ties=True))
     torch.library.opcheck(ops.rnc_rows, (s.requires_grad_(True), d, backend))
     torch.library.opcheck(ops.rnc_rows_backward, (s.detach(), d, torch.randn(9), backend))
+    v = torch.randn(9, 5)
+    torch.library.opcheck(ops.rnc_distances, (v.requires_grad_(True), backend))
+    dist = ops.rnc_distances(v.detach(), backend)
+    torch.library.opcheck(ops.rnc_distances_backward, (v.detach(), dist, torch.randn(9, 9),
+                                                       backend))
 
 
 @pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="C++ extension not built")
@@ -181,3 +186,58 @@ def test_features_with_a_large_common_offset(backend):
     actual.backward()
     assert_close_rel(actual, expected, 1e-5, "value")
     assert_close_rel(fused.grad, exact.grad, 1e-3, "grad")
+
+
+def _hard_float32_features(case, n, dim=8):
+    """Rows whose small distances the GEMM form |a|² + |b|² − 2a·b loses in
+    float32: two clusters far from the origin, or pairs of near-duplicates."""
+    if case == "far_clusters":
+        side = torch.where(torch.arange(n) < n // 2, 1000.0, -1000.0)
+        return side[:, None] + torch.randn(n, dim)
+    rows = torch.randn((n + 1) // 2, dim)
+    return torch.cat([rows, rows + 1e-3 * torch.randn_like(rows)])[:n]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("case", ["far_clusters", "near_duplicates"])
+def test_float32_small_distances_are_exact(backend, case):
+    # The same float32 values in float64 are the truth: the fused float32
+    # loss and gradient stay within 1e-4 of it (relative to the largest entry).
+    n = SIZES[backend][-1]
+    v, y = _hard_float32_features(case, n), make_labels((n,), ties=False)
+    exact = v.double().requires_grad_()
+    expected = pyclloss.rnc_loss(exact, y.double(), 2.0, backend="reference")
+    expected.backward()
+    fused = v.clone().requires_grad_()
+    actual = pyclloss.rnc_loss(fused, y, 2.0, backend=backend)
+    actual.backward()
+    assert abs(actual.item() - expected.item()) <= 1e-4 * abs(expected.item())
+    grad_error = (fused.grad.double() - exact.grad).abs().max()
+    assert grad_error <= 1e-4 * exact.grad.abs().max(), f"gradient error {grad_error:.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_reference_at_low_temperature_is_finite_and_exact(dtype):
+    # τ = 0.05: most exp(s_ik − max_k s_ik) underflow, so a pair whose whole
+    # denominator set lies far below its row's maximum needs its own shift.
+    # Features that follow the labels (what RnC trains towards): the pairs of
+    # the farthest labels are also the farthest in feature space. The truth
+    # is the same loss in float64 with every log-sum-exp written out.
+    y = make_labels((12,), ties=True)
+    v = y[:, None] + 0.1 * torch.randn(12, 6)
+    leaf = v.to(dtype).clone().requires_grad_()
+    loss = ref.rnc_loss(leaf, y.to(dtype), 0.05)
+    loss.backward()
+    exact = v.double().requires_grad_()
+    s = -torch.cdist(exact, exact) / 0.05
+    d = ref.label_distance(y.double())
+    n, total = s.shape[0], 0.0
+    for i in range(n):
+        for j in range(n):
+            if j != i:
+                in_set = (d[i] >= d[i, j]) & (torch.arange(n) != i)
+                total = total + torch.logsumexp(s[i][in_set], 0) - s[i, j]
+    expected = total / (n * (n - 1))
+    expected.backward()
+    assert_close_rel(loss, expected, 1e-5, "value")
+    assert_close_rel(leaf.grad, exact.grad, 1e-4, "grad")

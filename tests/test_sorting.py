@@ -11,7 +11,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import functools
+import gc
 import importlib.util
+import tracemalloc
 
 import pytest
 import torch.nn.functional as F
@@ -460,14 +462,65 @@ def test_triton_rejects_perm_too_large_for_registers():
         S.diff_sort(torch.randn(1, 200), backend="triton")
 
 
-def test_one_wire_and_empty_batch():
-    for network in NETWORKS:
-        x = torch.randn(3, 1, requires_grad=True)
-        sorted_x, perm = S.diff_sort(x, network)
-        assert_close(sorted_x, x.detach(), 0)
-        assert_close(perm, torch.ones(3, 1, 1), 0)
-        empty_sorted, empty_perm = S.diff_sort(torch.randn(0, 4), network)
-        assert empty_sorted.shape == (0, 4) and empty_perm.shape == (0, 4, 4)
+def _cpu_backends():
+    return _backends() + (["triton"] if HAS_TRITON and not HAS_CUDA else [])
+
+
+@pytest.mark.parametrize("backend", _cpu_backends())
+@pytest.mark.parametrize("network", NETWORKS)
+def test_one_wire_and_empty_batch(backend, network):
+    # No comparator at all: the ops must still return fresh tensors, never
+    # their input (a custom op may not alias it).
+    x = torch.randn(3, 1, requires_grad=True)
+    sorted_x, perm = S.diff_sort(x, network, backend=backend)
+    assert_close(sorted_x, x.detach(), 0)
+    assert_close(perm, torch.ones(3, 1, 1), 0)
+    (2 * sorted_x.sum() + perm.sum()).backward()
+    assert_close(x.grad, torch.full((3, 1), 2.0), 0)
+    assert_close(S.DiffSortNet(network, 1, backend=backend)(x)[0], x.detach(), 0)
+    assert_close(S.soft_rank(x, network, backend=backend), torch.ones(3, 1), 0)
+    args = (network, 5.0, "cauchy", 0.25, backend)
+    gs, gp = torch.randn(3, 1), torch.randn(3, 1, 1)
+    torch.library.opcheck(ops.diff_sort, (x, *args))
+    torch.library.opcheck(ops.diff_sort_backward, (x.detach(), gs, gp, *args))
+    torch.library.opcheck(ops.diff_sort_backward, (x.detach(), gs, None, *args))
+    torch.library.opcheck(ops.diff_sort_apply, (x, torch.randn(3, 1), *args))
+    empty_sorted, empty_perm = S.diff_sort(torch.randn(0, 4), network, backend=backend)
+    assert empty_sorted.shape == (0, 4) and empty_perm.shape == (0, 4, 4)
+
+
+def _network_caches():
+    caches = [ops._comparators]
+    if HAS_TRITON:
+        from pyclloss.triton_kernels import sorting as triton_sorting
+        caches.append(triton_sorting._lane_tables)
+    return caches
+
+
+def test_network_caches_are_bounded():
+    # Every backend caches the networks it was given in its own form: a few
+    # row lengths at most, however many a program sorts.
+    for n in range(2, 3 * ref.CACHED_NETWORKS + 2):
+        for backend in _cpu_backends():
+            S.soft_rank(torch.randn(1, n), backend=backend)
+    for cached in _network_caches():
+        assert 0 < cached.cache_info().currsize <= ref.CACHED_NETWORKS
+
+
+@needs_cpp
+def test_a_long_row_leaves_no_network_behind_in_python_objects():
+    # The odd-even network of n wires is n²/2 comparator tuples (about 600 MiB
+    # at n = 3000): the caches hold compact tensors, never the tuples.
+    S.soft_rank(torch.randn(1, 3), backend="cpp")
+    gc.collect()
+    tracemalloc.start()
+    try:
+        S.soft_rank(torch.randn(1, 509), backend="cpp")
+        gc.collect()
+        retained, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert retained < 1 << 20, f"{retained / 2**20:.1f} MiB kept"
 
 
 # ------------------------------------------------------------------------------ GPU

@@ -115,6 +115,24 @@ def test_low_temperature_is_finite(backend):
         [z], torch.float32, f"{backend} tau=0.01")
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_autocast_keeps_float32_arithmetic(backend):
+    # Under bf16 autocast a Gram matrix z·zᵀ comes out in bf16 while labels
+    # and λ stay float32: the fused backends compute in float32 all the same,
+    # forward and backward (here run inside the autocast region too).
+    z, t, lam = make_inputs(SIZES[backend][-1])
+    plain = z.clone().requires_grad_()
+    expected = pyclloss.supremix_loss(plain, t, lam, backend=backend)
+    expected.backward()
+    leaf = z.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = pyclloss.supremix_loss(leaf, t, lam, backend=backend)
+        loss.backward()
+    assert loss.dtype == torch.float32 and leaf.grad.dtype == torch.float32
+    assert_close_rel(loss, expected, 1e-6, "value")
+    assert_close_rel(leaf.grad, plain.grad, 1e-6, "grad")
+
+
 @pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
 def test_anchors_without_positives_are_left_out(backend):
     # Labels 10 apart: no same-label sample, no mix-pos pair within the gap.

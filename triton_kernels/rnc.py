@@ -11,6 +11,11 @@ O(n² log n)), and O(n) registers per program; the n×n×n mask is never stored.
 Forward: row_i = Σ_{j≠i} [logD_ij − s_ij], and logD (n, n) for the backward.
 Backward: d row_i / d s_ik = Σ_{j≠i, d_ij ≤ d_ik} exp(s_ik − logD_ij) − 1,
 each term <= 1 (k is in the set of every such j).
+
+Feature distances ‖v_i − v_j‖ come from the differences inside each tile
+(never |v_i|² + |v_j|² − 2·v_i·v_j, which loses small distances to
+cancellation in float32), one program per (anchor, block of rows); their
+backward Σ_j w_ij (v_i − v_j) one program per (anchor, block of columns).
 """
 
 import torch
@@ -84,6 +89,37 @@ def _rnc_bwd_kernel(s_ptr, d_ptr, log_den_ptr, grad_rows_ptr, grad_s_ptr, n,
         tl.store(grad_s_ptr + i * n + k, tl.where(other_k, g * (acc - 1.0), 0.0), mask=k < n)
 
 
+@triton.jit
+def _distances_kernel(v_ptr, dist_ptr, n, D, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+    sq = tl.zeros([BLOCK_J], tl.float32)
+    for d_start in range(0, D, BLOCK_D):
+        cols = d_start + tl.arange(0, BLOCK_D)
+        v_i = tl.load(v_ptr + i * D + cols, mask=cols < D, other=0.0)
+        v_j = tl.load(v_ptr + j.to(tl.int64)[:, None] * D + cols[None, :],
+                      mask=(j < n)[:, None] & (cols < D)[None, :], other=0.0)
+        diff = v_i[None, :] - v_j
+        sq += tl.sum(diff * diff, axis=1)
+    tl.store(dist_ptr + i * n + j, tl.sqrt(sq), mask=j < n)
+
+
+@triton.jit
+def _distances_bwd_kernel(v_ptr, w_ptr, grad_ptr, n, D, BLOCK_J: tl.constexpr,
+                          BLOCK_D: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    v_i = tl.load(v_ptr + i * D + cols, mask=cols < D, other=0.0)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for j_start in range(0, n, BLOCK_J):
+        j = j_start + tl.arange(0, BLOCK_J)
+        w = tl.load(w_ptr + i * n + j, mask=j < n, other=0.0)
+        v_j = tl.load(v_ptr + j.to(tl.int64)[:, None] * D + cols[None, :],
+                      mask=(j < n)[:, None] & (cols < D)[None, :], other=0.0)
+        acc += tl.sum(w[:, None] * (v_i[None, :] - v_j), axis=0)
+    tl.store(grad_ptr + i * D + cols, acc, mask=cols < D)
+
+
 def _check(s: Tensor, d: Tensor) -> int:
     n = s.shape[0]
     if s.shape != (n, n) or d.shape != (n, n):
@@ -111,3 +147,32 @@ def rnc_bwd(s: Tensor, d: Tensor, grad_rows: Tensor) -> Tensor:
     _rnc_bwd_kernel[(n,)](s.contiguous(), d.contiguous(), log_den, grad_rows.contiguous(), grad_s,
                           n, BLOCK=_block(n))
     return grad_s
+
+
+def _check_features(v: Tensor) -> tuple[int, int]:
+    if v.dim() != 2 or v.dtype != torch.float32:
+        raise TypeError(f"rnc: the Triton kernels take float32 (n, D) features, got "
+                        f"{v.dtype} of shape {tuple(v.shape)}")
+    return v.shape
+
+
+def _feature_block(d: int) -> int:
+    return max(16, min(64, triton.next_power_of_2(d)))
+
+
+def rnc_distances_fwd(v: Tensor) -> Tensor:
+    n, d = _check_features(v)
+    dist = v.new_empty(n, n)
+    block_j = _block(n)
+    _distances_kernel[(n, triton.cdiv(n, block_j))](v.contiguous(), dist, n, d, BLOCK_J=block_j,
+                                                     BLOCK_D=_feature_block(d))
+    return dist
+
+
+def rnc_distances_bwd(v: Tensor, w: Tensor) -> Tensor:
+    n, d = _check_features(v)
+    grad = torch.empty_like(v)
+    block_d = _feature_block(d)
+    _distances_bwd_kernel[(n, triton.cdiv(d, block_d))](v.contiguous(), w.contiguous(), grad, n,
+                                                         d, BLOCK_J=_block(n), BLOCK_D=block_d)
+    return grad

@@ -22,13 +22,14 @@ Kernels (semantics of pyclloss.reference.sorting):
 """
 
 import math
-from functools import cache
+from functools import lru_cache
 
 import torch
 import triton
 import triton.language as tl
 
-from ..reference.sorting import DISTRIBUTIONS, LOGISTIC_PHI_EPS, compute_dtype, network_layers
+from ..reference.sorting import (CACHED_NETWORKS, DISTRIBUTIONS, LOGISTIC_PHI_EPS, compute_dtype,
+                                 network_layers)
 
 # Lanes of the largest row whose P the forward keeps in registers.
 MAX_SORT_SIZE = 128
@@ -297,7 +298,7 @@ def _apply_bwd_kernel(x_ptr, v_ptr, grad_out_ptr, grad_x_ptr, grad_v_ptr, partne
 # --------------------------------------------------------------------- launchers
 
 
-@cache
+@lru_cache(maxsize=CACHED_NETWORKS)
 def _lane_tables(network: str, n: int, device: torch.device):
     """(partner int32 (L, N), sign int32 (L, N)) of the network on n wires."""
     lanes = triton.next_power_of_2(n)

@@ -23,6 +23,7 @@
 #include <tuple>
 #include <vector>
 
+#include "pyclloss/cpu_args.h"
 #include "pyclloss/cpu_math.h"
 #include "pyclloss/cpu_tile.h"
 
@@ -289,10 +290,6 @@ void tile_pass(const Side& outer, const Side& inner, bool accumulate, const Epil
 
 // ------------------------------------------------------------- arguments
 
-at::ScalarType stats_dtype(at::ScalarType input) {
-  return input == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 void check_inputs(const char* op, const Tensor& q, const Tensor& k, const Tensor& gates,
                   const Tensor& scale, const Tensor& labels, const Tensor& partner_labels,
                   const Tensor& key_labels) {
@@ -323,14 +320,6 @@ void check_inputs(const char* op, const Tensor& q, const Tensor& k, const Tensor
   check_labels("labels", labels, q.size(0));
   check_labels("partner_labels", partner_labels, q.size(0));
   check_labels("key_labels", key_labels, k.size(0));
-}
-
-void check_stats(const char* op, const char* name, const Tensor& t, int64_t length,
-                 at::ScalarType dtype) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.dim() == 1 &&
-                  t.size(0) == length && t.is_contiguous(),
-              op, ": ", name, " must be a contiguous ", dtype, " CPU vector of length ", length,
-              ", got shape ", t.sizes(), " and dtype ", t.scalar_type());
 }
 
 // The three label vectors as int32 codes (narrow lanes for the epilogues),
@@ -425,7 +414,7 @@ std::tuple<Tensor, Tensor> gated_pair_fwd(const Tensor& q, const Tensor& k, cons
   check_inputs(op, q, k, gates, scale, labels, partner_labels, key_labels);
   const auto acc = stats_dtype(q.scalar_type());
   const int64_t b = q.size(0);
-  check_stats(op, "neg_lse", neg_lse, b, acc);
+  check_stats_vector(op, "neg_lse", neg_lse, b, acc);
   Tensor loss_sum = at::zeros({b}, q.options().dtype(acc));
   Tensor sigmoid_sum = at::zeros({b}, q.options().dtype(acc));
   const Problem problem = prepare(q, k, gates, scale, labels, partner_labels, key_labels, false);
@@ -455,9 +444,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_bwd(
   const auto acc = stats_dtype(q.scalar_type());
   const int64_t b = q.size(0);
   const int64_t d = q.size(1);
-  check_stats(op, "neg_lse", neg_lse, b, acc);
-  check_stats(op, "neg_coef", neg_coef, b, acc);
-  check_stats(op, "pos_coef", pos_coef, b, acc);
+  check_stats_vector(op, "neg_lse", neg_lse, b, acc);
+  check_stats_vector(op, "neg_coef", neg_coef, b, acc);
+  check_stats_vector(op, "pos_coef", pos_coef, b, acc);
   Tensor dq = at::empty_like(q);
   Tensor dgates = at::empty_like(gates);
   Tensor dk = need_dk ? at::empty_like(k) : at::empty({0}, k.options());

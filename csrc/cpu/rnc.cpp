@@ -1,6 +1,6 @@
 // Rank-N-Contrast, per anchor in O(n log n) from the similarity row s_i· and
-// the label-distance row d_i· (both n×n inputs, built by GEMM/elementwise
-// ops beforehand).
+// the label-distance row d_i· (both n×n inputs), and the feature distances
+// ‖v_i − v_j‖₂ that s is made of.
 //
 // The denominator of the pair (i, j) runs over {k ≠ i : d_ik ≥ d_ij}. With
 // the other samples sorted by d_ik descending, that set is a prefix that
@@ -13,6 +13,12 @@
 // The backward's sum runs over the groups in ascending d, kept in log space
 // (each term exp(s_ik − logD_g) <= 1, so nothing overflows). Each anchor
 // writes only its own row: results do not depend on the number of threads.
+//
+// The feature distances are sums of squared differences, never the GEMM form
+// |v_i|² + |v_j|² − 2·v_i·v_j: that form loses a distance small next to the
+// rows' norms to cancellation (rows far from the origin, near-duplicates),
+// while the difference of two close floats is exact. Their backward,
+// grad_i = Σ_j w_ij (v_i − v_j), takes the differences directly too.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -25,6 +31,7 @@
 #include <utility>
 #include <vector>
 
+#include "pyclloss/cpu_args.h"
 #include "pyclloss/cpu_math.h"
 
 namespace pyclloss::cpu {
@@ -76,14 +83,18 @@ struct SortedAnchor {
 
 int64_t grain(int64_t n) { return std::max<int64_t>(1, 2048 / std::max<int64_t>(n, 1)); }
 
-void check_inputs(const Tensor& s, const Tensor& d) {
-  TORCH_CHECK(s.dim() == 2 && s.size(0) == s.size(1), "rnc: s must be (n, n)");
-  TORCH_CHECK(d.sizes() == s.sizes(), "rnc: d must have the shape of s");
-  TORCH_CHECK(d.scalar_type() == s.scalar_type(), "rnc: s and d must share one dtype");
+void check_inputs(const char* op, const Tensor& s, const Tensor& d) {
+  TORCH_CHECK(s.device().is_cpu() && s.dim() == 2 && s.size(0) == s.size(1) &&
+                  (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble),
+              op, ": sim must be an (n, n) float32 or float64 CPU tensor, got shape ", s.sizes(),
+              " and dtype ", s.scalar_type());
+  TORCH_CHECK(d.device().is_cpu() && d.sizes() == s.sizes() && d.scalar_type() == s.scalar_type(),
+              op, ": dist must be a CPU tensor of sim's shape ", s.sizes(), " and dtype ",
+              s.scalar_type(), ", got shape ", d.sizes(), " and dtype ", d.scalar_type());
 }
 
 Tensor rnc_fwd(const Tensor& sim, const Tensor& dist) {
-  check_inputs(sim, dist);
+  check_inputs("rnc_fwd", sim, dist);
   const Tensor s = sim.contiguous(), d = dist.contiguous();
   const int64_t n = s.size(0);
   Tensor rows = at::empty({n}, s.options());
@@ -108,14 +119,15 @@ Tensor rnc_fwd(const Tensor& sim, const Tensor& dist) {
 }
 
 Tensor rnc_bwd(const Tensor& sim, const Tensor& dist, const Tensor& grad_rows) {
-  check_inputs(sim, dist);
-  const Tensor s = sim.contiguous(), d = dist.contiguous(), g = grad_rows.contiguous();
-  const int64_t n = s.size(0);
+  check_inputs("rnc_bwd", sim, dist);
+  const int64_t n = sim.size(0);
+  check_stats_vector("rnc_bwd", "grad_rows", grad_rows, n, sim.scalar_type());
+  const Tensor s = sim.contiguous(), d = dist.contiguous();
   Tensor grad_s = at::empty({n, n}, s.options());  // every entry written below
   AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "rnc_bwd", [&] {
     const scalar_t* s_ptr = s.data_ptr<scalar_t>();
     const scalar_t* d_ptr = d.data_ptr<scalar_t>();
-    const scalar_t* g_ptr = g.data_ptr<scalar_t>();
+    const scalar_t* g_ptr = grad_rows.data_ptr<scalar_t>();
     scalar_t* out = grad_s.data_ptr<scalar_t>();
     at::parallel_for(0, n, grain(n), [&](int64_t begin, int64_t end) {
       SortedAnchor<scalar_t> anchor;
@@ -141,15 +153,109 @@ Tensor rnc_bwd(const Tensor& sim, const Tensor& dist, const Tensor& grad_rows) {
   return grad_s;
 }
 
+// ------------------------------------------------------- feature distances
+
+// Anchors that share one pass over the rows (their rows stay in L1).
+constexpr int64_t kAnchorBlock = 8;
+
+int64_t anchor_blocks(int64_t n) { return (n + kAnchorBlock - 1) / kAnchorBlock; }
+
+// dist_ij = ‖v_i − v_j‖ for the anchors [i0, i1) and every row j.
+template <typename T>
+PYCLLOSS_VECTOR_CLONES void distance_rows(const T* v, int64_t n, int64_t d, int64_t i0,
+                                          int64_t i1, T* dist) {
+  for (int64_t j = 0; j < n; ++j) {
+    const T* vj = v + j * d;
+    for (int64_t i = i0; i < i1; ++i) {
+      const T* vi = v + i * d;
+      T sq = 0;
+#pragma omp simd reduction(+ : sq)
+      for (int64_t e = 0; e < d; ++e) {
+        const T diff = vi[e] - vj[e];
+        sq += diff * diff;
+      }
+      dist[i * n + j] = std::sqrt(sq);
+    }
+  }
+}
+
+// grad_i = Σ_j w_ij (v_i − v_j) for the anchors [i0, i1).
+template <typename T>
+PYCLLOSS_VECTOR_CLONES void pull_rows(const T* v, const T* w, int64_t n, int64_t d, int64_t i0,
+                                      int64_t i1, T* grad) {
+  std::fill(grad + i0 * d, grad + i1 * d, T(0));
+  for (int64_t j = 0; j < n; ++j) {
+    const T* vj = v + j * d;
+    for (int64_t i = i0; i < i1; ++i) {
+      const T w_ij = w[i * n + j];
+      if (w_ij == T(0)) continue;
+      const T* vi = v + i * d;
+      T* g = grad + i * d;
+#pragma omp simd
+      for (int64_t e = 0; e < d; ++e) g[e] += w_ij * (vi[e] - vj[e]);
+    }
+  }
+}
+
+void check_features(const char* op, const Tensor& v) {
+  TORCH_CHECK(v.device().is_cpu() && v.dim() == 2 &&
+                  (v.scalar_type() == at::kFloat || v.scalar_type() == at::kDouble),
+              op, ": features must be a 2-D float32 or float64 CPU tensor, got shape ", v.sizes(),
+              " and dtype ", v.scalar_type());
+}
+
+Tensor distances_fwd(const Tensor& features) {
+  check_features("rnc_distances_fwd", features);
+  const Tensor v = features.contiguous();
+  const int64_t n = v.size(0), d = v.size(1);
+  Tensor dist = at::empty({n, n}, v.options());
+  AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "rnc_distances_fwd", [&] {
+    const scalar_t* rows = v.data_ptr<scalar_t>();
+    scalar_t* out = dist.data_ptr<scalar_t>();
+    at::parallel_for(0, anchor_blocks(n), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b)
+        distance_rows(rows, n, d, b * kAnchorBlock, std::min(n, (b + 1) * kAnchorBlock), out);
+    });
+  });
+  return dist;
+}
+
+Tensor distances_bwd(const Tensor& features, const Tensor& weights) {
+  constexpr const char* op = "rnc_distances_bwd";
+  check_features(op, features);
+  const int64_t n = features.size(0), d = features.size(1);
+  TORCH_CHECK(weights.device().is_cpu() && weights.dim() == 2 && weights.size(0) == n &&
+                  weights.size(1) == n && weights.scalar_type() == features.scalar_type(),
+              op, ": weights must be an (", n, ", ", n, ") CPU tensor of dtype ",
+              features.scalar_type(), ", got shape ", weights.sizes(), " and dtype ",
+              weights.scalar_type());
+  const Tensor v = features.contiguous(), w = weights.contiguous();
+  Tensor grad = at::empty({n, d}, v.options());
+  AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), op, [&] {
+    const scalar_t* rows = v.data_ptr<scalar_t>();
+    const scalar_t* w_ptr = w.data_ptr<scalar_t>();
+    scalar_t* out = grad.data_ptr<scalar_t>();
+    at::parallel_for(0, anchor_blocks(n), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b)
+        pull_rows(rows, w_ptr, n, d, b * kAnchorBlock, std::min(n, (b + 1) * kAnchorBlock), out);
+    });
+  });
+  return grad;
+}
+
 }  // namespace
 }  // namespace pyclloss::cpu
 
 TORCH_LIBRARY_FRAGMENT(pyclloss_C, m) {
   m.def("rnc_fwd(Tensor sim, Tensor dist) -> Tensor");
   m.def("rnc_bwd(Tensor sim, Tensor dist, Tensor grad_rows) -> Tensor");
+  m.def("rnc_distances_fwd(Tensor features) -> Tensor");
+  m.def("rnc_distances_bwd(Tensor features, Tensor weights) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(pyclloss_C, CPU, m) {
   m.impl("rnc_fwd", &pyclloss::cpu::rnc_fwd);
   m.impl("rnc_bwd", &pyclloss::cpu::rnc_bwd);
+  m.impl("rnc_distances_fwd", &pyclloss::cpu::distances_fwd);
+  m.impl("rnc_distances_bwd", &pyclloss::cpu::distances_bwd);
 }

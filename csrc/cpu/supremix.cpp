@@ -32,6 +32,7 @@
 #include <tuple>
 #include <vector>
 
+#include "pyclloss/cpu_args.h"
 #include "pyclloss/cpu_math.h"
 
 namespace pyclloss::cpu {
@@ -199,18 +200,30 @@ void backward_rows(const T* gram, const T* t, const T* lam, int64_t n, T inv_tau
   });
 }
 
-void check_inputs(const Tensor& gram, const Tensor& labels, const Tensor& lam) {
-  TORCH_CHECK(gram.dim() == 2 && gram.size(0) == gram.size(1), "supremix: gram must be (n, n)");
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == gram.size(0), "supremix: labels must be (n,)");
-  TORCH_CHECK(lam.sizes() == gram.sizes(), "supremix: lam must be (n, n)");
-  TORCH_CHECK(labels.scalar_type() == gram.scalar_type() && lam.scalar_type() == gram.scalar_type(),
-              "supremix: gram, labels and lam must share one dtype");
+void check_inputs(const char* op, const Tensor& gram, const Tensor& labels, const Tensor& lam,
+                  const Tensor& scale) {
+  const auto dtype = gram.scalar_type();
+  TORCH_CHECK(gram.device().is_cpu() && gram.dim() == 2 && gram.size(0) == gram.size(1) &&
+                  (dtype == at::kFloat || dtype == at::kDouble),
+              op, ": gram must be an (n, n) float32 or float64 CPU tensor, got shape ",
+              gram.sizes(), " and dtype ", dtype);
+  const int64_t n = gram.size(0);
+  TORCH_CHECK(labels.device().is_cpu() && labels.dim() == 1 && labels.size(0) == n &&
+                  labels.scalar_type() == dtype,
+              op, ": labels must be a ", dtype, " CPU vector of length ", n, ", got shape ",
+              labels.sizes(), " and dtype ", labels.scalar_type());
+  TORCH_CHECK(lam.device().is_cpu() && lam.sizes() == gram.sizes() && lam.scalar_type() == dtype,
+              op, ": lam must be an (", n, ", ", n, ") ", dtype, " CPU tensor, got shape ",
+              lam.sizes(), " and dtype ", lam.scalar_type());
+  TORCH_CHECK(scale.device().is_cpu() && scale.dim() == 0 && scale.scalar_type() == dtype, op,
+              ": scale must be a 0-dim CPU tensor of dtype ", dtype, ", got shape ", scale.sizes(),
+              " and dtype ", scale.scalar_type());
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> supremix_fwd(const Tensor& gram, const Tensor& labels,
                                                         const Tensor& lam, const Tensor& scale,
                                                         double gap) {
-  check_inputs(gram, labels, lam);
+  check_inputs("supremix_fwd", gram, labels, lam, scale);
   const Tensor g = gram.contiguous(), t = labels.contiguous(), l = lam.contiguous();
   const int64_t n = g.size(0);
   Tensor lse = at::empty({n}, g.options());
@@ -229,18 +242,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> supremix_fwd(const Tensor& gram, cons
 std::tuple<Tensor, Tensor> supremix_bwd(const Tensor& gram, const Tensor& labels, const Tensor& lam,
                                         const Tensor& scale, double gap, const Tensor& lse,
                                         const Tensor& grad_lse, const Tensor& grad_pos) {
-  check_inputs(gram, labels, lam);
+  constexpr const char* op = "supremix_bwd";
+  check_inputs(op, gram, labels, lam, scale);
+  const int64_t n = gram.size(0);
+  check_stats_vector(op, "lse", lse, n, gram.scalar_type());
+  check_stats_vector(op, "grad_lse", grad_lse, n, gram.scalar_type());
+  check_stats_vector(op, "grad_pos", grad_pos, n, gram.scalar_type());
   const Tensor g = gram.contiguous(), t = labels.contiguous(), l = lam.contiguous();
-  const Tensor row_lse = lse.contiguous(), g_lse = grad_lse.contiguous(), g_pos = grad_pos.contiguous();
-  const int64_t n = g.size(0);
   // Every entry is written by its anchor's task (no separate zero fill).
   Tensor real_coef = at::empty({n, n}, g.options());
   Tensor mix_coef = at::empty({n, n}, g.options());
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "supremix_bwd", [&] {
     backward_rows<scalar_t>(g.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), l.data_ptr<scalar_t>(),
                             n, scale.item<scalar_t>(), static_cast<scalar_t>(gap),
-                            row_lse.data_ptr<scalar_t>(), g_lse.data_ptr<scalar_t>(),
-                            g_pos.data_ptr<scalar_t>(), real_coef.data_ptr<scalar_t>(),
+                            lse.data_ptr<scalar_t>(), grad_lse.data_ptr<scalar_t>(),
+                            grad_pos.data_ptr<scalar_t>(), real_coef.data_ptr<scalar_t>(),
                             mix_coef.data_ptr<scalar_t>());
   });
   return {real_coef, mix_coef};

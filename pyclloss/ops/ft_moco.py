@@ -10,7 +10,9 @@ Two designs, picked per backend by :func:`negatives_lse` after measuring:
 * on the fly (``triton``; ``reference`` as the dense spec):
   ``pyclloss::ft_moco_neg_lse`` and its backward ``pyclloss::ft_moco_neg_lse_bwd``
   blend Q_j and Q_perm(j) inside every key tile and never store Q̂. On a GPU
-  that saves a K×D write and read per pass.
+  that saves a K×D write and read per pass. The backward works on a copy of
+  the queue, weights and π taken at the forward: MoCo overwrites its queue in
+  place before the backward runs.
 * materialised (``cpp``): ``pyclloss::ft_moco_interpolate_queue`` builds Q̂ in
   the accumulation type in one pass; the InfoNCE core's ops
   (``pyclloss.ops.info_nce``) take it from there, and autograd keeps Q̂ for
@@ -112,8 +114,12 @@ def _(q_hat, queue, own_weight, partner_weight, perm, scale, neg_lse, grad, back
 
 
 def _setup(ctx, inputs, output):
-    *tensors, backend = inputs
-    ctx.save_for_backward(*tensors, output)
+    q_hat, queue, own_weight, partner_weight, perm, scale, backend = inputs
+    # MoCo overwrites its queue in place between the loss and its backward
+    # (the enqueue), and λ_n or π may be reused buffers: the backward keeps
+    # copies of what the forward saw (one K×D copy until the backward).
+    mixing = (t.clone() for t in (queue, own_weight, partner_weight, perm))
+    ctx.save_for_backward(q_hat, *mixing, scale, output)
     ctx.backend = backend
 
 

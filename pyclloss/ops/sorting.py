@@ -11,7 +11,7 @@ breaks. ``backend`` is one of ``reference``, ``cpp``, ``cuda``, ``triton``
 (already resolved by the caller); the backward runs on the forward's backend.
 """
 
-from functools import cache
+from functools import lru_cache
 from typing import Optional
 
 import torch
@@ -37,7 +37,7 @@ _COMPILED_OPS = {
 }
 
 
-@cache
+@lru_cache(maxsize=reference.CACHED_NETWORKS)
 def _comparators(network: str, n: int, device: torch.device) -> Tensor:
     """The network as the compiled kernels take it: (lo, hi) int32 pairs, layer after layer."""
     pairs = [pair for layer in reference.network_layers(network, n) for pair in layer]

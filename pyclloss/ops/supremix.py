@@ -28,9 +28,16 @@ FAMILY = "supremix"
 BACKENDS = ("cpp", "triton", "reference")
 
 
+def _stats_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b in the operands' dtype: autocast would run it in bf16/fp16 while
+    the kernels' other inputs stay in the statistics dtype."""
+    with torch.autocast(a.device.type, enabled=False):
+        return a @ b
+
+
 def _gram(z: Tensor) -> Tensor:
     zf = z.to(stats_dtype(z.dtype))
-    return zf @ zf.T
+    return _stats_matmul(zf, zf.T)
 
 
 @torch.library.custom_op("pyclloss::supremix", mutates_args=())
@@ -52,9 +59,9 @@ def supremix_backward(z: Tensor, labels: Tensor, lam: Tensor, lse: Tensor, grad_
                       grad_pos: Tensor, scale: Tensor, gap: float, backend: str) -> Tensor:
     zf = z.to(stats_dtype(z.dtype))
     real, mix = kernel(backend, FAMILY, "supremix_bwd")(
-        zf @ zf.T, labels, lam, scale, gap, lse, grad_lse.contiguous(),
+        _stats_matmul(zf, zf.T), labels, lam, scale, gap, lse, grad_lse.contiguous(),
         grad_pos.contiguous())
-    return ((real + real.T + mix) @ zf).to(z.dtype)
+    return _stats_matmul(real + real.T + mix, zf).to(z.dtype)
 
 
 @supremix_backward.register_fake

@@ -20,8 +20,9 @@ from .info_nce import reduce_anchors, stats_dtype
 
 Tensor = torch.Tensor
 
-# Elements of one block's (anchors, j, k) mask.
-_BLOCK_ELEMENTS = 1 << 25
+# Elements of one block's (anchors, j, k) tensors (the mask, the masked
+# similarities and their exponentials).
+_BLOCK_ELEMENTS = 1 << 23
 
 
 def label_distance(labels: Tensor) -> Tensor:
@@ -31,17 +32,18 @@ def label_distance(labels: Tensor) -> Tensor:
 
 
 def _anchor_block(s: Tensor, d: Tensor, rows: Tensor) -> Tensor:
-    """Σ_{j≠i} [log Σ_{k≠i, d_ik ≥ d_ij} exp(s_ik) − s_ij] for the anchors ``rows``,
-    as the authors compute it: exp of the row shifted by its maximum, summed
-    under the mask."""
+    """Σ_{j≠i} [log Σ_{k≠i, d_ik ≥ d_ij} exp(s_ik) − s_ij] for the anchors ``rows``.
+
+    Each denominator is its own log-sum-exp: one shift per anchor row (the
+    authors' form) underflows to log 0 when a pair's whole set lies far below
+    the row's maximum (small τ, or clusters far apart)."""
     n = s.shape[1]
     s_rows, d_rows = s[rows], d[rows]
     others = torch.arange(n, device=s.device)[None, :] != rows[:, None]  # (b, n)
-    shift = s_rows.masked_fill(~others, float("-inf")).amax(1, keepdim=True).detach()
-    exp_rows = torch.exp(s_rows - shift) * others
-    # in_set[b, j, k]: k is in the denominator of the pair (anchor, j).
-    in_set = (d_rows[:, None, :] >= d_rows[:, :, None]).to(s.dtype)
-    log_den = torch.log((in_set @ exp_rows[:, :, None])[..., 0]) + shift
+    # in_set[b, j, k]: k is in the denominator of the pair (anchor, j); never
+    # empty, as it holds every k ≠ i with d_ik ≥ d_ij, j itself included.
+    in_set = (d_rows[:, None, :] >= d_rows[:, :, None]) & others[:, None, :]
+    log_den = torch.logsumexp(s_rows[:, None, :].masked_fill(~in_set, float("-inf")), dim=2)
     terms = torch.where(others, log_den - s_rows, torch.zeros_like(s_rows))
     return terms.sum(1)
 

@@ -26,7 +26,6 @@ Two layers, like the other reference modules:
 """
 
 import math
-from functools import cache
 from typing import Optional
 
 import torch
@@ -40,6 +39,10 @@ DISTRIBUTIONS = ("logistic", "logistic_phi", "gaussian", "cauchy", "reciprocal",
 
 # Added to |d| before the power of the logistic_phi relaxation (as diffsort).
 LOGISTIC_PHI_EPS = 1e-10
+
+# Networks each backend keeps in its own compact form (index tensors), least
+# recently used out first: an odd-even network has n²/2 comparators.
+CACHED_NETWORKS = 4
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -79,9 +82,9 @@ def _bitonic_layers(n: int) -> list[Layer]:
     return layers
 
 
-@cache
 def network_layers(network: str, n: int) -> tuple[Layer, ...]:
-    """The comparator layers ``((lo, hi), ...)`` of ``network`` on ``n`` wires."""
+    """The comparator layers ``((lo, hi), ...)`` of ``network`` on ``n`` wires.
+    Not cached: as Python tuples they take ~130 bytes a comparator."""
     if network == "odd_even":
         return tuple(_odd_even_layers(n))
     if network == "bitonic":
@@ -162,9 +165,11 @@ def sort_forward(x: Tensor, network: str, steepness: float, distribution: str,
                  art_lambda: float) -> tuple[Tensor, Tensor]:
     """(sorted, P) of the rows of x (B, n): ascending, ``sorted = x @ P``."""
     acc = compute_dtype(x.dtype)
-    y = x.to(acc)
+    # Fresh, contiguous tensors even without a comparator (n = 1): never x
+    # itself nor a broadcast view.
+    y = x.to(acc, copy=True)
     b, n = y.shape
-    perm = torch.eye(n, dtype=acc, device=x.device).expand(b, n, n)
+    perm = torch.eye(n, dtype=acc, device=x.device).repeat(b, 1, 1)
     for lo, hi in _layer_index(network_layers(network, n), x.device):
         alpha = relaxation(y[:, hi] - y[:, lo], distribution, steepness, art_lambda)
         y = _mix(y, lo, hi, alpha)
@@ -203,7 +208,8 @@ def sort_backward(x: Tensor, grad_sorted: Optional[Tensor], grad_perm: Optional[
     acc = compute_dtype(x.dtype)
     b, n = x.shape
     states = _layer_states(x.to(acc), network, steepness, distribution, art_lambda)
-    g_values = grad_sorted.to(acc) if grad_sorted is not None else x.new_zeros(b, n, dtype=acc)
+    g_values = (grad_sorted.to(acc, copy=True) if grad_sorted is not None  # never an alias
+                else x.new_zeros(b, n, dtype=acc))
 
     grad_alpha_perm = [0.0] * len(states)
     if grad_perm is not None:

@@ -14,6 +14,9 @@ before triton is imported:
                                                     # and every GPU tile candidate
                                                     # of the InfoNCE kernel, to
                                                     # cubin for sm_90
+    python tests/triton_sm90.py compile OUT.json --registers   # and report each
+                                                    # kernel's registers and spills
+                                                    # (ptxas -v, sm_90a)
 
 A launch is recorded as its kernel, the types of its arguments (pointers with
 the 16-byte alignment the launcher would see), its constexprs and its
@@ -204,9 +207,10 @@ def infonce_candidates(records):
     hot = {}
     for record in records:
         constexprs = record["constexprs"]
-        if record["name"] == "_tiles_kernel" and constexprs.get("COL_STATS", True) and \
-                constexprs["PASS"] in (0, 3):
-            hot.setdefault(constexprs["PASS"], record)  # the first: CLIP's flags
+        clip_forward = constexprs.get("PASS") == 0 and constexprs.get("COL_STATS")
+        clip_backward = constexprs.get("PASS") == 3 and constexprs.get("COL_TERM")
+        if record["name"] == "_tiles_kernel" and (clip_forward or clip_backward):
+            hot.setdefault(constexprs["PASS"], record)
     out = []
     for record in hot.values():
         for pointer, dtype in (("*bf16", torch.bfloat16), ("*fp32", torch.float32)):
@@ -222,7 +226,40 @@ def infonce_candidates(records):
     return out
 
 
-def compile_all(path: str) -> int:
+def _ptxas():
+    """A ptxas that reads the PTX this Triton writes (its own newest one), or None."""
+    import glob
+
+    import triton
+
+    found = sorted(glob.glob(os.path.join(os.path.dirname(triton.__file__),
+                                          "backends", "nvidia", "bin", "ptxas*")))
+    return found[-1] if found else None
+
+
+def registers(ptx: str) -> str:
+    """', registers R, spills S B' from ptxas -v for sm_90a."""
+    import re
+    import subprocess
+    import tempfile
+
+    ptxas = _ptxas()
+    if ptxas is None:
+        return ""
+    with tempfile.TemporaryDirectory() as tmp:
+        source = os.path.join(tmp, "kernel.ptx")
+        with open(source, "w") as f:
+            f.write(ptx)
+        report = subprocess.run([ptxas, "-arch=sm_90a", "-v", source, "-o",
+                                 os.path.join(tmp, "kernel.cubin")],
+                                capture_output=True, text=True).stderr
+    regs = re.search(r"Used (\d+) registers", report)
+    spills = re.search(r"(\d+) bytes spill stores", report)
+    return (f", registers {regs.group(1) if regs else '?'}, "
+            f"spills {spills.group(1) if spills else '?'} B")
+
+
+def compile_all(path: str, report_registers: bool = False) -> int:
     os.environ.pop("TRITON_INTERPRET", None)
     with open(path) as f:
         records = json.load(f)
@@ -242,7 +279,8 @@ def compile_all(path: str) -> int:
         too_big = shared > SHARED_MEMORY_LIMIT
         failures += too_big
         print(f"{'FAILED' if too_big else 'ok'} {label}: shared {shared} B"
-              f"{' (over the limit)' if too_big else ''}, wgmma {wgmma}")
+              f"{' (over the limit)' if too_big else ''}, wgmma {wgmma}"
+              f"{registers(kernel.asm['ptx']) if report_registers else ''}")
     print(f"{failures} failures")
     return 1 if failures else 0
 
@@ -252,4 +290,4 @@ if __name__ == "__main__":
     if step == "capture":
         capture(out)
     else:
-        sys.exit(compile_all(out))
+        sys.exit(compile_all(out, report_registers="--registers" in sys.argv))

@@ -21,7 +21,9 @@ before triton is imported:
 A launch is recorded as its kernel, the types of its arguments (pointers with
 the 16-byte alignment the launcher would see), its constexprs and its
 num_warps / num_stages. ``compile`` prints one line per kernel with its shared
-memory and exits non-zero on any failure.
+memory and exits non-zero on any failure: a kernel that does not compile, more
+shared memory than the chip has, or register spills in the default tile of the
+InfoNCE kernel's two hot passes (read with the ptxas that comes with Triton).
 """
 
 import inspect
@@ -214,7 +216,7 @@ def infonce_candidates(records):
     out = []
     for record in hot.values():
         for pointer, dtype in (("*bf16", torch.bfloat16), ("*fp32", torch.float32)):
-            for config in tri._gpu_candidates(dtype, 512):
+            for index, config in enumerate(tri._gpu_candidates(dtype, 512)):
                 config = dict(config)
                 options = {k: config.pop(k) for k in ("num_warps", "num_stages")}
                 constexprs = dict(record["constexprs"], **config,
@@ -222,7 +224,7 @@ def infonce_candidates(records):
                 signature = dict(record["signature"], q_ptr=pointer, k_ptr=pointer,
                                  grad_ptr=pointer)
                 out.append(dict(record, signature=signature, constexprs=constexprs,
-                                options=options))
+                                options=options, no_spills=index == 0))
     return out
 
 
@@ -237,15 +239,15 @@ def _ptxas():
     return found[-1] if found else None
 
 
-def registers(ptx: str) -> str:
-    """', registers R, spills S B' from ptxas -v for sm_90a."""
+def registers(ptx: str):
+    """(registers, spill-store bytes) from ptxas -v for sm_90a, or None without ptxas."""
     import re
     import subprocess
     import tempfile
 
     ptxas = _ptxas()
     if ptxas is None:
-        return ""
+        return None
     with tempfile.TemporaryDirectory() as tmp:
         source = os.path.join(tmp, "kernel.ptx")
         with open(source, "w") as f:
@@ -255,8 +257,9 @@ def registers(ptx: str) -> str:
                                 capture_output=True, text=True).stderr
     regs = re.search(r"Used (\d+) registers", report)
     spills = re.search(r"(\d+) bytes spill stores", report)
-    return (f", registers {regs.group(1) if regs else '?'}, "
-            f"spills {spills.group(1) if spills else '?'} B")
+    if regs is None or spills is None:
+        return None
+    return int(regs.group(1)), int(spills.group(1))
 
 
 def compile_all(path: str, report_registers: bool = False) -> int:
@@ -275,12 +278,19 @@ def compile_all(path: str, report_registers: bool = False) -> int:
             print(f"FAILED {label}: {type(exc).__name__}: {str(exc)[:2000]}")
             continue
         shared = kernel.metadata.shared
-        wgmma = kernel.asm["ptx"].count("wgmma.mma_async")
-        too_big = shared > SHARED_MEMORY_LIMIT
-        failures += too_big
-        print(f"{'FAILED' if too_big else 'ok'} {label}: shared {shared} B"
-              f"{' (over the limit)' if too_big else ''}, wgmma {wgmma}"
-              f"{registers(kernel.asm['ptx']) if report_registers else ''}")
+        problems = [f"shared memory over {SHARED_MEMORY_LIMIT} B"] if \
+            shared > SHARED_MEMORY_LIMIT else []
+        usage = ""
+        if report_registers or record.get("no_spills"):
+            found = registers(kernel.asm["ptx"])
+            if found:
+                usage = f", registers {found[0]}, spills {found[1]} B"
+                if record.get("no_spills") and found[1]:
+                    problems.append("the default configuration spills registers")
+        failures += bool(problems)
+        print(f"{'FAILED' if problems else 'ok'} {label}: shared {shared} B, "
+              f"wgmma {kernel.asm['ptx'].count('wgmma.mma_async')}{usage}"
+              + "".join(f" ({p})" for p in problems))
     print(f"{failures} failures")
     return 1 if failures else 0
 

@@ -37,14 +37,15 @@ ElementType element_type(const Tensor& x) {
 // "cuda:0" or "cpu": spelled here rather than by streaming a c10::Device. A
 // failed scale check that streamed devices into its message crashed the process
 // on an H200 (cause not established); the other checks, which stream none, raise.
-std::string where(const Tensor& t) {
-  return t.is_cuda() ? "cuda:" + std::to_string(t.get_device()) : t.is_cpu() ? "cpu" : "another device";
+std::string device_text(const Tensor& t) {
+  if (t.is_cuda()) return "cuda:" + std::to_string(t.get_device());
+  return t.is_cpu() ? "cpu" : "another device";
 }
 
 void check_operands(const Tensor& q, const Tensor& k) {
   TORCH_CHECK(q.is_cuda() && k.is_cuda(), "q and k must be CUDA tensors");
-  TORCH_CHECK(q.device() == k.device(), "q and k must be on one device, got ", where(q),
-              " and ", where(k));
+  TORCH_CHECK(q.device() == k.device(), "q and k must be on one device, got ", device_text(q),
+              " and ", device_text(k));
   TORCH_CHECK(q.dim() == 2 && k.dim() == 2 && q.size(1) == k.size(1),
               "q must be (N, D) and k (M, D), got ", q.sizes(), " and ", k.sizes());
   TORCH_CHECK(q.size(1) > 0, "the embedding dimension D must be positive");
@@ -59,8 +60,8 @@ void check_operands(const Tensor& q, const Tensor& k) {
 // A 0-dim float32 tensor on q's device (the logit scale, the SigLIP bias).
 const float* scalar_pointer(const Tensor& t, const Tensor& q, const char* name) {
   TORCH_CHECK(t.dim() == 0 && t.scalar_type() == at::kFloat && t.device() == q.device(), name,
-              " must be a 0-dim float32 tensor on ", where(q), ", got ", t.scalar_type(),
-              " of shape ", t.sizes(), " on ", where(t));
+              " must be a 0-dim float32 tensor on ", device_text(q), ", got ", t.scalar_type(),
+              " of shape ", t.sizes(), " on ", device_text(t));
   return t.data_ptr<float>();
 }
 
@@ -70,7 +71,7 @@ void check_vector(const Tensor& t, const Tensor& q, const char* name, int64_t le
   TORCH_CHECK(t.dim() == 1 && t.size(0) == length && t.scalar_type() == dtype &&
                   t.device() == q.device() && t.is_contiguous(),
               name, " must be a contiguous ", dtype, " vector of length ", length, " on ",
-              where(q), ", got ", t.scalar_type(), " of shape ", t.sizes(), " on ", where(t));
+              device_text(q), ", got ", t.scalar_type(), " of shape ", t.sizes(), " on ", device_text(t));
 }
 
 const float* stats_pointer(const OptionalTensor& t, const Tensor& q, const char* name,

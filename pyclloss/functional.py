@@ -73,8 +73,8 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature=0.5, *, weights: Optional[Tensor
     _checks.same_kind("z2", z2, "z1", z1, same_rows=True)
     reduction = _checks.reduction(reduction)
     b, device = z1.shape[0], z1.device
-    weights = _checks.weights("weights", weights, b, device)
-    tau = _checks.positive("temperature", temperature, device, stats_dtype(z1.dtype))
+    weights = _checks.weights("weights", weights, b, device, stats_dtype(z1.dtype))
+    tau = _checks.temperature("temperature", temperature, device, stats_dtype(z1.dtype))
     exchange = distributed.exchange(gather_distributed, process_group, strategy)
     backend = resolve(backend, device)
     if backend == "reference" and exchange is None:
@@ -117,7 +117,7 @@ def pair_nt_xent(embeddings: Tensor, labels: Tensor, temperature=0.07, *,
     n, device = embeddings.shape[0], embeddings.device
     labels = _checks.labels("labels", labels, n, device)
     reduction = _checks.reduction(reduction)
-    tau = _checks.positive("temperature", temperature, device, stats_dtype(embeddings.dtype))
+    tau = _checks.temperature("temperature", temperature, device, stats_dtype(embeddings.dtype))
     exchange = distributed.exchange(gather_distributed, process_group, strategy)
     backend = resolve(backend, device)
     if backend == "reference" and exchange is None:
@@ -170,7 +170,7 @@ def supcon(features: Tensor, labels: Optional[Tensor] = None, temperature=0.1,
         if labels is None:  # each sample its own class, numbered over the global batch
             labels = layout.ids(device) if layout is not None else torch.arange(b, device=device)
         labels = _checks.labels("labels", labels, b, device).repeat(views)
-        weights = _checks.weights("weights", weights, b, device)
+        weights = _checks.weights("weights", weights, b, device, stats_dtype(features.dtype))
         weights = weights.repeat(views) if weights is not None else None
         features = features.transpose(0, 1).reshape(b * views, -1)
     else:
@@ -178,13 +178,14 @@ def supcon(features: Tensor, labels: Optional[Tensor] = None, temperature=0.1,
             raise ValueError("labels are required for features of shape (N, D); pass (B, V, D) "
                              "features for the self-supervised form")
         labels = _checks.labels("labels", labels, features.shape[0], device)
-        weights = _checks.weights("weights", weights, features.shape[0], device)
+        weights = _checks.weights("weights", weights, features.shape[0], device,
+                                  stats_dtype(features.dtype))
     if features.shape[0] < 2:
         raise ValueError(f"features needs at least 2 samples in all, got {features.shape[0]}")
     reduction = _checks.reduction(reduction)
     dt = stats_dtype(features.dtype)
-    tau = _checks.positive("temperature", temperature, device, dt)
-    tau_b = tau if base_temperature is None else _checks.positive(
+    tau = _checks.temperature("temperature", temperature, device, dt)
+    tau_b = tau if base_temperature is None else _checks.temperature(
         "base_temperature", base_temperature, device, dt)
     backend = resolve(backend, device)
     if backend == "reference" and exchange is None:
@@ -237,9 +238,9 @@ def info_nce(query: Tensor, key: Tensor, temperature=0.07, targets: Optional[Ten
         # a stored queue (often float32 under autocast) joins in the query's dtype
         queue = _checks.features("queue", queue).to(query.dtype)
         _checks.same_kind("queue", queue, "query", query)
-    weights = _checks.weights("weights", weights, n, device)
+    weights = _checks.weights("weights", weights, n, device, stats_dtype(query.dtype))
     reduction = _checks.reduction(reduction)
-    tau = _checks.positive("temperature", temperature, device, stats_dtype(query.dtype))
+    tau = _checks.temperature("temperature", temperature, device, stats_dtype(query.dtype))
     exchange = distributed.exchange(gather_distributed, process_group, strategy)
     backend = resolve(backend, device)
     if backend == "reference" and exchange is None:
@@ -371,8 +372,7 @@ def _mixing_coefficient(name: str, value, shapes, device: torch.device,
         raise ValueError(f"{name} must be a scalar or have shape {forms}, got {tuple(value.shape)}")
     if value.device != device:
         raise ValueError(f"{name} is on {value.device} but the features are on {device}")
-    if not _checks._tracing() and not _checks.all_finite(value):
-        raise ValueError(f"{name} contains NaN or Inf")
+    _checks.finite(name, value)
     return value.detach().to(dtype)
 
 
@@ -418,7 +418,7 @@ def ft_moco_loss(q: Tensor, k: Tensor, queue: Tensor, lam_pos, lam_neg, perm: Te
     lam_neg = _mixing_coefficient("lam_neg", lam_neg, [(size,)], device, dt)
     perm = _checks.index_targets("perm", perm, size, size, device)
     reduction = _checks.reduction(reduction)
-    tau = _checks.positive("temperature", temperature, device, dt)
+    tau = _checks.temperature("temperature", temperature, device, dt)
     backend = resolve(backend, device, implemented=ft_moco_ops.BACKENDS)
     if backend == "reference":
         return ft_moco_reference.ft_moco_loss(q, k, queue, lam_pos, lam_neg, perm, tau,
@@ -480,8 +480,7 @@ def gated_info_nce(q: Tensor, k: Tensor, gates: Tensor, labels: Tensor, partner_
     _checks.features("k", k)
     _checks.same_kind("k", k, "q", q)
     _checks.float_tensor("gates", gates, tuple(q.shape), q.device)
-    if not _checks._tracing() and not _checks.all_finite(gates):
-        raise ValueError("gates contains NaN or Inf")
+    _checks.finite("gates", gates)
     b, n, device = q.shape[0], k.shape[0], q.device
     labels = _checks.labels("labels", labels, b, device)
     partner_labels = _checks.labels("partner_labels", partner_labels, b, device)
@@ -491,7 +490,7 @@ def gated_info_nce(q: Tensor, k: Tensor, gates: Tensor, labels: Tensor, partner_
         key_labels = labels
     key_labels = _checks.labels("key_labels", key_labels, n, device)
     reduction = _checks.reduction(reduction)
-    tau = _checks.positive("temperature", temperature, device, stats_dtype(q.dtype))
+    tau = _checks.temperature("temperature", temperature, device, stats_dtype(q.dtype))
     exchange = distributed.exchange(gather_distributed, process_group, strategy)
     gates = gates.to(q.dtype)
     backend = resolve(backend, device, implemented=gated_ops.BACKENDS)
@@ -528,11 +527,13 @@ def gated_info_nce(q: Tensor, k: Tensor, gates: Tensor, labels: Tensor, partner_
 
 
 def _fixed_positive(name: str, value) -> float:
-    """A hyper-parameter > 0 that gets no gradient, as a float."""
+    """A hyper-parameter > 0 that gets no gradient, as a float (the ops take one)."""
     if isinstance(value, torch.Tensor) and value.requires_grad:
         raise ValueError(f"{name} must be a fixed number here (no gradient), got a tensor that "
                          f"requires grad")
-    return float(_checks.positive(name, value, torch.device("cpu"), torch.float64))
+    device = value.device if isinstance(value, torch.Tensor) else torch.device("cpu")
+    _checks.positive(name, value, device, torch.float64)
+    return float(value)
 
 
 def _regression_labels(name: str, y, n: int, device: torch.device, dtype: torch.dtype,
@@ -542,14 +543,13 @@ def _regression_labels(name: str, y, n: int, device: torch.device, dtype: torch.
         raise TypeError(f"{name} must be a torch.Tensor, got {type(y).__name__}")
     if y.dtype.is_complex or y.dtype == torch.bool:
         raise TypeError(f"{name} must hold real numbers, got {y.dtype}")
-    shapes = f"({n},) or ({n}, L)" if multi_dim else f"({n},)"
     if y.shape[:1] != (n,) or y.dim() not in ((1, 2) if multi_dim else (1,)):
+        shapes = f"({n},) or ({n}, L)" if multi_dim else f"({n},)"
         raise ValueError(f"{name} must have shape {shapes}, got {tuple(y.shape)}")
     if y.device != device:
         raise ValueError(f"{name} is on {y.device} but the features are on {device}")
     y = y.detach().to(dtype)
-    if not _checks._tracing() and not _checks.all_finite(y):
-        raise ValueError(f"{name} contains NaN or Inf")
+    _checks.finite(name, y)
     return y.contiguous()
 
 
@@ -580,11 +580,10 @@ def supremix_loss(z: Tensor, t: Tensor, lam_neg: Tensor, temperature=0.5, base_t
     n, device, dt = z.shape[0], z.device, stats_dtype(z.dtype)
     t = _regression_labels("t", t, n, device, dt)
     lam = _checks.float_tensor("lam_neg", lam_neg, (n, n), device).detach().to(dt).contiguous()
-    if not _checks._tracing() and not bool(((lam >= 0) & (lam <= 1)).all()):
-        raise ValueError("lam_neg must lie in [0, 1]")
+    _checks.require((lam >= 0) & (lam <= 1), "lam_neg must lie in [0, 1]")
     reduction = _checks.reduction(reduction)
-    tau = _checks.positive("temperature", temperature, device, dt)
-    tau_b = _checks.positive("base_temperature", base_temperature, device, dt)
+    tau = _checks.temperature("temperature", temperature, device, dt)
+    tau_b = _checks.temperature("base_temperature", base_temperature, device, dt)
     gap = _fixed_positive("gap", gap)
     backend = resolve(backend, device, supremix_ops.BACKENDS)
     if backend == "reference":
@@ -637,7 +636,7 @@ def rnc_loss(features: Tensor, labels: Tensor, temperature=2.0, *, reduction: st
     if n < 2:
         raise ValueError(f"features needs at least 2 samples in all, got {n}")
     reduction = _checks.reduction(reduction)
-    tau = _checks.positive("temperature", temperature, device, dt)
+    tau = _checks.temperature("temperature", temperature, device, dt)
     backend = resolve(backend, device, rnc_ops.BACKENDS)
     if backend == "reference":
         return rnc_reference.rnc_loss(features, labels, tau, reduction)

@@ -20,7 +20,6 @@ the CUDA ``diff_sort_apply`` rows of up to 1024. ``auto`` passes larger rows
 on to the next backend.
 """
 
-import math
 import numbers
 
 import torch
@@ -91,8 +90,7 @@ def _check_rows(x, name: str) -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
     if x.dim() != 2:
         raise ValueError(f"{name} must be 2-D (batch, n), got shape {tuple(x.shape)}")
-    if not _checks.all_finite(x):
-        raise ValueError(f"{name} contains NaN or Inf")
+    _checks.finite(name, x)
 
 
 def _check_relaxation(network, steepness, distribution, art_lambda) -> None:
@@ -103,10 +101,8 @@ def _check_relaxation(network, steepness, distribution, art_lambda) -> None:
     for name, value in (("steepness", steepness), ("art_lambda", art_lambda)):
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-        if not math.isfinite(value):
-            raise ValueError(f"{name} must be finite, got {value}")
-    if steepness <= 0:
-        raise ValueError(f"steepness must be > 0, got {steepness}")
+    _checks.scalar("art_lambda", art_lambda, torch.device("cpu"), torch.float64)
+    _checks.positive("steepness", steepness, torch.device("cpu"), torch.float64)
 
 
 def _check_sort_input(x, network, steepness, distribution, art_lambda) -> None:
@@ -169,8 +165,7 @@ def diff_sort_apply(x: Tensor, v: Tensor, network: str = "odd_even", steepness: 
         raise ValueError(f"v must have shape ({n},) or {tuple(x.shape)}, got {tuple(v.shape)}")
     if v.device != x.device:
         raise ValueError(f"v must be on x's device {x.device}, got {v.device}")
-    if not bool(torch.isfinite(v).all()):
-        raise ValueError("v contains NaN or Inf")
+    _checks.finite("v", v)
     return _apply(x, v, network, steepness, distribution, art_lambda, backend)
 
 

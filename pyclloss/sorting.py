@@ -261,15 +261,14 @@ def groco_loss(pos_sim: Tensor, neg_sim: Tensor, steepness: float = 1.0, num_neg
     if num_neg + pos_sim.shape[1] == 0:
         raise ValueError("nothing to sort: pos_sim has no columns and num_neg = 0")
     _check_relaxation("odd_even", steepness, "cauchy", 0.25)
-    if not bool(torch.isfinite(pos_sim).all()):
-        raise ValueError("pos_sim contains NaN or Inf")
-    if bool(torch.isnan(neg_sim).any()) or bool((neg_sim == float("inf")).any()):
-        raise ValueError("neg_sim contains NaN or +Inf")
+    _checks.finite("pos_sim", pos_sim)
+    _checks.require(~torch.isnan(neg_sim) & (neg_sim != float("inf")),
+                    "neg_sim contains NaN or +Inf")
 
     acc = torch.float64 if torch.float64 in (pos_sim.dtype, neg_sim.dtype) else torch.float32
     hardest = neg_sim.to(acc).topk(num_neg, dim=1).values.flip(1)
-    if not bool(torch.isfinite(hardest).all()):
-        raise ValueError(f"neg_sim: some row has fewer than num_neg = {num_neg} finite entries")
+    _checks.require(torch.isfinite(hardest),
+                    f"neg_sim: some row has fewer than num_neg = {num_neg} finite entries")
     sims = torch.cat([hardest, pos_sim.to(acc).sort(dim=1).values], dim=1)
     is_pos = (torch.arange(sims.shape[1], device=sims.device) >= num_neg).to(acc)
     q = _apply(sims, is_pos, "odd_even", steepness, "cauchy", 0.25, backend)

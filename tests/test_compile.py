@@ -1,5 +1,5 @@
-"""torch.compile(fullgraph=True, dynamic=True) traces every loss, with its scalars
-passed in as Python floats (which compile makes symbolic) and batch sizes that
+"""torch.compile(fullgraph=True, dynamic=True) traces every loss and the sorting
+functions, with their scalars passed in as Python floats (which compile makes symbolic) and batch sizes that
 change without a recompile; the compiled values and gradients are the eager
 ones. Under compile the value checks become device-side assertions."""
 
@@ -14,6 +14,10 @@ from conftest import fused_backends
 
 BACKENDS = ["reference"] + [b for b in fused_backends("cpu") if b == "cpp"]
 D = 6
+
+
+def _squares(*tensors):
+    return sum(t.square().sum() for t in tensors)
 
 
 def _features(n, d=D):
@@ -55,8 +59,19 @@ CASES = {
         lambda n: [_features(n), torch.arange(n) * 1.0, torch.rand(n, n), 0.5, 0.7, 3.0]),
     "rnc_loss": (lambda x, y, t, backend: pyclloss.rnc_loss(x, y, t, backend=backend),
                  lambda n: [_features(n), torch.randn(n), 2.0]),
-    "soft_rank": (lambda x, s, backend: sorting.soft_rank(x, steepness=s, backend=backend).sum(),
+    # the sorting outputs' sums are constants: their squares have gradients
+    "soft_rank": (lambda x, s, backend: _squares(sorting.soft_rank(x, steepness=s,
+                                                                   backend=backend)),
                   lambda n: [torch.randn(3, n, requires_grad=True), 5.0]),
+    "diff_sort": (lambda x, s, backend: _squares(*sorting.diff_sort(x, "bitonic", s,
+                                                                    backend=backend)),
+                  lambda n: [torch.randn(3, n, requires_grad=True), 5.0]),
+    "soft_top_k_mask": (lambda x, backend: _squares(sorting.soft_top_k_mask(x, 2,
+                                                                            backend=backend)),
+                        lambda n: [torch.randn(3, n, requires_grad=True)]),
+    "groco_loss": (lambda p, q, s, backend: sorting.groco_loss(p, q, s, 3, backend=backend),
+                   lambda n: [torch.randn(n, 2, requires_grad=True),
+                              torch.randn(n, 5, requires_grad=True), 2.0]),
 }
 
 

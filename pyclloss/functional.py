@@ -99,11 +99,15 @@ def pair_nt_xent(embeddings: Tensor, labels: Tensor, temperature=0.07, *,
                  reduction: str = "mean", backend: str = "auto", gather_distributed: bool = False,
                  process_group=None, strategy: str = "all_gather") -> Tensor:
     """Pairwise multi-positive NT-Xent; equals pytorch-metric-learning's
-    ``NTXentLoss(temperature)(embeddings, labels)`` for any labels.
+    ``NTXentLoss(temperature)(embeddings, labels)`` for any labels, with one
+    difference: pml takes ``log(p + tiny)`` of a pair's probability p, which
+    caps a pair's loss at 708.4 in float64 (87.3 in float32: p below 1e-38, a
+    positive ~87τ below a negative); ours is ``−log p``.
 
     Every positive pair (a, p) (same label, a ≠ p) is its own term
     ``softplus(NEG_a − l_ap)`` with ``NEG_a = LSE_{n: y_n ≠ y_a} l_an``, averaged
-    over all positive pairs. A batch without positive pairs gives 0.
+    over all positive pairs. A batch without positive pairs (a single row
+    included) gives 0.
 
     Args:
         embeddings: (N, D), normalised inside (cosine similarity).
@@ -113,7 +117,7 @@ def pair_nt_xent(embeddings: Tensor, labels: Tensor, temperature=0.07, *,
         gather_distributed, process_group, strategy: see the module docstring;
             positive pairs across ranks count.
     """
-    _checks.features("embeddings", embeddings, min_rows=2)
+    _checks.features("embeddings", embeddings)
     n, device = embeddings.shape[0], embeddings.device
     labels = _checks.labels("labels", labels, n, device)
     reduction = _checks.reduction(reduction)
@@ -143,13 +147,23 @@ def supcon(features: Tensor, labels: Optional[Tensor] = None, temperature=0.1,
            base_temperature=None, *, weights: Optional[Tensor] = None, reduction: str = "mean",
            backend: str = "auto", gather_distributed: bool = False, process_group=None,
            strategy: str = "all_gather") -> Tensor:
-    """Supervised contrastive loss (Khosla et al., NeurIPS 2020), SupContrast's
-    ``SupConLoss`` (contrast_mode "all"); equals pytorch-metric-learning's
-    ``SupConLoss(temperature)`` when ``base_temperature`` is τ.
+    """Supervised contrastive loss (Khosla et al., NeurIPS 2020): SupContrast's
+    ``SupConLoss(τ, contrast_mode="all", base_temperature=τ_b)`` of the unit
+    rows, and pytorch-metric-learning's ``SupConLoss(τ)`` when τ_b = τ, except
+    where those two differ from each other or from us:
+
+    - an anchor without a positive gives 0 and is left out of the mean (as in
+      pml; SupContrast counts it as a 0 in its mean);
+    - a batch without any negative pair (all labels equal) gives SupContrast's
+      loss; pml returns 0;
+    - pml's mean also leaves out anchors whose loss is exactly 0 in floating
+      point (a positive more than ~37τ in float64, ~16τ in float32, above every
+      other similarity of the anchor); ours keeps them.
+
+    Per anchor (``reduction="none"``) the three agree. A single row gives 0.
 
     ``L_i = −(τ/τ_b)·mean_{p∈P(i)} [l_ip − LSE_{a≠i} l_ia]`` over L2-normalised
-    rows, P(i) the other rows with label y_i. Anchors without a positive give 0
-    and are left out of the mean.
+    rows, P(i) the other rows with label y_i.
 
     Args:
         features: (N, D) with ``labels`` (N,), or (B, V, D) multi-view with
@@ -180,8 +194,6 @@ def supcon(features: Tensor, labels: Optional[Tensor] = None, temperature=0.1,
         labels = _checks.labels("labels", labels, features.shape[0], device)
         weights = _checks.weights("weights", weights, features.shape[0], device,
                                   stats_dtype(features.dtype))
-    if features.shape[0] < 2:
-        raise ValueError(f"features needs at least 2 samples in all, got {features.shape[0]}")
     reduction = _checks.reduction(reduction)
     dt = stats_dtype(features.dtype)
     tau = _checks.temperature("temperature", temperature, device, dt)

@@ -409,8 +409,9 @@ def ft_moco_loss(q: Tensor, k: Tensor, queue: Tensor, lam_pos, lam_neg, perm: Te
         queue: (K, D) negatives (detached; cast to q's dtype).
         lam_pos: λ_p, a number / 0-dim tensor, or per sample (N,) or per
             element (N, D) (the code's ``dim_mask`` variants).
-        lam_neg: λ_n, a number / 0-dim tensor, or per queue row (K,).
-            Mixing coefficients get no gradient.
+        lam_neg: λ_n, a number / 0-dim tensor, or per queue row (K,) (the
+            code's per-element λ_n of its ``dim_mask`` "neg"/"both" is not
+            supported). Mixing coefficients get no gradient.
         perm: (K,) integer queue indices π (a permutation in the paper).
         temperature: τ > 0 (float or 0-dim tensor, which gets a gradient).
         normalize: L2-normalise q, k and the queue before mixing (the paper's

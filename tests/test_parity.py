@@ -1,7 +1,9 @@
 """Every "equals X" of the README and the docstrings, against X's own code:
 pytorch-metric-learning, lightly and open_clip (each skipped when not
-installed), SupContrast's SupConLoss (not a package: reimplemented below from
-its losses.py) and diffsort. Ordinary batches and the edge cases: all labels
+installed), diffsort, and the papers' code that is not a package, written out
+in the tests as the authors wrote it: SupContrast's SupConLoss, the
+feature-transformation MoCo of Zhu et al. and Rank-N-Contrast's RnCLoss
+(tests/test_rnc.py). Ordinary batches and the edge cases: all labels
 equal, one or two samples, tau = 1e-3, (B, V, D) inputs, weights. Where a
 peer's convention differs from ours, the test pins the documented difference
 on the peer's own output."""
@@ -325,3 +327,64 @@ def test_diff_sort_net_equals_diffsort(backend, network, rows, n, steepness):
         results.append((sorted_x.detach(), perm.detach(), leaf.grad))
     for ours, theirs in zip(*results):
         torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-9)
+
+
+# ------------------------------------------------- feature-transformation MoCo (Zhu et al.)
+
+
+def authors_ft_moco(q, k, queue, pos_mask, neg_mask, indices, temperature, postmix_norm):
+    """Zhu et al.'s ``RGBMoCo_dropmix_norm.forward`` (DTennant/CL-Visualizing-
+    Feature-Transformation, memory/mem_moco.py; mix_target "posneg", norm_target
+    "pos") with its trainer's cross-entropy against label 0. ``pos_mask`` is
+    their mask after ``expolation_mask`` added 1; q, k and the queue are unit
+    rows, as their encoder and memory give them."""
+    k = k.detach()
+    queue = queue.clone().detach()
+    q_mix = pos_mask * q + (1 - pos_mask) * k
+    k_mix = pos_mask * k + (1 - pos_mask) * q
+    q, k = q_mix, k_mix
+    queue = neg_mask * queue + (1 - neg_mask) * queue[indices]
+    if postmix_norm:
+        q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
+    pos = torch.bmm(q.view(len(q), 1, -1), k.view(len(q), -1, 1)).view(len(q), 1)
+    neg = torch.mm(queue, q.transpose(1, 0)).transpose(0, 1)
+    logits = torch.div(torch.cat((pos, neg), dim=1), temperature)
+    return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n", [1, 2, 9])
+@pytest.mark.parametrize("dim_mask", ["none", "pos"])  # their scalar or per-element pos mask
+@pytest.mark.parametrize("postmix_norm", [False, True])
+@pytest.mark.parametrize("tau", [0.2, 1e-3])
+def test_ft_moco_equals_the_authors_code(backend, n, dim_mask, postmix_norm, tau):
+    d, size = 8, 13
+    q_raw, k_raw, queue_raw = (_rows(rows, d, tau) for rows in (n, n, size))
+    beta = torch.distributions.Beta(torch.tensor(2.0, dtype=torch.float64),
+                                    torch.tensor(2.0, dtype=torch.float64))
+    lam_pos = 1 + (beta.sample((n, d)) if dim_mask == "pos" else beta.sample())
+    lam_neg, perm = beta.sample(), torch.randperm(size)
+    k_unit, queue_unit = F.normalize(k_raw, dim=1), F.normalize(queue_raw, dim=1)
+    res = _grad_pair(
+        lambda q: pyclloss.ft_moco_loss(q, k_raw, queue_raw, lam_pos, lam_neg, perm, tau,
+                                        normalize_mixed=postmix_norm, backend=backend),
+        lambda q: authors_ft_moco(F.normalize(q, dim=1), k_unit, queue_unit, lam_pos, lam_neg,
+                                  perm, tau, postmix_norm), q_raw)
+    _assert_same(*res, rtol=1e-7)
+
+
+# --------------------------------------------------------- Rank-N-Contrast (Zha et al.)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("b", [1, 2, 7])
+@pytest.mark.parametrize("label_dims", [1, 3])
+@pytest.mark.parametrize("tau", [2.0, 1e-3])
+def test_rnc_equals_the_authors_code(backend, b, label_dims, tau):
+    from test_rnc import authors_rnc  # the authors' RnCLoss, (B, 2, D) features
+
+    features = _rows(2 * b, 5, tau).view(b, 2, 5)
+    labels = torch.randint(0, 4, (b, label_dims)).double()  # ties included
+    res = _grad_pair(lambda f: pyclloss.rnc_loss(f, labels, tau, backend=backend),
+                     lambda f: authors_rnc(f, labels, tau), features)
+    _assert_same(*res, rtol=1e-7)

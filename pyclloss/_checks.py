@@ -1,11 +1,18 @@
 """Input validation shared by the public entry points.
 
-Every message names the argument and the expected form. Value checks that
-need a device sync (finiteness, positivity of a tensor) are skipped while
-torch.compile traces, where they would break the graph.
+Every message names the argument and the expected form; bad values raise
+ValueError. While torch.compile traces, a value check cannot read a tensor on
+the host without breaking the graph, so:
+
+- scalars (temperatures, scales, biases, mixing coefficients, also when given
+  as Python floats, which compile may turn symbolic), weights, index targets
+  and the other small inputs are checked on the device by ``torch._assert_async``:
+  a bad value fails the compiled call with a RuntimeError carrying the same
+  message, without a host sync;
+- the finiteness of the feature tensors themselves is not checked (it would add
+  a pass over every input of every step); a NaN there gives a NaN loss.
 """
 
-import math
 import numbers
 from typing import Optional, Sequence
 
@@ -46,6 +53,16 @@ def all_finite(x: torch.Tensor) -> bool:
     return bool(torch.isfinite(x.sum(dtype=acc))) or bool(torch.isfinite(x).all())
 
 
+def finite(name: str, x: Tensor) -> None:
+    """ValueError unless every entry of ``x`` is finite (a device-side assertion
+    while tracing)."""
+    message = f"{name} contains NaN or Inf"
+    if _tracing():
+        require(torch.isfinite(x), message)
+    elif not all_finite(x):
+        raise ValueError(message)
+
+
 def same_kind(name: str, x: Tensor, ref_name: str, ref: Tensor, same_rows: bool = False) -> None:
     if x.device != ref.device:
         raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}")
@@ -70,38 +87,79 @@ def labels(name: str, y, n: int, device: torch.device) -> Tensor:
     return y.to(torch.int64).contiguous()
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def require(ok: Tensor, message: str, given=None) -> None:
+    """ValueError(message) unless every entry of the boolean tensor ``ok`` holds
+    (``given()``, called on failure, says what was passed); while torch.compile
+    traces, a device-side assertion with the same message. Meta tensors have no
+    values to check."""
+    if _tracing():
+        torch._assert_async(ok.all(), message)
+    elif ok.device.type != "meta" and not bool(ok.all()):
+        raise ValueError(message if given is None else f"{message}, got {given()}")
+
+
 def index_targets(name: str, t, n: int, m: int, device: torch.device) -> Tensor:
     t = labels(name, t, n, device)
-    if not _tracing() and n > 0 and bool(((t < 0) | (t >= m)).any()):
-        raise ValueError(f"{name} must index the {m} keys (0 <= target < {m})")
+    # formatting a size that compile keeps symbolic would specialise the graph on it
+    keys = "the keys" if _tracing() else f"the {m} keys (0 <= target < {m})"
+    require((t >= 0) & (t < m), f"{name} must index {keys}")
     return t
 
 
-def scalar(name: str, value, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """A finite scalar of any sign (float, or 0-dim floating tensor, which keeps
-    its autograd graph)."""
+def _scalar_tensor(name: str, value, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``value`` as a 0-dim tensor in ``dtype``: a one-element floating tensor stays
+    where it is (and keeps its autograd graph); a number goes to the host in eager
+    mode, where checking it costs no device sync, and to ``device`` while tracing."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a scalar, got shape {tuple(value.shape)}")
         if not value.dtype.is_floating_point:
             raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
-        return value.reshape(()).to(device=device, dtype=dtype)
+        return value.reshape(()).to(dtype)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return torch.tensor(float(value), device=device, dtype=dtype)
+    if _tracing():  # value may be symbolic here
+        return torch.tensor(value, dtype=dtype, device=device)
+    return torch.tensor(float(value), dtype=dtype)
+
+
+def _checked_scalar(name: str, value, device: torch.device, dtype: torch.dtype, ok,
+                    requirement: str) -> Tensor:
+    """The scalar ``value`` in ``dtype`` on ``device``, with ``ok(value in dtype)``
+    required: the check sees what the kernels will see (1e-46 is 0 in float32)."""
+    result = _scalar_tensor(name, value, dtype, device)
+
+    def given():
+        exact = value.item() if isinstance(value, torch.Tensor) else float(value)
+        if bool(ok(torch.tensor(exact, dtype=torch.float64))):  # only the rounding fails
+            return f"{exact}, which is {result.item()} in {_dtype_name(dtype)}"
+        return exact
+
+    require(ok(result.detach()), f"{name} must be {requirement}", given)
+    return result.to(device)
+
+
+def scalar(name: str, value, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """A finite scalar of any sign: a number, or a one-element floating tensor
+    (which keeps its autograd graph)."""
+    return _checked_scalar(name, value, device, dtype, torch.isfinite, "finite")
 
 
 def positive(name: str, value, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """A scalar > 0, as :func:`scalar`."""
-    result = scalar(name, value, device, dtype)
-    if isinstance(value, torch.Tensor):
-        if not _tracing() and not bool(value.detach().reshape(()) > 0):
-            raise ValueError(f"{name} must be > 0, got {value.item()}")
-    elif not value > 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
-    return result
+    """A finite scalar > 0, as :func:`scalar`."""
+    return _checked_scalar(name, value, device, dtype, lambda v: torch.isfinite(v) & (v > 0),
+                           "> 0 and finite")
+
+
+def temperature(name: str, value, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """A temperature τ, as :func:`positive`, whose 1/τ (the kernels' scale) is finite too."""
+    return _checked_scalar(name, value, device, dtype,
+                           lambda v: torch.isfinite(v) & (v > 0) & torch.isfinite(1 / v),
+                           "a finite number > 0 with a finite reciprocal")
 
 
 def float_tensor(name: str, x, shape: tuple, device: torch.device) -> Tensor:
@@ -115,13 +173,19 @@ def float_tensor(name: str, x, shape: tuple, device: torch.device) -> Tensor:
     return x
 
 
-def weights(name: str, w: Optional[Tensor], n: int, device: torch.device) -> Optional[Tensor]:
+def weights(name: str, w: Optional[Tensor], n: int, device: torch.device,
+            dtype: torch.dtype) -> Optional[Tensor]:
+    """Per-anchor weights (n,) >= 0, detached; ``dtype`` is that of the loss
+    terms they weigh, in which they and their sum (the mean's divisor) must
+    be finite."""
     if w is None:
         return None
     float_tensor(name, w, (n,), device)
-    if not _tracing() and not bool((torch.isfinite(w) & (w >= 0)).all()):
-        raise ValueError(f"{name} must be finite and >= 0")
-    return w.detach()
+    w = w.detach()
+    cast = w.to(dtype)
+    require((torch.isfinite(cast) & (cast >= 0)).all() & torch.isfinite(cast.sum()),
+            f"{name} must be finite and >= 0, with a finite sum in {_dtype_name(dtype)}")
+    return w
 
 
 def reduction(value: str) -> str:

@@ -32,6 +32,7 @@ import sys
 import time
 from typing import Callable, Dict, List, Optional
 
+from . import _arguments as arguments
 from . import peers
 
 LOSSES = ("supcon", "nt_xent", "clip", "siglip", "diff_sort", "gated")
@@ -373,6 +374,17 @@ def plot(measured: Dict, path: str) -> str:
     return f"plot: {path}"
 
 
+def check_arguments(args) -> None:
+    """Every argument, before any measurement; ``--out``'s folder is created and probed."""
+    arguments.at_least("--sizes", min(args.sizes), 2)
+    arguments.at_least("--dim", args.dim, 1)
+    arguments.at_least("--repeats", args.repeats, 1)
+    arguments.above("--timeout", args.timeout, 0)
+    arguments.above("--memory-gib", args.memory_gib, 0)
+    if args.out:
+        arguments.writable_file("--out", args.out)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="pyclloss bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -391,8 +403,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--single", nargs=3, metavar=("LOSS", "IMPL", "N"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.command = argv
-    if any(n < 2 for n in args.sizes):
-        p.error("--sizes must be at least 2")
+    try:
+        check_arguments(args)
+    except ValueError as exc:
+        p.exit(2, f"pyclloss bench: error: {exc}\n")
     if args.single:
         loss, impl, n = args.single
         print(json.dumps(measure_one(loss, impl, int(n), args.dim, args.device, args.dtype,

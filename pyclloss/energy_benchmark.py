@@ -27,6 +27,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from . import _arguments as arguments
 from .benchmark import pyplot
 from .energy import EnergyMeter, cpu_model, describe_gpu, gpus_of
 from .train.losses import LOSSES
@@ -298,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def fill_defaults(args, device: torch.device) -> None:
+    """The device's defaults for the sizes left unset; then every argument is checked."""
     gpu = device.type == "cuda"
     defaults = {"batch_size": 1024 if gpu else 256, "image_size": 32 if gpu else 8,
                 "channels": 3 if gpu else 1, "width": 64 if gpu else 32,
@@ -312,8 +314,19 @@ def fill_defaults(args, device: torch.device) -> None:
             setattr(args, name, value)
     if args.trials < 2:
         raise ValueError("--trials must be at least 2 (a std needs two)")
-    if args.steps is not None and args.steps < 1:
-        raise ValueError("--steps must be at least 1")
+    if args.steps is not None:
+        arguments.at_least("--steps", args.steps, 1)
+    arguments.threads("--threads", args.threads)
+
+    def value(flag):
+        return getattr(args, flag[2:].replace("-", "_"))
+
+    for flag in ("--dim", "--image-size", "--channels"):
+        arguments.at_least(flag, value(flag), 1)
+    for flag in ("--trial-seconds", "--idle-seconds"):
+        arguments.above(flag, value(flag), 0)
+    for flag in ("--cooldown", "--carbon-intensity"):
+        arguments.at_least(flag, value(flag), 0)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -342,6 +355,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         cfg = TrainConfig(loss=args.loss, backend=args.backend, width=args.width,
                           batch_size=args.batch_size, queue_size=max(4096, args.batch_size))
         check_config(cfg)
+        arguments.writable_folder("--out", args.out)
     except ValueError as exc:
         parser.exit(2, f"pyclloss energy: error: {exc}\n")
     with cpu_threads(args.threads):

@@ -73,8 +73,8 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature=0.5, *, weights: Optional[Tensor
     _checks.same_kind("z2", z2, "z1", z1, same_rows=True)
     reduction = _checks.reduction(reduction)
     b, device = z1.shape[0], z1.device
-    weights = _checks.weights("weights", weights, b, device)
-    tau = _checks.positive("temperature", temperature, device, stats_dtype(z1.dtype))
+    weights = _checks.weights("weights", weights, b, device, stats_dtype(z1.dtype))
+    tau = _checks.temperature("temperature", temperature, device, stats_dtype(z1.dtype))
     exchange = distributed.exchange(gather_distributed, process_group, strategy)
     backend = resolve(backend, device)
     if backend == "reference" and exchange is None:
@@ -99,11 +99,15 @@ def pair_nt_xent(embeddings: Tensor, labels: Tensor, temperature=0.07, *,
                  reduction: str = "mean", backend: str = "auto", gather_distributed: bool = False,
                  process_group=None, strategy: str = "all_gather") -> Tensor:
     """Pairwise multi-positive NT-Xent; equals pytorch-metric-learning's
-    ``NTXentLoss(temperature)(embeddings, labels)`` for any labels.
+    ``NTXentLoss(temperature)(embeddings, labels)`` for any labels, with one
+    difference: pml takes ``log(p + tiny)`` of a pair's probability p, which
+    caps a pair's loss at 708.4 in float64 (87.3 in float32: p below 1e-38, a
+    positive ~87τ below a negative); ours is ``−log p``.
 
     Every positive pair (a, p) (same label, a ≠ p) is its own term
     ``softplus(NEG_a − l_ap)`` with ``NEG_a = LSE_{n: y_n ≠ y_a} l_an``, averaged
-    over all positive pairs. A batch without positive pairs gives 0.
+    over all positive pairs. A batch without positive pairs (a single row
+    included) gives 0.
 
     Args:
         embeddings: (N, D), normalised inside (cosine similarity).
@@ -113,11 +117,11 @@ def pair_nt_xent(embeddings: Tensor, labels: Tensor, temperature=0.07, *,
         gather_distributed, process_group, strategy: see the module docstring;
             positive pairs across ranks count.
     """
-    _checks.features("embeddings", embeddings, min_rows=2)
+    _checks.features("embeddings", embeddings)
     n, device = embeddings.shape[0], embeddings.device
     labels = _checks.labels("labels", labels, n, device)
     reduction = _checks.reduction(reduction)
-    tau = _checks.positive("temperature", temperature, device, stats_dtype(embeddings.dtype))
+    tau = _checks.temperature("temperature", temperature, device, stats_dtype(embeddings.dtype))
     exchange = distributed.exchange(gather_distributed, process_group, strategy)
     backend = resolve(backend, device)
     if backend == "reference" and exchange is None:
@@ -144,13 +148,23 @@ def supcon(features: Tensor, labels: Optional[Tensor] = None, temperature=0.1,
            base_temperature=None, *, weights: Optional[Tensor] = None, reduction: str = "mean",
            backend: str = "auto", gather_distributed: bool = False, process_group=None,
            strategy: str = "all_gather") -> Tensor:
-    """Supervised contrastive loss (Khosla et al., NeurIPS 2020), SupContrast's
-    ``SupConLoss`` (contrast_mode "all"); equals pytorch-metric-learning's
-    ``SupConLoss(temperature)`` when ``base_temperature`` is τ.
+    """Supervised contrastive loss (Khosla et al., NeurIPS 2020): SupContrast's
+    ``SupConLoss(τ, contrast_mode="all", base_temperature=τ_b)`` of the unit
+    rows, and pytorch-metric-learning's ``SupConLoss(τ)`` when τ_b = τ, except
+    where those two differ from each other or from us:
+
+    - an anchor without a positive gives 0 and is left out of the mean (as in
+      pml; SupContrast counts it as a 0 in its mean);
+    - a batch without any negative pair (all labels equal) gives SupContrast's
+      loss; pml returns 0;
+    - pml's mean also leaves out anchors whose loss is exactly 0 in floating
+      point (a positive more than ~37τ in float64, ~16τ in float32, above every
+      other similarity of the anchor); ours keeps them.
+
+    Per anchor (``reduction="none"``) the three agree. A single row gives 0.
 
     ``L_i = −(τ/τ_b)·mean_{p∈P(i)} [l_ip − LSE_{a≠i} l_ia]`` over L2-normalised
-    rows, P(i) the other rows with label y_i. Anchors without a positive give 0
-    and are left out of the mean.
+    rows, P(i) the other rows with label y_i.
 
     Args:
         features: (N, D) with ``labels`` (N,), or (B, V, D) multi-view with
@@ -165,8 +179,8 @@ def supcon(features: Tensor, labels: Optional[Tensor] = None, temperature=0.1,
     device = features.device
     reduction = _checks.reduction(reduction)
     dt = stats_dtype(features.dtype)
-    tau = _checks.positive("temperature", temperature, device, dt)
-    tau_b = tau if base_temperature is None else _checks.positive(
+    tau = _checks.temperature("temperature", temperature, device, dt)
+    tau_b = tau if base_temperature is None else _checks.temperature(
         "base_temperature", base_temperature, device, dt)
     exchange = distributed.exchange(gather_distributed, process_group, strategy)
     layout = exchange.layout(features.shape[0], features, reduction, temperature=tau,
@@ -177,7 +191,7 @@ def supcon(features: Tensor, labels: Optional[Tensor] = None, temperature=0.1,
         if labels is None:  # each sample its own class, numbered over the global batch
             labels = layout.ids(device) if layout is not None else torch.arange(b, device=device)
         labels = _checks.labels("labels", labels, b, device).repeat(views)
-        weights = _checks.weights("weights", weights, b, device)
+        weights = _checks.weights("weights", weights, b, device, stats_dtype(features.dtype))
         weights = weights.repeat(views) if weights is not None else None
         features = features.transpose(0, 1).reshape(b * views, -1)
     else:
@@ -185,9 +199,8 @@ def supcon(features: Tensor, labels: Optional[Tensor] = None, temperature=0.1,
             raise ValueError("labels are required for features of shape (N, D); pass (B, V, D) "
                              "features for the self-supervised form")
         labels = _checks.labels("labels", labels, features.shape[0], device)
-        weights = _checks.weights("weights", weights, features.shape[0], device)
-    if features.shape[0] < 2:
-        raise ValueError(f"features needs at least 2 samples in all, got {features.shape[0]}")
+        weights = _checks.weights("weights", weights, features.shape[0], device,
+                                  stats_dtype(features.dtype))
     backend = resolve(backend, device)
     if backend == "reference" and exchange is None:
         return reference.supcon(features, labels, tau, tau_b, weights=weights, reduction=reduction)
@@ -255,9 +268,9 @@ def info_nce(query: Tensor, key: Tensor, temperature=0.07, targets: Optional[Ten
     if not in_batch_negatives and queue is None:
         raise ValueError("in_batch_negatives=False needs a queue: the queue holds the only "
                          "negatives")
-    weights = _checks.weights("weights", weights, n, device)
+    weights = _checks.weights("weights", weights, n, device, stats_dtype(query.dtype))
     reduction = _checks.reduction(reduction)
-    tau = _checks.positive("temperature", temperature, device, stats_dtype(query.dtype))
+    tau = _checks.temperature("temperature", temperature, device, stats_dtype(query.dtype))
     exchange = distributed.exchange(gather_distributed, process_group, strategy)
     backend = resolve(backend, device)
     if backend == "reference" and exchange is None:
@@ -396,8 +409,7 @@ def _mixing_coefficient(name: str, value, shapes, device: torch.device,
         raise ValueError(f"{name} must be a scalar or have shape {forms}, got {tuple(value.shape)}")
     if value.device != device:
         raise ValueError(f"{name} is on {value.device} but the features are on {device}")
-    if not _checks._tracing() and not _checks.all_finite(value):
-        raise ValueError(f"{name} contains NaN or Inf")
+    _checks.finite(name, value)
     return value.detach().to(dtype)
 
 
@@ -422,8 +434,9 @@ def ft_moco_loss(q: Tensor, k: Tensor, queue: Tensor, lam_pos, lam_neg, perm: Te
         queue: (K, D) negatives (detached; cast to q's dtype).
         lam_pos: λ_p, a number / 0-dim tensor, or per sample (N,) or per
             element (N, D) (the code's ``dim_mask`` variants).
-        lam_neg: λ_n, a number / 0-dim tensor, or per queue row (K,).
-            Mixing coefficients get no gradient.
+        lam_neg: λ_n, a number / 0-dim tensor, or per queue row (K,) (the
+            code's per-element λ_n of its ``dim_mask`` "neg"/"both" is not
+            supported). Mixing coefficients get no gradient.
         perm: (K,) integer queue indices π (a permutation in the paper).
         temperature: τ > 0 (float or 0-dim tensor, which gets a gradient).
         normalize: L2-normalise q, k and the queue before mixing (the paper's
@@ -443,7 +456,7 @@ def ft_moco_loss(q: Tensor, k: Tensor, queue: Tensor, lam_pos, lam_neg, perm: Te
     lam_neg = _mixing_coefficient("lam_neg", lam_neg, [(size,)], device, dt)
     perm = _checks.index_targets("perm", perm, size, size, device)
     reduction = _checks.reduction(reduction)
-    tau = _checks.positive("temperature", temperature, device, dt)
+    tau = _checks.temperature("temperature", temperature, device, dt)
     backend = resolve(backend, device, implemented=ft_moco_ops.BACKENDS)
     if backend == "reference":
         return ft_moco_reference.ft_moco_loss(q, k, queue, lam_pos, lam_neg, perm, tau,
@@ -505,8 +518,7 @@ def gated_info_nce(q: Tensor, k: Tensor, gates: Tensor, labels: Tensor, partner_
     _checks.features("k", k)
     _checks.same_kind("k", k, "q", q)
     _checks.float_tensor("gates", gates, tuple(q.shape), q.device)
-    if not _checks._tracing() and not _checks.all_finite(gates):
-        raise ValueError("gates contains NaN or Inf")
+    _checks.finite("gates", gates)
     b, n, device = q.shape[0], k.shape[0], q.device
     labels = _checks.labels("labels", labels, b, device)
     partner_labels = _checks.labels("partner_labels", partner_labels, b, device)
@@ -516,7 +528,7 @@ def gated_info_nce(q: Tensor, k: Tensor, gates: Tensor, labels: Tensor, partner_
         key_labels = labels
     key_labels = _checks.labels("key_labels", key_labels, n, device)
     reduction = _checks.reduction(reduction)
-    tau = _checks.positive("temperature", temperature, device, stats_dtype(q.dtype))
+    tau = _checks.temperature("temperature", temperature, device, stats_dtype(q.dtype))
     exchange = distributed.exchange(gather_distributed, process_group, strategy)
     gates = gates.to(q.dtype)
     backend = resolve(backend, device, implemented=gated_ops.BACKENDS)
@@ -553,11 +565,13 @@ def gated_info_nce(q: Tensor, k: Tensor, gates: Tensor, labels: Tensor, partner_
 
 
 def _fixed_positive(name: str, value) -> float:
-    """A hyper-parameter > 0 that gets no gradient, as a float."""
+    """A hyper-parameter > 0 that gets no gradient, as a float (the ops take one)."""
     if isinstance(value, torch.Tensor) and value.requires_grad:
         raise ValueError(f"{name} must be a fixed number here (no gradient), got a tensor that "
                          f"requires grad")
-    return float(_checks.positive(name, value, torch.device("cpu"), torch.float64))
+    device = value.device if isinstance(value, torch.Tensor) else torch.device("cpu")
+    _checks.positive(name, value, device, torch.float64)
+    return float(value)
 
 
 def _regression_labels(name: str, y, n: int, device: torch.device, dtype: torch.dtype,
@@ -567,14 +581,13 @@ def _regression_labels(name: str, y, n: int, device: torch.device, dtype: torch.
         raise TypeError(f"{name} must be a torch.Tensor, got {type(y).__name__}")
     if y.dtype.is_complex or y.dtype == torch.bool:
         raise TypeError(f"{name} must hold real numbers, got {y.dtype}")
-    shapes = f"({n},) or ({n}, L)" if multi_dim else f"({n},)"
     if y.shape[:1] != (n,) or y.dim() not in ((1, 2) if multi_dim else (1,)):
+        shapes = f"({n},) or ({n}, L)" if multi_dim else f"({n},)"
         raise ValueError(f"{name} must have shape {shapes}, got {tuple(y.shape)}")
     if y.device != device:
         raise ValueError(f"{name} is on {y.device} but the features are on {device}")
     y = y.detach().to(dtype)
-    if not _checks._tracing() and not _checks.all_finite(y):
-        raise ValueError(f"{name} contains NaN or Inf")
+    _checks.finite(name, y)
     return y.contiguous()
 
 
@@ -605,11 +618,10 @@ def supremix_loss(z: Tensor, t: Tensor, lam_neg: Tensor, temperature=0.5, base_t
     n, device, dt = z.shape[0], z.device, stats_dtype(z.dtype)
     t = _regression_labels("t", t, n, device, dt)
     lam = _checks.float_tensor("lam_neg", lam_neg, (n, n), device).detach().to(dt).contiguous()
-    if not _checks._tracing() and not bool(((lam >= 0) & (lam <= 1)).all()):
-        raise ValueError("lam_neg must lie in [0, 1]")
+    _checks.require((lam >= 0) & (lam <= 1), "lam_neg must lie in [0, 1]")
     reduction = _checks.reduction(reduction)
-    tau = _checks.positive("temperature", temperature, device, dt)
-    tau_b = _checks.positive("base_temperature", base_temperature, device, dt)
+    tau = _checks.temperature("temperature", temperature, device, dt)
+    tau_b = _checks.temperature("base_temperature", base_temperature, device, dt)
     gap = _fixed_positive("gap", gap)
     backend = resolve(backend, device, supremix_ops.BACKENDS)
     if backend == "reference":
@@ -647,7 +659,7 @@ def rnc_loss(features: Tensor, labels: Tensor, temperature=2.0, *, reduction: st
     if n < 2:
         raise ValueError(f"features needs at least 2 samples in all, got {n}")
     reduction = _checks.reduction(reduction)
-    tau = _checks.positive("temperature", temperature, device, dt)
+    tau = _checks.temperature("temperature", temperature, device, dt)
     backend = resolve(backend, device, rnc_ops.BACKENDS)
     if backend == "reference":
         return rnc_reference.rnc_loss(features, labels, tau, reduction)

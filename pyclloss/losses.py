@@ -301,8 +301,8 @@ class HydraLoss(nn.Module):
         """``y`` checked as indices into the class-embedding table, by name."""
         y = fn._checks.labels(name, y, q.shape[0], q.device)
         classes = self.class_embedding.num_embeddings
-        if not fn._checks._tracing() and bool(((y < 0) | (y >= classes)).any()):
-            raise ValueError(f"{name} must be class indices in [0, num_classes = {classes})")
+        fn._checks.require((y >= 0) & (y < classes),
+                           f"{name} must be class indices in [0, num_classes = {classes})")
         return y
 
     def gates(self, labels: Tensor, partner_labels: Tensor) -> Tensor:

@@ -20,7 +20,6 @@ the CUDA ``diff_sort_apply`` rows of up to 1024. ``auto`` passes larger rows
 on to the next backend.
 """
 
-import math
 import numbers
 
 import torch
@@ -91,8 +90,7 @@ def _check_rows(x, name: str) -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
     if x.dim() != 2:
         raise ValueError(f"{name} must be 2-D (batch, n), got shape {tuple(x.shape)}")
-    if not _checks.all_finite(x):
-        raise ValueError(f"{name} contains NaN or Inf")
+    _checks.finite(name, x)
 
 
 def _check_relaxation(network, steepness, distribution, art_lambda) -> None:
@@ -103,10 +101,8 @@ def _check_relaxation(network, steepness, distribution, art_lambda) -> None:
     for name, value in (("steepness", steepness), ("art_lambda", art_lambda)):
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-        if not math.isfinite(value):
-            raise ValueError(f"{name} must be finite, got {value}")
-    if steepness <= 0:
-        raise ValueError(f"steepness must be > 0, got {steepness}")
+    _checks.scalar("art_lambda", art_lambda, torch.device("cpu"), torch.float64)
+    _checks.positive("steepness", steepness, torch.device("cpu"), torch.float64)
 
 
 def _check_sort_input(x, network, steepness, distribution, art_lambda) -> None:
@@ -169,8 +165,7 @@ def diff_sort_apply(x: Tensor, v: Tensor, network: str = "odd_even", steepness: 
         raise ValueError(f"v must have shape ({n},) or {tuple(x.shape)}, got {tuple(v.shape)}")
     if v.device != x.device:
         raise ValueError(f"v must be on x's device {x.device}, got {v.device}")
-    if not bool(torch.isfinite(v).all()):
-        raise ValueError("v contains NaN or Inf")
+    _checks.finite("v", v)
     return _apply(x, v, network, steepness, distribution, art_lambda, backend)
 
 
@@ -266,15 +261,14 @@ def groco_loss(pos_sim: Tensor, neg_sim: Tensor, steepness: float = 1.0, num_neg
     if num_neg + pos_sim.shape[1] == 0:
         raise ValueError("nothing to sort: pos_sim has no columns and num_neg = 0")
     _check_relaxation("odd_even", steepness, "cauchy", 0.25)
-    if not bool(torch.isfinite(pos_sim).all()):
-        raise ValueError("pos_sim contains NaN or Inf")
-    if bool(torch.isnan(neg_sim).any()) or bool((neg_sim == float("inf")).any()):
-        raise ValueError("neg_sim contains NaN or +Inf")
+    _checks.finite("pos_sim", pos_sim)
+    _checks.require(~torch.isnan(neg_sim) & (neg_sim != float("inf")),
+                    "neg_sim contains NaN or +Inf")
 
     acc = torch.float64 if torch.float64 in (pos_sim.dtype, neg_sim.dtype) else torch.float32
     hardest = neg_sim.to(acc).topk(num_neg, dim=1).values.flip(1)
-    if not bool(torch.isfinite(hardest).all()):
-        raise ValueError(f"neg_sim: some row has fewer than num_neg = {num_neg} finite entries")
+    _checks.require(torch.isfinite(hardest),
+                    f"neg_sim: some row has fewer than num_neg = {num_neg} finite entries")
     sims = torch.cat([hardest, pos_sim.to(acc).sort(dim=1).values], dim=1)
     is_pos = (torch.arange(sims.shape[1], device=sims.device) >= num_neg).to(acc)
     q = _apply(sims, is_pos, "odd_even", steepness, "cauchy", 0.25, backend)

@@ -1,5 +1,7 @@
 """Bad input raises ValueError/TypeError naming the argument; nothing returns NaN."""
 
+import re
+
 import pytest
 import torch
 
@@ -27,10 +29,10 @@ Y = torch.randint(0, 2, (6,))
     (lambda: pyclloss.supcon(X, Y[:5]), ValueError, "labels"),
     (lambda: pyclloss.supcon(X, Y.float()), TypeError, "labels"),
     (lambda: pyclloss.supcon(X), ValueError, "labels"),
-    (lambda: pyclloss.supcon(X[:1], Y[:1]), ValueError, "features"),
     (lambda: pyclloss.supcon(torch.randn(2, 2, 2, 2)), ValueError, "features"),
+    (lambda: pyclloss.supcon(torch.randn(0, 4), Y[:0]), ValueError, "features"),
     (lambda: pyclloss.supcon(X, Y, base_temperature=0), ValueError, "base_temperature"),
-    (lambda: pyclloss.pair_nt_xent(X[:1], Y[:1]), ValueError, "embeddings"),
+    (lambda: pyclloss.pair_nt_xent(torch.randn(0, 4), Y[:0]), ValueError, "embeddings"),
     (lambda: pyclloss.info_nce(X, X[:3]), ValueError, "key"),
     (lambda: pyclloss.info_nce(X, X, targets=torch.full((6,), 6)), ValueError, "targets"),
     (lambda: pyclloss.info_nce(X, X, queue=torch.randn(3, 5)), ValueError, "queue"),
@@ -46,6 +48,46 @@ Y = torch.randint(0, 2, (6,))
 def test_bad_input_names_the_argument(call, error, word):
     with pytest.raises(error, match=word):
         call()
+
+
+NAN, INF = float("nan"), float("inf")
+QUEUE, PERM = torch.randn(5, 4), torch.randperm(5)
+
+
+@pytest.mark.parametrize("call, message", [
+    # tensor-valued scalars get the finiteness check of the float ones
+    (lambda: pyclloss.siglip_loss(X, X, 10.0, torch.tensor(NAN)), "logit_bias must be finite"),
+    (lambda: pyclloss.clip_loss(X, X, torch.tensor(INF)), "logit_scale must be > 0 and finite"),
+    (lambda: pyclloss.siglip_loss(X, X, torch.tensor(NAN), 0.0), "logit_scale must be > 0"),
+    (lambda: pyclloss.nt_xent(X, X, torch.tensor(INF)), "temperature must be a finite number"),
+    (lambda: pyclloss.supcon(X, Y, 0.1, torch.tensor(INF)), "base_temperature must be a finite"),
+    (lambda: pyclloss.ft_moco_loss(X, X, QUEUE, torch.tensor(NAN), 0.5, PERM),
+     "lam_pos must be finite"),
+    (lambda: pyclloss.ft_moco_loss(X, X, QUEUE, 1.5, torch.tensor(NAN), PERM),
+     "lam_neg must be finite"),
+    # a float temperature that is 0 (or whose reciprocal overflows) in the input's dtype
+    (lambda: pyclloss.nt_xent(X, X, 1e-46), "got 1e-46, which is 0.0 in float32"),
+    (lambda: pyclloss.info_nce(X, X, 1e-40), "temperature must be a finite number > 0 with a "
+                                            "finite reciprocal, got 1e-40, which is"),
+    (lambda: pyclloss.supcon(X, Y, torch.tensor(1e-46, dtype=torch.float64)),
+     "temperature must be a finite number > 0 with a finite reciprocal, got 1e-46"),
+    (lambda: pyclloss.clip_loss(X, X, 1e300), "logit_scale must be > 0 and finite, got 1e+300, "
+                                              "which is inf in float32"),
+    # weights whose sum overflows the loss's dtype would give inf / inf = NaN
+    (lambda: pyclloss.nt_xent(X, X, weights=torch.full((6,), 3e38)),
+     "weights must be finite and >= 0, with a finite sum in float32"),
+    (lambda: pyclloss.supcon(X, Y, weights=torch.full((6,), 1e39, dtype=torch.float64)),
+     "weights must be finite and >= 0, with a finite sum in float32"),
+    (lambda: pyclloss.info_nce(X, X, weights=torch.full((6,), NAN)), "weights must be finite"),
+])
+def test_bad_scalars_and_weights_are_rejected(call, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        call()
+
+
+def test_large_finite_weights_still_work():
+    w = torch.full((6,), 1e37)
+    torch.testing.assert_close(pyclloss.nt_xent(X, X, weights=w), pyclloss.nt_xent(X, X))
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

@@ -52,7 +52,27 @@ def test_report_and_plot(tmp_path):
     assert (tmp_path / "r.png").stat().st_size > 0
 
 
-def test_bad_sizes_are_rejected(capsys):
-    with pytest.raises(SystemExit):
-        benchmark.main(["--sizes", "1"])
-    assert "--sizes" in capsys.readouterr().err
+@pytest.mark.parametrize("argv, message", [
+    (["--sizes", "1"], "--sizes must be at least 2, got 1"),
+    (["--dim", "0"], "--dim must be at least 1, got 0"),
+    (["--repeats", "0"], "--repeats must be at least 1, got 0"),
+    (["--timeout", "-1"], "--timeout must be > 0, got -1.0"),
+    (["--memory-gib", "0"], "--memory-gib must be > 0, got 0.0"),
+])
+def test_bad_arguments_are_one_line_errors_before_measuring(argv, message, capsys, monkeypatch):
+    monkeypatch.setattr(benchmark, "measure_all", None)  # never reached
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(argv)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"pyclloss bench: error: {message}\n"
+
+
+def test_an_unwritable_report_fails_before_measuring(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(benchmark, "measure_all", None)  # never reached
+    (tmp_path / "a-file").write_text("")
+    for out, why in ((tmp_path / "a-file" / "r.md", "cannot write there"),
+                     (tmp_path, "is a folder, not a file")):
+        with pytest.raises(SystemExit) as exit_info:
+            benchmark.main(["--out", str(out)])
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.startswith(f"pyclloss bench: error: --out {out}: {why}")

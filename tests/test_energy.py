@@ -270,13 +270,37 @@ def test_bench_energy_figures_from_a_constant_power_counter(bench_energy, tmp_pa
     (["--workloads", "loss,eval"], "--workloads: unknown ['eval']"),
     (["--trials", "1"], "--trials must be at least 2"),
     (["--backend", "tpu"], "--backend 'tpu'"),
+    (["--dim", "0"], "--dim must be at least 1, got 0"),
+    (["--threads", "-5"], "--threads must be in [0, "),
+    (["--threads", "100000"], "--threads must be in [0, "),
+    (["--steps", "0"], "--steps must be at least 1, got 0"),
+    (["--image-size", "0"], "--image-size must be at least 1, got 0"),
+    (["--channels", "0"], "--channels must be at least 1, got 0"),
+    (["--trial-seconds", "0"], "--trial-seconds must be > 0, got 0.0"),
+    (["--idle-seconds", "nan"], "--idle-seconds must be > 0, got nan"),
+    (["--cooldown", "-1"], "--cooldown must be at least 0, got -1.0"),
+    (["--carbon-intensity", "-1"], "--carbon-intensity must be at least 0, got -1.0"),
 ])
-def test_bench_bad_arguments(bench_energy, argv, message, tmp_path, capsys):
+def test_bench_bad_arguments(bench_energy, argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(bench_energy, "run_benchmark", None)  # never reached
     with pytest.raises(SystemExit) as exit_info:
         bench_energy.main(["--quick", "--out", str(tmp_path), *argv])
     assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_unwritable_out_fails_before_measuring(bench_energy, tmp_path, capsys,
+                                                    monkeypatch):
+    monkeypatch.setattr(bench_energy, "run_benchmark", None)  # never reached
+    (tmp_path / "a-file").write_text("")
+    out = tmp_path / "a-file" / "results"
+    with pytest.raises(SystemExit) as exit_info:
+        bench_energy.main(["--quick", "--out", str(out)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith(f"pyclloss energy: error: --out {out}: cannot "
+                                              f"write there")
 
 
 def test_the_loss_workload_runs_every_registered_loss(bench_energy):

@@ -128,6 +128,108 @@ def test_errors_that_depend_on_the_data(tiny_data, tmp_path, capsys):
     assert "--batch-size 512 is larger than the 60 training images" in err
 
 
+def _write(path, content):
+    """A .pt file: bytes as they are, anything else through torch.save."""
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        torch.save(content, path)
+    return str(path)
+
+
+BAD_FILES = {"garbage": b"\x00not a pickle\xff" * 10, "empty": b"", "a list": [1, 2, 3],
+             "a number": 7}
+
+
+@pytest.mark.parametrize("kind", BAD_FILES)
+@pytest.mark.parametrize("flag", ["--data", "--resume"])
+def test_unreadable_files_are_one_line_errors(flag, kind, tmp_path, capsys, monkeypatch):
+    """Garbage, empty and non-dict files: one line, exit 2, before any training step."""
+    monkeypatch.setattr(trainer_module, "train_step", _no_training)
+    path = _write(tmp_path / "bad.pt", BAD_FILES[kind])
+    err = run_main_expecting_error([flag, path, "--epochs", "1"], capsys)
+    assert err.startswith(f"pyclloss train: error: {flag} {path}: ") and err.count("\n") == 1
+    if flag == "--resume" and kind in ("a list", "a number"):
+        assert "not a checkpoint of this trainer" in err
+    if flag == "--data" and kind == "a number":
+        assert "expected a tensor, (images, labels) or a dict, got int" in err
+    if kind in ("garbage", "empty"):
+        assert "not a file torch.load can read" in err
+
+
+def _no_training(*args, **kwargs):
+    raise AssertionError("training started")
+
+
+@pytest.mark.parametrize("state, message", [
+    ({"version": 1}, "a damaged checkpoint (missing or malformed: config, epoch, step, "
+                     "epoch_losses, initial_eval, learner, optimizer, scaler, rng)"),
+    ({"version": 1, "config": {}, "epoch": 1, "step": "3", "epoch_losses": [],
+      "initial_eval": None, "learner": {}, "optimizer": {}, "scaler": {}, "rng": {}},
+     "a damaged checkpoint (missing or malformed: step)"),
+    ({"version": 1, "config": {"colour": "red"}, "epoch": 1, "step": 3, "epoch_losses": [],
+      "initial_eval": None, "learner": {}, "optimizer": {}, "scaler": {}, "rng": {}},
+     "the checkpoint has an unknown setting 'colour'"),
+    ({"version": 1, "config": {}, "epoch": 1, "step": 3, "epoch_losses": [1.0],
+      "initial_eval": None, "learner": {"weight": torch.ones(2)}, "optimizer": {},
+      "scaler": {}, "rng": {}}, "does not fit this run ("),
+])
+def test_damaged_checkpoints_are_one_line_errors(state, message, tiny_data, tmp_path, capsys,
+                                                 monkeypatch):
+    monkeypatch.setattr(trainer_module, "train_step", _no_training)
+    path = _write(tmp_path / "c.pt", state)
+    err = run_main_expecting_error(["--data", tiny_data, "--batch-size", "16", "--width", "4",
+                                    "--embedding-dim", "8", "--resume", path], capsys)
+    assert f"--resume {path}: {message}" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("images, labels, message", [
+    (torch.full((8, 1, 4, 4), float("nan")), None, "images contain NaN or Inf"),
+    (torch.rand(8, 4, 4), torch.tensor([0, 1, 0, 1, 0, 1, 0, -1]),
+     "labels must be class indices in [0, 8) (at most one class per image), got -1..1"),
+    (torch.rand(8, 4, 4), torch.tensor([0, 1, 0, 1, 0, 1, 0, 10**12]),
+     "labels must be class indices in [0, 8)"),
+    (torch.rand(8, 4, 4), torch.tensor([0.0, 1.5, 0, 1, 0, 1, 0, 1]),
+     "labels must be integers (class indices)"),
+    (torch.rand(8, 4, 4), ["a"] * 8, "labels must be a tensor or a list of integers"),
+    ([[0.5]], None, "images must be a tensor, got list"),
+    (torch.rand(0, 1, 4, 4), None, "images must be (N, C, H, W) or (N, H, W) with N >= 1"),
+])
+def test_bad_data_is_a_one_line_error(images, labels, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(trainer_module, "train_step", _no_training)
+    path = _write(tmp_path / "d.pt", {"images": images, "labels": labels} if labels is not None
+                  else {"images": images})
+    err = run_main_expecting_error(["--data", path, "--loss", "nt_xent"], capsys)
+    assert f"--data {path}: {message}" in err and err.count("\n") == 1
+
+
+def test_unwritable_outputs_fail_before_training(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(trainer_module, "train_step", _no_training)
+    monkeypatch.setattr(trainer_module, "load_dataset", _no_training)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    for flag in ("--summary", "--checkpoint"):
+        inside_a_file = str(a_file / "out.json")
+        err = run_main_expecting_error([flag, inside_a_file], capsys)
+        assert f"{flag} {inside_a_file}: cannot write there" in err and err.count("\n") == 1
+        err = run_main_expecting_error([flag, str(tmp_path)], capsys)
+        assert f"{flag} {tmp_path}: is a folder, not a file" in err
+    # a folder still to be made is made, and the probe leaves nothing there
+    trainer_module.check_config(TrainConfig(summary=str(tmp_path / "new" / "s.json")))
+    assert os.listdir(tmp_path / "new") == []
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--threads", "-1"], "--threads must be in [0, "),
+    (["--threads", str(10**6)], "--threads must be in [0, "),
+    (["--temperature", "nan"], "--temperature must be > 0 and finite"),
+    (["--temperature", "inf"], "--temperature must be > 0 and finite"),
+])
+def test_bad_numbers_are_one_line_errors(argv, message, capsys):
+    err = run_main_expecting_error(argv, capsys)
+    assert message in err and err.count("\n") == 1
+
+
 def test_resume_refuses_a_changed_configuration(tiny_data, tmp_path, capsys):
     checkpoint = str(tmp_path / "c.pt")
     train(tiny_config(tiny_data, epochs=1, checkpoint=checkpoint))

@@ -51,7 +51,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     cfg = TrainConfig(**vars(parser.parse_args(argv)))
     try:
         summary = train(cfg)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+    except (ValueError, OSError, RuntimeError) as exc:
         parser.exit(2, f"pyclloss train: error: {exc}\n")
     text = json.dumps(summary, indent=2)
     print(text)

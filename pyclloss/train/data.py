@@ -46,38 +46,75 @@ def load_digits() -> Dataset:
     return Dataset(images, torch.tensor(digits.target, dtype=torch.int64), "sklearn digits")
 
 
-def _as_float_images(images: Tensor, path: str) -> Tensor:
+def read_torch_file(flag: str, path: str):
+    """What ``torch.load`` (weights only) reads from ``path``; a file it cannot
+    read (garbage, empty, or holding other objects) is a ValueError naming ``flag``."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch.load raises many kinds on a bad file
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "empty or truncated"
+        raise ValueError(f"{flag} {path}: not a file torch.load can read "
+                         f"({type(exc).__name__}: {reason})") from None
+
+
+def _as_float_images(images, path: str) -> Tensor:
+    if not isinstance(images, Tensor):
+        raise ValueError(f"--data {path}: images must be a tensor, got {type(images).__name__}")
     if images.dim() == 3:
         images = images.unsqueeze(1)
-    if images.dim() != 4:
-        raise ValueError(
-            f"{path}: images must be (N, C, H, W) or (N, H, W), got {tuple(images.shape)}")
+    if images.dim() != 4 or images.shape[0] == 0:
+        raise ValueError(f"--data {path}: images must be (N, C, H, W) or (N, H, W) with N >= 1, "
+                         f"got {tuple(images.shape)}")
     if images.dtype == torch.uint8:
         return images.float() / 255.0
     if not images.is_floating_point():
-        raise ValueError(f"{path}: images must be uint8 or floating point, got {images.dtype}")
-    return images.float()
+        raise ValueError(f"--data {path}: images must be uint8 or floating point, got "
+                         f"{images.dtype}")
+    images = images.float()
+    if not bool(torch.isfinite(images).all()):
+        raise ValueError(f"--data {path}: images contain NaN or Inf")
+    return images
+
+
+def _as_class_indices(labels, n: int, path: str) -> Tensor:
+    """Labels (n,) as int64 class indices in [0, n): the trainer sizes its class
+    tables (kNN votes, linear probe, Hydra's class embeddings) by the largest."""
+    try:
+        labels = torch.as_tensor(labels)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"--data {path}: labels must be a tensor or a list of integers") from None
+    if (labels.dtype == torch.bool or labels.dtype.is_complex
+            or labels.dtype.is_floating_point and not bool((labels == labels.round()).all())):
+        raise ValueError(f"--data {path}: labels must be integers (class indices)")
+    if labels.numel() != n:
+        raise ValueError(f"--data {path}: {labels.numel()} labels for {n} images")
+    labels = labels.reshape(-1)
+    if bool(((labels < 0) | (labels >= n)).any()):
+        raise ValueError(f"--data {path}: labels must be class indices in [0, {n}) (at most one "
+                         f"class per image), got {labels.min().item()}..{labels.max().item()}; "
+                         f"number the classes 0, 1, ...")
+    return labels.long()
 
 
 def load_tensor_file(path: str) -> Dataset:
     """A .pt file holding a tensor of images, an (images, labels) pair, or a dict
     with "images" and optionally "labels"."""
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = read_torch_file("--data", path)
     if isinstance(obj, dict):
         if "images" not in obj:
-            raise ValueError(f"{path}: a dict must have an 'images' entry (and may have 'labels')")
+            raise ValueError(f"--data {path}: a dict must have an 'images' entry (and may have "
+                             f"'labels')")
         images, labels = obj["images"], obj.get("labels")
     elif isinstance(obj, (tuple, list)) and len(obj) == 2:
         images, labels = obj
     elif isinstance(obj, Tensor):
         images, labels = obj, None
     else:
-        raise ValueError(f"{path}: expected a tensor, (images, labels) or a dict, got {type(obj)}")
+        raise ValueError(f"--data {path}: expected a tensor, (images, labels) or a dict, got "
+                         f"{type(obj).__name__}")
     images = _as_float_images(images, path)
     if labels is not None:
-        labels = torch.as_tensor(labels).long().reshape(-1)
-        if labels.shape[0] != images.shape[0]:
-            raise ValueError(f"{path}: {labels.shape[0]} labels for {images.shape[0]} images")
+        labels = _as_class_indices(labels, images.shape[0], path)
     return Dataset(images, labels, path)
 
 

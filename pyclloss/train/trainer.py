@@ -15,8 +15,10 @@ from typing import Optional
 import numpy as np
 import torch
 
+from pyclloss import _arguments as arguments
 from pyclloss.energy import EnergyMeter, energy_report, gpus_of
-from pyclloss.train.data import augment, epoch_generator, load_dataset, train_test_split
+from pyclloss.train.data import (augment, epoch_generator, load_dataset, read_torch_file,
+                                 train_test_split)
 from pyclloss.train.evaluate import evaluate
 from pyclloss.train.losses import LOSSES
 from pyclloss.train.model import ContrastiveLearner, Encoder
@@ -88,25 +90,28 @@ def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype
 
 
 def check_config(cfg: TrainConfig) -> None:
+    """Every argument, before any work; the folders of ``--checkpoint`` and
+    ``--summary`` are created and probed with a temporary file."""
     if cfg.loss not in LOSSES:
         raise ValueError(f"--loss {cfg.loss!r}: expected one of {', '.join(LOSSES)}")
     if cfg.backend not in BACKENDS:
         raise ValueError(f"--backend {cfg.backend!r}: expected one of {', '.join(BACKENDS)}")
-    if cfg.threads < 0:
-        raise ValueError("--threads must be >= 0 (0: torch's default)")
+    arguments.threads("--threads", cfg.threads)
     for name in ("batch_size", "epochs", "embedding_dim", "width", "queue_size", "image_size"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        arguments.at_least(f"--{name.replace('_', '-')}", getattr(cfg, name), 1)
     if cfg.batch_size < 2:
         raise ValueError("--batch-size must be at least 2 (a contrastive batch needs negatives)")
     if cfg.loss == "moco" and cfg.queue_size < cfg.batch_size:
         raise ValueError("--queue-size must hold at least one batch (>= --batch-size)")
-    if cfg.temperature is not None and cfg.temperature <= 0:
-        raise ValueError("--temperature must be > 0")
+    if cfg.temperature is not None and not 0 < cfg.temperature < float("inf"):
+        raise ValueError("--temperature must be > 0 and finite")
     if not 0.0 <= cfg.momentum < 1.0:
         raise ValueError("--momentum must be in [0, 1)")
     if cfg.resume is not None and not os.path.isfile(cfg.resume):
         raise FileNotFoundError(f"--resume {cfg.resume}: no such checkpoint")
+    for flag, path in (("--checkpoint", cfg.checkpoint), ("--summary", cfg.summary)):
+        if path is not None:
+            arguments.writable_file(flag, path)
 
 
 # ----------------------------------------------------------------------- checkpoints
@@ -146,11 +151,25 @@ def save_checkpoint(path: str, state: dict) -> None:
         raise
 
 
+# entries of a checkpoint, with the type of those the loop uses as they are
+CHECKPOINT_ENTRIES = {"version": int, "config": dict, "epoch": int, "step": int,
+                      "epoch_losses": list, "initial_eval": object, "learner": dict,
+                      "optimizer": dict, "scaler": dict, "rng": dict}
+
+
 def load_checkpoint(path: str, cfg: TrainConfig) -> dict:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("version") != CHECKPOINT_VERSION:
+    """The checkpoint at ``path``, checked to be one of this trainer's and to fit ``cfg``."""
+    state = read_torch_file("--resume", path)
+    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
         raise ValueError(f"--resume {path}: not a checkpoint of this trainer")
+    damaged = [name for name, kind in CHECKPOINT_ENTRIES.items()
+               if name not in state or not isinstance(state[name], kind)]
+    if damaged:
+        raise ValueError(f"--resume {path}: a damaged checkpoint (missing or malformed: "
+                         f"{', '.join(damaged)})")
     for name, saved in state["config"].items():
+        if not hasattr(cfg, name):
+            raise ValueError(f"--resume {path}: the checkpoint has an unknown setting {name!r}")
         if name not in RESUMABLE_CHANGES and getattr(cfg, name) != saved:
             raise ValueError(f"--resume {path}: the checkpoint was trained with "
                              f"{name}={saved!r}, this run asks for {getattr(cfg, name)!r}")
@@ -158,6 +177,18 @@ def load_checkpoint(path: str, cfg: TrainConfig) -> dict:
         raise ValueError(f"--resume {path}: the checkpoint is at epoch {state['epoch']}, "
                          f"past --epochs {cfg.epochs}")
     return state
+
+
+def restore(path: str, state: dict, learner, optimizer, scaler) -> None:
+    """Loads the checkpoint's states; one that does not fit this model is a ValueError."""
+    try:
+        learner.load_state_dict(state["learner"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        set_rng_states(state["rng"])
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"--resume {path}: does not fit this run ({reason})") from None
 
 
 # -------------------------------------------------------------------------- training
@@ -244,6 +275,7 @@ def _train(cfg: TrainConfig) -> dict:
     started = time.perf_counter()
     device = resolve_device(cfg.device)
     amp_dtype = autocast_dtype(cfg.precision, device)
+    state = load_checkpoint(cfg.resume, cfg) if cfg.resume else None
     data = load_dataset(cfg.data, cfg.image_size)
     if LOSSES[cfg.loss].needs_labels and data.labels is None:
         raise ValueError(f"--loss {cfg.loss} needs labels; {data.source} has none")
@@ -270,12 +302,8 @@ def _train(cfg: TrainConfig) -> dict:
         return evaluate(learner.encoder, train_set.images, train_set.labels,
                         test_set.images, test_set.labels)
 
-    if cfg.resume:
-        state = load_checkpoint(cfg.resume, cfg)
-        learner.load_state_dict(state["learner"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        set_rng_states(state["rng"])
+    if state is not None:
+        restore(cfg.resume, state, learner, optimizer, scaler)
         first_epoch, step, epoch_losses, initial = (
             state["epoch"], state["step"], state["epoch_losses"], state["initial_eval"])
     else:

@@ -392,3 +392,22 @@ def test_clip_work_is_eight_nmd(chunk_rows, monkeypatch):
     txt = F.normalize(torch.randn(n, d), dim=1).to(DEVICE).requires_grad_()
     pyclloss.clip_loss(img, txt, 14.0, backend="triton").backward()
     assert sum(flops) == 8 * n * n * d
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("terms", BWD_TERMS, ids=str)
+@pytest.mark.parametrize("exclude_offset,neg_only", [(0, False), (0, True), (None, False), (3, False)])
+def test_self_bwd_is_dq_plus_dk(dtype, terms, exclude_offset, neg_only, monkeypatch):
+    """q = k = z: the chunks of G + Gᵀ times z give the reference's dq + dk
+    (row chunks included)."""
+    monkeypatch.setattr(tri, "CHUNK_ROWS", 32)
+    monkeypatch.setattr(tri, "CHUNK_BYTES", 1)
+    p = Problem(70, 70, 33, dtype, DEVICE)
+    p.k, p.k_labels = p.q, p.q_labels
+    args = bwd_args(p, exclude_offset, neg_only and not terms[1], terms, True)
+    dz, dscale = tri.infonce_self_bwd(p.q, p.scale, *args[:-1])
+    dq, dk, want_dscale = p.ref("infonce_bwd", *args)
+    grad, dot = p.logit_grad("infonce_bwd", *args)
+    assert_matches(dz, (dq.double() + dk.double()).to(dz.dtype), p.rtol,
+                   magnitude=(dq.double().abs() + dk.double().abs()).max().item())
+    assert_matches(dscale, want_dscale, p.rtol, magnitude=(grad * dot).abs().sum().item())

@@ -228,7 +228,8 @@ def _epilogue(dot, offs_m, offs_n, pid_m, row0, N, M, scale, bias, neg_lse, grad
               ROW_TERM: tl.constexpr, COL_TERM: tl.constexpr, POS_TERM: tl.constexpr,
               HAS_PAIR_LSE: tl.constexpr, SELF_GRAD: tl.constexpr, BLOCK_N: tl.constexpr):
     """The pass's work on one finished fp32 tile of dot products (rows offs_m of
-    q, below N; keys offs_n); returns the updated row accumulators (see _tiles_kernel)."""
+    the range, below N; keys offs_n); returns the updated row accumulators (see
+    _tiles_kernel)."""
     row_in = offs_m < N
     col_in = offs_n < M
     logits = scale * dot
@@ -242,13 +243,16 @@ def _epilogue(dot, offs_m, offs_n, pid_m, row0, N, M, scale, bias, neg_lse, grad
             acc1 += tl.sum(grad, axis=1)
         if SELF_GRAD:
             # q = k: row a of G + Gᵀ also needs G_ba, the gradient of the same
-            # logit seen from row b (b's statistics, a as the key).
-            grad += tl.trans(_grad_tile(tl.trans(dot), scale, bias, offs_n, offs_m, M, N,
-                                        k_labels_ptr, q_labels_ptr, exclude_offset, row_lse_ptr,
-                                        row_coef_ptr, col_lse_ptr, col_coef_ptr, pos_coef_ptr,
-                                        pair_lse_ptr, SIGLIP, HAS_LABELS, HAS_EXCLUDE, NEG_ONLY,
-                                        ROW_TERM, COL_TERM, POS_TERM, HAS_PAIR_LSE))
-        tl.store(grad_ptr + (offs_m - row0).to(tl.int64)[:, None] * M + offs_n[None, :],
+            # logit seen from row b: b (a key here, at a global index) brings
+            # its row statistics and labels, a (a row of the range) its column
+            # statistics; a is excluded when a = b + offset.
+            grad += tl.trans(_grad_tile(
+                tl.trans(dot), scale, bias, offs_n, offs_m, M, N, k_labels_ptr, q_labels_ptr,
+                exclude_offset - 2 * row0, row_lse_ptr - row0, row_coef_ptr - row0,
+                col_lse_ptr + row0, col_coef_ptr + row0, pos_coef_ptr - row0,
+                pair_lse_ptr - row0, SIGLIP, HAS_LABELS, HAS_EXCLUDE, NEG_ONLY, ROW_TERM,
+                COL_TERM, POS_TERM, HAS_PAIR_LSE))
+        tl.store(grad_ptr + offs_m.to(tl.int64)[:, None] * M + offs_n[None, :],
                  (grad * grad_scale).to(grad_ptr.dtype.element_ty),
                  mask=row_in[:, None] & col_in[None, :])
     else:
@@ -290,14 +294,16 @@ def _tiles_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, q_labels_ptr, k_labels_ptr,
                   DOT_PRECISION: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                   FLAT_LOOP: tl.constexpr):
-    """One row block of the rows [row0, N) × one range of key tiles; see the
-    module docstring for PASS. Rows are indexed globally (every per-row vector
-    is whole); outputs by their place in the range.
+    """One row block of a range of N rows × one range of key tiles; see the
+    module docstring for PASS. q and the per-row vectors point at the range's
+    first row, which is row row0 of the whole problem (only SELF_GRAD needs to
+    know: its transposed half reads the whole row vectors). Indexing the whole
+    vectors at global rows instead cost registers (and spills at 128×64).
 
     Row accumulators (_LSE: running max, sum, positives' sum and count; _PAIR:
     softplus and sigmoid sums; _SIGLIP: loss sum; _GRAD: Σ G·dot, Σ G) go to
-    row_part[split, 0..3, N - row0]; _LSE's column partials to col_part[row
-    block, 0..1, M] (max, sum); _GRAD's tiles to grad[N - row0, M], with
+    row_part[split, 0..3, N]; _LSE's column partials to col_part[row
+    block, 0..1, M] (max, sum); _GRAD's tiles to grad[N, M], with
     SELF_GRAD (q and k the same rows) the tiles of G + Gᵀ. _PAIR reads neg_lse
     from row_lse_ptr.
 
@@ -306,7 +312,7 @@ def _tiles_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, q_labels_ptr, k_labels_ptr,
     loop over tiles holds the loop over feature chunks."""
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
-    offs_m = row0 + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     scale = tl.load(scale_ptr)
     bias = 0.0
     if SIGLIP:
@@ -359,12 +365,11 @@ def _tiles_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, q_labels_ptr, k_labels_ptr,
                 COL_STATS, ROW_TERM, COL_TERM, POS_TERM, HAS_PAIR_LSE, SELF_GRAD, BLOCK_N)
 
     row_in = offs_m < N
-    rows = N - row0
-    part = row_part_ptr + pid_s.to(tl.int64) * 4 * rows + (offs_m - row0)
+    part = row_part_ptr + pid_s.to(tl.int64) * 4 * N + offs_m
     tl.store(part, acc0, mask=row_in)
-    tl.store(part + rows, acc1, mask=row_in)
-    tl.store(part + 2 * rows, acc2, mask=row_in)
-    tl.store(part + 3 * rows, acc3, mask=row_in)
+    tl.store(part + N, acc1, mask=row_in)
+    tl.store(part + 2 * N, acc2, mask=row_in)
+    tl.store(part + 3 * N, acc3, mask=row_in)
 
 
 # ------------------------------------------------------------------------ launchers
@@ -430,7 +435,8 @@ def _programs_wanted(device: torch.device) -> int:
 
 # The per-row / per-key vectors the passes read (docs/fused_core.md's names),
 # and the kernel's flags, off unless a launch sets them.
-_VECTORS = ("row_lse", "row_coef", "col_lse", "col_coef", "pos_coef", "pair_lse")
+_ROW_VECTORS = ("row_lse", "row_coef", "pos_coef", "pair_lse")
+_KEY_VECTORS = ("col_lse", "col_coef")
 _FLAGS = ("SIGLIP", "NEG_ONLY", "COL_STATS", "ROW_TERM", "COL_TERM", "POS_TERM", "HAS_PAIR_LSE",
           "SELF_GRAD")
 
@@ -450,10 +456,11 @@ class _Tiles:
         self.precision_key = tuning.precision_key(q.dtype)
         self.empty = q.new_empty(0, dtype=torch.float32)
 
-    def vector(self, t: Optional[Tensor]) -> Tensor:
-        """An optional per-row or per-key vector; an absent one travels as an
-        empty tensor that the kernel's flags keep it off."""
-        return self.empty if t is None else t.contiguous()
+    def vector(self, t: Optional[Tensor], r0: int = 0) -> Tensor:
+        """An optional per-key vector, or a per-row one from row r0 on (a view);
+        an absent one travels as an empty tensor that the kernel's flags keep
+        it off."""
+        return self.empty if t is None else t.contiguous()[r0:]
 
     def splits(self, rows: int, block_m: int, block_n: int) -> int:
         row_blocks = triton.cdiv(rows, block_m)
@@ -461,19 +468,21 @@ class _Tiles:
         return max(1, min(tiles, triton.cdiv(_programs_wanted(self.device), row_blocks)))
 
     def launch(self, kernel_name: str, r0: int, r1: int, vectors: dict, outputs: dict, **flags):
-        """Runs the tiles kernel on rows [r0, r1) (whole vectors, indexed by row);
-        returns the row partials (splits, 4, r1 - r0) and the column partials
-        (row blocks, 2, M) if asked for."""
+        """Runs the tiles kernel on rows [r0, r1); returns the row partials
+        (splits, 4, r1 - r0) and the column partials (row blocks, 2, M) if asked for."""
         rows = r1 - r0
+        per_row = {name: self.vector(vectors.get(name), r0) for name in _ROW_VECTORS}
+        per_key = {name: self.vector(vectors.get(name)) for name in _KEY_VECTORS}
         args = dict(
-            q_ptr=self.q, k_ptr=self.k, scale_ptr=self.scale,
+            q_ptr=self.q[r0:], k_ptr=self.k, scale_ptr=self.scale,
             bias_ptr=self.bias if self.bias is not None else self.empty,
-            q_labels_ptr=self.vector(self.q_labels), k_labels_ptr=self.vector(self.k_labels),
-            **{f"{name}_ptr": self.vector(vectors.get(name)) for name in _VECTORS},
+            q_labels_ptr=self.vector(self.q_labels, r0), k_labels_ptr=self.vector(self.k_labels),
+            **{f"{name}_ptr": t for name, t in {**per_row, **per_key}.items()},
             grad_scale_ptr=outputs.get("grad_scale", self.empty),
             grad_ptr=outputs.get("grad", self.empty),
-            row0=r0, N=r1, M=self.m, D=self.d,
-            exclude_offset=0 if self.exclude_offset is None else self.exclude_offset,
+            row0=r0, N=rows, M=self.m, D=self.d,
+            # pair (i, j) is excluded when j = i + offset: i counts from the range's start
+            exclude_offset=0 if self.exclude_offset is None else self.exclude_offset + r0,
             HAS_LABELS=self.q_labels is not None,
             HAS_EXCLUDE=self.exclude_offset is not None,
             DOT_PRECISION=self.precision, **{**dict.fromkeys(_FLAGS, False), **flags})

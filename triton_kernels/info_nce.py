@@ -11,7 +11,9 @@ fp32 tile. What the epilogue does is the pass:
   sum-of-exp over the block's rows — all four statistics from one tile pass;
 - ``_PAIR`` / ``_SIGLIP``: row sums of softplus / sigmoid terms;
 - ``_GRAD``: the logit gradient G of the tile (docs/fused_core.md), written to
-  a row chunk of G in the operands' dtype, plus per-row Σ G·dot (and Σ G).
+  a row chunk of G in the operands' dtype (bf16 for fp16 operands), plus
+  per-row Σ G·dot (and Σ G); with ``SELF_GRAD`` (q and k the same rows) the
+  tiles of G + Gᵀ, so that one product gives the whole gradient.
 
 Partial statistics (per range of key tiles, per row block) are merged by
 torch in a fixed order, so results are deterministic for a given tile
@@ -219,7 +221,7 @@ def _online_lse(run_max, run_sum, masked, AXIS: tl.constexpr):
 
 
 @triton.jit
-def _epilogue(dot, offs_m, offs_n, pid_m, row0, N, M, scale, bias, neg_lse, grad_scale,
+def _epilogue(dot, offs_m, offs_n, pid_m, row0, N, M, scale, bias, neg_lse,
               q_labels_ptr, k_labels_ptr, exclude_offset, row_lse_ptr, row_coef_ptr,
               col_lse_ptr, col_coef_ptr, pos_coef_ptr, pair_lse_ptr, grad_ptr, col_part_ptr,
               acc0, acc1, acc2, acc3,
@@ -253,7 +255,7 @@ def _epilogue(dot, offs_m, offs_n, pid_m, row0, N, M, scale, bias, neg_lse, grad
                 pair_lse_ptr - row0, SIGLIP, HAS_LABELS, HAS_EXCLUDE, NEG_ONLY, ROW_TERM,
                 COL_TERM, POS_TERM, HAS_PAIR_LSE))
         tl.store(grad_ptr + offs_m.to(tl.int64)[:, None] * M + offs_n[None, :],
-                 (grad * grad_scale).to(grad_ptr.dtype.element_ty),
+                 grad.to(grad_ptr.dtype.element_ty),
                  mask=row_in[:, None] & col_in[None, :])
     else:
         valid, kept, pos = _pair_masks(offs_m, offs_n, N, M, q_labels_ptr, k_labels_ptr,
@@ -285,7 +287,7 @@ def _epilogue(dot, offs_m, offs_n, pid_m, row0, N, M, scale, bias, neg_lse, grad
 @_jit
 def _tiles_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, q_labels_ptr, k_labels_ptr,
                   row_lse_ptr, row_coef_ptr, col_lse_ptr, col_coef_ptr, pos_coef_ptr,
-                  pair_lse_ptr, grad_scale_ptr, grad_ptr, row_part_ptr, col_part_ptr,
+                  pair_lse_ptr, grad_ptr, row_part_ptr, col_part_ptr,
                   row0, N, M, D, exclude_offset,
                   PASS: tl.constexpr, SIGLIP: tl.constexpr, HAS_LABELS: tl.constexpr,
                   HAS_EXCLUDE: tl.constexpr, NEG_ONLY: tl.constexpr, COL_STATS: tl.constexpr,
@@ -320,9 +322,6 @@ def _tiles_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, q_labels_ptr, k_labels_ptr,
     neg_lse = tl.zeros((BLOCK_M,), dtype=tl.float32)
     if PASS == _PAIR:
         neg_lse = tl.load(row_lse_ptr + offs_m, mask=offs_m < N, other=0.0)
-    grad_scale = 1.0
-    if PASS == _GRAD:
-        grad_scale = tl.load(grad_scale_ptr)
 
     per_split = tl.cdiv(tl.cdiv(M, BLOCK_N), tl.num_programs(1))
     first_tile = pid_s * per_split
@@ -345,7 +344,7 @@ def _tiles_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, q_labels_ptr, k_labels_ptr,
                              BLOCK_D, DOT_PRECISION)
             if chunk == d_chunks - 1:
                 acc0, acc1, acc2, acc3 = _epilogue(
-                    dot, offs_m, offs_n, pid_m, row0, N, M, scale, bias, neg_lse, grad_scale,
+                    dot, offs_m, offs_n, pid_m, row0, N, M, scale, bias, neg_lse,
                     q_labels_ptr, k_labels_ptr, exclude_offset, row_lse_ptr, row_coef_ptr,
                     col_lse_ptr, col_coef_ptr, pos_coef_ptr, pair_lse_ptr, grad_ptr,
                     col_part_ptr, acc0, acc1, acc2, acc3, PASS, SIGLIP, HAS_LABELS,
@@ -358,7 +357,7 @@ def _tiles_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, q_labels_ptr, k_labels_ptr,
             dot = _dot_tile(q_ptr, k_ptr, offs_m, offs_n, N, M, D, BLOCK_M, BLOCK_N, BLOCK_D,
                             DOT_PRECISION)
             acc0, acc1, acc2, acc3 = _epilogue(
-                dot, offs_m, offs_n, pid_m, row0, N, M, scale, bias, neg_lse, grad_scale,
+                dot, offs_m, offs_n, pid_m, row0, N, M, scale, bias, neg_lse,
                 q_labels_ptr, k_labels_ptr, exclude_offset, row_lse_ptr, row_coef_ptr,
                 col_lse_ptr, col_coef_ptr, pos_coef_ptr, pair_lse_ptr, grad_ptr, col_part_ptr,
                 acc0, acc1, acc2, acc3, PASS, SIGLIP, HAS_LABELS, HAS_EXCLUDE, NEG_ONLY,
@@ -478,7 +477,6 @@ class _Tiles:
             bias_ptr=self.bias if self.bias is not None else self.empty,
             q_labels_ptr=self.vector(self.q_labels, r0), k_labels_ptr=self.vector(self.k_labels),
             **{f"{name}_ptr": t for name, t in {**per_row, **per_key}.items()},
-            grad_scale_ptr=outputs.get("grad_scale", self.empty),
             grad_ptr=outputs.get("grad", self.empty),
             row0=r0, N=rows, M=self.m, D=self.d,
             # pair (i, j) is excluded when j = i + offset: i counts from the range's start
@@ -573,20 +571,11 @@ def siglip_fwd(q, k, scale, bias, q_labels, k_labels):
     return row[:, 0].sum(0)
 
 
-def _grad_scale(dtype: torch.dtype, coefficients, device) -> Tensor:
-    """The power of two G is multiplied by before it is rounded to fp16 (the
-    largest possible |G_ij|, the sum of the largest coefficients, brought to 1),
-    so that small gradients keep fp16's precision; 1 for the other dtypes.
-    Computed on the device (no sync)."""
-    one = torch.ones((), dtype=torch.float32, device=device)
-    if dtype != torch.float16:
-        return one
-    bound = torch.zeros((), dtype=torch.float32, device=device)
-    for coef in coefficients:
-        if coef is not None and coef.numel() > 0:
-            bound = bound + coef.abs().max()
-    exponent = torch.clamp(torch.ceil(torch.log2(bound)), -100, 100)
-    return torch.where(torch.isfinite(bound) & (bound > 0), torch.exp2(-exponent), one)
+def _grad_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype G is stored in for the products: the operands', except bf16 for
+    fp16 operands — G's entries (coefficients of 1/N times probabilities) fall
+    far below fp16's range, never below bf16's."""
+    return torch.bfloat16 if dtype == torch.float16 else dtype
 
 
 def _backward(q, k, scale, bias, q_labels, k_labels, exclude_offset, neg_only,
@@ -599,15 +588,14 @@ def _backward(q, k, scale, bias, q_labels, k_labels, exclude_offset, neg_only,
     gradient, one product instead of two."""
     tiles = _Tiles(q, k, scale, q_labels, k_labels, exclude_offset, bias)
     n, m = tiles.n, tiles.m
-    grad_scale = _grad_scale(q.dtype, (row_coef, col_coef, pos_coef), q.device)
-    # dq and dk are s·G·k and s·Gᵀ·q, and G was multiplied by grad_scale.
-    out_scale = scale / grad_scale
+    grad_dtype = _grad_dtype(q.dtype)
+    q_operand, k_operand = tiles.q.to(grad_dtype), tiles.k.to(grad_dtype)
     dq = torch.zeros_like(tiles.q)
     dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device) if need_dk else None
     sums = torch.zeros(2, dtype=torch.float32, device=q.device)
     chunks = tiles.row_chunks(m * q.element_size(), CHUNK_BYTES) if n > 0 and m > 0 else []
     if chunks:
-        grad_buffer = torch.empty(chunks[0][1] - chunks[0][0], m, dtype=q.dtype,
+        grad_buffer = torch.empty(chunks[0][1] - chunks[0][0], m, dtype=grad_dtype,
                                   device=q.device)
     flags = dict(PASS=_GRAD, SIGLIP=bias is not None, NEG_ONLY=neg_only and q_labels is not None,
                  ROW_TERM=row_coef is not None, COL_TERM=col_coef is not None,
@@ -617,13 +605,12 @@ def _backward(q, k, scale, bias, q_labels, k_labels, exclude_offset, neg_only,
                    pos_coef=pos_coef, pair_lse=pair_lse)
     for r0, r1 in chunks:
         grad = grad_buffer[: r1 - r0]
-        row_part, _ = tiles.launch("info_nce.grad", r0, r1, vectors,
-                                   {"grad": grad, "grad_scale": grad_scale}, **flags)
+        row_part, _ = tiles.launch("info_nce.grad", r0, r1, vectors, {"grad": grad}, **flags)
         sums += row_part[:, :2].sum((0, 2))
-        dq[r0:r1] = _matmul_fp32(grad, tiles.k).mul_(out_scale)
+        dq[r0:r1] = _matmul_fp32(grad, k_operand).mul_(scale)
         if need_dk:
-            dk = _addmm_fp32(dk, grad.t(), tiles.q[r0:r1])
-    dk = dk.mul_(out_scale).to(k.dtype) if need_dk else k.new_empty(0)
+            dk = _addmm_fp32(dk, grad.t(), q_operand[r0:r1])
+    dk = dk.mul_(scale).to(k.dtype) if need_dk else k.new_empty(0)
     return dq, dk, sums
 
 

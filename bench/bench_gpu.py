@@ -370,6 +370,17 @@ def environment(args) -> Tuple[str, List[str]]:
     return name, lines
 
 
+def results_path(name: str) -> str:
+    return os.path.join(ROOT, "bench", "results", name)
+
+
+def write_report(text: str, out: str):
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        f.write(text)
+    print(f"wrote {out}", flush=True)
+
+
 def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
@@ -432,11 +443,7 @@ def main(argv=None) -> int:
     report = "\n".join(lines)
     print("\n" + report, flush=True)
     if not args.dry_run:
-        out = args.out or os.path.join(ROOT, "bench", "results", f"gpu-{slug(name)}.md")
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        with open(out, "w") as f:
-            f.write(report)
-        print(f"wrote {out}", flush=True)
+        write_report(report, args.out or results_path(f"gpu-{slug(name)}.md"))
     return 0
 
 

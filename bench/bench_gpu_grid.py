@@ -33,7 +33,8 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import pyclloss  # noqa: E402
-from bench_gpu import Clock, environment, measure, release, short_error, slug  # noqa: E402
+from bench_gpu import (Clock, environment, measure, release, results_path, short_error,  # noqa: E402
+                       slug, write_report)
 
 MODES = {"bfloat16": (torch.bfloat16, False), "float32-tf32": (torch.float32, True),
          "float32": (torch.float32, False)}
@@ -271,10 +272,7 @@ def main(argv=None) -> int:
                   header, notes)
     print(text, flush=True)
     if not args.dry_run:
-        out = args.out or os.path.join(ROOT, "bench", "results", f"gpu-grid-{slug(name)}.md")
-        with open(out, "w") as f:
-            f.write(text)
-        print(f"wrote {out}", flush=True)
+        write_report(text, args.out or results_path(f"gpu-grid-{slug(name)}.md"))
     return 0
 
 

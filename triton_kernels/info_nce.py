@@ -607,9 +607,9 @@ def _backward(q, k, scale, bias, q_labels, k_labels, exclude_offset, neg_only,
         grad = grad_buffer[: r1 - r0]
         row_part, _ = tiles.launch("info_nce.grad", r0, r1, vectors, {"grad": grad}, **flags)
         sums += row_part[:, :2].sum((0, 2))
-        dq[r0:r1] = _matmul_fp32(grad, k_operand).mul_(scale)
+        dq[r0:r1] = _mm_fp32(grad, k_operand).mul_(scale)
         if need_dk:
-            dk = _addmm_fp32(dk, grad.t(), q_operand[r0:r1])
+            dk = _mm_fp32(grad.t(), q_operand[r0:r1], dk)
     dk = dk.mul_(scale).to(k.dtype) if need_dk else k.new_empty(0)
     return dq, dk, sums
 
@@ -619,33 +619,19 @@ def _backward(q, k, scale, bias, q_labels, k_labels, exclude_offset, neg_only,
 _fp32_output = {"available": True}
 
 
-def _matmul_fp32(a: Tensor, b: Tensor) -> Tensor:
-    """a @ b in fp32: 16-bit operands keep their fp32 accumulation instead of a
-    rounding to 16 bits where cuBLAS offers it."""
+def _mm_fp32(a: Tensor, b: Tensor, acc: Optional[Tensor] = None) -> Tensor:
+    """a @ b, or acc + a @ b for an fp32 acc, in fp32: 16-bit operands keep their
+    fp32 accumulation instead of a rounding to 16 bits where cuBLAS offers it."""
     if a.dtype == torch.float32:
-        return torch.mm(a, b)
-    if not a.is_cuda:
-        return torch.mm(a.float(), b.float())
-    if _fp32_output["available"]:
+        return torch.mm(a, b) if acc is None else acc.addmm_(a, b)
+    if a.is_cuda and _fp32_output["available"]:
         try:
-            return torch.mm(a, b, out_dtype=torch.float32)
+            return (torch.mm(a, b, out_dtype=torch.float32) if acc is None
+                    else torch.addmm(acc, a, b, out_dtype=torch.float32))
         except (TypeError, RuntimeError, NotImplementedError):
             _fp32_output["available"] = False
-    return torch.mm(a, b).float()
-
-
-def _addmm_fp32(acc: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """acc + a @ b for an fp32 acc (see _matmul_fp32)."""
-    if a.dtype == torch.float32:
-        return acc.addmm_(a, b)
-    if not a.is_cuda:
-        return acc.addmm_(a.float(), b.float())
-    if _fp32_output["available"]:
-        try:
-            return torch.addmm(acc, a, b, out_dtype=torch.float32)
-        except (TypeError, RuntimeError, NotImplementedError):
-            _fp32_output["available"] = False
-    return acc.add_(torch.mm(a, b))
+    product = torch.mm(a, b).float() if a.is_cuda else torch.mm(a.float(), b.float())
+    return product if acc is None else acc.add_(product)
 
 
 def infonce_bwd(q, k, scale, q_labels, k_labels, exclude_offset, neg_only,

@@ -100,11 +100,27 @@ def test_the_summary_lines_show_the_runs_figures(tiny_data, tmp_path, capsys):
     assert lines["summary"] == str(path)
 
 
+def test_summary_lines_of_unlabelled_data_and_of_a_finished_resume(tmp_path, capsys):
+    unlabelled = tmp_path / "unlabelled.pt"
+    torch.save(torch.rand(40, 1, 8, 8), unlabelled)
+    checkpoint = str(tmp_path / "c.pt")
+    argv = ["--data", str(unlabelled), "--batch-size", "16", "--width", "4", "--epochs", "1",
+            "--embedding-dim", "8", "--device", "cpu", "--checkpoint", checkpoint]
+    assert main(argv) == 0
+    assert "accuracy skipped: the data has no labels" in capsys.readouterr().out.splitlines()
+    assert main(argv + ["--resume", checkpoint]) == 0  # nothing left to train
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith(", resumed at epoch 1")
+    assert lines[-3].startswith("time     no epoch left to train; ")
+
+
 def test_energy_line_with_a_measured_counter():
     energy = {"total_joules": 1234.5, "mean_watts": 41.2, "joules_per_step": 0.0823,
               "unmeasured": {"nvml": "no GPU"}}
     assert report._energy_line(energy) == ("energy   1,234.5 J, 41.2 W mean, 0.0823 J/step "
                                            "(not counted: nvml)")
+    no_step = {"total_joules": 2.0, "mean_watts": 40.0, "joules_per_step": None}
+    assert report._energy_line(no_step) == "energy   2.0 J, 40.0 W mean"
 
 
 def test_the_json_goes_to_a_new_run_folder_by_default(tiny_data, tmp_path, capsys):

@@ -53,8 +53,9 @@ def _time_line(summary: dict) -> str:
 def _energy_line(energy: dict) -> str:
     if "total_joules" not in energy:
         return f"energy   {energy['energy']}"
-    line = (f"energy   {energy['total_joules']:,.1f} J, {energy['mean_watts']:.1f} W mean, "
-            f"{energy['joules_per_step']:.3g} J/step")
+    line = f"energy   {energy['total_joules']:,.1f} J, {energy['mean_watts']:.1f} W mean"
+    if energy["joules_per_step"] is not None:  # None when no step ran
+        line += f", {energy['joules_per_step']:.3g} J/step"
     if energy.get("unmeasured"):
         line += f" (not counted: {', '.join(energy['unmeasured'])})"
     return line

@@ -16,7 +16,12 @@ Each (loss, implementation, N) runs in a fresh subprocess, so that peak memory
 is that run's alone: on the CPU it is the growth of the process's peak resident
 set (VmHWM, reset through /proc/self/clear_refs) over the resident set with
 the inputs in place; on CUDA, ``torch.cuda.max_memory_allocated`` over the
-inputs. Times are medians of ``--repeats`` runs after one warm-up.
+inputs. Times come from ``torch.utils.benchmark``'s blocked autorange (it warms
+up, sizes blocks of calls so that the timer's overhead is negligible, and
+synchronises the GPU), run for at least ``--min-run-time`` seconds and about
+``--min-blocks`` blocks: the report gives the median time per call over the blocks
+and their interquartile range (IQR), and the speed-up of pyclloss's fastest fused
+backend over the best peer and over its own reference.
 
     pyclloss bench --sizes 1024 4096 16384 --out bench/results/cpu-report.md   # + .png
 """
@@ -24,9 +29,9 @@ inputs. Times are medians of ``--repeats`` runs after one warm-up.
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -37,6 +42,7 @@ from . import peers
 
 LOSSES = ("supcon", "nt_xent", "clip", "siglip", "diff_sort", "gated")
 BACKEND_IMPLS = ("cuda", "cpp", "triton", "reference")
+FUSED_IMPLS = ("cuda", "cpp", "triton")
 PEERS = {"supcon": ("pml",), "nt_xent": ("pml", "lightly"), "clip": ("open_clip", "inf_cl"),
          "siglip": ("open_clip",), "diff_sort": ("diffsort",), "gated": ()}
 IMPLS = BACKEND_IMPLS + ("pml", "lightly", "open_clip", "inf_cl", "diffsort")
@@ -159,19 +165,20 @@ def rss_bytes(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def peak_extra_bytes(fn: Callable[[], object], device: str = "cpu") -> int:
-    """Peak memory growth over one call of ``fn``: on CUDA the allocator's peak
-    over what is allocated now; on the CPU the peak resident set (VmHWM, reset
-    through /proc/self/clear_refs) over the resident set now."""
+def peak_extra_bytes(fn: Callable[[], object], device="cpu") -> int:
+    """Peak memory growth over one call of ``fn``: on a CUDA device the
+    allocator's peak over what is allocated now; on the CPU the peak resident
+    set (VmHWM, reset through /proc/self/clear_refs) over the resident set now."""
     import torch
 
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
         fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM := VmRSS
     base = rss_bytes("VmRSS")
@@ -179,8 +186,33 @@ def peak_extra_bytes(fn: Callable[[], object], device: str = "cpu") -> int:
     return rss_bytes("VmHWM") - base
 
 
+def blocked_timing(step: Callable[[], None], min_run_time: float, min_blocks: int) -> Dict:
+    """The median time per call of ``step`` over blocks of calls, and the
+    interquartile range, from torch.utils.benchmark's blocked autorange, which
+    warms up, sizes the blocks so that the timer's overhead is negligible and
+    synchronises the GPU. Slow calls run one per block: the run is made long
+    enough for ``min_blocks`` of them, and topped up when a slower call ended it
+    early. The threads are torch's current ones."""
+    import torch
+    from torch.utils import benchmark as torch_benchmark
+
+    timer = torch_benchmark.Timer(stmt="step()", globals={"step": step},
+                                  num_threads=torch.get_num_threads())
+    measurements = [timer.blocked_autorange(min_run_time=min_run_time)]
+    blocks = len(measurements[0].times)
+    while blocks < min_blocks:
+        last = measurements[-1]
+        more = timer.blocked_autorange(
+            min_run_time=(min_blocks - blocks) * last.median * last.number_per_run)
+        measurements.append(more)
+        blocks += len(more.times)
+    (merged,) = torch_benchmark.Measurement.merge(measurements)
+    return {"time_s": merged.median, "iqr_s": merged.iqr, "blocks": blocks,
+            "calls_per_block": measurements[0].number_per_run}
+
+
 def measure_one(loss: str, impl: str, n: int, d: int, device: str, dtype_name: str,
-                repeats: int) -> Dict:
+                min_run_time: float, min_blocks: int) -> Dict:
     """Time and peak extra memory of one configuration, in this process."""
     import torch
 
@@ -189,23 +221,18 @@ def measure_one(loss: str, impl: str, n: int, d: int, device: str, dtype_name: s
     # memory of the loss: a tiny call first keeps it out of the peak.
     _step_fn(loss, impl, _inputs(loss, 64, d, device, dtype))()
     step = _step_fn(loss, impl, _inputs(loss, n, d, device, dtype))
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    start = time.perf_counter()
     peak = peak_extra_bytes(step, device)
-    step()  # warm-up
-    times = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return {"time_s": statistics.median(times), "peak_bytes": max(peak, 0)}
+    once = time.perf_counter() - start
+    # a run long enough for min_blocks blocks of one call, as far as one call tells
+    timing = blocked_timing(step, max(min_run_time, min_blocks * once), min_blocks)
+    return {**timing, "peak_bytes": max(peak, 0)}
 
 
 def _run_isolated(args, loss, impl, n) -> Dict:
     cmd = [sys.executable, "-m", "pyclloss.benchmark", "--single", loss, impl, str(n),
            "--dim", str(args.dim), "--device", args.device, "--dtype", args.dtype,
-           "--repeats", str(args.repeats)]
+           "--min-run-time", str(args.min_run_time), "--min-blocks", str(args.min_blocks)]
     # A fixed mmap threshold makes glibc return every large buffer to the OS on
     # free, so the peak resident set follows the live allocations.
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
@@ -252,29 +279,51 @@ def _peers_here(device: str) -> Dict[str, str]:
     return status
 
 
-def _header(args, peer_status: Dict[str, str]) -> str:
+def machine(device: str) -> str:
+    import torch
+
+    from pyclloss.energy import cpu_model
+
+    if device == "cuda":
+        return f"GPU {torch.cuda.get_device_name()}"
+    return f"CPU {cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+
+
+def _blocks_range(results: Dict) -> str:
+    blocks = [r["blocks"] for by_impl in results.values() for by_n in by_impl.values()
+              for r in by_n.values() if "blocks" in r]
+    return f"{min(blocks)}–{max(blocks)}" if blocks else "no"
+
+
+def _header(args, measured: Dict) -> str:
     import torch
 
     import pyclloss
-    from pyclloss.energy import cpu_model
 
-    if args.device == "cuda":
-        machine = f"GPU {torch.cuda.get_device_name()}"
-    else:
-        machine = f"CPU {cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
     cmd = "pyclloss bench " + " ".join(sys.argv[1:] if args.command is None else args.command)
-    missing = "; ".join(f"{name}: {why}" for name, why in peer_status.items() if why)
+    missing = "; ".join(f"{name}: {why}" for name, why in measured["peers"].items() if why)
     return (f"# pyclloss benchmark: forward+backward\n\n"
-            f"- machine: {machine}\n"
+            f"- machine: {machine(args.device)}\n"
             f"- date: {datetime.date.today().isoformat()}\n"
             f"- versions: pyclloss {pyclloss.__version__}, torch {torch.__version__}, "
             f"python {platform.python_version()}\n"
             f"- command: `{cmd.strip()}`\n"
             f"- D = {args.dim} ({SORT_SIZE} values per row for diff_sort; K = D and "
-            f"{GATED_CLASSES} classes for gated), {args.dtype}, median "
-            f"of {args.repeats} after warm-up; peak = extra memory over the inputs after a tiny "
-            f"warm-up call (fresh process per cell)\n"
+            f"{GATED_CLASSES} classes for gated), {args.dtype}\n"
+            f"- time: median per call over blocks of calls (torch.utils.benchmark blocked "
+            f"autorange, at least {args.min_run_time:g} s and about {args.min_blocks} blocks per "
+            f"cell; {_blocks_range(measured['results'])} blocks), with the interquartile range "
+            f"of the blocks (IQR)\n"
+            f"- peak: extra memory over the inputs after a tiny warm-up call (fresh process per "
+            f"cell)\n"
             + (f"- peers not measured: {missing}\n" if missing else ""))
+
+
+def _ms(seconds: float) -> str:
+    """Milliseconds to three significant digits, without an exponent."""
+    ms = seconds * 1e3
+    decimals = max(0, 2 - math.floor(math.log10(ms))) if ms > 0 else 0
+    return f"{ms:,.{decimals}f}"
 
 
 def _cell(result: Optional[Dict]) -> str:
@@ -282,7 +331,27 @@ def _cell(result: Optional[Dict]) -> str:
         return "—"
     if "error" in result:
         return result["error"]
-    return f"{result['time_s'] * 1e3:,.1f} ms / {result['peak_bytes'] / 2**20:,.0f} MiB"
+    return (f"{_ms(result['time_s'])} ms (IQR {_ms(result['iqr_s'])}) / "
+            f"{result['peak_bytes'] / 2**20:,.0f} MiB")
+
+
+def _fastest(row: Dict[str, Optional[Dict]], impls) -> Optional[str]:
+    """The fastest of ``impls`` that ran in this row, or None."""
+    timed = [i for i in impls if row.get(i) and "time_s" in row[i]]
+    return min(timed, key=lambda i: row[i]["time_s"]) if timed else None
+
+
+def _speedups(row: Dict[str, Optional[Dict]], peers: List[str]) -> List[str]:
+    """pyclloss's fastest fused backend against the best peer (named) and against
+    the reference; "—" where either side did not run."""
+    fused = _fastest(row, FUSED_IMPLS)
+    peer = _fastest(row, peers)
+    reference = _fastest(row, ("reference",))
+    if fused is None:
+        return ["—", "—"]
+    time_s = row[fused]["time_s"]
+    return [f"{row[peer]['time_s'] / time_s:.1f}× {peer}" if peer else "—",
+            f"{row[reference]['time_s'] / time_s:.1f}×" if reference else "—"]
 
 
 def measure_all(args) -> Dict:
@@ -307,26 +376,23 @@ def measure_all(args) -> Dict:
     return {"peers": peer_status, "results": results}
 
 
-def markdown(args, measured: Dict, plot_name: Optional[str]) -> str:
-    lines = [_header(args, measured["peers"]),
-             "Each cell: time / peak extra memory. Speed-up = reference time / fused time, "
-             "same run.\n"]
-    if plot_name:
-        lines.append(f"![time and memory against N]({plot_name})\n")
+def markdown(args, measured: Dict, plot_line: Optional[str]) -> str:
+    """The report; ``plot_line`` is the plot's image link, or why there is none."""
+    lines = [_header(args, measured),
+             "Each cell: median time (IQR) / peak extra memory. Speed-up: pyclloss's fastest "
+             "fused backend against the fastest peer and against its own reference, same run.\n"]
+    if plot_line:
+        lines.append(plot_line + "\n")
     for loss, by_impl in measured["results"].items():
         impls = list(by_impl)
+        peers = [i for i in impls if i not in BACKEND_IMPLS]
         lines.append(f"\n## {loss}\n")
-        lines.append("| N | " + " | ".join(impls) + " | speed-up |")
-        lines.append("|---" * (len(impls) + 2) + "|")
+        lines.append("| N | " + " | ".join(impls) + " | speed-up vs best peer | vs reference |")
+        lines.append("|---" * (len(impls) + 3) + "|")
         for n in args.sizes:
             row = {impl: by_impl[impl].get(n) for impl in impls}
-            fused = next((row[i] for i in ("cuda", "cpp", "triton")
-                          if row.get(i) and "time_s" in row[i]), None)
-            base = row.get("reference")
-            speedup = (f"{base['time_s'] / fused['time_s']:.1f}×"
-                       if fused and base and "time_s" in base else "—")
-            lines.append(f"| {n} | " + " | ".join(_cell(row[i]) for i in impls)
-                         + f" | {speedup} |")
+            lines.append(f"| {n} | " + " | ".join(_cell(row[i]) for i in impls) + " | "
+                         + " | ".join(_speedups(row, peers)) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -342,65 +408,122 @@ def pyplot():
     return plt
 
 
-def plot(measured: Dict, path: str) -> str:
-    """Time and peak memory against N, one column of panels per loss; says what it did."""
-    plt = pyplot()
-    if plt is None:
-        return "no plot: matplotlib is not installed"
-    losses = list(measured["results"])
-    fig, axes = plt.subplots(2, len(losses), figsize=(3.6 * len(losses), 6.4), squeeze=False)
-    for col, loss in enumerate(losses):
-        for impl, by_n in measured["results"][loss].items():
-            ok = sorted((n, r) for n, r in by_n.items() if "time_s" in r)
-            if not ok:
-                continue
+NO_MATPLOTLIB = "matplotlib is not installed (pip install matplotlib)"
+# One colour per implementation in every panel; pyclloss's solid, the peers' dashed.
+COLORS = {"cuda": "tab:green", "cpp": "tab:blue", "triton": "tab:purple",
+          "reference": "tab:gray", "pml": "tab:orange", "lightly": "tab:red",
+          "open_clip": "tab:brown", "inf_cl": "tab:pink", "diffsort": "tab:olive"}
+
+
+def _panel(time_ax, memory_ax, by_impl: Dict[str, Dict]) -> List[str]:
+    """One loss's curves, and a cross at the foot of the N axis for each cell that
+    did not run (one row of crosses per implementation). Returns those cells'
+    reasons."""
+    skipped = []
+    for impl, by_n in by_impl.items():
+        style = dict(color=COLORS[impl], label=impl,
+                     linestyle="-" if impl in BACKEND_IMPLS else "--")
+        ok = sorted((n, r) for n, r in by_n.items() if "time_s" in r)
+        if ok:
             ns = [n for n, _ in ok]
-            style = "-o" if impl in BACKEND_IMPLS else "--s"
-            axes[0][col].plot(ns, [r["time_s"] * 1e3 for _, r in ok], style, label=impl, ms=4)
-            axes[1][col].plot(ns, [max(r["peak_bytes"], 2**20) / 2**20 for _, r in ok], style,
-                              label=impl, ms=4)
-        axes[0][col].set_title(loss)
-        axes[1][col].set_xlabel("N")
-        for ax in (axes[0][col], axes[1][col]):
+            time_ax.plot(ns, [r["time_s"] * 1e3 for _, r in ok], marker="o", ms=4, **style)
+            memory_ax.plot(ns, [max(r["peak_bytes"], 2**20) / 2**20 for _, r in ok],
+                           marker="o", ms=4, **style)
+        failed = sorted(n for n, r in by_n.items() if "error" in r)
+        if failed:
+            height = 0.04 + 0.06 * len({line.split()[0] for line in skipped})
+            for ax in (time_ax, memory_ax):
+                ax.plot(failed, [height] * len(failed), "x", color=COLORS[impl], ms=7, mew=2,
+                        label=impl, transform=ax.get_xaxis_transform(), clip_on=False)
+            skipped += [f"{impl} N={n}: {by_n[n]['error']}" for n in failed]
+    return skipped
+
+
+def figure(measured: Dict, title: str):
+    """Time and peak memory against N, one column of panels per loss, one legend."""
+    plt = pyplot()
+    losses = list(measured["results"])
+    fig, axes = plt.subplots(2, len(losses), figsize=(3.8 * len(losses) + 0.5, 7.0),
+                             squeeze=False)
+    for col, loss in enumerate(losses):
+        time_ax, memory_ax = axes[0][col], axes[1][col]
+        skipped = _panel(time_ax, memory_ax, measured["results"][loss])
+        time_ax.set_title(loss)
+        memory_ax.set_xlabel("N")
+        for ax in (time_ax, memory_ax):
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.grid(True, which="both", alpha=0.3)
-        axes[0][col].legend(fontsize=7)
-    axes[0][0].set_ylabel("fwd+bwd time (ms)")
+        if skipped:
+            memory_ax.text(0.0, -0.22, "× not run:\n" + "\n".join(skipped), fontsize=6,
+                           va="top", transform=memory_ax.transAxes)
+    axes[0][0].set_ylabel("fwd+bwd time (ms, median)")
     axes[1][0].set_ylabel("peak extra memory (MiB, floor 1)")
+    legend = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.legend(legend.values(), legend.keys(), loc="center left", bbox_to_anchor=(1.0, 0.5),
+               fontsize=8)
+    return fig
+
+
+def plot(measured: Dict, path: str, title: str) -> Optional[str]:
+    """Writes the plot to ``path``; returns why there is none, or None."""
+    plt = pyplot()
+    if plt is None:
+        return NO_MATPLOTLIB
+    fig = figure(measured, title)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
-    return f"plot: {path}"
+    return None
 
 
 def check_arguments(args) -> None:
     """Every argument, before any measurement; ``--out``'s folder is created and probed."""
     arguments.at_least("--sizes", min(args.sizes), 2)
     arguments.at_least("--dim", args.dim, 1)
-    arguments.at_least("--repeats", args.repeats, 1)
+    arguments.above("--min-run-time", args.min_run_time, 0)
+    arguments.at_least("--min-blocks", args.min_blocks, 2)
     arguments.above("--timeout", args.timeout, 0)
     arguments.above("--memory-gib", args.memory_gib, 0)
     if args.out:
         arguments.writable_file("--out", args.out)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pyclloss bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--losses", nargs="+", default=list(LOSSES), choices=LOSSES)
-    p.add_argument("--sizes", nargs="+", type=int, default=[1024, 2048, 4096, 8192, 16384])
-    p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--losses", nargs="+", default=list(LOSSES), choices=LOSSES,
+                   help="default: all")
+    p.add_argument("--sizes", nargs="+", type=int, default=[1024, 2048, 4096, 8192, 16384],
+                   help="values of N (default: %(default)s)")
+    p.add_argument("--dim", type=int, default=128, help="D (default: %(default)s)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="default: %(default)s")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                   help="default: %(default)s")
+    p.add_argument("--min-run-time", type=float, default=1.0,
+                   help="seconds of timed calls per cell, at least (default: %(default)s)")
+    p.add_argument("--min-blocks", type=int, default=5,
+                   help="blocks of calls per cell, about; the IQR is over them "
+                        "(default: %(default)s)")
     p.add_argument("--impls", nargs="+", choices=IMPLS, help="restrict to these columns")
     p.add_argument("--memory-gib", type=float, default=12.0,
-                   help="skip configurations estimated to need more than this")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds per cell")
+                   help="skip configurations estimated to need more than this "
+                        "(default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds per cell (default: %(default)s)")
     p.add_argument("--out", help="also write the markdown report to this file, and the plot "
                                  "beside it (same name, .png)")
     p.add_argument("--single", nargs=3, metavar=("LOSS", "IMPL", "N"), help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     args.command = argv
     try:
@@ -410,17 +533,24 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.single:
         loss, impl, n = args.single
         print(json.dumps(measure_one(loss, impl, int(n), args.dim, args.device, args.dtype,
-                                     args.repeats)))
+                                     args.min_run_time, args.min_blocks)))
         return 0
+    if args.out and pyplot() is None:
+        print(f"pyclloss bench: the report will have no plot: {NO_MATPLOTLIB}", file=sys.stderr)
     measured = measure_all(args)
-    plot_path = os.path.splitext(args.out)[0] + ".png" if args.out else None
-    report = markdown(args, measured, os.path.basename(plot_path) if plot_path else None)
+    plot_line = None
+    if args.out:
+        plot_path = os.path.splitext(args.out)[0] + ".png"
+        title = f"pyclloss forward+backward: {machine(args.device)}; {args.dtype}, D = {args.dim}"
+        why_not = plot(measured, plot_path, title)
+        plot_line = (f"No plot: {why_not}." if why_not else
+                     f"![time and memory against N]({os.path.basename(plot_path)})")
+        print(f"no plot: {why_not}" if why_not else f"plot: {plot_path}", file=sys.stderr)
+    report = markdown(args, measured, plot_line)
     print(report)
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             f.write(report)
-        print(plot(measured, plot_path), file=sys.stderr)
     return 0
 
 

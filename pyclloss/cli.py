@@ -6,6 +6,12 @@ import sys
 from typing import List, Optional
 
 
+def version() -> str:
+    import pyclloss
+
+    return f"pyclloss {pyclloss.__version__}"
+
+
 def info(args: argparse.Namespace) -> int:
     import torch
 
@@ -13,7 +19,7 @@ def info(args: argparse.Namespace) -> int:
     from pyclloss.backends import resolve
     from pyclloss.energy import cpu_model
 
-    print(f"pyclloss {pyclloss.__version__}")
+    print(version())
     print(f"python   {platform.python_version()} ({sys.executable})")
     print(f"torch    {torch.__version__} (CUDA {torch.version.cuda or 'none'})")
     try:
@@ -59,11 +65,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in SUBCOMMANDS:
         return SUBCOMMANDS[argv[0]](argv[1:])
-    parser = argparse.ArgumentParser(prog="pyclloss", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="pyclloss", description="Fused contrastive-learning losses for PyTorch: "
+                                     "versions and backends, the reference trainer, benchmarks.")
+    parser.add_argument("--version", action="version", version=version())
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions and available backends").set_defaults(func=info)
     sub.add_parser("train", help="the reference trainer (pyclloss train --help)")
-    sub.add_parser("bench", help="InfoNCE benchmark table (pyclloss bench --help)")
+    sub.add_parser("bench", help="time and memory of every backend against the peers "
+                                        "(pyclloss bench --help)")
     sub.add_parser("energy", help="fp32 vs mixed-precision energy benchmark (pyclloss energy --help)")
     args = parser.parse_args(argv)
     return args.func(args)

@@ -18,7 +18,6 @@ import datetime
 import itertools
 import os
 import re
-import resource
 import statistics
 import sys
 import time
@@ -28,7 +27,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from . import _arguments as arguments
-from .benchmark import pyplot
+from .benchmark import peak_extra_bytes, pyplot
 from .energy import EnergyMeter, cpu_model, describe_gpu, gpus_of
 from .train.losses import LOSSES
 from .train.trainer import (
@@ -60,7 +59,7 @@ class Trial:
     steps: int
     samples: int
     joules: Optional[float]
-    peak_mib: float
+    peak_mib: float  # the workload's, over the memory in use when the trial started
 
 
 def synchronize(device: torch.device) -> None:
@@ -112,12 +111,6 @@ def step_workload(cfg: TrainConfig, args, device, precision) -> Workload:
 WORKLOADS = {"loss": loss_workload, "step": step_workload}
 
 
-def peak_memory_mib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux
-
-
 def calibrated_steps(workload: Workload, seconds: float) -> int:
     """The number of steps (at least 2) that takes about ``seconds``, timed on 3."""
     start = time.perf_counter()
@@ -126,13 +119,14 @@ def calibrated_steps(workload: Workload, seconds: float) -> int:
 
 
 def run_trial(workload: Workload, steps: int, device, gpus) -> Trial:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    """``steps`` steps of ``workload``: time, energy, and the workload's peak
+    memory over what was in use when the trial started (not the process's peak,
+    which only grows over the run and holds the other workloads too)."""
     with EnergyMeter(gpus=gpus) as meter:
-        workload.run(steps)
+        peak = peak_extra_bytes(lambda: workload.run(steps), device)
     result = meter.result
     return Trial(result.seconds, steps, steps * workload.samples_per_step, result.total_joules,
-                 peak_memory_mib(device))
+                 max(peak, 0) / 2**20)
 
 
 def measure_idle(seconds: float, cooldown: float, gpus):
@@ -203,8 +197,8 @@ def machine_name(device: torch.device) -> str:
 def markdown_report(args, argv, device, setup, idle_watts, idle_result, rows) -> str:
     intensity_source = ("the default: about the world-average grid"
                         if args.carbon_intensity == DEFAULT_CARBON_INTENSITY else "given")
-    memory = ("torch.cuda.max_memory_allocated per trial" if device.type == "cuda"
-              else "peak RSS of the whole process, which only grows over the run")
+    memory = ("the allocator's peak" if device.type == "cuda"
+              else "the peak resident set, reset before each trial")
     lines = [f"# Energy: fp32 vs mixed precision, {setup['machine']}", "",
              f"Command: `{' '.join(['pyclloss energy', *argv])}`  ",
              f"Date: {datetime.datetime.now().isoformat(timespec='seconds')}; "
@@ -226,8 +220,10 @@ def markdown_report(args, argv, device, setup, idle_watts, idle_result, rows) ->
               f"- workload step: the trainer's training step (autocast, encoder width "
               f"{args.width}, AdamW) on {args.batch_size} images {image}",
               f"- {args.trials} trials per row, interleaved (the precisions' order reversed "
-              "every round); mean ± std over the trials", f"- peak memory: {memory}", ""]
-    header = ["workload", "precision", "steps/trial", *COLUMNS, "peak MiB",
+              "every round); mean ± std over the trials",
+              f"- workload peak: the most memory a trial of the workload took over what was in "
+              f"use when it started ({memory}), the largest of its trials", ""]
+    header = ["workload", "precision", "steps/trial", *COLUMNS, "workload peak MiB",
               "s/step vs fp32", "J/step vs fp32"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for (workload, precision), row in rows.items():
@@ -237,7 +233,7 @@ def markdown_report(args, argv, device, setup, idle_watts, idle_result, rows) ->
         cells = [f"{row.mean[c]:.4g} ± {row.std[c]:.2g}" if c in row.mean else "—"
                  for c in COLUMNS]
         lines.append("| " + " | ".join([workload, precision, str(row.steps), *cells,
-                                         f"{row.peak_mib:.0f}", *ratios]) + " |")
+                                         f"{row.peak_mib:,.1f}", *ratios]) + " |")
     return "\n".join(lines) + "\n"
 
 

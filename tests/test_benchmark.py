@@ -1,6 +1,9 @@
 """`pyclloss bench`: every cell's step runs and differentiates, and the report
 and plot are built from the measurements."""
 
+import sys
+import time
+
 import pytest
 import torch
 
@@ -30,32 +33,127 @@ def test_every_implementation_computes_the_same_loss(loss):
         assert value == pytest.approx(first, rel=1e-4), (impl, values)
 
 
-def test_measure_one_reports_time_and_memory():
-    result = benchmark.measure_one("supcon", "reference", 64, 16, "cpu", "float32", 1)
-    assert result["time_s"] > 0 and result["peak_bytes"] >= 0
+def test_measure_one_reports_time_spread_and_memory():
+    result = benchmark.measure_one("supcon", "reference", 64, 16, "cpu", "float32", 0.05, 3)
+    assert set(result) == {"time_s", "iqr_s", "blocks", "calls_per_block", "peak_bytes"}
+    assert result["time_s"] > 0 and result["iqr_s"] >= 0 and result["peak_bytes"] >= 0
+    assert result["blocks"] >= 3 and result["calls_per_block"] >= 1
 
 
-def test_report_and_plot(tmp_path):
-    measured = {"peers": {"pml": "", "inf_cl": "Inf-CL runs on CUDA only"},
-                "results": {"supcon": {
-                    "cpp": {64: {"time_s": 0.001, "peak_bytes": 2**20}},
-                    "reference": {64: {"time_s": 0.004, "peak_bytes": 2**22}},
-                    "pml": {64: {"error": "skipped: needs ~20 GiB"}}}}}
-    ns = type("Args", (), dict(sizes=[64], dim=16, dtype="float32", repeats=1, device="cpu",
-                               command=["--sizes", "64"]))
-    report = benchmark.markdown(ns, measured, "r.png")
-    row = next(line for line in report.splitlines() if line.startswith("| 64 |"))
-    assert row == ("| 64 | 1.0 ms / 1 MiB | 4.0 ms / 4 MiB | skipped: needs ~20 GiB | 4.0× |")
-    assert "Inf-CL runs on CUDA only" in report and "![time and memory against N](r.png)" in report
+def test_timings_come_from_blocked_autorange_with_enough_blocks(monkeypatch):
+    """A 10 ms call: blocks of one call; a run too short for 4 of them is topped
+    up; the median is the call's time and the IQR the blocks' spread."""
+    from torch.utils import benchmark as torch_benchmark
+
+    runs = []
+    blocked_autorange = torch_benchmark.Timer.blocked_autorange
+
+    def spy(timer, **kwargs):
+        measurement = blocked_autorange(timer, **kwargs)
+        runs.append((kwargs["min_run_time"], len(measurement.times)))
+        return measurement
+
+    monkeypatch.setattr(torch_benchmark.Timer, "blocked_autorange", spy)
+    result = benchmark.blocked_timing(lambda: time.sleep(0.01), 0.001, 4)
+    assert runs[0] == (0.001, 1) and len(runs) >= 2
+    assert result["blocks"] == sum(blocks for _, blocks in runs) >= 4
+    assert result["calls_per_block"] == 1
+    assert 0.01 <= result["time_s"] < 0.05 and 0 <= result["iqr_s"] < 0.03
+
+
+def _args(**changes):
+    fields = dict(sizes=[64], dim=16, dtype="float32", min_run_time=1.0, min_blocks=5,
+                  device="cpu", command=["--sizes", "64"], losses=["supcon"], impls=None,
+                  memory_gib=12.0, timeout=600.0)
+    fields.update(changes)
+    return type("Args", (), fields)
+
+
+def _timed(ms, iqr_ms=0.1, mib=1, blocks=7):
+    return {"time_s": ms / 1e3, "iqr_s": iqr_ms / 1e3, "peak_bytes": mib * 2**20,
+            "blocks": blocks, "calls_per_block": 1}
+
+
+MEASURED = {"peers": {"pml": "", "inf_cl": "Inf-CL runs on CUDA only"},
+            "results": {"supcon": {
+                "cpp": {64: _timed(1.0, 0.05), 128: _timed(3.0)},
+                "reference": {64: _timed(4.0, 0.5, 4, blocks=5), 128: {"error": "out of memory"}},
+                "pml": {64: {"error": "skipped: needs ~20 GiB"}, 128: _timed(4.5)}},
+                "nt_xent": {
+                "cpp": {64: _timed(2.0), 128: {"error": "out of memory"}},
+                "pml": {64: _timed(9.0), 128: _timed(30.0)},
+                "lightly": {64: _timed(5.0), 128: _timed(20.0)}}}}
+
+
+def _rows(report):
+    return [line for line in report.splitlines() if line.startswith("| 6") or
+            line.startswith("| 12")]
+
+
+def test_report_cells_show_median_iqr_and_memory():
+    report = benchmark.markdown(_args(sizes=[64, 128]), MEASURED, "![plot](r.png)")
+    supcon_64, supcon_128, nt_xent_64, nt_xent_128 = _rows(report)
+    assert supcon_64 == ("| 64 | 1.00 ms (IQR 0.0500) / 1 MiB | 4.00 ms (IQR 0.500) / 4 MiB | "
+                         "skipped: needs ~20 GiB | — | 4.0× |")
+    assert "Inf-CL runs on CUDA only" in report and "![plot](r.png)" in report
+    assert "5–7 blocks" in report and "blocked autorange" in report
+
+
+def test_speed_up_is_against_the_best_peer_and_the_reference():
+    report = benchmark.markdown(_args(sizes=[64, 128]), MEASURED, None)
+    supcon_64, supcon_128, nt_xent_64, nt_xent_128 = _rows(report)
+    assert "| speed-up vs best peer | vs reference |" in report
+    assert supcon_128.endswith("| 3.00 ms (IQR 0.100) / 1 MiB | out of memory | "
+                               "4.50 ms (IQR 0.100) / 1 MiB | 1.5× pml | — |")
+    assert nt_xent_64.endswith("| 2.5× lightly | — |")  # lightly is faster than pml
+    assert nt_xent_128.endswith("| — | — |")  # the fused backend did not run
+
+
+def test_the_plot_keeps_one_colour_per_implementation():
     pytest.importorskip("matplotlib")
-    assert benchmark.plot(measured, str(tmp_path / "r.png")).startswith("plot:")
+    fig = benchmark.figure(MEASURED, "pyclloss forward+backward: CPU X; float32, D = 16")
+    colours = {}
+    for ax in fig.axes:
+        for line in ax.get_lines():
+            colours.setdefault(line.get_label(), set()).add(line.get_color())
+    assert set(colours) == {"cpp", "reference", "pml", "lightly"}
+    assert all(len(c) == 1 for c in colours.values())  # the same in every panel
+    assert len({c.pop() for c in colours.values()}) == 4  # and distinct
+    assert fig.get_suptitle() == "pyclloss forward+backward: CPU X; float32, D = 16"
+    notes = "\n".join(text.get_text() for ax in fig.axes for text in ax.texts)
+    assert "pml N=64: skipped: needs ~20 GiB" in notes
+    assert "reference N=128: out of memory" in notes and "cpp N=128: out of memory" in notes
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert sorted(legend) == ["cpp", "lightly", "pml", "reference"]
+
+
+def test_main_writes_the_report_and_plot(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+    monkeypatch.setattr(benchmark, "measure_all", lambda args: MEASURED)
+    out = tmp_path / "r.md"
+    assert benchmark.main(["--sizes", "64", "128", "--out", str(out)]) == 0
+    assert "![time and memory against N](r.png)" in out.read_text()
     assert (tmp_path / "r.png").stat().st_size > 0
+    assert f"plot: {tmp_path / 'r.png'}" in capsys.readouterr().err
+
+
+def test_without_matplotlib_the_report_says_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib fails
+    monkeypatch.setattr(benchmark, "measure_all", lambda args: MEASURED)
+    out = tmp_path / "r.md"
+    assert benchmark.main(["--sizes", "64", "128", "--out", str(out)]) == 0
+    report = out.read_text()
+    assert "No plot: matplotlib is not installed (pip install matplotlib)." in report
+    assert "![" not in report and not (tmp_path / "r.png").exists()
+    err = capsys.readouterr().err
+    assert err.startswith("pyclloss bench: the report will have no plot: matplotlib is not")
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--sizes", "1"], "--sizes must be at least 2, got 1"),
     (["--dim", "0"], "--dim must be at least 1, got 0"),
-    (["--repeats", "0"], "--repeats must be at least 1, got 0"),
+    (["--min-run-time", "0"], "--min-run-time must be > 0, got 0.0"),
+    (["--min-blocks", "1"], "--min-blocks must be at least 2, got 1"),
     (["--timeout", "-1"], "--timeout must be > 0, got -1.0"),
     (["--memory-gib", "0"], "--memory-gib must be > 0, got 0.0"),
 ])

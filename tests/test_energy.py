@@ -238,7 +238,7 @@ def test_bench_reports_not_measurable_with_time_and_memory(bench_energy, tmp_pat
         ("loss", "fp32"), ("loss", "bf16"), ("step", "fp32"), ("step", "bf16")]
     for row in rows:
         assert float(row["s/step"].split(" ± ")[0]) > 0
-        assert float(row["peak MiB"]) > 0
+        assert float(row["workload peak MiB"]) >= 0
         assert row["J/step"] == row["W"] == row["samples/J"] == row["g CO2e/1k steps"] == "—"
 
 
@@ -301,6 +301,18 @@ def test_bench_unwritable_out_fails_before_measuring(bench_energy, tmp_path, cap
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.startswith(f"pyclloss energy: error: --out {out}: cannot "
                                               f"write there")
+
+
+def test_trial_memory_is_the_workloads_peak(bench_energy):
+    """A workload that allocates 64 MiB peaks at about 64 MiB; one run after it
+    that allocates nothing peaks near 0, not at the process's peak."""
+    import torch
+
+    cpu = torch.device("cpu")
+    allocating = bench_energy.Workload(1, lambda steps: torch.ones(16 * 2**20).sum())  # fp32
+    idle = bench_energy.Workload(1, lambda steps: None)
+    assert bench_energy.run_trial(allocating, 1, cpu, None).peak_mib == pytest.approx(64, abs=3)
+    assert bench_energy.run_trial(idle, 1, cpu, None).peak_mib < 2
 
 
 def test_the_loss_workload_runs_every_registered_loss(bench_energy):

@@ -2,21 +2,36 @@
 and the pieces (data, losses, evaluation, checkpoints) on known values."""
 
 import contextlib
+import dataclasses
+import datetime
+import io
 import json
 import os
 import random
+import re
 import sys
 
 import numpy as np
 import pytest
 import torch
 
+import pyclloss
+from pyclloss import cli
 from pyclloss.reference import info_nce as reference
 from pyclloss.train import LOSSES, TrainConfig, main, train
 from pyclloss.train import trainer as trainer_module
 from pyclloss.train.data import augment, epoch_generator, load_dataset, load_tensor_file
 from pyclloss.train.evaluate import knn_accuracy, linear_probe_accuracy
+from pyclloss.train import report
 from pyclloss.train.losses import loss_function
+from pyclloss.train.progress import Progress
+from pyclloss.train.report import summary_lines
+
+
+@pytest.fixture(autouse=True)
+def in_a_fresh_folder(tmp_path, monkeypatch):
+    """The trainer writes its run folders under the working directory."""
+    monkeypatch.chdir(tmp_path)
 
 
 @pytest.fixture
@@ -45,9 +60,9 @@ def test_default_data_end_to_end_writes_the_summary(tmp_path, capsys):
     assert main(["--epochs", "1", "--batch-size", "128", "--width", "8", "--threads", "1",
                  "--summary", str(summary_path)]) == 0
     assert torch.get_num_threads() == threads_before  # the trainer's setting is undone
-    printed = json.loads(capsys.readouterr().out)
+    printed = capsys.readouterr().out
     summary = json.loads(summary_path.read_text())
-    assert printed["steps_done"] == summary["steps_done"] == 1348 // 128
+    assert summary["steps_done"] == 1348 // 128
     assert summary["cpu_threads"] == 1
     assert summary["data"] == {"source": "sklearn digits", "image_shape": [1, 8, 8],
                                "train_images": 1348, "test_images": 449}
@@ -58,6 +73,157 @@ def test_default_data_end_to_end_writes_the_summary(tmp_path, capsys):
     energy = summary["energy"]
     assert energy["steps"] == summary["steps_done"] and energy["samples"] == 10 * 128
     assert ("joules_per_step" in energy) != ("energy" in energy)  # a figure or the reason
+    assert printed.splitlines() == summary_lines(summary, str(summary_path))
+
+
+def test_the_summary_lines_show_the_runs_figures(tiny_data, tmp_path, capsys):
+    """About ten lines on stdout, each figure the JSON's: loss and accuracies
+    before → after, time, energy or why not, and where the JSON is."""
+    path = tmp_path / "s.json"
+    assert main(["--data", tiny_data, "--batch-size", "16", "--width", "4", "--epochs", "3",
+                 "--embedding-dim", "8", "--device", "cpu", "--summary", str(path)]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads(path.read_text())
+    lines = dict(line.split(None, 1) for line in out.splitlines()[1:])
+    assert out.startswith("pyclloss train: nt_xent (τ = 0.5), fp32, backend auto, cpu ")
+    assert len(out.splitlines()) <= 12
+    losses = summary["epoch_losses"]
+    assert len(losses) == 3
+    assert lines["loss"].startswith(f"{losses[0]:.4f} → {losses[-1]:.4f}  (epoch 1 → 3, 9 steps")
+    for label, key in (("kNN", "knn_accuracy"), ("linear", "linear_probe_accuracy")):
+        before, after = (summary["evaluation"][when][key] for when in ("initial", "final"))
+        assert lines[label].startswith(f"{before:.1%} → {after:.1%}")
+    assert lines["data"] == f"{tiny_data}: 60 training / 20 held-out images of 1×8×8"
+    assert f"{summary['samples_per_second']:,.0f} samples/s" in lines["time"]
+    energy = summary["energy"]
+    assert lines["energy"] == (energy["energy"] if "energy" in energy else lines["energy"])
+    assert lines["summary"] == str(path)
+
+
+def test_summary_lines_of_unlabelled_data_and_of_a_finished_resume(tmp_path, capsys):
+    unlabelled = tmp_path / "unlabelled.pt"
+    torch.save(torch.rand(40, 1, 8, 8), unlabelled)
+    checkpoint = str(tmp_path / "c.pt")
+    argv = ["--data", str(unlabelled), "--batch-size", "16", "--width", "4", "--epochs", "1",
+            "--embedding-dim", "8", "--device", "cpu", "--checkpoint", checkpoint]
+    assert main(argv) == 0
+    assert "accuracy skipped: the data has no labels" in capsys.readouterr().out.splitlines()
+    assert main(argv + ["--resume", checkpoint]) == 0  # nothing left to train
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith(", resumed at epoch 1")
+    assert lines[-3].startswith("time     no epoch left to train; ")
+
+
+def test_energy_line_with_a_measured_counter():
+    energy = {"total_joules": 1234.5, "mean_watts": 41.2, "joules_per_step": 0.0823,
+              "unmeasured": {"nvml": "no GPU"}}
+    assert report._energy_line(energy) == ("energy   1,234.5 J, 41.2 W mean, 0.0823 J/step "
+                                           "(not counted: nvml)")
+    no_step = {"total_joules": 2.0, "mean_watts": 40.0, "joules_per_step": None}
+    assert report._energy_line(no_step) == "energy   2.0 J, 40.0 W mean"
+
+
+def test_the_json_goes_to_a_new_run_folder_by_default(tiny_data, tmp_path, capsys):
+    argv = ["--data", tiny_data, "--batch-size", "16", "--width", "4", "--embedding-dim", "8",
+            "--epochs", "1", "--device", "cpu", "--loss", "supcon"]
+    assert main(argv) == 0
+    (folder,) = os.listdir(tmp_path / "runs")
+    assert re.fullmatch(r"\d{8}-\d{6}-supcon", folder)
+    path = os.path.join("runs", folder, "summary.json")
+    assert capsys.readouterr().out.splitlines()[-1] == f"summary  {path}"
+    summary = json.loads((tmp_path / path).read_text())
+    assert summary["config"]["loss"] == "supcon" and summary["steps_done"] == 60 // 16
+
+
+def test_run_folders_never_collide(tmp_path):
+    started = datetime.datetime(2026, 1, 2, 3, 4, 5)
+    folders = [report.new_run_folder(str(tmp_path), "clip", started) for _ in range(3)]
+    assert [os.path.basename(f) for f in folders] == [
+        "20260102-030405-clip", "20260102-030405-clip-2", "20260102-030405-clip-3"]
+    assert all(os.path.isdir(f) for f in folders)
+
+
+def test_quiet_prints_nothing_and_still_writes_the_json(tiny_data, tmp_path, capsys):
+    path = tmp_path / "quiet.json"
+    assert main(["--data", tiny_data, "--batch-size", "16", "--width", "4", "--epochs", "2",
+                 "--embedding-dim", "8", "--device", "cpu", "--summary", str(path),
+                 "--quiet"]) == 0
+    assert capsys.readouterr() == ("", "")
+    assert len(json.loads(path.read_text())["epoch_losses"]) == 2
+
+
+def test_help_shows_defaults_and_choices(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    # each option's entry, its lines joined
+    entries = {entry.split()[0]: " ".join(entry.split())
+               for entry in re.split(r"\n  (?=--)", text.split("\noptions:\n")[1])[1:]}
+    assert entries["--loss"].startswith(f"--loss {{{','.join(LOSSES)}}} nt_xent: SimCLR's")
+    assert entries["--precision"].startswith("--precision {fp32,fp16,bf16} ")
+    assert entries["--backend"].startswith("--backend {auto,cpp,triton,cuda,reference} ")
+    assert "auto (cuda if available), cpu, cuda or cuda:N" in entries["--device"]
+    for name, value in dataclasses.asdict(TrainConfig()).items():
+        flag = f"--{name.replace('_', '-')}"
+        if value is not None:
+            assert entries[flag].endswith(f"(default: {value})"), flag
+        else:
+            assert "(default: None)" not in entries[flag] and "default" in entries[flag], flag
+    assert "default" not in entries["--quiet"]
+
+
+def test_progress_lines_go_to_stderr(tiny_data, tmp_path, capsys):
+    assert main(["--data", tiny_data, "--batch-size", "16", "--width", "4", "--epochs", "2",
+                 "--embedding-dim", "8", "--device", "cpu", "--summary",
+                 str(tmp_path / "s.json")]) == 0
+    out, err = capsys.readouterr()
+    lines = err.splitlines()
+    assert [line.split("  ")[:1] for line in lines] == [["epoch 1/2"], ["epoch 2/2"]]
+    losses = json.loads((tmp_path / "s.json").read_text())["epoch_losses"]
+    assert [line.split("  ")[1] for line in lines] == [f"loss {x:.4f}" for x in losses]
+    assert all(line.endswith(" samples/s") for line in lines) and "epoch 1/2" not in out
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("tqdm_installed", [True, False])
+def test_progress_on_a_terminal(tqdm_installed, monkeypatch):
+    """A tqdm bar of epochs with the loss and samples/s; plain lines without tqdm."""
+    if tqdm_installed:
+        pytest.importorskip("tqdm")
+    else:
+        monkeypatch.setitem(sys.modules, "tqdm", None)
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    with Progress("clip", 4, 1) as progress:
+        for epoch, loss in ((2, 3.25), (3, 3.125), (4, 3.0)):
+            progress.epoch(epoch, loss, 1234.0)
+    text = terminal.getvalue()
+    if tqdm_installed:
+        final = text.replace("\r", "\n").strip().splitlines()[-1]
+        assert final.startswith("clip: 100%") and "4/4" in final and "epoch" in final
+        assert final.endswith("loss 3.0000, 1,234 samples/s]")
+    else:
+        assert text.splitlines() == [f"epoch {e}/4  loss {x:.4f}  1,234 samples/s"
+                                     for e, x in ((2, 3.25), (3, 3.125), (4, 3.0))]
+
+
+def test_quiet_progress_prints_nothing(capsys):
+    with Progress("clip", 2, 0, enabled=False) as progress:
+        progress.epoch(1, 1.0, 10.0)
+        progress.epoch(2, 1.0, 10.0)
+    assert capsys.readouterr() == ("", "")
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == f"pyclloss {pyclloss.__version__}\n"
 
 
 # fp16 runs with batches of 8: 7 steps an epoch, so that the first epoch has steps
@@ -104,9 +270,9 @@ def run_main_expecting_error(argv, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--loss", "triplet"], "--loss 'triplet': expected one of nt_xent, supcon, clip, moco"),
-    (["--precision", "fp8"], "--precision 'fp8': expected one of fp32, fp16, bf16"),
-    (["--backend", "tpu"], "--backend 'tpu'"),
+    (["--loss", "triplet"], "argument --loss: invalid choice: 'triplet' (choose from "),
+    (["--precision", "fp8"], "argument --precision: invalid choice: 'fp8'"),
+    (["--backend", "tpu"], "argument --backend: invalid choice: 'tpu'"),
     (["--data", "/nonexistent/images.pt"], "--data /nonexistent/images.pt: no such file"),
     (["--resume", "/nonexistent/ckpt.pt"], "--resume /nonexistent/ckpt.pt: no such checkpoint"),
     (["--batch-size", "1"], "--batch-size must be at least 2"),
@@ -214,6 +380,9 @@ def test_unwritable_outputs_fail_before_training(tmp_path, capsys, monkeypatch):
         assert f"{flag} {inside_a_file}: cannot write there" in err and err.count("\n") == 1
         err = run_main_expecting_error([flag, str(tmp_path)], capsys)
         assert f"{flag} {tmp_path}: is a folder, not a file" in err
+    (tmp_path / "runs").write_text("")  # the default run folders' parent is a file
+    err = run_main_expecting_error([], capsys)
+    assert "--summary's default folder runs: cannot write there" in err
     # a folder still to be made is made, and the probe leaves nothing there
     trainer_module.check_config(TrainConfig(summary=str(tmp_path / "new" / "s.json")))
     assert os.listdir(tmp_path / "new") == []

@@ -5,7 +5,6 @@ import contextlib
 import dataclasses
 import os
 import random
-import sys
 import tempfile
 import time
 import warnings
@@ -22,6 +21,7 @@ from pyclloss.train.data import (augment, epoch_generator, load_dataset, read_to
 from pyclloss.train.evaluate import evaluate
 from pyclloss.train.losses import LOSSES
 from pyclloss.train.model import ContrastiveLearner, Encoder
+from pyclloss.train.progress import Progress
 
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 BACKENDS = ("auto", "cpp", "triton", "cuda", "reference")
@@ -219,37 +219,6 @@ def train_step(learner, optimizer, scaler, view1, view2, labels, amp_dtype) -> t
     return loss.detach()
 
 
-class Progress:
-    """A tqdm bar on a terminal, else a plain line (on stderr) every tenth of the run."""
-
-    def __init__(self, epochs: int, steps_per_epoch: int, done_epochs: int):
-        self.epochs = epochs
-        self.line_every = max(1, epochs // 10)
-        self.bar = None
-        if sys.stderr.isatty():
-            try:
-                from tqdm import tqdm
-                self.bar = tqdm(total=epochs * steps_per_epoch,
-                                initial=done_epochs * steps_per_epoch, unit="step",
-                                file=sys.stderr)
-            except ImportError:
-                pass
-
-    def step(self, loss: float, samples_per_second: float) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{samples_per_second:.0f}")
-            self.bar.update()
-
-    def epoch(self, epoch: int, loss: float, samples_per_second: float) -> None:
-        if self.bar is None and (epoch % self.line_every == 0 or epoch == self.epochs):
-            print(f"epoch {epoch}/{self.epochs}  loss {loss:.4f}  "
-                  f"{samples_per_second:.0f} samples/s", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 @contextlib.contextmanager
 def cpu_threads(threads: int):
     """torch's intra-op threads for a block (0 leaves them be). A small model runs
@@ -264,14 +233,32 @@ def cpu_threads(threads: int):
         torch.set_num_threads(previous)
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Trains, evaluates before and after, and returns the run's summary."""
+def train_epoch(cfg: TrainConfig, epoch: int, learner, optimizer, scaler, train_set,
+                amp_dtype) -> list:
+    """One epoch in the order and with the views drawn from (seed, epoch); the
+    steps' losses."""
+    generator = epoch_generator(cfg.seed, epoch, train_set.images.device)
+    order = torch.randperm(len(train_set), generator=generator, device=train_set.images.device)
+    steps = len(train_set) // cfg.batch_size
+    losses = []
+    for index in order[:steps * cfg.batch_size].view(steps, -1):
+        images = train_set.images[index]
+        labels = train_set.labels[index] if train_set.labels is not None else None
+        view1, view2 = augment(images, generator), augment(images, generator)
+        loss = train_step(learner, optimizer, scaler, view1, view2, labels, amp_dtype)
+        losses.append(loss.item())
+    return losses
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> dict:
+    """Trains, evaluates before and after, and returns the run's summary;
+    ``progress`` shows the epochs on stderr."""
     check_config(cfg)
     with cpu_threads(cfg.threads):
-        return _train(cfg)
+        return _train(cfg, progress)
 
 
-def _train(cfg: TrainConfig) -> dict:
+def _train(cfg: TrainConfig, show_progress: bool) -> dict:
     started = time.perf_counter()
     device = resolve_device(cfg.device)
     amp_dtype = autocast_dtype(cfg.precision, device)
@@ -309,26 +296,16 @@ def _train(cfg: TrainConfig) -> dict:
     else:
         first_epoch, step, epoch_losses, initial = 0, 0, [], evaluation()
 
-    progress = Progress(cfg.epochs, steps_per_epoch, first_epoch)
     samples, train_seconds = 0, 0.0
     learner.train()
-    with EnergyMeter(gpus=gpus_of(device)) as meter:
+    with EnergyMeter(gpus=gpus_of(device)) as meter, \
+            Progress(cfg.loss, cfg.epochs, first_epoch, enabled=show_progress) as progress:
         for epoch in range(first_epoch, cfg.epochs):
-            generator = epoch_generator(cfg.seed, epoch, device)
-            order = torch.randperm(len(train_set), generator=generator, device=device)
-            losses = []
             epoch_start = time.perf_counter()
-            for index in order[:steps_per_epoch * cfg.batch_size].view(steps_per_epoch, -1):
-                images = train_set.images[index]
-                labels = train_set.labels[index] if train_set.labels is not None else None
-                view1, view2 = augment(images, generator), augment(images, generator)
-                loss = train_step(learner, optimizer, scaler, view1, view2, labels, amp_dtype)
-                losses.append(loss.item())
-                step += 1
-                samples += len(index)
-                progress.step(losses[-1], samples / (train_seconds + time.perf_counter()
-                                                     - epoch_start))
+            losses = train_epoch(cfg, epoch, learner, optimizer, scaler, train_set, amp_dtype)
             train_seconds += time.perf_counter() - epoch_start
+            step += len(losses)
+            samples += len(losses) * cfg.batch_size
             epoch_losses.append(sum(losses) / len(losses))
             progress.epoch(epoch + 1, epoch_losses[-1], samples / train_seconds)
             meter.sample()
@@ -339,7 +316,6 @@ def _train(cfg: TrainConfig) -> dict:
                     "initial_eval": initial, "learner": learner.state_dict(),
                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                     "rng": rng_states()})
-    progress.close()
 
     final = evaluation()
     summary = {

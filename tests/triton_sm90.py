@@ -191,8 +191,10 @@ def compile_one(record, arch: int = 90):
     fn = _jit_function(record["module"], record["name"])
     signature = dict(record["signature"])
     # The launcher tells the compiler which pointers are 16-byte aligned (all that
-    # torch allocates) and which integers divide by 16; D = 16·k is the common case.
-    aligned = [name for name, kind in signature.items() if kind.startswith("*") or name == "D"]
+    # torch allocates) and which integers divide by 16: D = 16·k is the common
+    # case, and a chunk of rows starts at a multiple of 256.
+    aligned = [name for name, kind in signature.items()
+               if kind.startswith("*") or name in ("D", "row0")]
     attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
     constexprs = {k: _constexpr_from_json(v) for k, v in record["constexprs"].items()}
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)

@@ -90,7 +90,16 @@ def _runs_on(name: str, device: torch.device) -> bool:
     return True
 
 
-@torch.compiler.assume_constant_result  # a trace bakes the choice in, no graph break
+def _constant_when_traced(fn):
+    """``torch.compiler.assume_constant_result`` without its import of
+    ``torch._dynamo`` (seconds, and this module loads with ``import pyclloss``):
+    that decorator only sets this attribute, which Dynamo reads when it traces
+    a call, so a trace bakes the choice in with no graph break."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_constant_when_traced
 def resolve(backend: str, device: torch.device, implemented: Tuple[str, ...] = BACKENDS) -> str:
     """The concrete backend that runs for tensors on ``device``, among the
     backends an op family has kernels for (``implemented``, in its order of

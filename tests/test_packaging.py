@@ -191,3 +191,40 @@ def test_a_working_extension_is_silent():
     out = _python(_IMPORT_AND_RUN.format(change=""))
     assert "warnings: 0" in out and "auto on cpu: cpp" in out
     assert f"_C       built against torch {torch.__version__} (this torch)" in out
+
+
+# ------------------------------------------------------------------- the docs
+
+
+def _project_texts():
+    """(path, text) of the README, the docs and every source and test file."""
+    for folder in ("docs", "pyclloss", "csrc", "triton_kernels", "tests", "examples", "bench"):
+        for dirpath, _, files in os.walk(os.path.join(ROOT, folder)):
+            for name in files:
+                if name.endswith((".md", ".py", ".cpp", ".cu", ".h", ".sh")) \
+                        and "results" not in dirpath:
+                    path = os.path.join(dirpath, name)
+                    with open(path, encoding="utf-8") as f:
+                        yield os.path.relpath(path, ROOT), f.read()
+    yield "README.md", _read("README.md")
+
+
+@in_source_tree
+def test_docs_cite_nothing_outside_the_repository():
+    outside = re.compile(r"LOSSES\.md|DESIGN\.md|\.\./shared|shared/|/work/")
+    this_file = os.path.relpath(__file__, ROOT)
+    cited = [(path, m.group()) for path, text in _project_texts() if path != this_file
+             for m in outside.finditer(text)]
+    assert not cited, cited
+    docs = {f"docs/{name}" for name in os.listdir(os.path.join(ROOT, "docs"))}
+    named = {m for _, text in _project_texts() for m in re.findall(r"docs/[\w.]+\.md", text)}
+    assert named <= docs, f"cited but missing: {sorted(named - docs)}"
+
+
+@in_source_tree
+def test_docs_give_the_formula_of_every_loss():
+    text = _read("docs/losses.md")
+    losses = [name for name in pyclloss.__all__ if name[0].islower() and name != "backends"]
+    missing = [name for name in losses if f"`{name}(" not in text and f"{name}`" not in text
+               and f"`{name}," not in text]
+    assert not missing, f"docs/losses.md does not cover {missing}"

@@ -11,6 +11,7 @@ Environment overrides:
 import glob
 import os
 import re
+import sys
 
 from setuptools import setup
 
@@ -81,7 +82,17 @@ def _extension():
     )
 
 
+class BuildExt(BuildExtension.with_options(use_ninja=True)):
+    """torch's ninja builder, with the object files kept in build/ between builds
+    (setuptools gives an editable build a fresh temporary folder), so that a
+    rebuild compiles only what changed."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        self.build_temp = os.path.join(HERE, "build", f"temp-{sys.implementation.cache_tag}")
+
+
 setup(
     ext_modules=[_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExt},
 )

@@ -13,6 +13,19 @@ static bool built_with_cuda() {
 #endif
 }
 
+// The torch.__version__ this extension was compiled against, passed by setup.py
+// as bare tokens (2.13.0+cpu) that survive the build's shell quoting; the
+// package refuses the kernels under any other torch.
+#ifndef PYCLLOSS_TORCH_VERSION
+#error "PYCLLOSS_TORCH_VERSION is not defined: build the extension through setup.py"
+#endif
+#define PYCLLOSS_STRINGIFY(tokens) #tokens
+#define PYCLLOSS_EXPAND_STRINGIFY(macro) PYCLLOSS_STRINGIFY(macro)
+
+static std::string built_with_torch() {
+  return PYCLLOSS_EXPAND_STRINGIFY(PYCLLOSS_TORCH_VERSION);
+}
+
 static bool built_with_openmp() {
 #ifdef _OPENMP
   return true;
@@ -24,4 +37,5 @@ static bool built_with_openmp() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("built_with_cuda", &built_with_cuda);
   m.def("built_with_openmp", &built_with_openmp);
+  m.def("built_with_torch", &built_with_torch);
 }

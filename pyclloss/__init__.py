@@ -6,7 +6,7 @@ each with ``backend="auto" | "cpp" | "cuda" | "triton" | "reference"``;
 ``pyclloss.backends()`` says which backends are available here.
 """
 
-from .backends import backends
+from .backends import CompiledKernelsWarning, backends, warn_if_extension_unusable
 from .functional import (
     clip_loss,
     ft_moco_loss,
@@ -44,8 +44,11 @@ from .sorting import (
 
 __version__ = "0.1.0"
 
+warn_if_extension_unusable()
+
 __all__ = [
     "backends",
+    "CompiledKernelsWarning",
     "clip_loss",
     "info_nce",
     "nt_xent",

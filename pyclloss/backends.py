@@ -6,17 +6,22 @@ kernels), ``"triton"`` (Triton kernels; CUDA tensors, or CPU tensors under
 ``auto`` picks, on CUDA tensors, the first of an op family's GPU backends (in
 the order the family lists them: fastest measured or expected first) that is
 available; on CPU tensors the C++ kernels; else the reference. It never fails for lack of a
-compiled piece; asking explicitly for a missing backend raises.
+compiled piece, nor falls back silently: a ``CompiledKernelsWarning`` (once) says
+why, as ``import pyclloss`` does when the extension is missing or was built
+against another torch. Asking explicitly for a missing backend raises.
 """
 
 import functools
 import importlib
 import os
+import warnings
 from typing import Dict, NamedTuple, Tuple
 
 import torch
 
 BACKENDS = ("cpp", "cuda", "triton", "reference")
+REBUILD = ("build it against the installed torch: pip install --no-build-isolation --no-deps "
+           "--force-reinstall <pyclloss source tree or sdist> (-e for a development tree)")
 
 
 class Availability(NamedTuple):
@@ -24,13 +29,37 @@ class Availability(NamedTuple):
     reason: str
 
 
+class CompiledKernelsWarning(UserWarning):
+    """``backend="auto"`` runs the plain-PyTorch reference where compiled kernels
+    should run (the extension is missing or was built against another torch)."""
+
+
 @functools.lru_cache(maxsize=None)
 def _compiled():
-    """The compiled extension module, or the ImportError that prevented it."""
+    """The compiled extension module, or an ImportError saying why it cannot
+    run here and how to fix it. An extension built against another torch is
+    refused even when it loads: its kernels would call into a different ABI."""
     try:
-        return importlib.import_module("pyclloss._C")
+        ext = importlib.import_module("pyclloss._C")
+    except ModuleNotFoundError as exc:
+        if exc.name != "pyclloss._C":
+            raise
+        return ImportError(f"pyclloss._C is not built here; {REBUILD}")
     except ImportError as exc:
-        return exc
+        return ImportError(f"pyclloss._C does not load ({exc}); {REBUILD}")
+    built = getattr(ext, "built_with_torch", lambda: "an unknown version")()
+    if built != torch.__version__:
+        return ImportError(f"pyclloss._C was built against torch {built}, this is torch "
+                           f"{torch.__version__}; {REBUILD}")
+    return ext
+
+
+def extension_status() -> str:
+    """The torch the compiled extension was built against, or why it cannot run."""
+    ext = _compiled()
+    if isinstance(ext, Exception):
+        return str(ext)
+    return f"built against torch {ext.built_with_torch()} (this torch)"
 
 
 def _triton_interpreting() -> bool:
@@ -52,12 +81,12 @@ def _availability(name: str) -> Availability:
         return Availability(True, "plain PyTorch")
     if name == "cpp":
         if isinstance(ext, Exception):
-            return Availability(False, f"extension pyclloss._C not importable: {ext}")
+            return Availability(False, str(ext))
         omp = "OpenMP" if ext.built_with_openmp() else "no OpenMP"
         return Availability(True, f"compiled C++ kernels ({omp}, {torch.get_num_threads()} threads)")
     if name == "cuda":
         if isinstance(ext, Exception):
-            return Availability(False, f"extension pyclloss._C not importable: {ext}")
+            return Availability(False, str(ext))
         if not ext.built_with_cuda():
             return Availability(False, "extension built without CUDA")
         if not torch.cuda.is_available():
@@ -90,7 +119,41 @@ def _runs_on(name: str, device: torch.device) -> bool:
     return True
 
 
-@torch.compiler.assume_constant_result  # a trace bakes the choice in, no graph break
+def _fused_on(device: torch.device) -> Tuple[str, ...]:
+    return ("cuda", "triton") if device.type == "cuda" else ("cpp",)
+
+
+_warned = set()
+
+
+def warn_fallback(device_type: str, fused: Tuple[str, ...]) -> None:
+    """Warns, once per message, that ``auto`` runs the reference on
+    ``device_type`` tensors, with why each of the ``fused`` backends cannot."""
+    why = "; ".join(f"{name}: {_availability(name).reason}" for name in fused)
+    message = (f"backend='auto' runs the plain-PyTorch reference backend on {device_type} "
+               f"tensors (O(N^2) memory, slower) because {why}")
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, CompiledKernelsWarning, stacklevel=3)
+
+
+def warn_if_extension_unusable() -> None:
+    """The warning ``import pyclloss`` gives when the compiled extension is
+    missing or was built against another torch."""
+    if isinstance(_compiled(), Exception):
+        warn_fallback("cpu", ("cpp",))
+
+
+def _constant_when_traced(fn):
+    """``torch.compiler.assume_constant_result`` without its import of
+    ``torch._dynamo`` (seconds, and this module loads with ``import pyclloss``):
+    that decorator only sets this attribute, which Dynamo reads when it traces
+    a call, so a trace bakes the choice in with no graph break."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_constant_when_traced
 def resolve(backend: str, device: torch.device, implemented: Tuple[str, ...] = BACKENDS) -> str:
     """The concrete backend that runs for tensors on ``device``, among the
     backends an op family has kernels for (``implemented``, in its order of
@@ -98,10 +161,12 @@ def resolve(backend: str, device: torch.device, implemented: Tuple[str, ...] = B
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     if backend == "auto":
-        fused = ("cuda", "triton") if device.type == "cuda" else ("cpp",)
-        for name in (n for n in implemented if n in fused):
+        fused = tuple(n for n in implemented if n in _fused_on(device))
+        for name in fused:
             if _availability(name).available and _runs_on(name, device):
                 return name
+        if fused:
+            warn_fallback(device.type, fused)
         return "reference"
     available, reason = _availability(backend)
     if backend not in implemented:

@@ -16,12 +16,13 @@ def info(args: argparse.Namespace) -> int:
     import torch
 
     import pyclloss
-    from pyclloss.backends import resolve
+    from pyclloss.backends import extension_status, resolve
     from pyclloss.energy import cpu_model
 
     print(version())
     print(f"python   {platform.python_version()} ({sys.executable})")
     print(f"torch    {torch.__version__} (CUDA {torch.version.cuda or 'none'})")
+    print(f"_C       {extension_status()}")
     try:
         import triton
 

@@ -595,7 +595,7 @@ def supremix_loss(z: Tensor, t: Tensor, lam_neg: Tensor, temperature=0.5, base_t
                   gap: float = 5.0, *, reduction: str = "mean", backend: str = "auto") -> Tensor:
     """SupReMix (Wu et al., "Mixup Your Own Pairs"): supervised contrastive
     regression with mix-neg and mix-pos mixtures and distance-magnified
-    denominators (LOSSES.md §4, ``pyclloss.reference.supremix``).
+    denominators (docs/losses.md, ``pyclloss.reference.supremix``).
 
     For anchor i: mix-neg ``λ_ik·z_i + (1−λ_ik)·z_k`` for every k with
     t_k ≠ t_i; mix-pos ``α·z_j + (1−α)·z_k`` for t_j < t_i < t_k with both

@@ -41,6 +41,10 @@ class NTXentLoss(_Distributable):
         self.temperature = temperature
 
     def forward(self, z1: Tensor, z2: Tensor, weights: Optional[Tensor] = None) -> Tensor:
+        if isinstance(z2, Tensor) and z2.dim() == 1 and not z2.is_floating_point():
+            raise TypeError("NTXentLoss takes two views (z1, z2), got labels as z2; for "
+                            "pytorch-metric-learning's (embeddings, labels) use PairNTXentLoss "
+                            "or pyclloss.compat.pml.NTXentLoss")
         return fn.nt_xent(z1, z2, self.temperature, weights=weights, reduction=self.reduction,
                           backend=self.backend, **self.distributed)
 

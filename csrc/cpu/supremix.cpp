@@ -2,7 +2,7 @@
 // Gram matrix G = z·zᵀ.
 //
 // Mixtures are linear in z, so every logit is a combination of entries of
-// row i of G (LOSSES.md §4): a real sample c gives G_ic, a mix-neg k gives
+// row i of G (docs/losses.md, SupReMix): a real sample c gives G_ic, a mix-neg k gives
 // λ_ik·G_ii + (1−λ_ik)·G_ik, a mix-pos pair (j, k) gives α·G_ij + (1−α)·G_ik
 // (all times 1/τ). Per anchor the mix-pos pairs are the lower × upper
 // neighbours within the gap, gathered once into contiguous arrays: O(n²)

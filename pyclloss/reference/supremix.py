@@ -1,7 +1,7 @@
 """Plain-PyTorch SupReMix (contrastive regression with mixed pairs): the spec.
 
 For anchor i of n L2-normalised embeddings z with real-valued labels t
-(Wu et al., "Mixup Your Own Pairs"; LOSSES.md §4):
+(Wu et al., "Mixup Your Own Pairs"; docs/losses.md):
 
 * mix-neg, for every k with t_k ≠ t_i: ``m = λ_ik·z_i + (1−λ_ik)·z_k`` with
   label ``λ_ik·t_i + (1−λ_ik)·t_k`` (a negative);

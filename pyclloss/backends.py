@@ -15,7 +15,7 @@ import functools
 import importlib
 import os
 import warnings
-from typing import Dict, NamedTuple, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -153,15 +153,30 @@ def _constant_when_traced(fn):
     return fn
 
 
+def _measured_fastest(family, device, dtype, size) -> Optional[str]:
+    if family is None or dtype is None or device.type != "cuda":
+        return None
+    from .triton_kernels import tuning  # reads only torch and the json file
+
+    return tuning.preferred_backend(family, dtype, size, tuning.card_key(device))
+
+
 @_constant_when_traced
-def resolve(backend: str, device: torch.device, implemented: Tuple[str, ...] = BACKENDS) -> str:
+def resolve(backend: str, device: torch.device, implemented: Tuple[str, ...] = BACKENDS, *,
+            family: Optional[str] = None, dtype: Optional[torch.dtype] = None,
+            size: int = 0) -> str:
     """The concrete backend that runs for tensors on ``device``, among the
     backends an op family has kernels for (``implemented``, in its order of
-    preference on the GPU)."""
+    preference on the GPU). On a GPU, ``auto`` first takes the backend measured
+    fastest on this card model for the ``family`` at this ``dtype`` and
+    ``size`` (D, or n for sorting) when triton_kernels/tuned.json records one."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     if backend == "auto":
         fused = tuple(n for n in implemented if n in _fused_on(device))
+        measured = _measured_fastest(family, device, dtype, size)
+        if measured in fused:
+            fused = (measured,) + tuple(n for n in fused if n != measured)
         for name in fused:
             if _availability(name).available and _runs_on(name, device):
                 return name

@@ -51,6 +51,12 @@ def _over_ranks(exchange: Optional[distributed.Exchange], local: Tensor) -> Tens
     return local if exchange is None else exchange.sum(local)
 
 
+def _feature_size(x: Tensor) -> int:
+    """D for the backend choice: a plain int on the GPU (where measured choices
+    depend on it), 0 elsewhere (no dependence on a traced size)."""
+    return int(x.shape[-1]) if x.is_cuda else 0
+
+
 def nt_xent(z1: Tensor, z2: Tensor, temperature=0.5, *, weights: Optional[Tensor] = None,
             reduction: str = "mean", backend: str = "auto", gather_distributed: bool = False,
             process_group=None, strategy: str = "all_gather") -> Tensor:
@@ -76,7 +82,8 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature=0.5, *, weights: Optional[Tensor
     weights = _checks.weights("weights", weights, b, device, stats_dtype(z1.dtype))
     tau = _checks.temperature("temperature", temperature, device, stats_dtype(z1.dtype))
     exchange = distributed.exchange(gather_distributed, process_group, strategy)
-    backend = resolve(backend, device)
+    backend = resolve(backend, device, family="info_nce", dtype=z1.dtype,
+                      size=_feature_size(z1))
     if backend == "reference" and exchange is None:
         return reference.nt_xent(z1, z2, tau, weights=weights, reduction=reduction)
     weights = torch.cat([weights, weights]) if weights is not None else None  # both views
@@ -123,7 +130,8 @@ def pair_nt_xent(embeddings: Tensor, labels: Tensor, temperature=0.07, *,
     reduction = _checks.reduction(reduction)
     tau = _checks.temperature("temperature", temperature, device, stats_dtype(embeddings.dtype))
     exchange = distributed.exchange(gather_distributed, process_group, strategy)
-    backend = resolve(backend, device)
+    backend = resolve(backend, device, family="info_nce", dtype=embeddings.dtype,
+                      size=_feature_size(embeddings))
     if backend == "reference" and exchange is None:
         return reference.pair_nt_xent(embeddings, labels, tau, reduction=reduction)
     z = _unit(embeddings)
@@ -201,7 +209,8 @@ def supcon(features: Tensor, labels: Optional[Tensor] = None, temperature=0.1,
         labels = _checks.labels("labels", labels, features.shape[0], device)
         weights = _checks.weights("weights", weights, features.shape[0], device,
                                   stats_dtype(features.dtype))
-    backend = resolve(backend, device)
+    backend = resolve(backend, device, family="info_nce", dtype=features.dtype,
+                      size=_feature_size(features))
     if backend == "reference" and exchange is None:
         return reference.supcon(features, labels, tau, tau_b, weights=weights, reduction=reduction)
     z = _unit(features)
@@ -272,7 +281,8 @@ def info_nce(query: Tensor, key: Tensor, temperature=0.07, targets: Optional[Ten
     reduction = _checks.reduction(reduction)
     tau = _checks.temperature("temperature", temperature, device, stats_dtype(query.dtype))
     exchange = distributed.exchange(gather_distributed, process_group, strategy)
-    backend = resolve(backend, device)
+    backend = resolve(backend, device, family="info_nce", dtype=query.dtype,
+                      size=_feature_size(query))
     if backend == "reference" and exchange is None:
         return reference.info_nce(query, key, tau, targets, queue, weights, normalize,
                                   reduction=reduction, in_batch_negatives=in_batch_negatives)
@@ -327,7 +337,8 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, *,
     dt = stats_dtype(image_features.dtype)
     scale = _checks.positive("logit_scale", logit_scale, device, dt)
     exchange = distributed.exchange(gather_distributed, process_group, strategy)
-    backend = resolve(backend, device)
+    backend = resolve(backend, device, family="info_nce", dtype=image_features.dtype,
+                      size=_feature_size(image_features))
     if exchange is not None:
         layout = exchange.layout(image_features.shape[0], image_features, reduction,
                                  logit_scale=scale)
@@ -372,7 +383,8 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logi
     scale = _checks.positive("logit_scale", logit_scale, device, dt)
     bias = _checks.scalar("logit_bias", logit_bias, device, dt)
     exchange = distributed.exchange(gather_distributed, process_group, strategy)
-    backend = resolve(backend, device)
+    backend = resolve(backend, device, family="info_nce", dtype=image_features.dtype,
+                      size=_feature_size(image_features))
     if backend == "reference" and exchange is None:
         return reference.siglip_loss(image_features, text_features, scale, bias,
                                      reduction=reduction)

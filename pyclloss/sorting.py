@@ -67,7 +67,8 @@ def _resolve_backend(backend: str, x: Tensor, needs_perm: bool,
                      implemented: tuple = ops.BACKENDS) -> str:
     """The concrete backend for x; ``needs_perm``: the op returns P. ``auto``
     passes rows too large for a backend on to the next one."""
-    name = resolve(backend, x.device, implemented)
+    name = resolve(backend, x.device, implemented, family="sorting", dtype=x.dtype,
+                   size=int(x.shape[-1]) if x.is_cuda else 0)
     n, limit = x.shape[1], _max_wires(name, needs_perm)
     if limit is None or n <= limit:
         return name

@@ -1,0 +1,289 @@
+"""Pair-quality tools: which samples and pairs deserve how much weight.
+
+* :func:`quality_weights`: GenView-style per-sample weights from a quality
+  score, to pass as ``weights=`` to any InfoNCE-family loss;
+* :class:`DBPM`: dynamic bad pair mining, a per-sample loss memory over the
+  epochs that finds the noisy and faulty positive pairs and down-weights them;
+* :class:`DirectPredictor`: DirectPred's linear predictor, set from the running
+  correlation of its inputs instead of trained by gradient.
+
+The pair-quality losses themselves (CACR, AMCL, DCL, HCL, decoupled) are
+specified in ``pyclloss.reference.pair_quality``; docs/pair_quality.md has
+the formulas.
+"""
+
+import math
+import numbers
+from typing import Tuple, Union
+
+import torch
+from torch import nn
+
+from . import _checks
+from .reference.info_nce import stats_dtype
+
+Tensor = torch.Tensor
+
+
+def _integer(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _real(name: str, value, low: float = -math.inf, high: float = math.inf,
+          high_open: bool = False) -> float:
+    """A finite real hyper-parameter in [low, high] (or [low, high))."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    above_high = value >= high if high_open else value > high
+    if not math.isfinite(value) or value < low or above_high:
+        bound = f"[{low}, {high})" if high_open else f"[{low}, {high}]"
+        raise ValueError(f"{name} must be finite and in {bound}, got {value}")
+    return value
+
+
+def _vector(name: str, x, length: int = None) -> Tensor:
+    """A 1-D floating tensor of finite values (of ``length`` entries if given)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    if x.dim() != 1 or x.shape[0] == 0 or (length is not None and x.shape[0] != length):
+        expected = "(n,) with n >= 1" if length is None else f"({length},)"
+        raise ValueError(f"{name} must have shape {expected}, got {tuple(x.shape)}")
+    _checks.finite(name, x)
+    return x
+
+
+# -------------------------------------------------------------------- quality weights
+
+
+def quality_weights(scores: Tensor, gamma=1.0) -> Tensor:
+    """GenView's per-sample loss weights ``w_i = B·softmax_i(γ·q_i)`` (detached).
+
+    ``scores`` (B,): a quality score per sample (GenView: the foreground
+    similarity minus the background similarity of the two views). The weights
+    are positive, sum to B (so a weighted mean ``Σ w_i L_i / Σ w_i`` is the plain
+    ``mean_i w_i L_i``) and favour the samples of higher score; γ sets how
+    strongly. Returned in float32 (float64 for float64 scores); pass them as
+    ``weights=`` to any InfoNCE-family loss::
+
+        w = pyclloss.pair_quality.quality_weights(fg_sim - bg_sim)
+        loss = pyclloss.nt_xent(z1, z2, weights=w)
+    """
+    scores = _vector("scores", scores)
+    acc = stats_dtype(scores.dtype)
+    gamma = _checks.scalar("gamma", gamma, scores.device, acc).detach()
+    logits = gamma * scores.detach().to(acc)
+    _checks.require(torch.isfinite(logits), "gamma * scores must be finite")
+    return scores.shape[0] * torch.softmax(logits, dim=0)
+
+
+# ------------------------------------------------------------------------------ DBPM
+
+# Relative spread of the memory below which DBPM treats it as equal.
+_RESOLUTION = 1e-12
+
+
+class DBPM(nn.Module):
+    """Dynamic bad pair mining (Lan et al., ICLR 2024) around any per-sample loss.
+
+    ``forward(per_sample_loss, indices)`` takes the batch's per-sample losses
+    L_i (B,) and their data-set indices (B,); in training mode it records the
+    detached L_i in the memory; it returns ``mean_i w_i·L_i`` with w_i = 1 except
+    for the samples flagged at the start of the epoch, which get the Gaussian
+    density ``w_i = N(μ, σ²).pdf(L_i)`` (detached). Call :meth:`end_epoch` once
+    after each epoch.
+
+    The memory (tensors sized by the data set, kept in ``state_dict``) holds,
+    per sample, the epoch-weighted sum ``Σ_e ((e+1)/max_epochs)·L^(e)`` of its
+    losses over the closed epochs and how many epochs recorded it; its mean
+    m_i (:attr:`memory`) is the authors' training-behaviour statistic. From the
+    end of epoch ``warmup_epochs − 1`` on, each :meth:`end_epoch` takes μ, σ
+    (population) of the m_i and flags a sample noisy if m_i ≤ μ − cut_noisy·σ,
+    faulty if m_i ≥ μ + cut_faulty·σ (:attr:`noisy_indices`,
+    :attr:`faulty_indices`). docs/pair_quality.md lists where this differs
+    from the authors' dictionary-based code.
+    """
+
+    def __init__(self, num_samples: int, max_epochs: int, warmup_epochs: int = 50,
+                 cut_noisy: float = 2.0, cut_faulty: float = 3.0):
+        super().__init__()
+        self.num_samples = _integer("num_samples", num_samples, 1)
+        self.max_epochs = _integer("max_epochs", max_epochs, 1)
+        self.warmup_epochs = _integer("warmup_epochs", warmup_epochs, 0)
+        self.cut_noisy = _real("cut_noisy", cut_noisy, low=0.0)
+        self.cut_faulty = _real("cut_faulty", cut_faulty, low=0.0)
+        n, f64 = self.num_samples, torch.float64
+        self.register_buffer("weighted_loss_sum", torch.zeros(n, dtype=f64))
+        self.register_buffer("epochs_recorded", torch.zeros(n, dtype=torch.int64))
+        self.register_buffer("epoch_loss", torch.zeros(n, dtype=f64))
+        self.register_buffer("epoch_seen", torch.zeros(n, dtype=torch.bool))
+        self.register_buffer("epoch", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("mu", torch.zeros((), dtype=f64))
+        self.register_buffer("sigma", torch.zeros((), dtype=f64))
+        self.register_buffer("noisy", torch.zeros(n, dtype=torch.bool))
+        self.register_buffer("faulty", torch.zeros(n, dtype=torch.bool))
+
+    def extra_repr(self) -> str:
+        return (f"num_samples={self.num_samples}, max_epochs={self.max_epochs}, "
+                f"warmup_epochs={self.warmup_epochs}, cut_noisy={self.cut_noisy}, "
+                f"cut_faulty={self.cut_faulty}")
+
+    @property
+    def memory(self) -> Tensor:
+        """m_i (num_samples,): the mean epoch-weighted loss of each sample over the
+        closed epochs; NaN for a sample no closed epoch recorded."""
+        total = self.weighted_loss_sum
+        count = self.epochs_recorded.to(total.dtype)
+        return torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, math.nan))
+
+    @property
+    def noisy_indices(self) -> Tensor:
+        return self.noisy.nonzero().squeeze(1)
+
+    @property
+    def faulty_indices(self) -> Tensor:
+        return self.faulty.nonzero().squeeze(1)
+
+    def _check_batch(self, per_sample_loss, indices) -> Tensor:
+        per_sample_loss = _vector("per_sample_loss", per_sample_loss)
+        b, device = per_sample_loss.shape[0], per_sample_loss.device
+        if device != self.epoch_loss.device:
+            raise ValueError(f"per_sample_loss is on {device} but the DBPM memory is on "
+                             f"{self.epoch_loss.device}; move the module with .to()")
+        indices = _checks.labels("indices", indices, b, device)
+        _checks.require((indices >= 0) & (indices < self.num_samples),
+                        f"indices must index the data set of {self.num_samples} samples "
+                        f"(0 <= index < {self.num_samples})",
+                        lambda: f"{indices.min().item()}..{indices.max().item()}")
+        return indices
+
+    def weights(self, per_sample_loss: Tensor, indices: Tensor) -> Tensor:
+        """The detached weights w_i (B,) of ``forward``, in float64."""
+        indices = self._check_batch(per_sample_loss, indices)
+        return self._weights(per_sample_loss.detach().to(self.mu.dtype), indices)
+
+    def _weights(self, loss: Tensor, indices: Tensor) -> Tensor:
+        flagged = self.noisy[indices] | self.faulty[indices]  # only ever set with σ > 0
+        z = (loss - self.mu) / self.sigma
+        density = torch.exp(-0.5 * z.square()) / (self.sigma * math.sqrt(2 * math.pi))
+        return torch.where(flagged, density, torch.ones_like(loss))
+
+    def forward(self, per_sample_loss: Tensor, indices: Tensor) -> Tensor:
+        indices = self._check_batch(per_sample_loss, indices)
+        loss = per_sample_loss.detach().to(self.mu.dtype)
+        if self.training:
+            # a sample seen twice in an epoch keeps one of its losses
+            self.epoch_loss[indices] = loss
+            self.epoch_seen[indices] = True
+        weights = self._weights(loss, indices).to(per_sample_loss.dtype)
+        return (weights * per_sample_loss).mean()
+
+    @torch.no_grad()
+    def end_epoch(self) -> None:
+        """Closes the epoch: folds its losses into the memory and, once the
+        warm-up is over, flags the noisy and faulty samples for the next one."""
+        factor = (self.epoch.item() + 1) / self.max_epochs
+        seen = self.epoch_seen
+        self.weighted_loss_sum += torch.where(seen, factor * self.epoch_loss,
+                                              torch.zeros_like(self.epoch_loss))
+        self.epochs_recorded += seen.to(self.epochs_recorded.dtype)
+        self.epoch_seen.zero_()
+        self.epoch += 1
+        if self.epoch.item() >= self.warmup_epochs:
+            self._flag()
+
+    def _flag(self) -> None:
+        m = self.memory
+        known = ~torch.isnan(m)
+        if not bool(known.any()):
+            return
+        values = m[known]
+        mu, sigma = values.mean(), values.std(correction=0)
+        # a spread at the rounding level of μ (equal memories): no sample stands out
+        sigma = torch.where(sigma <= _RESOLUTION * mu.abs(), torch.zeros_like(sigma), sigma)
+        self.mu.copy_(mu)
+        self.sigma.copy_(sigma)
+        if sigma.item() == 0:
+            self.noisy.zero_()
+            self.faulty.zero_()
+            return
+        self.noisy.copy_(known & (m <= self.mu - self.cut_noisy * self.sigma))
+        self.faulty.copy_(known & (m >= self.mu + self.cut_faulty * self.sigma))
+
+
+# ------------------------------------------------------------------------- DirectPred
+
+
+class DirectPredictor(nn.Module):
+    """DirectPred's linear predictor (Tian et al., ICML 2021), no gradient training.
+
+    ``forward(*views)`` maps each (N, dim) view through the weight W (returns
+    one tensor for one view, a tuple otherwise). In training mode each call then
+    updates the running correlation of its inputs (all views together, detached):
+    ``F ← ρ·F + (1 − ρ)·mean_n f_n f_nᵀ`` (the first call sets F to the batch's
+    correlation), and every ``freq`` calls (the first included) sets
+    ``W = U·diag(p)·Uᵀ`` from ``F = U·diag(s)·Uᵀ`` with
+    ``p = max(√(max(s, 0)/max(s)) + eps, 1e-4)``. The prediction of a call uses
+    the weight from before that call's update; W starts as the identity. W and
+    F are buffers (saved in ``state_dict``), not parameters; the gradient
+    reaches the inputs. Use it as the predictor of a BYOL/SimSiam-style
+    negative-cosine loss.
+    """
+
+    def __init__(self, dim: int, rho: float = 0.3, eps: float = 0.01, freq: int = 1):
+        super().__init__()
+        self.dim = _integer("dim", dim, 1)
+        self.rho = _real("rho", rho, 0.0, 1.0, high_open=True)
+        self.eps = _real("eps", eps)
+        self.freq = _integer("freq", freq, 1)
+        self.register_buffer("weight", torch.eye(self.dim))
+        self.register_buffer("correlation", torch.zeros(self.dim, self.dim))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, rho={self.rho}, eps={self.eps}, freq={self.freq}"
+
+    def _check_views(self, views) -> None:
+        if not views:
+            raise TypeError("DirectPredictor needs at least one view (N, dim)")
+        for i, v in enumerate(views):
+            name = f"views[{i}]"
+            _checks.features(name, v)
+            if v.shape[1] != self.dim:
+                raise ValueError(f"{name} must have {self.dim} features, got {v.shape[1]}")
+            if v.device != self.weight.device:
+                raise ValueError(f"{name} is on {v.device} but the predictor is on "
+                                 f"{self.weight.device}; move the module with .to()")
+
+    def forward(self, *views: Tensor) -> Union[Tensor, Tuple[Tensor, ...]]:
+        self._check_views(views)
+        weight = self.weight.clone()  # the update below must not change what backward saved
+        predictions = tuple(v @ weight.to(v.dtype).T for v in views)
+        if self.training:
+            self._update(torch.cat([v.detach().to(self.weight.dtype) for v in views]))
+        return predictions[0] if len(predictions) == 1 else predictions
+
+    @torch.no_grad()
+    def _update(self, f: Tensor) -> None:
+        batch = f.T @ f / f.shape[0]
+        if self.steps.item() == 0:
+            self.correlation.copy_(batch)
+        else:
+            self.correlation.mul_(self.rho).add_((1 - self.rho) * batch)
+        if self.steps.item() % self.freq == 0:
+            self.weight.copy_(self._weight_from_correlation())
+        self.steps += 1
+
+    def _weight_from_correlation(self) -> Tensor:
+        # float64: the eigenvectors of near-degenerate spectra are ill-conditioned
+        s, u = torch.linalg.eigh(self.correlation.double())
+        top = s.max()
+        scaled = s.clamp_min(0) / top if top > 0 else torch.zeros_like(s)
+        p = (scaled.sqrt() + self.eps).clamp_min(1e-4)
+        return ((u * p) @ u.T).to(self.weight.dtype)

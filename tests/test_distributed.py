@@ -155,6 +155,9 @@ def _worker(rank, world, port, out_dir, on_gpu, body, args):
     dist.init_process_group("nccl" if on_gpu else "gloo", rank=rank, world_size=world)
     try:
         torch.save(body(rank, device, *args), os.path.join(out_dir, f"rank{rank}.pt"))
+        # no rank tears its group down while another still has messages in
+        # flight for it (gloo then aborted a rank under load)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

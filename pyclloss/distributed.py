@@ -36,7 +36,7 @@ from ._checks import FLOAT_DTYPES, REDUCTIONS
 from .backends import kernel
 from .ops import gated_info_nce as gated_ops
 from .ops import info_nce as core
-from .reference.info_nce import reduce_anchors, stats_dtype
+from ._stats import reduce_anchors, stats_dtype
 
 Tensor = torch.Tensor
 STRATEGIES = ("all_gather", "ring")

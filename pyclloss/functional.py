@@ -28,14 +28,9 @@ from .reference import gated_info_nce as gated_reference
 from .reference import info_nce as reference
 from .reference import rnc as rnc_reference
 from .reference import supremix as supremix_reference
-from .reference.info_nce import reduce_anchors, stats_dtype
+from ._stats import reduce_anchors, stats_dtype, unit_rows
 
 Tensor = torch.Tensor
-
-
-def _unit(x: Tensor) -> Tensor:
-    """L2-normalise rows in the statistics dtype; hand the kernels the input dtype."""
-    return F.normalize(x.to(stats_dtype(x.dtype)), dim=-1).to(x.dtype).contiguous()
 
 
 def _reduce(exchange: Optional[distributed.Exchange], per_anchor: Tensor,
@@ -87,7 +82,7 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature=0.5, *, weights: Optional[Tensor
     if backend == "reference" and exchange is None:
         return reference.nt_xent(z1, z2, tau, weights=weights, reduction=reduction)
     weights = torch.cat([weights, weights]) if weights is not None else None  # both views
-    z = _unit(torch.cat([z1, z2]))
+    z = unit_rows(torch.cat([z1, z2]))
     if exchange is not None:
         # rows (z1, z2) of the local samples; a row's positive shares its sample id
         layout = exchange.layout(b, z, reduction, temperature=tau)
@@ -134,7 +129,7 @@ def pair_nt_xent(embeddings: Tensor, labels: Tensor, temperature=0.07, *,
                       size=_feature_size(embeddings))
     if backend == "reference" and exchange is None:
         return reference.pair_nt_xent(embeddings, labels, tau, reduction=reduction)
-    z = _unit(embeddings)
+    z = unit_rows(embeddings)
     if exchange is not None:
         layout = exchange.layout(n, z, reduction, temperature=tau)
         pos_count, loss_sum = exchange.pair_stats(z, labels, layout,
@@ -213,7 +208,7 @@ def supcon(features: Tensor, labels: Optional[Tensor] = None, temperature=0.1,
                       size=_feature_size(features))
     if backend == "reference" and exchange is None:
         return reference.supcon(features, labels, tau, tau_b, weights=weights, reduction=reduction)
-    z = _unit(features)
+    z = unit_rows(features)
     if exchange is not None:
         tau, tau_b = exchange.replicated(tau), exchange.replicated(tau_b)
         lse, pos_sum, pos_count = exchange.row_stats(z, labels, z, labels, layout.times(views),
@@ -286,7 +281,7 @@ def info_nce(query: Tensor, key: Tensor, temperature=0.07, targets: Optional[Ten
     if backend == "reference" and exchange is None:
         return reference.info_nce(query, key, tau, targets, queue, weights, normalize,
                                   reduction=reduction, in_batch_negatives=in_batch_negatives)
-    prep = _unit if normalize else (lambda x: x.contiguous())
+    prep = unit_rows if normalize else (lambda x: x.contiguous())
     q, k = prep(query), prep(key)
     if exchange is not None:
         keys = exchange.layout(m, k, reduction, temperature=tau)
@@ -638,7 +633,7 @@ def supremix_loss(z: Tensor, t: Tensor, lam_neg: Tensor, temperature=0.5, base_t
     backend = resolve(backend, device, supremix_ops.BACKENDS)
     if backend == "reference":
         return supremix_reference.supremix_loss(z, t, lam, tau, tau_b, gap, reduction)
-    lse, pos_sum, pos_count, _ = supremix_ops.supremix(_unit(z), t, lam, 1 / tau, gap, backend)
+    lse, pos_sum, pos_count, _ = supremix_ops.supremix(unit_rows(z), t, lam, 1 / tau, gap, backend)
     per_anchor = (tau / tau_b) * (lse - pos_sum / pos_count.clamp_min(1))
     return reduce_anchors(per_anchor, pos_count > 0, None, reduction)
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from . import _checks
-from .reference.info_nce import stats_dtype
+from ._stats import stats_dtype
 
 Tensor = torch.Tensor
 

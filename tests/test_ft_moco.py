@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import pyclloss
+from pyclloss._stats import stats_dtype
 from pyclloss.ops import ft_moco as ops
 from pyclloss.reference import ft_moco as ref
 from pyclloss.reference import info_nce as ref_info_nce
@@ -110,7 +111,7 @@ GRADCHECK_BACKENDS = [b for b in ("reference", "cpp") if pyclloss.backends()[b].
 def _op_inputs(dtype, n=7, size=11):
     q_hat = torch.randn(n, DIM, dtype=dtype, requires_grad=True)
     queue = torch.randn(size, DIM, dtype=dtype)
-    scale = torch.tensor(3.0, dtype=ref_info_nce.stats_dtype(dtype), requires_grad=True)
+    scale = torch.tensor(3.0, dtype=stats_dtype(dtype), requires_grad=True)
     perm = torch.randperm(size)
     weights = ops.interpolation_weights(queue, torch.rand(size), perm, normalize=True)
     return q_hat, queue, weights, perm, scale
@@ -150,7 +151,7 @@ def test_interpolate_queue(backend, dtype):
     unit = F.normalize(queue.double(), dim=1)
     lam = weights[0].double() * queue.double().norm(dim=1)  # λ_n back from the weights
     expected = lam[:, None] * unit + (1 - lam[:, None]) * unit[perm]
-    assert mixed.dtype == ref_info_nce.stats_dtype(dtype)
+    assert mixed.dtype == stats_dtype(dtype)
     assert_close_rel(mixed, expected, 1e-6, "Q̂")
     torch.library.opcheck(ops.ft_moco_interpolate_queue, (queue, *weights, perm, backend))
 

@@ -30,7 +30,7 @@ signatures of ``pyclloss.reference.ft_moco``.
 import torch
 
 from ..backends import kernel
-from ..reference.info_nce import stats_dtype
+from .._stats import stats_dtype
 from . import info_nce as core
 
 Tensor = torch.Tensor

@@ -13,7 +13,7 @@ from typing import Tuple
 import torch
 
 from ..backends import kernel
-from ..reference.info_nce import stats_dtype
+from .._stats import stats_dtype
 
 Tensor = torch.Tensor
 FAMILY = "gated_info_nce"

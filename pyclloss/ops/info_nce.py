@@ -12,7 +12,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from ..backends import kernel
-from ..reference.info_nce import stats_dtype
+from .._stats import stats_dtype
 
 Tensor = torch.Tensor
 FAMILY = "info_nce"

@@ -21,7 +21,7 @@ grad_pos) -> (R, A)``, all in the statistics dtype; ``scale`` (1/τ) is a
 import torch
 
 from ..backends import kernel
-from ..reference.info_nce import stats_dtype
+from .._stats import stats_dtype
 
 Tensor = torch.Tensor
 FAMILY = "supremix"

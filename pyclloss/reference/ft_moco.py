@@ -25,7 +25,7 @@ Two layers, both dense:
 import torch
 import torch.nn.functional as F
 
-from .info_nce import reduce_anchors, stats_dtype
+from .._stats import reduce_anchors, stats_dtype
 
 Tensor = torch.Tensor
 

@@ -18,7 +18,7 @@ vector (scaled by 1/EPS) and no gradient through its norm.
 import torch
 import torch.nn.functional as F
 
-from .info_nce import stats_dtype
+from .._stats import stats_dtype
 
 Tensor = torch.Tensor
 

@@ -17,12 +17,9 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .._stats import reduce_anchors, stats_dtype
+
 Tensor = torch.Tensor
-
-
-def stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation / statistics dtype of the core for an input dtype."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # --------------------------------------------------------------------------- masks
@@ -146,23 +143,6 @@ def siglip_bwd(q, k, scale, bias, q_labels, k_labels, row_coef, need_dk):
 
 
 # ------------------------------------------------------------ the losses, from the papers
-
-
-def reduce_anchors(per_anchor: Tensor, valid: Optional[Tensor], weights: Optional[Tensor],
-                   reduction: str) -> Tensor:
-    """Mean (weighted by ``weights``) or sum over valid anchors; invalid anchors
-    (``valid`` False) give 0 and are left out of the mean."""
-    if valid is not None:
-        per_anchor = torch.where(valid, per_anchor, torch.zeros_like(per_anchor))
-    if reduction == "none":
-        return per_anchor
-    w = torch.ones_like(per_anchor) if valid is None else valid.to(per_anchor.dtype)
-    if weights is not None:
-        w = w * weights.to(per_anchor.dtype)
-    total = (w * per_anchor).sum()
-    if reduction == "sum":
-        return total
-    return total / w.sum().clamp_min(torch.finfo(per_anchor.dtype).tiny)
 
 
 def info_nce(query, key, temperature=0.07, targets=None, queue=None, weights=None,

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .info_nce import reduce_anchors, stats_dtype
+from .._stats import reduce_anchors, stats_dtype
 
 Tensor = torch.Tensor
 

@@ -16,7 +16,7 @@ backward (activation checkpointing), so that memory stays O(block·n²).
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .info_nce import reduce_anchors, stats_dtype
+from .._stats import reduce_anchors, stats_dtype
 
 Tensor = torch.Tensor
 

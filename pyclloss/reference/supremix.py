@@ -26,7 +26,7 @@ runs at benchmark sizes.
 import torch
 import torch.nn.functional as F
 
-from .info_nce import reduce_anchors, stats_dtype
+from .._stats import reduce_anchors, stats_dtype
 
 Tensor = torch.Tensor
 

@@ -490,11 +490,14 @@ def test_one_wire_and_empty_batch(backend, network):
 
 
 def _network_caches():
-    caches = [ops._comparators]
-    if HAS_TRITON:
-        from pyclloss.triton_kernels import sorting as triton_sorting
-        caches.append(triton_sorting._lane_tables)
-    return caches
+    return [ops._comparators, ops._lane_tables]
+
+
+@needs_triton
+def test_triton_kernels_keep_the_reference_logistic_phi_eps():
+    # Kernel modules import nothing of the reference: the constant is a copy.
+    from pyclloss.triton_kernels import sorting as triton_sorting
+    assert triton_sorting._PHI_EPS.value == ref.LOGISTIC_PHI_EPS
 
 
 def test_network_caches_are_bounded():

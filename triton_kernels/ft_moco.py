@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .info_nce import (
+from .common import (
     _MAX_BLOCK_D,
     _MAX_BLOCK_D_OUT,
     _autotune,

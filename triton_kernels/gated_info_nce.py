@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .info_nce import _SUPPORTED_DTYPES, _autotune, _block_d, _sigmoid, _softplus
+from .common import _SUPPORTED_DTYPES, _autotune, _block_d, _sigmoid, _softplus
 
 Tensor = torch.Tensor
 

@@ -19,17 +19,20 @@ Kernels (semantics of pyclloss.reference.sorting):
   persistent grid; each program walks its rows and keeps what the reverse sweep
   needs (the layer inputs, the alphas' adjoints, a chunk of P's rows at every
   layer) in its own slice of a scratch buffer, never P per layer per row.
+
+The launchers take the arguments of the reference's functions, with the
+network as its lane tables ``(partner, sign, layers, lanes)``: int32
+(max(layers, 1), lanes) tensors on the rows' device, built (and cached) by
+``pyclloss.ops.sorting``; and the relaxation as its code, the index in the
+reference's ``DISTRIBUTIONS``.
 """
 
 import math
-from functools import lru_cache
 
 import torch
 import triton
 import triton.language as tl
 
-from ..reference.sorting import (CACHED_NETWORKS, DISTRIBUTIONS, LOGISTIC_PHI_EPS, compute_dtype,
-                                 network_layers)
 
 # Lanes of the largest row whose P the forward keeps in registers.
 MAX_SORT_SIZE = 128
@@ -43,7 +46,7 @@ _TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64}
 _PI = tl.constexpr(math.pi)
 _TAN_PI_8 = tl.constexpr(math.tan(math.pi / 8))
 _ATAN_TERMS = tl.constexpr(21)  # Taylor terms on |t| <= tan(pi/8): truncation below 1e-17
-_PHI_EPS = tl.constexpr(LOGISTIC_PHI_EPS)
+_PHI_EPS = tl.constexpr(1e-10)  # LOGISTIC_PHI_EPS of the reference (diffsort's)
 
 
 @triton.jit
@@ -298,20 +301,6 @@ def _apply_bwd_kernel(x_ptr, v_ptr, grad_out_ptr, grad_x_ptr, grad_v_ptr, partne
 # --------------------------------------------------------------------- launchers
 
 
-@lru_cache(maxsize=CACHED_NETWORKS)
-def _lane_tables(network: str, n: int, device: torch.device):
-    """(partner int32 (L, N), sign int32 (L, N)) of the network on n wires."""
-    lanes = triton.next_power_of_2(n)
-    layers = network_layers(network, n)
-    partner = torch.arange(lanes, dtype=torch.int32).repeat(max(len(layers), 1), 1)
-    sign = torch.zeros_like(partner)
-    for i, layer in enumerate(layers):
-        for lo, hi in layer:
-            partner[i, lo], partner[i, hi] = hi, lo
-            sign[i, lo], sign[i, hi] = 1, -1
-    return partner.to(device), sign.to(device), len(layers), lanes
-
-
 def _num_warps(elements: int) -> int:
     return max(1, min(8, elements // 512))
 
@@ -325,15 +314,16 @@ def _programs(rows: int, per_program: int, device: torch.device) -> int:
     return max(1, min(rows, wanted, budget))
 
 
-def _relax_args(x, distribution: str, steepness: float, art_lambda: float):
-    # steepness and art_lambda travel as a tensor so that float64 math gets them in float64.
-    params = torch.tensor([steepness, art_lambda], dtype=compute_dtype(x.dtype), device=x.device)
-    return {"params_ptr": params, "DIST": DISTRIBUTIONS.index(distribution)}
-
-
 def _acc(x: torch.Tensor):
-    dtype = compute_dtype(x.dtype)
+    """The comparator arithmetic's dtype (float64 for float64 rows, else float32)."""
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     return dtype, _TL_DTYPE[dtype]
+
+
+def _relax_args(x, distribution: int, steepness: float, art_lambda: float):
+    # steepness and art_lambda travel as a tensor so that float64 math gets them in float64.
+    params = torch.tensor([steepness, art_lambda], dtype=_acc(x)[0], device=x.device)
+    return {"params_ptr": params, "DIST": distribution}
 
 
 def sort_forward(x, network, steepness, distribution, art_lambda):
@@ -341,7 +331,7 @@ def sort_forward(x, network, steepness, distribution, art_lambda):
     if n > MAX_SORT_SIZE:
         raise ValueError(f"the triton diff_sort keeps P in registers: n must be <= {MAX_SORT_SIZE}, got {n}")
     x = x.contiguous()
-    partner, sign, layers, lanes = _lane_tables(network, n, x.device)
+    partner, sign, layers, lanes = network
     sorted_x = torch.empty_like(x)
     perm = torch.empty(rows, n, n, dtype=x.dtype, device=x.device)
     if rows == 0:
@@ -358,7 +348,7 @@ def sort_backward(x, grad_sorted, grad_perm, network, steepness, distribution, a
     grad_x = torch.empty_like(x)
     if rows == 0:
         return grad_x
-    partner, sign, layers, lanes = _lane_tables(network, n, x.device)
+    partner, sign, layers, lanes = network
     chunk = max(1, min(lanes, _CHUNK_ELEMENTS // lanes))
     per_program = layers * lanes * (2 + chunk)
     programs = _programs(rows, per_program, x.device)
@@ -379,7 +369,7 @@ def apply_forward(x, v, network, steepness, distribution, art_lambda):
     out = torch.empty_like(x)
     if rows == 0:
         return out
-    partner, sign, layers, lanes = _lane_tables(network, n, x.device)
+    partner, sign, layers, lanes = network
     per_program = layers * lanes
     programs = _programs(rows, per_program, x.device)
     acc_dtype, acc = _acc(x)
@@ -396,7 +386,7 @@ def apply_backward(x, v, grad_out, network, steepness, distribution, art_lambda)
     grad_x, grad_v = torch.empty_like(x), torch.empty_like(v)
     if rows == 0:
         return grad_x, grad_v
-    partner, sign, layers, lanes = _lane_tables(network, n, x.device)
+    partner, sign, layers, lanes = network
     per_program = 2 * layers * lanes
     programs = _programs(rows, per_program, x.device)
     acc_dtype, acc = _acc(x)

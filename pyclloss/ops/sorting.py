@@ -12,7 +12,7 @@ breaks. ``backend`` is one of ``reference``, ``cpp``, ``cuda``, ``triton``
 """
 
 from functools import lru_cache
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -44,17 +44,45 @@ def _comparators(network: str, n: int, device: torch.device) -> Tensor:
     return torch.tensor(pairs, dtype=torch.int32).reshape(-1, 2).to(device)
 
 
+class _LaneTables(NamedTuple):
+    """The network as the Triton kernels take it: the wires in a power-of-two
+    block of ``lanes`` lanes, and per layer and lane the partner lane and a
+    sign (+1: the lane receives the relaxed minimum, -1: the maximum, 0:
+    untouched), int32 (max(layers, 1), lanes)."""
+    partner: Tensor
+    sign: Tensor
+    layers: int
+    lanes: int
+
+
+@lru_cache(maxsize=reference.CACHED_NETWORKS)
+def _lane_tables(network: str, n: int, device: torch.device) -> _LaneTables:
+    lanes = 1 << max(n - 1, 0).bit_length()
+    layers = reference.network_layers(network, n)
+    partner = torch.arange(lanes, dtype=torch.int32).repeat(max(len(layers), 1), 1)
+    sign = torch.zeros_like(partner)
+    for i, layer in enumerate(layers):
+        for lo, hi in layer:
+            partner[i, lo], partner[i, hi] = hi, lo
+            sign[i, lo], sign[i, hi] = 1, -1
+    return _LaneTables(partner.to(device), sign.to(device), len(layers), lanes)
+
+
 def _run(backend: str, name: str, *args):
     """Kernel ``name`` of a backend with the reference's signature: tensors, then
-    (network, steepness, distribution, art_lambda). The compiled ops take the
-    network as comparator pairs on x's device and the distribution as its code."""
-    if backend not in ("cpp", "cuda"):
+    (network, steepness, distribution, art_lambda). The fused kernels take the
+    network in their own form (comparator pairs, lane tables) on x's device and
+    the distribution as its code."""
+    if backend == "reference":
         return kernel(backend, FAMILY, name)(*args)
     *tensors, network, steepness, distribution, art_lambda = args
     x = tensors[0]
-    return kernel(backend, FAMILY, _COMPILED_OPS[name])(
-        *tensors, _comparators(network, x.shape[1], x.device), steepness,
-        reference.DISTRIBUTIONS.index(distribution), art_lambda)
+    if backend == "triton":
+        run, form = kernel(backend, FAMILY, name), _lane_tables
+    else:
+        run, form = kernel(backend, FAMILY, _COMPILED_OPS[name]), _comparators
+    return run(*tensors, form(network, x.shape[1], x.device), steepness,
+               reference.DISTRIBUTIONS.index(distribution), art_lambda)
 
 
 def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:

@@ -69,7 +69,7 @@ def make_step(loss, n, impl, device):
 
 
 def run_case(loss, n, args, log):
-    fused = resolve("auto", torch.device(args.device), OPS[loss].BACKENDS)
+    fused = resolve("auto", torch.device(args.device), OPS[loss].KERNELS.backends)
     impls = [fused]
     if loss == "rnc" or n <= SUPREMIX_REFERENCE_MAX_N:
         impls.append("reference")

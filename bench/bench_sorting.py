@@ -260,7 +260,7 @@ def fused_backends(device):
     found = []
     for name in names:
         try:
-            resolve(name, torch.device(device), sorting_ops.BACKENDS)
+            resolve(name, torch.device(device), sorting_ops.KERNELS.backends)
         except (RuntimeError, ValueError):
             continue
         found.append(name)
@@ -385,7 +385,7 @@ def header(device, command):
     lines.append(f"- Versions: python {platform.python_version()}, torch {torch.__version__}, "
                  f"triton {_version(triton)}, diffsort {_version(diffsort)}, "
                  f"torchsort {_version(torchsort)}, pyclloss {pyclloss.__version__}")
-    backend = resolve("auto", torch.device(device), sorting_ops.BACKENDS)
+    backend = resolve("auto", torch.device(device), sorting_ops.KERNELS.backends)
     lines.append(f"- pyclloss backend (auto): {backend}")
     lines.append(f"- Command: `{command}`")
     lines.append("")

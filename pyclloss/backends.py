@@ -15,7 +15,8 @@ import functools
 import importlib
 import os
 import warnings
-from typing import Dict, NamedTuple, Optional, Tuple
+from types import ModuleType
+from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -194,11 +195,71 @@ def resolve(backend: str, device: torch.device, implemented: Tuple[str, ...] = B
     return backend
 
 
-def kernel(backend: str, family: str, name: str):
-    """The kernel ``name`` of op family ``family`` in a concrete backend."""
-    if backend in ("cpp", "cuda"):
+# ------------------------------------------------------------------ the kernel registry
+
+
+class CompiledOps(NamedTuple):
+    """Kernels of the compiled extension: ``torch.ops.pyclloss_C.<op>`` by kernel
+    name (one op serves the CPU and, where registered, CUDA tensors)."""
+    ops: Dict[str, str]
+
+    def kernel(self, name: str):
         _compiled()  # loading the extension registers torch.ops.pyclloss_C
-        return getattr(torch.ops.pyclloss_C, name)
-    if backend == "triton":
-        return getattr(importlib.import_module(f"pyclloss.triton_kernels.{family}"), name)
-    return getattr(importlib.import_module(f"pyclloss.reference.{family}"), name)
+        return getattr(torch.ops.pyclloss_C, self.ops[name])
+
+
+class ModuleKernels(NamedTuple):
+    """Kernels that are the functions of a Python module, got from ``load``
+    when first run (Triton takes seconds to import)."""
+    load: Callable[[], ModuleType]
+
+    def kernel(self, name: str):
+        return getattr(self.load(), name)
+
+
+def compiled(*names: str, **renamed: str) -> CompiledOps:
+    """The compiled ops ``names``, and ``kernel=op`` for kernels whose op has another name."""
+    return CompiledOps({**{name: name for name in names}, **renamed})
+
+
+def module(loaded: ModuleType) -> ModuleKernels:
+    """The functions of an imported module (the reference)."""
+    return ModuleKernels(lambda: loaded)
+
+
+def lazy_module(load: Callable[[], ModuleType]) -> ModuleKernels:
+    """The functions of the module ``load()`` imports on first use (a Triton module)."""
+    return ModuleKernels(load)
+
+
+_FAMILIES: Dict[str, "KernelFamily"] = {}
+
+
+class KernelFamily:
+    """Where the kernels of one op family are, backend by backend, declared once
+    in the family's ops module: ``KernelFamily("rnc", cpp=compiled(...),
+    triton=lazy_module(...), reference=module(...))``. The backends come in
+    the family's order of preference on the GPU, which ``auto`` follows.
+    ``pyclloss info`` lists every declared family."""
+
+    def __init__(self, name: str, **where):
+        unknown = [backend for backend in where if backend not in BACKENDS]
+        if unknown or "reference" not in where:
+            raise ValueError(f"op family {name!r}: backends must be among {BACKENDS} and "
+                             f"include the reference, got {tuple(where)}")
+        self.name, self._where = name, where
+        _FAMILIES[name] = self
+
+    @property
+    def backends(self) -> Tuple[str, ...]:
+        """The backends with kernels, in order of preference on the GPU."""
+        return tuple(self._where)
+
+    def kernel(self, backend: str, name: str):
+        """The kernel ``name`` in a concrete backend."""
+        return self._where[backend].kernel(name)
+
+
+def families() -> Dict[str, KernelFamily]:
+    """Every declared op family (those of ``import pyclloss``), by name."""
+    return dict(_FAMILIES)

@@ -16,7 +16,7 @@ def info(args: argparse.Namespace) -> int:
     import torch
 
     import pyclloss
-    from pyclloss.backends import extension_status, resolve
+    from pyclloss.backends import extension_status
     from pyclloss.energy import cpu_model
 
     print(version())
@@ -35,9 +35,31 @@ def info(args: argparse.Namespace) -> int:
     print("backends:")
     for name, (available, reason) in pyclloss.backends().items():
         print(f"  {name:<10} {'yes' if available else 'no ':<4} {reason}")
-    for device in ("cpu",) + (("cuda",) if torch.cuda.is_available() else ()):
-        print(f"auto on {device}: {resolve('auto', torch.device(device))}")
+    print("\n".join(kernel_table()))
     return 0
+
+
+def kernel_table() -> List[str]:
+    """Op family × backend from the kernel registry: yes (kernels, available
+    here), no (kernels, backend not available here), - (no kernels); and what
+    ``auto`` runs for CPU (and CUDA) tensors."""
+    import torch
+
+    import pyclloss
+    from pyclloss.backends import BACKENDS, families, resolve
+
+    available = {name: a.available for name, a in pyclloss.backends().items()}
+    devices = ("cpu",) + (("cuda",) if torch.cuda.is_available() else ())
+    lines = ["kernels (yes: here, no: not available here, -: none):",
+             f"  {'family':<16}" + "".join(f"{name:<11}" for name in BACKENDS)
+             + "".join(f"auto on {device:<5}" for device in devices).rstrip()]
+    for family in families().values():
+        cells = ["-" if name not in family.backends else "yes" if available[name] else "no"
+                 for name in BACKENDS]
+        autos = [resolve("auto", torch.device(device), family.backends) for device in devices]
+        lines.append((f"  {family.name:<16}" + "".join(f"{cell:<11}" for cell in cells)
+                      + "".join(f"{name:<13}" for name in autos)).rstrip())
+    return lines
 
 
 def bench(argv: List[str]) -> int:

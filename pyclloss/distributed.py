@@ -33,7 +33,6 @@ import torch
 import torch.distributed as dist
 
 from ._checks import FLOAT_DTYPES, REDUCTIONS
-from .backends import kernel
 from .ops import gated_info_nce as gated_ops
 from .ops import info_nce as core
 from ._stats import reduce_anchors, stats_dtype
@@ -361,12 +360,12 @@ class _GatedPairs:
 
     def neg_stats(self, anchors, step, block):
         q, gates, scale, labels, partners = anchors
-        return kernel(self.backend, gated_ops.FAMILY, "gated_fwd")(
+        return gated_ops.KERNELS.kernel(self.backend, "gated_fwd")(
             q, block[0], gates, scale, labels, partners, block[1])
 
     def pair_terms(self, anchors, step, block, neg_lse):
         q, gates, scale, labels, partners = anchors
-        return kernel(self.backend, gated_ops.FAMILY, "gated_pair_fwd")(
+        return gated_ops.KERNELS.kernel(self.backend, "gated_pair_fwd")(
             q, block[0], gates, scale, labels, partners, block[1], neg_lse)
 
     def grads(self, anchors, step, block, neg_lse, neg_coef, pos_coef, need_dk):

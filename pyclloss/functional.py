@@ -464,7 +464,7 @@ def ft_moco_loss(q: Tensor, k: Tensor, queue: Tensor, lam_pos, lam_neg, perm: Te
     perm = _checks.index_targets("perm", perm, size, size, device)
     reduction = _checks.reduction(reduction)
     tau = _checks.temperature("temperature", temperature, device, dt)
-    backend = resolve(backend, device, implemented=ft_moco_ops.BACKENDS)
+    backend = resolve(backend, device, implemented=ft_moco_ops.KERNELS.backends)
     if backend == "reference":
         return ft_moco_reference.ft_moco_loss(q, k, queue, lam_pos, lam_neg, perm, tau,
                                               normalize, normalize_mixed, reduction)
@@ -538,7 +538,7 @@ def gated_info_nce(q: Tensor, k: Tensor, gates: Tensor, labels: Tensor, partner_
     tau = _checks.temperature("temperature", temperature, device, stats_dtype(q.dtype))
     exchange = distributed.exchange(gather_distributed, process_group, strategy)
     gates = gates.to(q.dtype)
-    backend = resolve(backend, device, implemented=gated_ops.BACKENDS)
+    backend = resolve(backend, device, implemented=gated_ops.KERNELS.backends)
     if backend == "reference" and exchange is None:
         return gated_reference.gated_info_nce(q, k, gates, labels, partner_labels, key_labels,
                                               tau, reduction=reduction)
@@ -630,7 +630,7 @@ def supremix_loss(z: Tensor, t: Tensor, lam_neg: Tensor, temperature=0.5, base_t
     tau = _checks.temperature("temperature", temperature, device, dt)
     tau_b = _checks.temperature("base_temperature", base_temperature, device, dt)
     gap = _fixed_positive("gap", gap)
-    backend = resolve(backend, device, supremix_ops.BACKENDS)
+    backend = resolve(backend, device, supremix_ops.KERNELS.backends)
     if backend == "reference":
         return supremix_reference.supremix_loss(z, t, lam, tau, tau_b, gap, reduction)
     lse, pos_sum, pos_count, _ = supremix_ops.supremix(unit_rows(z), t, lam, 1 / tau, gap, backend)
@@ -667,7 +667,7 @@ def rnc_loss(features: Tensor, labels: Tensor, temperature=2.0, *, reduction: st
         raise ValueError(f"features needs at least 2 samples in all, got {n}")
     reduction = _checks.reduction(reduction)
     tau = _checks.temperature("temperature", temperature, device, dt)
-    backend = resolve(backend, device, rnc_ops.BACKENDS)
+    backend = resolve(backend, device, rnc_ops.KERNELS.backends)
     if backend == "reference":
         return rnc_reference.rnc_loss(features, labels, tau, reduction)
     sim = -rnc_ops.rnc_distances(features.to(dt), backend) / tau

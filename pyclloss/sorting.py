@@ -64,10 +64,10 @@ def _max_wires(name: str, needs_perm: bool):
 
 
 def _resolve_backend(backend: str, x: Tensor, needs_perm: bool,
-                     implemented: tuple = ops.BACKENDS) -> str:
+                     implemented: tuple = ops.KERNELS.backends) -> str:
     """The concrete backend for x; ``needs_perm``: the op returns P. ``auto``
     passes rows too large for a backend on to the next one."""
-    name = resolve(backend, x.device, implemented, family="sorting", dtype=x.dtype,
+    name = resolve(backend, x.device, implemented, family=ops.KERNELS.name, dtype=x.dtype,
                    size=int(x.shape[-1]) if x.is_cuda else 0)
     n, limit = x.shape[1], _max_wires(name, needs_perm)
     if limit is None or n <= limit:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import pyclloss
-from pyclloss.backends import kernel
+from pyclloss.ops import gated_info_nce as gated_ops
 from pyclloss.reference import gated_info_nce as ref
 
 from conftest import HAS_CUDA, fused_backends
@@ -52,7 +52,7 @@ def _problem(b, n, k, dtype, classes=4, device="cpu", scale=5.0):
 
 def _runner(backend):
     """Calls kernel `name` of this family in `backend`."""
-    return lambda name, *args: kernel(backend, "gated_info_nce", name)(*args)
+    return lambda name, *args: gated_ops.KERNELS.kernel(backend, name)(*args)
 
 
 def _f64(*tensors):

@@ -29,13 +29,23 @@ signatures of ``pyclloss.reference.ft_moco``.
 
 import torch
 
-from ..backends import kernel
 from .._stats import stats_dtype
+from ..backends import KernelFamily, compiled, lazy_module, module
+from ..reference import ft_moco as reference
 from . import info_nce as core
 
 Tensor = torch.Tensor
-FAMILY = "ft_moco"
-BACKENDS = ("cpp", "triton", "reference")
+
+
+def _triton_kernels():
+    from ..triton_kernels import ft_moco as kernels  # Triton loads on first use
+
+    return kernels
+
+
+# The C++ backend builds Q̂ (one op); Triton blends it inside the key tiles.
+KERNELS = KernelFamily("ft_moco", cpp=compiled("ft_moco_interpolate_queue"),
+                       triton=lazy_module(_triton_kernels), reference=module(reference))
 MATERIALIZING = ("cpp",)
 
 
@@ -72,7 +82,7 @@ def _contiguous(*tensors):
 def ft_moco_interpolate_queue(queue: Tensor, own_weight: Tensor, partner_weight: Tensor,
                               perm: Tensor, backend: str) -> Tensor:
     """Q̂ (K×D) in the statistics dtype."""
-    run = kernel(backend, FAMILY, "ft_moco_interpolate_queue")
+    run = KERNELS.kernel(backend, "ft_moco_interpolate_queue")
     return run(*_contiguous(queue, own_weight, partner_weight, perm)).contiguous()
 
 
@@ -88,7 +98,7 @@ def _(queue, own_weight, partner_weight, perm, backend):
 def ft_moco_neg_lse(q_hat: Tensor, queue: Tensor, own_weight: Tensor, partner_weight: Tensor,
                     perm: Tensor, scale: Tensor, backend: str) -> Tensor:
     """LSE of each row of q̂ against the interpolated queue (N,)."""
-    run = kernel(backend, FAMILY, "ft_moco_neg_lse")
+    run = KERNELS.kernel(backend, "ft_moco_neg_lse")
     return run(*_contiguous(q_hat, queue, own_weight, partner_weight, perm), scale).contiguous()
 
 
@@ -102,7 +112,7 @@ def ft_moco_neg_lse_bwd(q_hat: Tensor, queue: Tensor, own_weight: Tensor, partne
                         perm: Tensor, scale: Tensor, neg_lse: Tensor, grad: Tensor,
                         backend: str) -> tuple[Tensor, Tensor]:
     """dq̂ and dscale of sum_i grad_i·neg_lse_i."""
-    run = kernel(backend, FAMILY, "ft_moco_neg_lse_bwd")
+    run = KERNELS.kernel(backend, "ft_moco_neg_lse_bwd")
     dq, dscale = run(*_contiguous(q_hat, queue, own_weight, partner_weight, perm), scale,
                      *_contiguous(neg_lse, grad))
     return dq.contiguous(), dscale.contiguous()

@@ -12,18 +12,28 @@ from typing import Tuple
 
 import torch
 
-from ..backends import kernel
 from .._stats import stats_dtype
+from ..backends import KernelFamily, compiled, lazy_module, module
+from ..reference import gated_info_nce as reference
 
 Tensor = torch.Tensor
-FAMILY = "gated_info_nce"
-# The backends with kernels for this family. On the GPU ``auto`` tries Triton
-# first: its tiles use tensor cores, the CUDA kernels are scalar float32.
-BACKENDS = ("cpp", "triton", "cuda", "reference")
+
+
+def _triton_kernels():
+    from ..triton_kernels import gated_info_nce as kernels  # Triton loads on first use
+
+    return kernels
+
+
+_COMPILED = compiled("gated_fwd", "gated_pair_fwd", "gated_bwd")
+# On the GPU ``auto`` tries Triton first: its tiles use tensor cores, the CUDA
+# kernels are scalar float32.
+KERNELS = KernelFamily("gated_info_nce", cpp=_COMPILED, triton=lazy_module(_triton_kernels),
+                       cuda=_COMPILED, reference=module(reference))
 
 
 def _run(backend: str, name: str, *args):
-    return kernel(backend, FAMILY, name)(*args)
+    return KERNELS.kernel(backend, name)(*args)
 
 
 @torch.library.custom_op("pyclloss::gated_pair_loss", mutates_args=())

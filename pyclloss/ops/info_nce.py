@@ -11,15 +11,26 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ..backends import kernel
 from .._stats import stats_dtype
+from ..backends import KernelFamily, compiled, lazy_module, module
+from ..reference import info_nce as reference
 
 Tensor = torch.Tensor
-FAMILY = "info_nce"
+
+
+def _triton_kernels():
+    from ..triton_kernels import info_nce as kernels  # Triton loads on first use
+
+    return kernels
+
+
+_COMPILED = compiled("infonce_fwd", "infonce_pair_fwd", "infonce_bwd", "siglip_fwd", "siglip_bwd")
+KERNELS = KernelFamily("info_nce", cpp=_COMPILED, cuda=_COMPILED,
+                       triton=lazy_module(_triton_kernels), reference=module(reference))
 
 
 def _run(backend: str, name: str, *args):
-    return kernel(backend, FAMILY, name)(*args)
+    return KERNELS.kernel(backend, name)(*args)
 
 
 # ------------------------------------------------------------------ infonce_fwd

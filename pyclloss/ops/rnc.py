@@ -21,16 +21,26 @@ compares tiles of d directly. Distances are O(n²·D) either way.
 
 import torch
 
-from ..backends import kernel
+from ..backends import KernelFamily, compiled, lazy_module, module
+from ..reference import rnc as reference
 
 Tensor = torch.Tensor
-FAMILY = "rnc"
-BACKENDS = ("cpp", "triton", "reference")
+
+
+def _triton_kernels():
+    from ..triton_kernels import rnc as kernels  # Triton loads on first use
+
+    return kernels
+
+
+KERNELS = KernelFamily(
+    "rnc", cpp=compiled("rnc_fwd", "rnc_bwd", "rnc_distances_fwd", "rnc_distances_bwd"),
+    triton=lazy_module(_triton_kernels), reference=module(reference))
 
 
 @torch.library.custom_op("pyclloss::rnc_rows", mutates_args=())
 def rnc_rows(sim: Tensor, label_dist: Tensor, backend: str) -> Tensor:
-    return kernel(backend, FAMILY, "rnc_fwd")(sim.contiguous(), label_dist.contiguous())
+    return KERNELS.kernel(backend, "rnc_fwd")(sim.contiguous(), label_dist.contiguous())
 
 
 @rnc_rows.register_fake
@@ -40,7 +50,7 @@ def _(sim, label_dist, backend):
 
 @torch.library.custom_op("pyclloss::rnc_rows_backward", mutates_args=())
 def rnc_rows_backward(sim: Tensor, label_dist: Tensor, grad_rows: Tensor, backend: str) -> Tensor:
-    return kernel(backend, FAMILY, "rnc_bwd")(sim.contiguous(), label_dist.contiguous(),
+    return KERNELS.kernel(backend, "rnc_bwd")(sim.contiguous(), label_dist.contiguous(),
                                               grad_rows.contiguous())
 
 
@@ -65,7 +75,7 @@ rnc_rows.register_autograd(_backward, setup_context=_setup)
 
 @torch.library.custom_op("pyclloss::rnc_distances", mutates_args=())
 def rnc_distances(features: Tensor, backend: str) -> Tensor:
-    return kernel(backend, FAMILY, "rnc_distances_fwd")(features.contiguous())
+    return KERNELS.kernel(backend, "rnc_distances_fwd")(features.contiguous())
 
 
 @rnc_distances.register_fake
@@ -79,7 +89,7 @@ def rnc_distances_backward(features: Tensor, dist: Tensor, grad_dist: Tensor,
     """d/dv_i of Σ_ij G_ij ‖v_i − v_j‖ = Σ_j (G_ij + G_ji)(v_i − v_j) / ‖v_i − v_j‖;
     a zero distance contributes 0 (the subgradient torch.cdist uses)."""
     weights = torch.where(dist > 0, (grad_dist + grad_dist.T) / dist, torch.zeros_like(dist))
-    return kernel(backend, FAMILY, "rnc_distances_bwd")(features.contiguous(), weights)
+    return KERNELS.kernel(backend, "rnc_distances_bwd")(features.contiguous(), weights)
 
 
 @rnc_distances_backward.register_fake

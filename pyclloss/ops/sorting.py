@@ -16,25 +16,28 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ..backends import kernel
+from ..backends import KernelFamily, compiled, lazy_module, module
 from ..reference import sorting as reference
 
 Tensor = torch.Tensor
 
-FAMILY = "sorting"
-BACKENDS = ("reference", "cpp", "cuda", "triton")
 # kMaxSortWires and kMaxApplyWires of csrc/include/pyclloss/sorting_cuda.h: the
 # CUDA kernels form P for rows of up to 128 values, P v for up to 1024.
 CUDA_MAX_SORT_WIRES = 128
 CUDA_MAX_APPLY_WIRES = 1024
 
+
+def _triton_kernels():
+    from ..triton_kernels import sorting as kernels  # Triton loads on first use
+
+    return kernels
+
+
 # The compiled ops (csrc/cpu/sorting.cpp, csrc/cuda/sorting.cu) of each kernel.
-_COMPILED_OPS = {
-    "sort_forward": "diff_sort_fwd",
-    "sort_backward": "diff_sort_bwd",
-    "apply_forward": "diff_sort_apply_fwd",
-    "apply_backward": "diff_sort_apply_bwd",
-}
+_COMPILED = compiled(sort_forward="diff_sort_fwd", sort_backward="diff_sort_bwd",
+                     apply_forward="diff_sort_apply_fwd", apply_backward="diff_sort_apply_bwd")
+KERNELS = KernelFamily("sorting", reference=module(reference), cpp=_COMPILED, cuda=_COMPILED,
+                       triton=lazy_module(_triton_kernels))
 
 
 @lru_cache(maxsize=reference.CACHED_NETWORKS)
@@ -73,14 +76,12 @@ def _run(backend: str, name: str, *args):
     (network, steepness, distribution, art_lambda). The fused kernels take the
     network in their own form (comparator pairs, lane tables) on x's device and
     the distribution as its code."""
+    run = KERNELS.kernel(backend, name)
     if backend == "reference":
-        return kernel(backend, FAMILY, name)(*args)
+        return run(*args)
     *tensors, network, steepness, distribution, art_lambda = args
     x = tensors[0]
-    if backend == "triton":
-        run, form = kernel(backend, FAMILY, name), _lane_tables
-    else:
-        run, form = kernel(backend, FAMILY, _COMPILED_OPS[name]), _comparators
+    form = _lane_tables if backend == "triton" else _comparators
     return run(*tensors, form(network, x.shape[1], x.device), steepness,
                reference.DISTRIBUTIONS.index(distribution), art_lambda)
 

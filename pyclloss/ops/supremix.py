@@ -20,12 +20,21 @@ grad_pos) -> (R, A)``, all in the statistics dtype; ``scale`` (1/τ) is a
 
 import torch
 
-from ..backends import kernel
 from .._stats import stats_dtype
+from ..backends import KernelFamily, compiled, lazy_module, module
+from ..reference import supremix as reference
 
 Tensor = torch.Tensor
-FAMILY = "supremix"
-BACKENDS = ("cpp", "triton", "reference")
+
+
+def _triton_kernels():
+    from ..triton_kernels import supremix as kernels  # Triton loads on first use
+
+    return kernels
+
+
+KERNELS = KernelFamily("supremix", cpp=compiled("supremix_fwd", "supremix_bwd"),
+                       triton=lazy_module(_triton_kernels), reference=module(reference))
 
 
 def _stats_matmul(a: Tensor, b: Tensor) -> Tensor:
@@ -44,7 +53,7 @@ def _gram(z: Tensor) -> Tensor:
 def supremix(z: Tensor, labels: Tensor, lam: Tensor, scale: Tensor, gap: float,
              backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(lse, pos_sum, pos_count, mean_logit); the last two get no gradient."""
-    outs = kernel(backend, FAMILY, "supremix_fwd")(_gram(z), labels, lam, scale.detach(), gap)
+    outs = KERNELS.kernel(backend, "supremix_fwd")(_gram(z), labels, lam, scale.detach(), gap)
     return tuple(o.contiguous() for o in outs)
 
 
@@ -58,7 +67,7 @@ def _(z, labels, lam, scale, gap, backend):
 def supremix_backward(z: Tensor, labels: Tensor, lam: Tensor, lse: Tensor, grad_lse: Tensor,
                       grad_pos: Tensor, scale: Tensor, gap: float, backend: str) -> Tensor:
     zf = z.to(stats_dtype(z.dtype))
-    real, mix = kernel(backend, FAMILY, "supremix_bwd")(
+    real, mix = KERNELS.kernel(backend, "supremix_bwd")(
         _stats_matmul(zf, zf.T), labels, lam, scale, gap, lse, grad_lse.contiguous(),
         grad_pos.contiguous())
     return _stats_matmul(real + real.T + mix, zf).to(z.dtype)

@@ -1,4 +1,5 @@
-"""The InfoNCE family over a torch.distributed process group, as one big batch.
+"""Losses over a torch.distributed process group, as one big batch: the
+generic machinery, which knows no op family.
 
 Each rank holds its local rows; the loss is that of a single process holding
 the global batch (the rank-major concatenation of the local batches). Two
@@ -25,6 +26,10 @@ A call's first collective (``Exchange.layout``) gathers the row counts with
 what every rank must share (feature size, dtype, strategy, reduction, the
 scalars); a mismatch raises the same ValueError on every rank. Without an
 initialised process group a loss runs on one process. See docs/distributed.md.
+
+What a family's kernels do with a key block (its row statistics over the ring
+or the gathered keys) lives with the family, in ``pyclloss.ops.<family>``,
+built on ``ring_forward``, ``ring_backward`` and ``ring_pair_stats``.
 """
 
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
@@ -33,8 +38,6 @@ import torch
 import torch.distributed as dist
 
 from ._checks import FLOAT_DTYPES, REDUCTIONS
-from .ops import gated_info_nce as gated_ops
-from .ops import info_nce as core
 from ._stats import reduce_anchors, stats_dtype
 
 Tensor = torch.Tensor
@@ -211,7 +214,7 @@ def _finish(transfer) -> None:
         request.wait()
 
 
-def _ring_forward(ring: _Ring, block: Sequence[Tensor], sizes: Sequence[int],
+def ring_forward(ring: _Ring, block: Sequence[Tensor], sizes: Sequence[int],
                   visit: Callable[[int, Sequence[Tensor]], None]) -> None:
     """Call ``visit(step, block)`` on every rank's block, the local one first,
     receiving the next block while ``visit`` runs."""
@@ -225,7 +228,7 @@ def _ring_forward(ring: _Ring, block: Sequence[Tensor], sizes: Sequence[int],
             block, transfer = incoming, None  # the block sent on is no longer needed
 
 
-def _ring_backward(ring: _Ring, block: Sequence[Tensor], sizes: Sequence[int], need_dk: bool,
+def ring_backward(ring: _Ring, block: Sequence[Tensor], sizes: Sequence[int], need_dk: bool,
                    visit: Callable[[int, Sequence[Tensor]], Tuple[Tensor, ...]]):
     """Sum ``visit(step, block) = (dq, dk, *others)`` over every rank's block.
 
@@ -267,121 +270,15 @@ def _ring_backward(ring: _Ring, block: Sequence[Tensor], sizes: Sequence[int], n
     return totals[0], home if need_dk else None, *totals[1:]
 
 
-def _self_offset(self_keys: bool, step: int) -> Optional[int]:
-    """Exclusion offset of the block visited at ``step``: the diagonal of the local block."""
-    return 0 if self_keys and step == 0 else None
-
-
-def _ring_row_stats(q, k, scale, q_labels, k_labels, self_keys, neg_only, ring, sizes, backend):
-    dt = stats_dtype(q.dtype)
-    row_lse = torch.full((q.shape[0],), float("-inf"), dtype=dt, device=q.device)
-    pos_sum, pos_count = torch.zeros_like(row_lse), torch.zeros_like(row_lse)
-
-    def visit(step, block):
-        lse, p_sum, p_count, _ = core.infonce_fwd(q, block[0], scale, q_labels, block[1],
-                                                  _self_offset(self_keys, step), neg_only,
-                                                  False, backend)
-        torch.logaddexp(row_lse, lse, out=row_lse)
-        pos_sum.add_(p_sum)
-        pos_count.add_(p_count)
-
-    _ring_forward(ring, (k, k_labels), sizes, visit)
-    return row_lse, pos_sum, pos_count
-
-
-def _ring_infonce_backward(ctx, row_lse, row_coef, pos_coef, pair_lse, neg_only):
-    q, k, scale, q_labels, k_labels = ctx.saved_tensors[:5]
-    need_dk = ctx.needs_input_grad[1]
-
-    def visit(step, block):
-        return core.infonce_bwd(q, block[0], scale, q_labels, block[1],
-                                _self_offset(ctx.self_keys, step), neg_only,
-                                row_lse if row_coef is not None else None, row_coef, None, None,
-                                pos_coef, pair_lse, need_dk, ctx.backend)
-
-    dq, dk, dscale = _ring_backward(ctx.ring, (k, k_labels), ctx.sizes, need_dk, visit)
-    return dq.to(q.dtype), dk.to(k.dtype) if need_dk else None, dscale
-
-
-class _RingRowStats(torch.autograd.Function):
-    """(row_lse, pos_sum, pos_count) of local anchors against every rank's keys."""
-
-    @staticmethod
-    def forward(ctx, q, k, scale, q_labels, k_labels, self_keys, neg_only, ring, sizes, backend):
-        ctx.set_materialize_grads(False)
-        row_lse, pos_sum, pos_count = _ring_row_stats(q, k, scale, q_labels, k_labels,
-                                                      self_keys, neg_only, ring, sizes, backend)
-        ctx.save_for_backward(q, k, scale, q_labels, k_labels, row_lse)
-        ctx.self_keys, ctx.neg_only, ctx.ring, ctx.sizes = self_keys, neg_only, ring, sizes
-        ctx.backend = backend
-        ctx.mark_non_differentiable(pos_count)
-        return row_lse, pos_sum, pos_count
-
-    @staticmethod
-    def backward(ctx, g_row_lse, g_pos_sum, _):
-        row_lse = ctx.saved_tensors[5]
-        dq, dk, dscale = _ring_infonce_backward(ctx, row_lse, g_row_lse, g_pos_sum, None,
-                                                ctx.neg_only)
-        return dq, dk, dscale, None, None, None, None, None, None, None
-
-
-class _InfoNCEPairs:
-    """pair_nt_xent's kernels on one key block. Anchors: (z, scale, labels); the
-    keys are the anchors, each anchor's own row excluded."""
-
-    def __init__(self, backend: str):
-        self.backend = backend
-
-    def neg_stats(self, anchors, step, block):
-        z, scale, labels = anchors
-        neg_lse, _, pos_count, _ = core.infonce_fwd(z, block[0], scale, labels, block[1],
-                                                    _self_offset(True, step), True, False,
-                                                    self.backend)
-        return neg_lse, pos_count
-
-    def pair_terms(self, anchors, step, block, neg_lse):
-        z, scale, labels = anchors
-        return core.infonce_pair_fwd(z, block[0], scale, labels, block[1],
-                                     _self_offset(True, step), neg_lse, self.backend)
-
-    def grads(self, anchors, step, block, neg_lse, neg_coef, pos_coef, need_dk):
-        z, scale, labels = anchors
-        return core.infonce_bwd(z, block[0], scale, labels, block[1], _self_offset(True, step),
-                                True, neg_lse, neg_coef, None, None, pos_coef, neg_lse, need_dk,
-                                self.backend)
-
-
-class _GatedPairs:
-    """gated_info_nce's kernels on one key block (docs/gated_info_nce.md). Anchors:
-    (q, gates, scale, labels, partner_labels); exclusions come from the labels alone."""
-
-    def __init__(self, backend: str):
-        self.backend = backend
-
-    def neg_stats(self, anchors, step, block):
-        q, gates, scale, labels, partners = anchors
-        return gated_ops.KERNELS.kernel(self.backend, "gated_fwd")(
-            q, block[0], gates, scale, labels, partners, block[1])
-
-    def pair_terms(self, anchors, step, block, neg_lse):
-        q, gates, scale, labels, partners = anchors
-        return gated_ops.KERNELS.kernel(self.backend, "gated_pair_fwd")(
-            q, block[0], gates, scale, labels, partners, block[1], neg_lse)
-
-    def grads(self, anchors, step, block, neg_lse, neg_coef, pos_coef, need_dk):
-        q, gates, scale, labels, partners = anchors
-        return gated_ops.gated_bwd(q, block[0], gates, scale, labels, partners, block[1], neg_lse,
-                                   neg_coef, pos_coef, need_dk, self.backend)
-
-
 class _RingPairStats(torch.autograd.Function):
     """(pos_count, loss_sum) of a pairwise multi-positive form for the local anchors
     against every rank's keys: NEG_b = LSE over the negatives, merged over the key
     blocks, then a second rotation sums Σ_{n∈P_b} softplus(NEG_b − l_bn).
 
-    ``pairs`` holds the form's kernels on one key block (``_InfoNCEPairs``,
-    ``_GatedPairs``); ``anchors`` are its anchor-side tensors, the ones that get a
-    gradient first: ``pairs.grads`` returns (d anchors[0], dk, d anchors[1], ...).
+    ``pairs`` holds the form's kernels on one key block (a family's adapter:
+    ``neg_stats``, ``pair_terms``, ``grads``); ``anchors`` are its anchor-side
+    tensors, the ones that get a gradient first: ``pairs.grads`` returns
+    (d anchors[0], dk, d anchors[1], ...).
     """
 
     @staticmethod
@@ -401,8 +298,8 @@ class _RingPairStats(torch.autograd.Function):
             loss_sum.add_(loss)
             sigmoid_sum.add_(sigmoid)
 
-        _ring_forward(ring, (k, k_labels), sizes, visit_negatives)
-        _ring_forward(ring, (k, k_labels), sizes, visit_positives)
+        ring_forward(ring, (k, k_labels), sizes, visit_negatives)
+        ring_forward(ring, (k, k_labels), sizes, visit_positives)
         ctx.save_for_backward(k, k_labels, neg_lse, sigmoid_sum, *anchors)
         ctx.pairs, ctx.ring, ctx.sizes = pairs, ring, sizes
         ctx.mark_non_differentiable(pos_count)
@@ -421,40 +318,10 @@ class _RingPairStats(torch.autograd.Function):
         def visit(step, block):
             return ctx.pairs.grads(anchors, step, block, neg_lse, neg_coef, pos_coef, need_dk)
 
-        d_first, dk, *d_rest = _ring_backward(ctx.ring, (k, k_labels), ctx.sizes, need_dk, visit)
+        d_first, dk, *d_rest = ring_backward(ctx.ring, (k, k_labels), ctx.sizes, need_dk, visit)
         d_anchors = [g.to(a.dtype) for g, a in zip((d_first, *d_rest), anchors)]
         d_anchors += [None] * (len(anchors) - len(d_anchors))
         return (None, None, None, dk.to(k.dtype) if need_dk else None, None, *d_anchors)
-
-
-class _RingSiglipRows(torch.autograd.Function):
-    """SigLIP row losses of local anchors against every rank's keys (neighbour exchange)."""
-
-    @staticmethod
-    def forward(ctx, q, k, scale, bias, q_labels, k_labels, ring, sizes, backend):
-        rows = torch.zeros(q.shape[0], dtype=stats_dtype(q.dtype), device=q.device)
-
-        def visit(step, block):
-            rows.add_(core.siglip_fwd(q, block[0], scale, bias, q_labels, block[1], backend))
-
-        _ring_forward(ring, (k, k_labels), sizes, visit)
-        ctx.save_for_backward(q, k, scale, bias, q_labels, k_labels)
-        ctx.ring, ctx.sizes, ctx.backend = ring, sizes, backend
-        return rows
-
-    @staticmethod
-    def backward(ctx, g_rows):
-        q, k, scale, bias, q_labels, k_labels = ctx.saved_tensors
-        need_dk = ctx.needs_input_grad[1]
-        g_rows = g_rows.contiguous()
-
-        def visit(step, block):
-            return core.siglip_bwd(q, block[0], scale, bias, q_labels, block[1], g_rows,
-                                   need_dk, ctx.backend)
-
-        dq, dk, dscale, dbias = _ring_backward(ctx.ring, (k, k_labels), ctx.sizes, need_dk, visit)
-        return (dq.to(q.dtype), dk.to(k.dtype) if need_dk else None, dscale, dbias,
-                None, None, None, None, None)
 
 
 # ------------------------------------------------------------------ what the losses use
@@ -525,52 +392,6 @@ class Exchange:
         return (all_gather_with_grad(keys, self.group, layout.sizes),
                 _gather_rows(key_labels, layout.sizes, self.group))
 
-    def row_stats(self, q: Tensor, q_labels: Tensor, keys: Tensor, key_labels: Tensor,
-                  layout: Layout, scale: Tensor, self_keys: bool, neg_only: bool,
-                  backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-        """``infonce_fwd``'s (row_lse, pos_sum, pos_count) of the local anchors
-        against the keys of every rank (``self_keys``: the keys are the anchors,
-        each anchor's own row excluded)."""
-        if self.ring is not None:
-            return _RingRowStats.apply(q, keys, scale, q_labels, key_labels, self_keys,
-                                       neg_only, self.ring, layout.sizes, backend)
-        all_keys, all_labels = self.gather(keys, key_labels, layout)
-        offset = layout.offset if self_keys else None
-        return core.infonce_fwd(q, all_keys, scale, q_labels, all_labels, offset, neg_only,
-                                False, backend)[:3]
-
-    def pair_stats(self, z: Tensor, labels: Tensor, layout: Layout, scale: Tensor,
-                   backend: str) -> Tuple[Tensor, Tensor]:
-        """(pos_count, loss_sum) of the pairwise form: the local rows as anchors,
-        every rank's rows as keys."""
-        if self.ring is not None:
-            return _RingPairStats.apply(_InfoNCEPairs(backend), self.ring, layout.sizes, z,
-                                        labels, z, scale, labels)
-        all_z, all_labels = self.gather(z, labels, layout)
-        neg_lse, _, pos_count, _ = core.infonce_fwd(z, all_z, scale, labels, all_labels,
-                                                    layout.offset, True, False, backend)
-        loss_sum, _ = core.infonce_pair_fwd(z, all_z, scale, labels, all_labels, layout.offset,
-                                            neg_lse, backend)
-        return pos_count, loss_sum
-
-    def ring_gated_stats(self, q: Tensor, gates: Tensor, labels: Tensor, partner_labels: Tensor,
-                         keys: Tensor, key_labels: Tensor, layout: Layout, scale: Tensor,
-                         backend: str) -> Tuple[Tensor, Tensor]:
-        """gated_info_nce's (pos_count, loss_sum) of the local anchors (with their
-        gates) against every rank's keys, by the ring."""
-        return _RingPairStats.apply(_GatedPairs(backend), self.ring, layout.sizes,
-                                    keys.contiguous(), key_labels, q.contiguous(),
-                                    gates.contiguous(), scale, labels, partner_labels)
-
-    def siglip_rows(self, q: Tensor, q_labels: Tensor, keys: Tensor, key_labels: Tensor,
-                    layout: Layout, scale: Tensor, bias: Tensor, backend: str) -> Tensor:
-        """SigLIP row losses of the local anchors against every rank's keys."""
-        if self.ring is not None:
-            return _RingSiglipRows.apply(q, keys, scale, bias, q_labels, key_labels,
-                                         self.ring, layout.sizes, backend)
-        all_keys, all_labels = self.gather(keys, key_labels, layout)
-        return core.siglip_fwd(q, all_keys, scale, bias, q_labels, all_labels, backend)
-
     def sum(self, local: Tensor) -> Tensor:
         """The sum over ranks, on every rank; gradients as in the module docstring."""
         return _SumOverRanks.apply(local, self.group)
@@ -585,6 +406,26 @@ class Exchange:
             return local if reduction == "none" else self.sum(local)
         weight = self.sum(reduce_anchors(torch.ones_like(per_anchor), valid, weights, "sum"))
         return self.sum(local / weight.clamp_min(torch.finfo(weight.dtype).tiny))
+
+
+def ring_pair_stats(pairs, exchange: Exchange, layout: Layout, keys: Tensor,
+                    key_labels: Tensor, *anchors: Tensor) -> Tuple[Tensor, Tensor]:
+    """(pos_count, loss_sum) of a pairwise multi-positive form (``_RingPairStats``)
+    for the local anchors against every rank's keys, by the ring."""
+    return _RingPairStats.apply(pairs, exchange.ring, layout.sizes, keys, key_labels, *anchors)
+
+
+def reduce(exchange: Optional[Exchange], per_anchor: Tensor, valid: Optional[Tensor],
+           weights: Optional[Tensor], reduction: str) -> Tensor:
+    """``reduce_anchors`` over the local batch (``exchange`` None), or over the global one."""
+    if exchange is None:
+        return reduce_anchors(per_anchor, valid, weights, reduction)
+    return exchange.reduce(per_anchor, valid, weights, reduction)
+
+
+def over_ranks(exchange: Optional[Exchange], local: Tensor) -> Tensor:
+    """Sum of a reduced term over the ranks (the term itself on one process)."""
+    return local if exchange is None else exchange.sum(local)
 
 
 def exchange(gather_distributed: bool, process_group, strategy: str) -> Optional[Exchange]:

@@ -33,19 +33,6 @@ from ._stats import reduce_anchors, stats_dtype, unit_rows
 Tensor = torch.Tensor
 
 
-def _reduce(exchange: Optional[distributed.Exchange], per_anchor: Tensor,
-            valid: Optional[Tensor], weights: Optional[Tensor], reduction: str) -> Tensor:
-    """reduce_anchors over the local batch, or over the global one."""
-    if exchange is None:
-        return reduce_anchors(per_anchor, valid, weights, reduction)
-    return exchange.reduce(per_anchor, valid, weights, reduction)
-
-
-def _over_ranks(exchange: Optional[distributed.Exchange], local: Tensor) -> Tensor:
-    """Sum of a reduced term over the ranks (the term itself on one process)."""
-    return local if exchange is None else exchange.sum(local)
-
-
 def _feature_size(x: Tensor) -> int:
     """D for the backend choice: a plain int on the GPU (where measured choices
     depend on it), 0 elsewhere (no dependence on a traced size)."""
@@ -87,14 +74,14 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature=0.5, *, weights: Optional[Tensor
         # rows (z1, z2) of the local samples; a row's positive shares its sample id
         layout = exchange.layout(b, z, reduction, temperature=tau)
         ids = layout.ids(device).repeat(2)
-        lse, pos_sum, _ = exchange.row_stats(z, ids, z, ids, layout.times(2),
+        lse, pos_sum, _ = core.row_stats(exchange, z, ids, z, ids, layout.times(2),
                                              1 / exchange.replicated(tau), True, False, backend)
     else:
         idx = torch.arange(2 * b, device=device)
         partner = torch.cat([idx[b:], idx[:b]])
         lse, pos_sum, _, _ = core.infonce_fwd(z, z, 1 / tau, partner, idx, 0, False, False,
                                               backend)
-    return _reduce(exchange, lse - pos_sum, None, weights, reduction)
+    return distributed.reduce(exchange, lse - pos_sum, None, weights, reduction)
 
 
 def pair_nt_xent(embeddings: Tensor, labels: Tensor, temperature=0.07, *,
@@ -132,7 +119,7 @@ def pair_nt_xent(embeddings: Tensor, labels: Tensor, temperature=0.07, *,
     z = unit_rows(embeddings)
     if exchange is not None:
         layout = exchange.layout(n, z, reduction, temperature=tau)
-        pos_count, loss_sum = exchange.pair_stats(z, labels, layout,
+        pos_count, loss_sum = core.pair_stats(exchange, z, labels, layout,
                                                   1 / exchange.replicated(tau), backend)
     else:
         scale = 1 / tau
@@ -143,8 +130,8 @@ def pair_nt_xent(embeddings: Tensor, labels: Tensor, temperature=0.07, *,
         return loss_sum
     total = loss_sum.sum()
     if reduction == "mean":
-        total = total / _over_ranks(exchange, pos_count.sum().detach()).clamp_min(1)
-    return _over_ranks(exchange, total)
+        total = total / distributed.over_ranks(exchange, pos_count.sum().detach()).clamp_min(1)
+    return distributed.over_ranks(exchange, total)
 
 
 def supcon(features: Tensor, labels: Optional[Tensor] = None, temperature=0.1,
@@ -211,14 +198,14 @@ def supcon(features: Tensor, labels: Optional[Tensor] = None, temperature=0.1,
     z = unit_rows(features)
     if exchange is not None:
         tau, tau_b = exchange.replicated(tau), exchange.replicated(tau_b)
-        lse, pos_sum, pos_count = exchange.row_stats(z, labels, z, labels, layout.times(views),
+        lse, pos_sum, pos_count = core.row_stats(exchange, z, labels, z, labels, layout.times(views),
                                                      1 / tau, True, False, backend)
     else:
         lse, pos_sum, pos_count, _ = core.infonce_fwd(z, z, 1 / tau, labels, labels, 0, False,
                                                       False, backend)
     valid = pos_count > 0
     per_anchor = (tau / tau_b) * (lse - pos_sum / pos_count.clamp_min(1))
-    return _reduce(exchange, per_anchor, valid, weights, reduction)
+    return distributed.reduce(exchange, per_anchor, valid, weights, reduction)
 
 
 def info_nce(query: Tensor, key: Tensor, temperature=0.07, targets: Optional[Tensor] = None,
@@ -292,7 +279,7 @@ def info_nce(query: Tensor, key: Tensor, temperature=0.07, targets: Optional[Ten
         dt = stats_dtype(q.dtype)
         lse = pos_sum = scale * (q.to(dt) * k[targets].to(dt)).sum(1)
     elif exchange is not None:
-        lse, pos_sum, _ = exchange.row_stats(q, targets + keys.offset, k, keys.ids(device), keys,
+        lse, pos_sum, _ = core.row_stats(exchange, q, targets + keys.offset, k, keys.ids(device), keys,
                                              scale, False, False, backend)
     else:
         key_index = torch.arange(m, device=device)
@@ -302,7 +289,7 @@ def info_nce(query: Tensor, key: Tensor, temperature=0.07, targets: Optional[Ten
         queue_lse = core.infonce_fwd(q, prep(queue.detach()), scale, None, None, None, False,
                                      False, backend)[0]
         lse = torch.logaddexp(lse, queue_lse)
-    return _reduce(exchange, lse - pos_sum, None, weights, reduction)
+    return distributed.reduce(exchange, lse - pos_sum, None, weights, reduction)
 
 
 def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, *,
@@ -339,9 +326,9 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, *,
                                  logit_scale=scale)
         ids, scale = layout.ids(device), exchange.replicated(scale)
         images, texts = image_features.contiguous(), text_features.contiguous()
-        image_lse, image_pos, _ = exchange.row_stats(images, ids, texts, ids, layout, scale,
+        image_lse, image_pos, _ = core.row_stats(exchange, images, ids, texts, ids, layout, scale,
                                                      False, False, backend)
-        text_lse, text_pos, _ = exchange.row_stats(texts, ids, images, ids, layout, scale,
+        text_lse, text_pos, _ = core.row_stats(exchange, texts, ids, images, ids, layout, scale,
                                                    False, False, backend)
         per_anchor = (image_lse - image_pos + text_lse - text_pos) / 2
         return exchange.reduce(per_anchor, None, None, reduction)
@@ -388,7 +375,7 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logi
         layout = exchange.layout(images.shape[0], images, reduction, logit_scale=scale,
                                  logit_bias=bias)
         ids, rows_in_all = layout.ids(device), layout.total
-        rows = exchange.siglip_rows(images, ids, texts, ids, layout, exchange.replicated(scale),
+        rows = core.siglip_rows(exchange, images, ids, texts, ids, layout, exchange.replicated(scale),
                                     exchange.replicated(bias), backend)
     else:
         idx = torch.arange(images.shape[0], device=device)
@@ -397,7 +384,7 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logi
     if reduction == "none":
         return rows
     total = rows.sum()
-    return _over_ranks(exchange, total if reduction == "sum" else total / rows_in_all)
+    return distributed.over_ranks(exchange, total if reduction == "sum" else total / rows_in_all)
 
 
 # ----------------------------------------------------- feature-transformation MoCo
@@ -542,30 +529,25 @@ def gated_info_nce(q: Tensor, k: Tensor, gates: Tensor, labels: Tensor, partner_
     if backend == "reference" and exchange is None:
         return gated_reference.gated_info_nce(q, k, gates, labels, partner_labels, key_labels,
                                               tau, reduction=reduction)
+    q, k, gates = q.contiguous(), k.contiguous(), gates.contiguous()
     if exchange is not None:
         layout = exchange.layout(n, k, reduction, temperature=tau)
         tau = exchange.replicated(tau)
     if exchange is not None and exchange.ring is not None:
-        pos_count, loss_sum = exchange.ring_gated_stats(q, gates, labels, partner_labels, k,
-                                                        key_labels, layout, 1 / tau, backend)
+        pos_count, loss_sum = gated_ops.ring_pair_stats(exchange, q, gates, labels, partner_labels,
+                                                        k, key_labels, layout, 1 / tau, backend)
     else:
         if exchange is not None:
             k, key_labels = exchange.gather(k, key_labels, layout)
-        if backend == "reference":
-            loss_sum = gated_reference.gated_info_nce(q, k, gates, labels, partner_labels,
-                                                      key_labels, tau, reduction="none")
-            pos_count = (partner_labels[:, None] == key_labels[None, :]).sum(1)
-        else:
-            loss_sum, _, pos_count, _ = gated_ops.gated_pair_loss(
-                q.contiguous(), k.contiguous(), gates.contiguous(), 1 / tau, labels,
-                partner_labels, key_labels, backend)
+        loss_sum, _, pos_count, _ = gated_ops.gated_pair_loss(q, k, gates, 1 / tau, labels,
+                                                              partner_labels, key_labels, backend)
     if reduction == "none":
         return loss_sum
     total = loss_sum.sum()
     if reduction == "sum":
-        return _over_ranks(exchange, total)
-    pairs = _over_ranks(exchange, pos_count.sum().to(total.dtype)).clamp_min(1)
-    return _over_ranks(exchange, total / pairs)
+        return distributed.over_ranks(exchange, total)
+    pairs = distributed.over_ranks(exchange, pos_count.sum().to(total.dtype)).clamp_min(1)
+    return distributed.over_ranks(exchange, total / pairs)
 
 
 # ---------------------------------------------------------------- regression losses

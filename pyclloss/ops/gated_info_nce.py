@@ -12,6 +12,7 @@ from typing import Tuple
 
 import torch
 
+from .. import distributed
 from .._stats import stats_dtype
 from ..backends import KernelFamily, compiled, lazy_module, module
 from ..reference import gated_info_nce as reference
@@ -96,3 +97,42 @@ def _(q, k, gates, scale, labels, partner_labels, key_labels, neg_lse, neg_coef,
     dk = torch.empty_like(k) if need_dk else k.new_empty(0)
     return (torch.empty_like(q), dk, torch.empty_like(gates),
             q.new_empty((), dtype=stats_dtype(q.dtype)))
+
+
+# --------------------------------------------------------------- over a process group
+
+
+class _RingPairs:
+    """The kernels on one key block for ``distributed.ring_pair_stats``
+    (docs/gated_info_nce.md). Anchors: (q, gates, scale, labels, partner_labels);
+    exclusions come from the labels alone."""
+
+    def __init__(self, backend: str):
+        self.backend = backend
+
+    def neg_stats(self, anchors, step, block):
+        q, gates, scale, labels, partners = anchors
+        return _run(self.backend, "gated_fwd", q, block[0], gates, scale, labels, partners,
+                    block[1])
+
+    def pair_terms(self, anchors, step, block, neg_lse):
+        q, gates, scale, labels, partners = anchors
+        return _run(self.backend, "gated_pair_fwd", q, block[0], gates, scale, labels, partners,
+                    block[1], neg_lse)
+
+    def grads(self, anchors, step, block, neg_lse, neg_coef, pos_coef, need_dk):
+        q, gates, scale, labels, partners = anchors
+        return gated_bwd(q, block[0], gates, scale, labels, partners, block[1], neg_lse, neg_coef,
+                         pos_coef, need_dk, self.backend)
+
+
+def ring_pair_stats(exchange: distributed.Exchange, q: Tensor, gates: Tensor, labels: Tensor,
+                    partner_labels: Tensor, keys: Tensor, key_labels: Tensor,
+                    layout: distributed.Layout, scale: Tensor,
+                    backend: str) -> Tuple[Tensor, Tensor]:
+    """(pos_count, loss_sum) of the local anchors (with their gates) against every
+    rank's keys, by the ring: the keys and key labels travel, the gates stay
+    with their anchors."""
+    return distributed.ring_pair_stats(_RingPairs(backend), exchange, layout, keys.contiguous(),
+                                       key_labels, q.contiguous(), gates.contiguous(), scale,
+                                       labels, partner_labels)

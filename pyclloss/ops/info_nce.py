@@ -5,12 +5,17 @@ Three differentiable ops (``infonce_fwd``, ``infonce_pair_fwd``,
 per family (``infonce_bwd``, ``siglip_bwd``) that recomputes the logit tiles.
 Every op takes the concrete backend name last; the kernels of each backend
 follow docs/fused_core.md. Fake kernels make them traceable by torch.compile.
+
+Over a process group (``pyclloss.distributed``), ``row_stats``,
+``pair_stats`` and ``siglip_rows`` give the same statistics for the local
+anchors against every rank's keys, gathered or passed around the ring.
 """
 
 from typing import List, Optional, Tuple
 
 import torch
 
+from .. import distributed
 from .._stats import stats_dtype
 from ..backends import KernelFamily, compiled, lazy_module, module
 from ..reference import info_nce as reference
@@ -186,3 +191,163 @@ def _(q, k, scale, bias, q_labels, k_labels, row_coef, need_dk, backend):
     dk = torch.empty_like(k) if need_dk else k.new_empty(0)
     stat = q.new_empty((), dtype=stats_dtype(q.dtype))
     return [torch.empty_like(q), dk, stat, torch.empty_like(stat)]
+
+
+# --------------------------------------------------------------- over a process group
+
+
+def _self_offset(self_keys: bool, step: int) -> Optional[int]:
+    """Exclusion offset of the block visited at ``step``: the diagonal of the local block."""
+    return 0 if self_keys and step == 0 else None
+
+
+def _ring_row_stats(q, k, scale, q_labels, k_labels, self_keys, neg_only, ring, sizes, backend):
+    dt = stats_dtype(q.dtype)
+    row_lse = torch.full((q.shape[0],), float("-inf"), dtype=dt, device=q.device)
+    pos_sum, pos_count = torch.zeros_like(row_lse), torch.zeros_like(row_lse)
+
+    def visit(step, block):
+        lse, p_sum, p_count, _ = infonce_fwd(q, block[0], scale, q_labels, block[1],
+                                             _self_offset(self_keys, step), neg_only, False,
+                                             backend)
+        torch.logaddexp(row_lse, lse, out=row_lse)
+        pos_sum.add_(p_sum)
+        pos_count.add_(p_count)
+
+    distributed.ring_forward(ring, (k, k_labels), sizes, visit)
+    return row_lse, pos_sum, pos_count
+
+
+def _ring_infonce_backward(ctx, row_lse, row_coef, pos_coef, pair_lse, neg_only):
+    q, k, scale, q_labels, k_labels = ctx.saved_tensors[:5]
+    need_dk = ctx.needs_input_grad[1]
+
+    def visit(step, block):
+        return infonce_bwd(q, block[0], scale, q_labels, block[1],
+                           _self_offset(ctx.self_keys, step), neg_only,
+                           row_lse if row_coef is not None else None, row_coef, None, None,
+                           pos_coef, pair_lse, need_dk, ctx.backend)
+
+    dq, dk, dscale = distributed.ring_backward(ctx.ring, (k, k_labels), ctx.sizes, need_dk, visit)
+    return dq.to(q.dtype), dk.to(k.dtype) if need_dk else None, dscale
+
+
+class _RingRowStats(torch.autograd.Function):
+    """(row_lse, pos_sum, pos_count) of local anchors against every rank's keys."""
+
+    @staticmethod
+    def forward(ctx, q, k, scale, q_labels, k_labels, self_keys, neg_only, ring, sizes, backend):
+        ctx.set_materialize_grads(False)
+        row_lse, pos_sum, pos_count = _ring_row_stats(q, k, scale, q_labels, k_labels,
+                                                      self_keys, neg_only, ring, sizes, backend)
+        ctx.save_for_backward(q, k, scale, q_labels, k_labels, row_lse)
+        ctx.self_keys, ctx.neg_only, ctx.ring, ctx.sizes = self_keys, neg_only, ring, sizes
+        ctx.backend = backend
+        ctx.mark_non_differentiable(pos_count)
+        return row_lse, pos_sum, pos_count
+
+    @staticmethod
+    def backward(ctx, g_row_lse, g_pos_sum, _):
+        row_lse = ctx.saved_tensors[5]
+        dq, dk, dscale = _ring_infonce_backward(ctx, row_lse, g_row_lse, g_pos_sum, None,
+                                                ctx.neg_only)
+        return dq, dk, dscale, None, None, None, None, None, None, None
+
+
+class _RingPairs:
+    """pair_nt_xent's kernels on one key block, for ``distributed.ring_pair_stats``.
+    Anchors: (z, scale, labels); the keys are the anchors, each anchor's own row
+    excluded."""
+
+    def __init__(self, backend: str):
+        self.backend = backend
+
+    def neg_stats(self, anchors, step, block):
+        z, scale, labels = anchors
+        neg_lse, _, pos_count, _ = infonce_fwd(z, block[0], scale, labels, block[1],
+                                               _self_offset(True, step), True, False,
+                                               self.backend)
+        return neg_lse, pos_count
+
+    def pair_terms(self, anchors, step, block, neg_lse):
+        z, scale, labels = anchors
+        return infonce_pair_fwd(z, block[0], scale, labels, block[1], _self_offset(True, step),
+                                neg_lse, self.backend)
+
+    def grads(self, anchors, step, block, neg_lse, neg_coef, pos_coef, need_dk):
+        z, scale, labels = anchors
+        return infonce_bwd(z, block[0], scale, labels, block[1], _self_offset(True, step), True,
+                           neg_lse, neg_coef, None, None, pos_coef, neg_lse, need_dk,
+                           self.backend)
+
+
+class _RingSiglipRows(torch.autograd.Function):
+    """SigLIP row losses of local anchors against every rank's keys (neighbour exchange)."""
+
+    @staticmethod
+    def forward(ctx, q, k, scale, bias, q_labels, k_labels, ring, sizes, backend):
+        rows = torch.zeros(q.shape[0], dtype=stats_dtype(q.dtype), device=q.device)
+
+        def visit(step, block):
+            rows.add_(siglip_fwd(q, block[0], scale, bias, q_labels, block[1], backend))
+
+        distributed.ring_forward(ring, (k, k_labels), sizes, visit)
+        ctx.save_for_backward(q, k, scale, bias, q_labels, k_labels)
+        ctx.ring, ctx.sizes, ctx.backend = ring, sizes, backend
+        return rows
+
+    @staticmethod
+    def backward(ctx, g_rows):
+        q, k, scale, bias, q_labels, k_labels = ctx.saved_tensors
+        need_dk = ctx.needs_input_grad[1]
+        g_rows = g_rows.contiguous()
+
+        def visit(step, block):
+            return siglip_bwd(q, block[0], scale, bias, q_labels, block[1], g_rows, need_dk,
+                              ctx.backend)
+
+        dq, dk, dscale, dbias = distributed.ring_backward(ctx.ring, (k, k_labels), ctx.sizes,
+                                                          need_dk, visit)
+        return (dq.to(q.dtype), dk.to(k.dtype) if need_dk else None, dscale, dbias,
+                None, None, None, None, None)
+
+
+def row_stats(exchange: distributed.Exchange, q: Tensor, q_labels: Tensor, keys: Tensor,
+              key_labels: Tensor, layout: distributed.Layout, scale: Tensor, self_keys: bool,
+              neg_only: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """``infonce_fwd``'s (row_lse, pos_sum, pos_count) of the local anchors
+    against the keys of every rank (``self_keys``: the keys are the anchors,
+    each anchor's own row excluded)."""
+    if exchange.ring is not None:
+        return _RingRowStats.apply(q, keys, scale, q_labels, key_labels, self_keys, neg_only,
+                                   exchange.ring, layout.sizes, backend)
+    all_keys, all_labels = exchange.gather(keys, key_labels, layout)
+    offset = layout.offset if self_keys else None
+    return infonce_fwd(q, all_keys, scale, q_labels, all_labels, offset, neg_only, False,
+                       backend)[:3]
+
+
+def pair_stats(exchange: distributed.Exchange, z: Tensor, labels: Tensor,
+               layout: distributed.Layout, scale: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
+    """(pos_count, loss_sum) of the pairwise form: the local rows as anchors,
+    every rank's rows as keys."""
+    if exchange.ring is not None:
+        return distributed.ring_pair_stats(_RingPairs(backend), exchange, layout, z, labels, z,
+                                           scale, labels)
+    all_z, all_labels = exchange.gather(z, labels, layout)
+    neg_lse, _, pos_count, _ = infonce_fwd(z, all_z, scale, labels, all_labels, layout.offset,
+                                           True, False, backend)
+    loss_sum, _ = infonce_pair_fwd(z, all_z, scale, labels, all_labels, layout.offset, neg_lse,
+                                   backend)
+    return pos_count, loss_sum
+
+
+def siglip_rows(exchange: distributed.Exchange, q: Tensor, q_labels: Tensor, keys: Tensor,
+                key_labels: Tensor, layout: distributed.Layout, scale: Tensor, bias: Tensor,
+                backend: str) -> Tensor:
+    """SigLIP row losses of the local anchors against every rank's keys."""
+    if exchange.ring is not None:
+        return _RingSiglipRows.apply(q, keys, scale, bias, q_labels, key_labels, exchange.ring,
+                                     layout.sizes, backend)
+    all_keys, all_labels = exchange.gather(keys, key_labels, layout)
+    return siglip_fwd(q, all_keys, scale, bias, q_labels, all_labels, backend)

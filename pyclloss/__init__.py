@@ -7,31 +7,24 @@ each with ``backend="auto" | "cpp" | "cuda" | "triton" | "reference"``;
 """
 
 from .backends import CompiledKernelsWarning, backends, warn_if_extension_unusable
-from .functional import (
-    clip_loss,
-    ft_moco_loss,
-    gated_info_nce,
-    info_nce,
-    nt_xent,
-    pair_nt_xent,
-    rnc_loss,
-    siglip_loss,
-    supcon,
-    supremix_loss,
-)
-from .losses import (
+from .ft_moco import FTMoCoLoss, ft_moco_loss
+from .gated import HydraLoss, gated_info_nce
+from .info_nce import (
     ClipLoss,
-    FTMoCoLoss,
-    HydraLoss,
     InfoNCELoss,
     MoCoLoss,
     NTXentLoss,
     PairNTXentLoss,
-    RnCLoss,
     SigLipLoss,
     SupConLoss,
-    SupReMixLoss,
+    clip_loss,
+    info_nce,
+    nt_xent,
+    pair_nt_xent,
+    siglip_loss,
+    supcon,
 )
+from .rnc import RnCLoss, rnc_loss
 from .sorting import (
     DiffSortNet,
     GroCoLoss,
@@ -41,6 +34,7 @@ from .sorting import (
     soft_rank,
     soft_top_k_mask,
 )
+from .supremix import SupReMixLoss, supremix_loss
 
 __version__ = "0.1.0"
 

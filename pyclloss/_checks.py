@@ -192,3 +192,30 @@ def reduction(value: str) -> str:
     if value not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {value!r}")
     return value
+
+
+def fixed_positive(name: str, value) -> float:
+    """A hyper-parameter > 0 that gets no gradient, as a float (the ops take one)."""
+    if isinstance(value, torch.Tensor) and value.requires_grad:
+        raise ValueError(f"{name} must be a fixed number here (no gradient), got a tensor that "
+                         f"requires grad")
+    device = value.device if isinstance(value, torch.Tensor) else torch.device("cpu")
+    positive(name, value, device, torch.float64)
+    return float(value)
+
+
+def real_labels(name: str, y, n: int, device: torch.device, dtype: torch.dtype,
+                multi_dim: bool = False) -> Tensor:
+    """Real-valued labels (n,) (or (n, L) with ``multi_dim``) in ``dtype``."""
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(y).__name__}")
+    if y.dtype.is_complex or y.dtype == torch.bool:
+        raise TypeError(f"{name} must hold real numbers, got {y.dtype}")
+    if y.shape[:1] != (n,) or y.dim() not in ((1, 2) if multi_dim else (1,)):
+        shapes = f"({n},) or ({n}, L)" if multi_dim else f"({n},)"
+        raise ValueError(f"{name} must have shape {shapes}, got {tuple(y.shape)}")
+    if y.device != device:
+        raise ValueError(f"{name} is on {y.device} but the features are on {device}")
+    y = y.detach().to(dtype)
+    finite(name, y)
+    return y.contiguous()

@@ -428,6 +428,12 @@ def over_ranks(exchange: Optional[Exchange], local: Tensor) -> Tensor:
     return local if exchange is None else exchange.sum(local)
 
 
+def loss_arguments(gather_distributed: bool, process_group, strategy: str) -> dict:
+    """The keyword-only distributed arguments of the losses, for a module to keep."""
+    return {"gather_distributed": gather_distributed, "process_group": process_group,
+            "strategy": strategy}
+
+
 def exchange(gather_distributed: bool, process_group, strategy: str) -> Optional[Exchange]:
     """The Exchange of a loss call, or None when it runs on the local batch only.
 

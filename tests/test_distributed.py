@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import pyclloss
-from pyclloss import functional as fn
+import pyclloss as fn
 from pyclloss.benchmark import peak_extra_bytes
 
 STRATEGIES = ("all_gather", "ring")

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import distributed
-from .. import functional as fn
+from ..info_nce import info_nce, nt_xent
 
 Tensor = torch.Tensor
 
@@ -80,11 +80,11 @@ class NTXentLoss(nn.Module):
 
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
         if self.memory_bank.size == (0,):
-            return fn.nt_xent(out0, out1, self.temperature, reduction="none",
-                              backend=self.backend,
-                              gather_distributed=self.gather_distributed).mean()
-        loss = fn.info_nce(out0, out1, self.temperature, queue=self.memory_bank.bank.clone(),
-                           in_batch_negatives=False, backend=self.backend)
+            return nt_xent(out0, out1, self.temperature, reduction="none",
+                           backend=self.backend,
+                           gather_distributed=self.gather_distributed).mean()
+        loss = info_nce(out0, out1, self.temperature, queue=self.memory_bank.bank.clone(),
+                        in_batch_negatives=False, backend=self.backend)
         if out0.requires_grad:
             self.memory_bank.enqueue(F.normalize(out1.detach(), dim=1))
         return loss

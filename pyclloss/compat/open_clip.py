@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .. import functional as fn
+from ..info_nce import clip_loss, siglip_loss
 
 Tensor = torch.Tensor
 
@@ -84,9 +84,9 @@ class ClipLoss(nn.Module):
         if distributed:
             _check_group(self.rank, self.world_size)
         local = distributed and self.local_loss
-        loss = fn.clip_loss(image_features, text_features, logit_scale,
-                            reduction="none" if local else "mean", backend=self.backend,
-                            gather_distributed=distributed)
+        loss = clip_loss(image_features, text_features, logit_scale,
+                         reduction="none" if local else "mean", backend=self.backend,
+                         gather_distributed=distributed)
         if local:
             loss = loss.mean()
         if logit_bias is not None:
@@ -114,12 +114,12 @@ class SigLipLoss(nn.Module):
                 output_dict: bool = False):
         bias = 0.0 if logit_bias is None else logit_bias
         if self.world_size == 1:
-            loss = fn.siglip_loss(image_features, text_features, logit_scale, bias,
-                                  backend=self.backend)
+            loss = siglip_loss(image_features, text_features, logit_scale, bias,
+                               backend=self.backend)
             return _output(loss, output_dict)
         _check_group(self.rank, self.world_size)
         # each local image against every rank's texts, summed; over the local images
-        rows = fn.siglip_loss(image_features, text_features, logit_scale, bias, reduction="none",
-                              backend=self.backend, gather_distributed=True,
-                              strategy=SIGLIP_STRATEGIES[self.dist_impl])
+        rows = siglip_loss(image_features, text_features, logit_scale, bias, reduction="none",
+                           backend=self.backend, gather_distributed=True,
+                           strategy=SIGLIP_STRATEGIES[self.dist_impl])
         return _output(rows.sum() / image_features.shape[0], output_dict)

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import functional as fn
+from ..info_nce import pair_nt_xent, supcon
 
 Tensor = torch.Tensor
 
@@ -168,8 +168,8 @@ class NTXentLoss(_PMLLoss):
     def _fused(self, embeddings: Tensor, labels: Tensor) -> Optional[Tensor]:
         if self.reducer.kind == "threshold":
             return None  # needs every pair's loss
-        return fn.pair_nt_xent(embeddings, labels, self.temperature, reduction=self.reducer.kind,
-                               backend=self.backend)
+        return pair_nt_xent(embeddings, labels, self.temperature, reduction=self.reducer.kind,
+                            backend=self.backend)
 
     def _on_pairs(self, logits: Tensor, pairs, embeddings: Tensor) -> Tensor:
         a1, p, a2, n = pairs
@@ -198,8 +198,8 @@ class SupConLoss(_PMLLoss):
         counts = torch.unique(labels, return_counts=True)[1]
         if counts.numel() < 2 or int(counts.max()) < 2:  # no negative or no positive pair
             return _zero(embeddings)
-        losses = fn.supcon(embeddings, labels, self.temperature, reduction="none",
-                           backend=self.backend)
+        losses = supcon(embeddings, labels, self.temperature, reduction="none",
+                        backend=self.backend)
         return self.reducer(losses, embeddings)
 
     def _on_pairs(self, logits: Tensor, pairs, embeddings: Tensor) -> Tensor:

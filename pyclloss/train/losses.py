@@ -13,14 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import losses as modules
+import pyclloss
 
 
 def _loss_library():
     """The module with nt_xent, supcon, info_nce and clip_loss."""
-    from pyclloss import functional as library
-
-    return library
+    return pyclloss
 
 
 def loss_function(name: str, backend: str) -> Callable:
@@ -135,30 +133,30 @@ LOSSES: Dict[str, LossEntry] = {
         temperature=0.07, about="CLIP's symmetric loss between the views, learnable scale"),
     "moco": LossEntry(
         lambda dim, classes, cfg: QueryKeyLoss(
-            modules.MoCoLoss(dim, cfg.queue_size, cfg.temperature, cfg.backend)),
+            pyclloss.MoCoLoss(dim, cfg.queue_size, cfg.temperature, cfg.backend)),
         temperature=0.2, momentum_encoder=True, about="MoCo v2: momentum encoder and key queue"),
     "ft_moco": LossEntry(
         lambda dim, classes, cfg: QueryKeyLoss(
-            modules.FTMoCoLoss(dim, cfg.queue_size, cfg.temperature, backend=cfg.backend)),
+            pyclloss.FTMoCoLoss(dim, cfg.queue_size, cfg.temperature, backend=cfg.backend)),
         temperature=0.2, momentum_encoder=True,
         about="MoCo with feature transformation (positive extrapolation, queue interpolation)"),
     "hydra": LossEntry(
         # HydraLoss.forward(q, k, labels) is already the trainer's signature.
-        lambda dim, classes, cfg: modules.HydraLoss(classes, dim, cfg.temperature,
-                                                    backend=cfg.backend),
+        lambda dim, classes, cfg: pyclloss.HydraLoss(classes, dim, cfg.temperature,
+                                                     backend=cfg.backend),
         temperature=0.2, needs_labels=True,
         about="Hydra: InfoNCE plus gated-subspace contrast of random class pairs (uses the "
               "labels)"),
     "supremix": LossEntry(
         lambda dim, classes, cfg: LabelledViews(
-            modules.SupReMixLoss(cfg.temperature, cfg.temperature, backend=cfg.backend),
+            pyclloss.SupReMixLoss(cfg.temperature, cfg.temperature, backend=cfg.backend),
             stacked=False),
         temperature=0.5, needs_labels=True,
         about="SupReMix, contrastive regression with mixed embeddings (the labels as ordinal "
               "targets)"),
     "rnc": LossEntry(
         lambda dim, classes, cfg: LabelledViews(
-            modules.RnCLoss(cfg.temperature, backend=cfg.backend), stacked=True),
+            pyclloss.RnCLoss(cfg.temperature, backend=cfg.backend), stacked=True),
         temperature=2.0, needs_labels=True,
         about="Rank-N-Contrast, contrastive regression (the labels as ordinal targets)"),
     "groco": LossEntry(

@@ -1,4 +1,5 @@
-"""The InfoNCE family as plain functions.
+"""The InfoNCE family: NT-Xent, pairwise NT-Xent, SupCon, InfoNCE (with a
+queue, and MoCo's form), CLIP and SigLIP, as functions and as modules.
 
 Each loss is assembled from the O(N) statistics of the fused core
 (``pyclloss.ops.info_nce``); the N×M logit matrix is never built except by
@@ -8,27 +9,22 @@ Losses are returned in float32 (float64 for float64 inputs).
 Every loss takes ``gather_distributed=True`` (or a ``process_group``) to run
 over a torch.distributed group as one big batch, the global batch being the
 rank-major concatenation of the local ones, with ``strategy="all_gather"`` or
-``"ring"``; see ``pyclloss.distributed`` and docs/distributed.md.
+``"ring"``; see ``pyclloss.distributed`` and docs/distributed.md. The modules
+keep these arguments; ``MoCoLoss`` owns its queue of negatives.
 """
 
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 
 from . import _checks, distributed
-from .backends import resolve
-from .ops import ft_moco as ft_moco_ops
-from .ops import gated_info_nce as gated_ops
-from .ops import info_nce as core
-from .ops import rnc as rnc_ops
-from .ops import supremix as supremix_ops
-from .reference import ft_moco as ft_moco_reference
-from .reference import gated_info_nce as gated_reference
-from .reference import info_nce as reference
-from .reference import rnc as rnc_reference
-from .reference import supremix as supremix_reference
 from ._stats import reduce_anchors, stats_dtype, unit_rows
+from .backends import resolve
+from .ops import info_nce as core
+from .reference import info_nce as reference
 
 Tensor = torch.Tensor
 
@@ -75,7 +71,7 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature=0.5, *, weights: Optional[Tensor
         layout = exchange.layout(b, z, reduction, temperature=tau)
         ids = layout.ids(device).repeat(2)
         lse, pos_sum, _ = core.row_stats(exchange, z, ids, z, ids, layout.times(2),
-                                             1 / exchange.replicated(tau), True, False, backend)
+                                         1 / exchange.replicated(tau), True, False, backend)
     else:
         idx = torch.arange(2 * b, device=device)
         partner = torch.cat([idx[b:], idx[:b]])
@@ -120,7 +116,7 @@ def pair_nt_xent(embeddings: Tensor, labels: Tensor, temperature=0.07, *,
     if exchange is not None:
         layout = exchange.layout(n, z, reduction, temperature=tau)
         pos_count, loss_sum = core.pair_stats(exchange, z, labels, layout,
-                                                  1 / exchange.replicated(tau), backend)
+                                              1 / exchange.replicated(tau), backend)
     else:
         scale = 1 / tau
         neg_lse, _, pos_count, _ = core.infonce_fwd(z, z, scale, labels, labels, 0, True, False,
@@ -198,8 +194,9 @@ def supcon(features: Tensor, labels: Optional[Tensor] = None, temperature=0.1,
     z = unit_rows(features)
     if exchange is not None:
         tau, tau_b = exchange.replicated(tau), exchange.replicated(tau_b)
-        lse, pos_sum, pos_count = core.row_stats(exchange, z, labels, z, labels, layout.times(views),
-                                                     1 / tau, True, False, backend)
+        lse, pos_sum, pos_count = core.row_stats(exchange, z, labels, z, labels,
+                                                 layout.times(views), 1 / tau, True, False,
+                                                 backend)
     else:
         lse, pos_sum, pos_count, _ = core.infonce_fwd(z, z, 1 / tau, labels, labels, 0, False,
                                                       False, backend)
@@ -279,8 +276,8 @@ def info_nce(query: Tensor, key: Tensor, temperature=0.07, targets: Optional[Ten
         dt = stats_dtype(q.dtype)
         lse = pos_sum = scale * (q.to(dt) * k[targets].to(dt)).sum(1)
     elif exchange is not None:
-        lse, pos_sum, _ = core.row_stats(exchange, q, targets + keys.offset, k, keys.ids(device), keys,
-                                             scale, False, False, backend)
+        lse, pos_sum, _ = core.row_stats(exchange, q, targets + keys.offset, k,
+                                         keys.ids(device), keys, scale, False, False, backend)
     else:
         key_index = torch.arange(m, device=device)
         lse, pos_sum, _, _ = core.infonce_fwd(q, k, scale, targets, key_index, None, False, False,
@@ -326,10 +323,10 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, *,
                                  logit_scale=scale)
         ids, scale = layout.ids(device), exchange.replicated(scale)
         images, texts = image_features.contiguous(), text_features.contiguous()
-        image_lse, image_pos, _ = core.row_stats(exchange, images, ids, texts, ids, layout, scale,
-                                                     False, False, backend)
+        image_lse, image_pos, _ = core.row_stats(exchange, images, ids, texts, ids, layout,
+                                                 scale, False, False, backend)
         text_lse, text_pos, _ = core.row_stats(exchange, texts, ids, images, ids, layout, scale,
-                                                   False, False, backend)
+                                               False, False, backend)
         per_anchor = (image_lse - image_pos + text_lse - text_pos) / 2
         return exchange.reduce(per_anchor, None, None, reduction)
     if backend == "reference":
@@ -375,8 +372,8 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logi
         layout = exchange.layout(images.shape[0], images, reduction, logit_scale=scale,
                                  logit_bias=bias)
         ids, rows_in_all = layout.ids(device), layout.total
-        rows = core.siglip_rows(exchange, images, ids, texts, ids, layout, exchange.replicated(scale),
-                                    exchange.replicated(bias), backend)
+        rows = core.siglip_rows(exchange, images, ids, texts, ids, layout,
+                                exchange.replicated(scale), exchange.replicated(bias), backend)
     else:
         idx = torch.arange(images.shape[0], device=device)
         rows = core.siglip_fwd(images, texts, scale, bias, idx, idx, backend)
@@ -387,271 +384,195 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logi
     return distributed.over_ranks(exchange, total if reduction == "sum" else total / rows_in_all)
 
 
-# ----------------------------------------------------- feature-transformation MoCo
+# ------------------------------------------------------------------------ modules
 
 
-def _mixing_coefficient(name: str, value, shapes, device: torch.device,
-                        dtype: torch.dtype) -> Tensor:
-    """A finite mixing coefficient: a number or 0-dim tensor, or a tensor of one of
-    ``shapes``; detached, in ``dtype``."""
-    if not isinstance(value, torch.Tensor) or value.dim() == 0:
-        return _checks.scalar(name, value, device, dtype).detach()
-    if not value.dtype.is_floating_point:
-        raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
-    if tuple(value.shape) not in shapes:
-        forms = " or ".join(str(s) for s in shapes)
-        raise ValueError(f"{name} must be a scalar or have shape {forms}, got {tuple(value.shape)}")
-    if value.device != device:
-        raise ValueError(f"{name} is on {value.device} but the features are on {device}")
-    _checks.finite(name, value)
-    return value.detach().to(dtype)
+class _Distributable(nn.Module):
+    """Keeps the keyword-only distributed arguments of the losses
+    (``gather_distributed``, ``process_group``, ``strategy``; off by default)."""
+
+    def __init__(self, reduction: str, backend: str, gather_distributed: bool,
+                 process_group, strategy: str):
+        super().__init__()
+        self.reduction, self.backend = reduction, backend
+        self.distributed = distributed.loss_arguments(gather_distributed, process_group, strategy)
 
 
-def ft_moco_loss(q: Tensor, k: Tensor, queue: Tensor, lam_pos, lam_neg, perm: Tensor,
-                 temperature=0.2, *, normalize: bool = True, normalize_mixed: bool = False,
-                 reduction: str = "mean", backend: str = "auto") -> Tensor:
-    """MoCo's InfoNCE with feature transformation ("Improving Contrastive Learning
-    by Visualizing Feature Transformation", Zhu et al., ICCV 2021).
+class NTXentLoss(_Distributable):
+    """SimCLR's NT-Xent; ``forward(z1, z2)``. See :func:`pyclloss.nt_xent`."""
 
-    Positive extrapolation ``q̂ = λ_p·q + (1−λ_p)·k``, ``k̂ = λ_p·k + (1−λ_p)·q``
-    (the key is detached first, as in the authors' code, so q gets a gradient
-    through both); negative interpolation of the queue
-    ``Q̂_j = λ_n·Q_j + (1−λ_n)·Q_π(j)``; ``L_i = CE([q̂_i·k̂_i, q̂_i·Q̂ᵀ] / τ, 0)``.
-    The paper samples one λ_p = 1 + Beta(2, 2) and one λ_n ~ Beta(1.6, 1.6) per
-    step and π = randperm(K) (:class:`pyclloss.FTMoCoLoss` does). The fused
-    backends never build the N×K logits: the Triton kernels blend Q_j and
-    Q_π(j) inside their key tiles, the C++ backend builds Q̂ (K×D) once per
-    step for the InfoNCE core (see :mod:`pyclloss.ops.ft_moco`).
+    def __init__(self, temperature: float = 0.5, reduction: str = "mean", backend: str = "auto", *,
+                 gather_distributed: bool = False, process_group=None,
+                 strategy: str = "all_gather"):
+        super().__init__(reduction, backend, gather_distributed, process_group, strategy)
+        self.temperature = temperature
 
-    Args:
-        q: (N, D) queries. k: (N, D) keys (detached inside).
-        queue: (K, D) negatives (detached; cast to q's dtype).
-        lam_pos: λ_p, a number / 0-dim tensor, or per sample (N,) or per
-            element (N, D) (the code's ``dim_mask`` variants).
-        lam_neg: λ_n, a number / 0-dim tensor, or per queue row (K,) (the
-            code's per-element λ_n of its ``dim_mask`` "neg"/"both" is not
-            supported). Mixing coefficients get no gradient.
-        perm: (K,) integer queue indices π (a permutation in the paper).
-        temperature: τ > 0 (float or 0-dim tensor, which gets a gradient).
-        normalize: L2-normalise q, k and the queue before mixing (the paper's
-            encoder outputs and queue are unit vectors). The mixed features are
-            not normalised again unless ``normalize_mixed`` (the code's
-            ``postmix_norm``: q̂ and k̂ only).
-        reduction: "mean", "sum" or "none" (N,).
-    """
-    _checks.features("q", q)
-    _checks.features("k", k)
-    _checks.same_kind("k", k, "q", q, same_rows=True)
-    queue = _checks.features("queue", queue).to(q.dtype)
-    _checks.same_kind("queue", queue, "q", q)
-    (n, d), size, device = q.shape, queue.shape[0], q.device
-    dt = stats_dtype(q.dtype)
-    lam_pos = _mixing_coefficient("lam_pos", lam_pos, [(n,), (n, d)], device, dt)
-    lam_neg = _mixing_coefficient("lam_neg", lam_neg, [(size,)], device, dt)
-    perm = _checks.index_targets("perm", perm, size, size, device)
-    reduction = _checks.reduction(reduction)
-    tau = _checks.temperature("temperature", temperature, device, dt)
-    backend = resolve(backend, device, implemented=ft_moco_ops.KERNELS.backends)
-    if backend == "reference":
-        return ft_moco_reference.ft_moco_loss(q, k, queue, lam_pos, lam_neg, perm, tau,
-                                              normalize, normalize_mixed, reduction)
-    anchors, keys = q.to(dt), k.detach().to(dt)
-    if normalize:
-        anchors, keys = F.normalize(anchors, dim=1), F.normalize(keys, dim=1)
-    q_hat, k_hat = ft_moco_reference.extrapolate_pair(anchors, keys, lam_pos)
-    if normalize_mixed:
-        q_hat, k_hat = F.normalize(q_hat, dim=1), F.normalize(k_hat, dim=1)
-    scale = 1 / tau
-    pos = scale * (q_hat * k_hat).sum(1)
-    negatives = queue.detach().contiguous()
-    weights = ft_moco_ops.interpolation_weights(negatives, lam_neg, perm, normalize)
-    neg_lse = ft_moco_ops.negatives_lse(q_hat.to(q.dtype).contiguous(), negatives, *weights,
-                                        perm, scale, backend)
-    return reduce_anchors(torch.logaddexp(pos, neg_lse) - pos, None, None, reduction)
+    def forward(self, z1: Tensor, z2: Tensor, weights: Optional[Tensor] = None) -> Tensor:
+        if isinstance(z2, Tensor) and z2.dim() == 1 and not z2.is_floating_point():
+            raise TypeError("NTXentLoss takes two views (z1, z2), got labels as z2; for "
+                            "pytorch-metric-learning's (embeddings, labels) use PairNTXentLoss "
+                            "or pyclloss.compat.pml.NTXentLoss")
+        return nt_xent(z1, z2, self.temperature, weights=weights, reduction=self.reduction,
+                       backend=self.backend, **self.distributed)
 
 
-# ------------------------------------------------------- gated subspaces (Hydra / SimLAP)
+class PairNTXentLoss(_Distributable):
+    """pytorch-metric-learning's NTXentLoss with labels; ``forward(embeddings, labels)``.
+    See :func:`pyclloss.pair_nt_xent`."""
+
+    def __init__(self, temperature: float = 0.07, reduction: str = "mean", backend: str = "auto", *,
+                 gather_distributed: bool = False, process_group=None,
+                 strategy: str = "all_gather"):
+        super().__init__(reduction, backend, gather_distributed, process_group, strategy)
+        self.temperature = temperature
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        return pair_nt_xent(embeddings, labels, self.temperature, reduction=self.reduction,
+                            backend=self.backend, **self.distributed)
 
 
-def gated_info_nce(q: Tensor, k: Tensor, gates: Tensor, labels: Tensor, partner_labels: Tensor,
-                   key_labels: Optional[Tensor] = None, temperature=0.2, *,
-                   reduction: str = "mean", backend: str = "auto",
-                   gather_distributed: bool = False, process_group=None,
-                   strategy: str = "all_gather") -> Tensor:
-    """The gated-subspace loss of Hydra / SimLAP (Wu et al., "Rethinking Positive
-    Pairs in Contrastive Learning", 2024), pairwise multi-positive form.
+class SupConLoss(_Distributable):
+    """Supervised contrastive loss; ``forward(features, labels=None)``.
+    See :func:`pyclloss.supcon`."""
 
-    Anchor b compares with key n in the subspace its gate g_b selects:
-    ``l_bn = <q_b⊙g_b, k_n⊙g_b> / (‖q_b⊙g_b‖·‖k_n⊙g_b‖) / τ``. Its positives are
-    the keys of its partner class (``key_labels[n] == partner_labels[b]``); its
-    own class and the partner class are left out of the negatives:
-    ``L = Σ_{b, n∈P_b} softplus(NEG_b − l_bn) / |P|``,
-    ``NEG_b = LSE_{n: key_labels[n] ∉ {labels[b], partner_labels[b]}} l_bn``.
-    The B×N×K tensor of gated keys is never built (see docs/gated_info_nce.md).
+    def __init__(self, temperature: float = 0.1, base_temperature: Optional[float] = None,
+                 reduction: str = "mean", backend: str = "auto", *,
+                 gather_distributed: bool = False, process_group=None,
+                 strategy: str = "all_gather"):
+        super().__init__(reduction, backend, gather_distributed, process_group, strategy)
+        self.temperature, self.base_temperature = temperature, base_temperature
 
-    Gated norms are clamped below at 1e-12 as ``F.normalize`` does, in every
-    backend. An anchor without positives adds 0; an anchor without negatives
-    has ``NEG_b = −inf`` and its positive terms are 0 (as in the authors'
-    code); a batch without positive pairs gives 0, never NaN.
-
-    Args:
-        q: (B, K) anchors; k: (N, K) keys (not normalised inside: the loss is
-            invariant to the scale of each row).
-        gates: (B, K) per-anchor gates in (0, 1), cast to q's dtype; gets a gradient.
-        labels: (B,) the anchors' classes; partner_labels: (B,) their partner
-            classes; key_labels: (N,) the keys' classes (default ``labels``, N = B).
-        temperature: τ > 0, a float or a 0-dim tensor (gets a gradient).
-        reduction: "mean" over positive pairs, "sum", or "none" (B,): each
-            anchor's sum over its positives.
-        gather_distributed, process_group, strategy: see the module docstring;
-            the local anchors (with their gates) meet every rank's keys and key
-            labels. With ``"ring"`` the keys and key labels rotate; the gates
-            stay with their anchors.
-    """
-    _checks.features("q", q)
-    _checks.features("k", k)
-    _checks.same_kind("k", k, "q", q)
-    _checks.float_tensor("gates", gates, tuple(q.shape), q.device)
-    _checks.finite("gates", gates)
-    b, n, device = q.shape[0], k.shape[0], q.device
-    labels = _checks.labels("labels", labels, b, device)
-    partner_labels = _checks.labels("partner_labels", partner_labels, b, device)
-    if key_labels is None:
-        if n != b:
-            raise ValueError(f"key_labels is required when k has {n} rows and q has {b}")
-        key_labels = labels
-    key_labels = _checks.labels("key_labels", key_labels, n, device)
-    reduction = _checks.reduction(reduction)
-    tau = _checks.temperature("temperature", temperature, device, stats_dtype(q.dtype))
-    exchange = distributed.exchange(gather_distributed, process_group, strategy)
-    gates = gates.to(q.dtype)
-    backend = resolve(backend, device, implemented=gated_ops.KERNELS.backends)
-    if backend == "reference" and exchange is None:
-        return gated_reference.gated_info_nce(q, k, gates, labels, partner_labels, key_labels,
-                                              tau, reduction=reduction)
-    q, k, gates = q.contiguous(), k.contiguous(), gates.contiguous()
-    if exchange is not None:
-        layout = exchange.layout(n, k, reduction, temperature=tau)
-        tau = exchange.replicated(tau)
-    if exchange is not None and exchange.ring is not None:
-        pos_count, loss_sum = gated_ops.ring_pair_stats(exchange, q, gates, labels, partner_labels,
-                                                        k, key_labels, layout, 1 / tau, backend)
-    else:
-        if exchange is not None:
-            k, key_labels = exchange.gather(k, key_labels, layout)
-        loss_sum, _, pos_count, _ = gated_ops.gated_pair_loss(q, k, gates, 1 / tau, labels,
-                                                              partner_labels, key_labels, backend)
-    if reduction == "none":
-        return loss_sum
-    total = loss_sum.sum()
-    if reduction == "sum":
-        return distributed.over_ranks(exchange, total)
-    pairs = distributed.over_ranks(exchange, pos_count.sum().to(total.dtype)).clamp_min(1)
-    return distributed.over_ranks(exchange, total / pairs)
+    def forward(self, features: Tensor, labels: Optional[Tensor] = None,
+                weights: Optional[Tensor] = None) -> Tensor:
+        return supcon(features, labels, self.temperature, self.base_temperature,
+                      weights=weights, reduction=self.reduction, backend=self.backend,
+                      **self.distributed)
 
 
-# ---------------------------------------------------------------- regression losses
+class InfoNCELoss(_Distributable):
+    """One-direction InfoNCE; ``forward(query, key, targets=None, queue=None, weights=None)``.
+    ``in_batch_negatives``: whether the other keys are negatives (default; else
+    the queue only, MoCo). See :func:`pyclloss.info_nce`."""
+
+    def __init__(self, temperature: float = 0.07, normalize: bool = True,
+                 reduction: str = "mean", backend: str = "auto", *,
+                 in_batch_negatives: bool = True, gather_distributed: bool = False,
+                 process_group=None, strategy: str = "all_gather"):
+        super().__init__(reduction, backend, gather_distributed, process_group, strategy)
+        self.temperature, self.normalize = temperature, normalize
+        self.in_batch_negatives = in_batch_negatives
+
+    def forward(self, query: Tensor, key: Tensor, targets: Optional[Tensor] = None,
+                queue: Optional[Tensor] = None, weights: Optional[Tensor] = None) -> Tensor:
+        return info_nce(query, key, self.temperature, targets, queue, weights, self.normalize,
+                        in_batch_negatives=self.in_batch_negatives, reduction=self.reduction,
+                        backend=self.backend, **self.distributed)
 
 
-def _fixed_positive(name: str, value) -> float:
-    """A hyper-parameter > 0 that gets no gradient, as a float (the ops take one)."""
-    if isinstance(value, torch.Tensor) and value.requires_grad:
-        raise ValueError(f"{name} must be a fixed number here (no gradient), got a tensor that "
-                         f"requires grad")
-    device = value.device if isinstance(value, torch.Tensor) else torch.device("cpu")
-    _checks.positive(name, value, device, torch.float64)
-    return float(value)
+class ClipLoss(_Distributable):
+    """open_clip's ``ClipLoss``; ``forward(image_features, text_features,
+    logit_scale)``. See :func:`pyclloss.clip_loss`."""
+
+    def __init__(self, reduction: str = "mean", backend: str = "auto", *,
+                 gather_distributed: bool = False, process_group=None,
+                 strategy: str = "all_gather"):
+        super().__init__(reduction, backend, gather_distributed, process_group, strategy)
+
+    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale) -> Tensor:
+        return clip_loss(image_features, text_features, logit_scale, reduction=self.reduction,
+                         backend=self.backend, **self.distributed)
 
 
-def _regression_labels(name: str, y, n: int, device: torch.device, dtype: torch.dtype,
-                       multi_dim: bool = False) -> Tensor:
-    """Real-valued labels (n,) (or (n, L) with ``multi_dim``) in ``dtype``."""
-    if not isinstance(y, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(y).__name__}")
-    if y.dtype.is_complex or y.dtype == torch.bool:
-        raise TypeError(f"{name} must hold real numbers, got {y.dtype}")
-    if y.shape[:1] != (n,) or y.dim() not in ((1, 2) if multi_dim else (1,)):
-        shapes = f"({n},) or ({n}, L)" if multi_dim else f"({n},)"
-        raise ValueError(f"{name} must have shape {shapes}, got {tuple(y.shape)}")
-    if y.device != device:
-        raise ValueError(f"{name} is on {y.device} but the features are on {device}")
-    y = y.detach().to(dtype)
-    _checks.finite(name, y)
-    return y.contiguous()
+class SigLipLoss(_Distributable):
+    """open_clip's ``SigLipLoss``; ``forward(image_features, text_features,
+    logit_scale, logit_bias)``. See :func:`pyclloss.siglip_loss`."""
+
+    def __init__(self, reduction: str = "mean", backend: str = "auto", *,
+                 gather_distributed: bool = False, process_group=None,
+                 strategy: str = "all_gather"):
+        super().__init__(reduction, backend, gather_distributed, process_group, strategy)
+
+    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale,
+                logit_bias) -> Tensor:
+        return siglip_loss(image_features, text_features, logit_scale, logit_bias,
+                           reduction=self.reduction, backend=self.backend,
+                           **self.distributed)
 
 
-def supremix_loss(z: Tensor, t: Tensor, lam_neg: Tensor, temperature=0.5, base_temperature=0.5,
-                  gap: float = 5.0, *, reduction: str = "mean", backend: str = "auto") -> Tensor:
-    """SupReMix (Wu et al., "Mixup Your Own Pairs"): supervised contrastive
-    regression with mix-neg and mix-pos mixtures and distance-magnified
-    denominators (docs/losses.md, ``pyclloss.reference.supremix``).
+class MoCoLoss(nn.Module):
+    """MoCo's InfoNCE with a FIFO queue of negatives (He et al., CVPR 2020).
 
-    For anchor i: mix-neg ``λ_ik·z_i + (1−λ_ik)·z_k`` for every k with
-    t_k ≠ t_i; mix-pos ``α·z_j + (1−α)·z_k`` for t_j < t_i < t_k with both
-    gaps < ``gap``, α = (t_k − t_i)/(t_k − t_j). Mixtures are detached;
-    denominator terms weighted by |t_i − t_c| + 1. Anchors without a positive
-    give 0 and are left out of the mean. The fused backends work on the Gram
-    matrix: O(n²) memory, O(n³) scalar work, nothing n×n×n.
+    ``forward(query, key)`` is MoCo's ``CE([q·k₊, q·queueᵀ] / τ, 0)``: each
+    query against its own key and the queue, the other keys of the batch are
+    not negatives (:func:`pyclloss.info_nce` with ``in_batch_negatives=False``;
+    lightly's ``NTXentLoss`` with a memory bank). It then enqueues the
+    normalised, detached keys, overwriting the oldest entries. The queue
+    starts, as in MoCo, filled with random unit vectors.
 
     Args:
-        z: (n, D) embeddings, L2-normalised inside; n >= 2.
-        t: (n,) real-valued labels.
-        lam_neg: (n, n) λ of the mix-neg pair (i, k) in [0, 1] (SupReMixLoss
-            draws them from Beta(2, 8)); entries of other pairs are ignored.
-        temperature, base_temperature: τ, τ_b > 0, floats or 0-dim tensors
-            (they get gradients).
-        gap: mix-pos neighbours lie closer than this to the anchor's label.
-        reduction: "mean" over anchors with a positive, "sum", or "none" (n,).
+        dim: embedding size D. queue_size: number of queued negatives.
+        temperature: τ (MoCo v2: 0.2).
+        gather_distributed, process_group: run over a torch.distributed group
+            (default group: the world) as one big batch: the loss is the mean
+            over every rank's queries, and every rank enqueues every rank's keys
+            (rank-major, MoCo's concat_all_gather), so all ranks hold the same
+            queue; the first such call gives every rank the queue of the
+            group's first rank. Without an initialised process group: one
+            process. Keys never travel for the loss itself, so there is no
+            ``strategy``. Gradients follow docs/distributed.md.
     """
-    _checks.features("z", z, min_rows=2)
-    n, device, dt = z.shape[0], z.device, stats_dtype(z.dtype)
-    t = _regression_labels("t", t, n, device, dt)
-    lam = _checks.float_tensor("lam_neg", lam_neg, (n, n), device).detach().to(dt).contiguous()
-    _checks.require((lam >= 0) & (lam <= 1), "lam_neg must lie in [0, 1]")
-    reduction = _checks.reduction(reduction)
-    tau = _checks.temperature("temperature", temperature, device, dt)
-    tau_b = _checks.temperature("base_temperature", base_temperature, device, dt)
-    gap = _fixed_positive("gap", gap)
-    backend = resolve(backend, device, supremix_ops.KERNELS.backends)
-    if backend == "reference":
-        return supremix_reference.supremix_loss(z, t, lam, tau, tau_b, gap, reduction)
-    lse, pos_sum, pos_count, _ = supremix_ops.supremix(unit_rows(z), t, lam, 1 / tau, gap, backend)
-    per_anchor = (tau / tau_b) * (lse - pos_sum / pos_count.clamp_min(1))
-    return reduce_anchors(per_anchor, pos_count > 0, None, reduction)
 
+    def __init__(self, dim: int, queue_size: int = 65536, temperature: float = 0.2,
+                 backend: str = "auto", *, gather_distributed: bool = False,
+                 process_group=None):
+        super().__init__()
+        if not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        if not isinstance(queue_size, int) or queue_size < 1:
+            raise ValueError(f"queue_size must be a positive int, got {queue_size!r}")
+        self.temperature, self.backend = temperature, backend
+        self.gather_distributed, self.process_group = gather_distributed, process_group
+        self.register_buffer("queue", F.normalize(torch.randn(queue_size, dim), dim=1))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        self._queue_shared = False
 
-def rnc_loss(features: Tensor, labels: Tensor, temperature=2.0, *, reduction: str = "mean",
-             backend: str = "auto") -> Tensor:
-    """Rank-N-Contrast (Zha et al., NeurIPS 2023); equals the authors' ``RnCLoss``.
+    def forward(self, query: Tensor, key: Tensor) -> Tensor:
+        exchange, layout = self._join(key)
+        per_query = info_nce(query, key, self.temperature, queue=self.queue,
+                             in_batch_negatives=False, reduction="none", backend=self.backend)
+        return self._mean_and_enqueue(per_query, key, exchange, layout)
 
-    ``s_ij = −‖v_i − v_j‖₂/τ``, ``d_ij = ‖y_i − y_j‖₁``;
-    ``L = −1/(n(n−1))·Σ_i Σ_{j≠i} [s_ij − log Σ_{k≠i, d_ik ≥ d_ij} exp(s_ik)]``.
-    The fused backends never build the n×n×n mask: the C++ kernel sorts each
-    row by d (O(n² log n)), ties grouped exactly. Features are not normalised.
+    def _join(self, key: Tensor):
+        """(Exchange, Layout of the keys) of a distributed call, else (None, None).
+        Checks that the ranks agree, then gives them the first rank's queue once."""
+        exchange = distributed.exchange(self.gather_distributed, self.process_group, "all_gather")
+        if exchange is None:
+            return None, None
+        layout = exchange.layout(key.shape[0], key, "mean", temperature=self.temperature,
+                                 queue_size=self.queue.shape[0])
+        if not self._queue_shared:
+            first = dist.get_global_rank(exchange.group, 0)
+            dist.broadcast(self.queue, first, group=exchange.group)
+            dist.broadcast(self.queue_ptr, first, group=exchange.group)
+            self._queue_shared = True
+        return exchange, layout
 
-    Args:
-        features: (n, D), or (B, V, D) views (the authors' (B, 2, D)), stacked
-            view-major; n >= 2 in all.
-        labels: (n,) or (n, L) real labels ((B,) or (B, L) for 3-D features).
-        temperature: τ > 0, a float or a 0-dim tensor (gets a gradient).
-        reduction: "mean" (the authors' loss), "sum", or "none": (n,) each
-            anchor's mean over j ≠ i.
-    """
-    _checks.features("features", features, ndims=(2, 3))
-    device, dt = features.device, stats_dtype(features.dtype)
-    labels = _regression_labels("labels", labels, features.shape[0], device, dt, multi_dim=True)
-    if features.dim() == 3:
-        views = features.shape[1]
-        features = features.transpose(0, 1).reshape(-1, features.shape[2])
-        labels = labels.repeat(views, *([1] * (labels.dim() - 1)))
-    n = features.shape[0]
-    if n < 2:
-        raise ValueError(f"features needs at least 2 samples in all, got {n}")
-    reduction = _checks.reduction(reduction)
-    tau = _checks.temperature("temperature", temperature, device, dt)
-    backend = resolve(backend, device, rnc_ops.KERNELS.backends)
-    if backend == "reference":
-        return rnc_reference.rnc_loss(features, labels, tau, reduction)
-    sim = -rnc_ops.rnc_distances(features.to(dt), backend) / tau
-    rows = rnc_ops.rnc_rows(sim, rnc_reference.label_distance(labels), backend)
-    return reduce_anchors(rows / (n - 1), None, None, reduction)
+    def _mean_and_enqueue(self, per_query: Tensor, key: Tensor, exchange, layout) -> Tensor:
+        """The mean loss over the batch, every rank's when distributed; the keys
+        (every rank's) enqueued."""
+        if exchange is None:
+            loss = per_query.mean()
+        else:
+            loss = exchange.reduce(per_query, None, None, "mean")
+            key = exchange.all_rows(key, layout)
+        self._enqueue(key)
+        return loss
+
+    @torch.no_grad()
+    def _enqueue(self, key: Tensor) -> None:
+        size = self.queue.shape[0]
+        keys = F.normalize(key.detach().to(self.queue.dtype), dim=1)[-size:]
+        start = int(self.queue_ptr)
+        rows = (start + torch.arange(keys.shape[0], device=keys.device)) % size
+        self.queue[rows] = keys
+        self.queue_ptr.fill_((start + keys.shape[0]) % size)

@@ -33,8 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pyclloss  # noqa: E402
 import pyclloss._C  # noqa: E402,F401  (registers torch.ops.pyclloss_C)
-from pyclloss.benchmark import peak_extra_bytes  # noqa: E402
-from pyclloss.energy import cpu_model  # noqa: E402
+from pyclloss.tools.benchmark import peak_extra_bytes  # noqa: E402
+from pyclloss.tools.energy import cpu_model  # noqa: E402
 from pyclloss.ops import ft_moco as ops  # noqa: E402
 from pyclloss.ops import info_nce as core  # noqa: E402
 from pyclloss.reference import ft_moco as ref  # noqa: E402

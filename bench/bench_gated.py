@@ -7,7 +7,7 @@ kernels avoid; the ``gated`` rows of `pyclloss bench` at the issue's K = 256.
 
 import sys
 
-from pyclloss.benchmark import main
+from pyclloss.tools.benchmark import main
 
 if __name__ == "__main__":
     raise SystemExit(main(["--losses", "gated", "--dim", "256", *sys.argv[1:]]))

@@ -42,7 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pyclloss
 import pyclloss.sorting as S
 from pyclloss.backends import resolve
-from pyclloss.benchmark import peak_extra_bytes
+from pyclloss.tools.benchmark import peak_extra_bytes
 from pyclloss.ops import sorting as sorting_ops
 from pyclloss.reference.sorting import network_layers
 

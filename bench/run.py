@@ -1,6 +1,6 @@
 """The benchmark report (same as `pyclloss bench`)."""
 
-from pyclloss.benchmark import main
+from pyclloss.tools.benchmark import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from pyclloss import benchmark
+from pyclloss.tools import benchmark
 
 
 def _impls(loss):

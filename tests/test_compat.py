@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from pyclloss import peers
+from pyclloss.tools import peers
 from pyclloss.compat import lightly as compat_lightly
 from pyclloss.compat import open_clip as compat_open_clip
 from pyclloss.compat import pml as compat_pml

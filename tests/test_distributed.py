@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import pyclloss
 import pyclloss as fn
-from pyclloss.benchmark import peak_extra_bytes
+from pyclloss.tools.benchmark import peak_extra_bytes
 
 STRATEGIES = ("all_gather", "ring")
 BACKENDS = ("cpp", "reference")

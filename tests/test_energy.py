@@ -8,8 +8,8 @@ import types
 
 import pytest
 
-from pyclloss import energy
-from pyclloss.energy import EnergyMeter, energy_report, nvml_counters, rapl_counters
+from pyclloss.tools import energy
+from pyclloss.tools.energy import EnergyMeter, energy_report, nvml_counters, rapl_counters
 
 
 def write_zone(root, zone, name, energy_uj, max_range_uj=None):
@@ -208,7 +208,7 @@ def test_meter_as_decorator(powercap):
 
 @pytest.fixture
 def bench_energy():
-    from pyclloss import energy_benchmark
+    from pyclloss.tools import energy_benchmark
 
     return energy_benchmark
 
@@ -319,7 +319,7 @@ def test_the_loss_workload_runs_every_registered_loss(bench_energy):
     """The loss workload's embeddings have --dim columns, whatever the trainer's default."""
     import torch
 
-    from pyclloss.train import LOSSES, TrainConfig
+    from pyclloss.tools.train import LOSSES, TrainConfig
 
     args = types.SimpleNamespace(batch_size=16, dim=24)
     for name in LOSSES:

@@ -9,7 +9,7 @@ import torch
 
 import pyclloss
 from pyclloss.backends import BACKENDS, KernelFamily, compiled, families, module, resolve
-from pyclloss.cli import main
+from pyclloss.tools.cli import main
 from pyclloss.reference import rnc as rnc_reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,3 +70,18 @@ def test_triton_kernels_are_leaves():
                     assert (level, imported) in ((1, "common"), (1, "tuning")), (name, imported)
                 else:
                     assert imported.split(".")[0] != "pyclloss", (name, imported)
+
+
+def test_the_library_never_imports_a_tool():
+    # python -m pyclloss (__main__.py) is the console script: a tool
+    package = os.path.join(ROOT, "pyclloss")
+    for folder, _, files in os.walk(package):
+        parts = ["pyclloss"] + [p for p in os.path.relpath(folder, package).split(os.sep)
+                                if p != "."]
+        if parts[1:2] == ["tools"]:
+            continue
+        for name in (n for n in files if n.endswith(".py") and n != "__main__.py"):
+            for level, imported in _imports(os.path.join(folder, name)):
+                base = parts[:len(parts) - level + 1] if level else []
+                absolute = ".".join(base + [imported])
+                assert not absolute.startswith("pyclloss.tools"), (folder, name, imported)

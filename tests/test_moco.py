@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import pyclloss
-from pyclloss import peers
+from pyclloss.tools import peers
 
 from conftest import fused_backends
 

@@ -154,7 +154,7 @@ with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     import pyclloss
     from pyclloss.backends import resolve
-    from pyclloss.cli import main
+    from pyclloss.tools.cli import main
     x = torch.randn(6, 4)
     pyclloss.nt_xent(x, x)
     pyclloss.supcon(x, torch.arange(6) % 2)

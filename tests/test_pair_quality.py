@@ -24,7 +24,7 @@ from scipy.stats import norm
 from torch import nn
 
 import pyclloss
-from pyclloss import peers
+from pyclloss.tools import peers
 from pyclloss.pair_quality import DBPM, DirectPredictor, quality_weights
 from pyclloss.reference import pair_quality as ref
 

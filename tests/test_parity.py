@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pyclloss
-from pyclloss import peers
+from pyclloss.tools import peers
 
 from conftest import fused_backends
 

@@ -16,16 +16,16 @@ import pytest
 import torch
 
 import pyclloss
-from pyclloss import cli
+from pyclloss.tools import cli
 from pyclloss.reference import info_nce as reference
-from pyclloss.train import LOSSES, TrainConfig, main, train
-from pyclloss.train import trainer as trainer_module
-from pyclloss.train.data import augment, epoch_generator, load_dataset, load_tensor_file
-from pyclloss.train.evaluate import knn_accuracy, linear_probe_accuracy
-from pyclloss.train import report
-from pyclloss.train.losses import loss_function
-from pyclloss.train.progress import Progress
-from pyclloss.train.report import summary_lines
+from pyclloss.tools.train import LOSSES, TrainConfig, main, train
+from pyclloss.tools.train import trainer as trainer_module
+from pyclloss.tools.train.data import augment, epoch_generator, load_dataset, load_tensor_file
+from pyclloss.tools.train.evaluate import knn_accuracy, linear_probe_accuracy
+from pyclloss.tools.train import report
+from pyclloss.tools.train.losses import loss_function
+from pyclloss.tools.train.progress import Progress
+from pyclloss.tools.train.report import summary_lines
 
 
 @pytest.fixture(autouse=True)
@@ -493,7 +493,7 @@ def test_the_backend_is_passed_to_the_loss(monkeypatch):
         return backend
 
     library = type("Library", (), {"fused": staticmethod(fused)})
-    monkeypatch.setattr("pyclloss.train.losses._loss_library", lambda: library)
+    monkeypatch.setattr("pyclloss.tools.train.losses._loss_library", lambda: library)
     assert loss_function("fused", "triton")(None, None) == "triton"
     assert loss_function("fused", "auto")(None, None) == "auto"
 

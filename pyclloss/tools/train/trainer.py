@@ -14,14 +14,14 @@ from typing import Optional
 import numpy as np
 import torch
 
-from pyclloss import _arguments as arguments
-from pyclloss.energy import EnergyMeter, energy_report, gpus_of
-from pyclloss.train.data import (augment, epoch_generator, load_dataset, read_torch_file,
+from pyclloss.tools import _arguments as arguments
+from pyclloss.tools.energy import EnergyMeter, energy_report, gpus_of
+from pyclloss.tools.train.data import (augment, epoch_generator, load_dataset, read_torch_file,
                                  train_test_split)
-from pyclloss.train.evaluate import evaluate
-from pyclloss.train.losses import LOSSES
-from pyclloss.train.model import ContrastiveLearner, Encoder
-from pyclloss.train.progress import Progress
+from pyclloss.tools.train.evaluate import evaluate
+from pyclloss.tools.train.losses import LOSSES
+from pyclloss.tools.train.model import ContrastiveLearner, Encoder
+from pyclloss.tools.train.progress import Progress
 
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 BACKENDS = ("auto", "cpp", "triton", "cuda", "reference")

@@ -230,7 +230,7 @@ def measure_one(loss: str, impl: str, n: int, d: int, device: str, dtype_name: s
 
 
 def _run_isolated(args, loss, impl, n) -> Dict:
-    cmd = [sys.executable, "-m", "pyclloss.benchmark", "--single", loss, impl, str(n),
+    cmd = [sys.executable, "-m", "pyclloss.tools.benchmark", "--single", loss, impl, str(n),
            "--dim", str(args.dim), "--device", args.device, "--dtype", args.dtype,
            "--min-run-time", str(args.min_run_time), "--min-blocks", str(args.min_blocks)]
     # A fixed mmap threshold makes glibc return every large buffer to the OS on
@@ -282,7 +282,7 @@ def _peers_here(device: str) -> Dict[str, str]:
 def machine(device: str) -> str:
     import torch
 
-    from pyclloss.energy import cpu_model
+    from pyclloss.tools.energy import cpu_model
 
     if device == "cuda":
         return f"GPU {torch.cuda.get_device_name()}"

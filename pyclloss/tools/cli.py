@@ -17,7 +17,7 @@ def info(args: argparse.Namespace) -> int:
 
     import pyclloss
     from pyclloss.backends import extension_status
-    from pyclloss.energy import cpu_model
+    from pyclloss.tools.energy import cpu_model
 
     print(version())
     print(f"python   {platform.python_version()} ({sys.executable})")
@@ -63,19 +63,19 @@ def kernel_table() -> List[str]:
 
 
 def bench(argv: List[str]) -> int:
-    from pyclloss.benchmark import main as bench_main
+    from pyclloss.tools.benchmark import main as bench_main
 
     return bench_main(argv)
 
 
 def train(argv: List[str]) -> int:
-    from pyclloss.train.cli import main as train_main
+    from pyclloss.tools.train.cli import main as train_main
 
     return train_main(argv)
 
 
 def energy(argv: List[str]) -> int:
-    from pyclloss.energy_benchmark import main as energy_main
+    from pyclloss.tools.energy_benchmark import main as energy_main
 
     return energy_main(argv)
 

@@ -6,11 +6,11 @@ import os
 import sys
 from typing import List, Optional
 
-from pyclloss import _arguments as arguments
-from pyclloss.train.losses import LOSSES
-from pyclloss.train.report import (RUNS_FOLDER, SUMMARY_FILE, new_run_folder, summary_lines,
+from pyclloss.tools import _arguments as arguments
+from pyclloss.tools.train.losses import LOSSES
+from pyclloss.tools.train.report import (RUNS_FOLDER, SUMMARY_FILE, new_run_folder, summary_lines,
                                    write_json)
-from pyclloss.train.trainer import BACKENDS, PRECISIONS, TrainConfig, check_config, train
+from pyclloss.tools.train.trainer import BACKENDS, PRECISIONS, TrainConfig, check_config, train
 
 DESCRIPTION = f"""\
 Contrastive pre-training of a small CNN with a pyclloss loss; kNN and linear-probe

@@ -1,5 +1,0 @@
-import sys
-
-from pyclloss.train.cli import main
-
-sys.exit(main())

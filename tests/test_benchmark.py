@@ -11,9 +11,9 @@ from pyclloss.tools import benchmark
 
 
 def _impls(loss):
-    here = [b for b in benchmark._backends_here("cpu") if b != "triton"]  # interpreter: slow
+    here = [b for b in benchmark._backends_here("cpu", loss) if b != "triton"]  # interpreter
     peers = benchmark._peers_here("cpu")
-    return here + [p for p in benchmark.PEERS[loss] if not peers[p]]
+    return here + [p for p in benchmark.WORKLOADS[loss].peers if not peers[p]]
 
 
 @pytest.mark.parametrize("loss", benchmark.LOSSES)
@@ -21,9 +21,9 @@ def test_every_implementation_computes_the_same_loss(loss):
     """The columns of one table measure the same computation."""
     values = {}
     for impl in _impls(loss):
-        inputs = benchmark._inputs(loss, 24, 16, "cpu", torch.float64 if impl != "diffsort"
-                                   else torch.float32)
-        values[impl] = benchmark._loss_call(loss, impl, inputs)().item()
+        inputs = benchmark.inputs(loss, 24, 16, "cpu", torch.float64 if impl != "diffsort"
+                                  else torch.float32)
+        values[impl] = benchmark.loss_call(loss, impl, inputs)().item()
         benchmark._step_fn(loss, impl, inputs)()
         assert all(t.grad is not None and torch.isfinite(t.grad).all()
                    for t in inputs.values() if t.requires_grad), impl
@@ -31,6 +31,28 @@ def test_every_implementation_computes_the_same_loss(loss):
     first = next(iter(values.values()))
     for impl, value in values.items():
         assert value == pytest.approx(first, rel=1e-4), (impl, values)
+
+
+def test_every_op_family_has_a_workload():
+    from pyclloss.backends import families
+
+    assert {w.family for w in benchmark.WORKLOADS.values()} == set(families())
+
+
+def test_without_sizes_each_loss_runs_at_its_own(monkeypatch):
+    cells = []
+    monkeypatch.setattr(benchmark, "_run_isolated",
+                        lambda args, loss, impl, n: cells.append((loss, impl, n)) or _timed(1))
+    args = _args(sizes=None, losses=["supcon", "rnc"], impls=["reference"])
+    measured = benchmark.measure_all(args)
+    assert cells == [("supcon", "reference", n) for n in benchmark.WORKLOADS["supcon"].sizes] + [
+        ("rnc", "reference", n) for n in benchmark.WORKLOADS["rnc"].sizes]
+    assert benchmark.WORKLOADS["rnc"].sizes != benchmark.WORKLOADS["supcon"].sizes
+    assert list(measured["results"]) == ["supcon", "rnc"]
+    args = _args(sizes=[64], losses=["rnc"], impls=["reference"])
+    cells.clear()
+    benchmark.measure_all(args)
+    assert cells == [("rnc", "reference", 64)]
 
 
 def test_measure_one_reports_time_spread_and_memory():

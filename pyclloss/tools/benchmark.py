@@ -2,15 +2,12 @@
 for every backend here and the peer implementations that are installed, as a
 markdown table and a PNG plot.
 
-Losses and their peers:
-
-- ``supcon``: pytorch-metric-learning ``SupConLoss``;
-- ``nt_xent``: pytorch-metric-learning ``NTXentLoss``, lightly ``NTXentLoss``;
-- ``clip``: open_clip ``ClipLoss``, Inf-CL (CUDA only);
-- ``siglip``: open_clip ``SigLipLoss``;
-- ``diff_sort``: N rows of 16 values, odd-even, cauchy; diffsort ``DiffSortNet``;
-- ``gated``: ``gated_info_nce`` with B = N anchors and keys of D = K dims, 100
-  classes (the reference builds the B×N×K gated keys).
+The losses, their inputs and their peers are the workloads of
+``pyclloss.tools.workloads``: by default supcon (pytorch-metric-learning),
+nt_xent (pytorch-metric-learning, lightly), clip (open_clip, Inf-CL on CUDA),
+siglip (open_clip), diff_sort (diffsort) and gated; supremix, rnc and
+ft_moco against their references on request (``--losses``), each at its own
+sizes unless ``--sizes`` is given.
 
 Each (loss, implementation, N) runs in a fresh subprocess, so that peak memory
 is that run's alone: on the CPU it is the growth of the process's peak resident
@@ -39,98 +36,20 @@ from typing import Callable, Dict, List, Optional
 
 from . import _arguments as arguments
 from . import peers
+from .workloads import DEFAULT_SIZES, PEERS, WORKLOADS, estimated_bytes, inputs, loss_call
 
-LOSSES = ("supcon", "nt_xent", "clip", "siglip", "diff_sort", "gated")
+LOSSES = tuple(WORKLOADS)
+DEFAULT_LOSSES = [name for name, workload in WORKLOADS.items() if workload.in_default_run]
 BACKEND_IMPLS = ("cuda", "cpp", "triton", "reference")
 FUSED_IMPLS = ("cuda", "cpp", "triton")
-PEERS = {"supcon": ("pml",), "nt_xent": ("pml", "lightly"), "clip": ("open_clip", "inf_cl"),
-         "siglip": ("open_clip",), "diff_sort": ("diffsort",), "gated": ()}
-IMPLS = BACKEND_IMPLS + ("pml", "lightly", "open_clip", "inf_cl", "diffsort")
-SORT_SIZE = 16  # values per row of the diff_sort rows
-GATED_CLASSES = 100
+IMPLS = BACKEND_IMPLS + tuple(PEERS)
 GIB = 1024 ** 3
 
 
-def _inputs(loss: str, n: int, d: int, device: str, dtype) -> Dict:
-    """The leaf tensors (with gradients) and other arguments of one configuration."""
-    import torch
-
-    gen = torch.Generator(device="cpu").manual_seed(n)
-    leaf = lambda *shape: torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
-    if loss == "diff_sort":
-        return {"x": leaf(n, SORT_SIZE).requires_grad_(), "w": leaf(n, SORT_SIZE),
-                "wp": leaf(n, SORT_SIZE, SORT_SIZE)}
-    if loss in ("clip", "siglip"):
-        unit = lambda: torch.nn.functional.normalize(leaf(n, d), dim=1).requires_grad_()
-        return {"img": unit(), "txt": unit(),
-                "scale": torch.tensor(1 / 0.07, device=device), "bias":
-                torch.tensor(-10.0, device=device)}
-    if loss == "gated":
-        labels = torch.randint(0, GATED_CLASSES, (n,), generator=gen).to(device)
-        return {"q": leaf(n, d).requires_grad_(), "k": leaf(n, d).requires_grad_(),
-                "gates": torch.rand(n, d, generator=gen).to(device, dtype).requires_grad_(),
-                "labels": labels, "partners": labels[torch.randperm(n, generator=gen).to(device)]}
-    labels = torch.randint(0, max(2, n // 8), (n,), generator=gen).to(device)
-    return {"x": leaf(n, d).requires_grad_(), "labels": labels}
-
-
-def _loss_call(loss: str, impl: str, a: Dict) -> Callable:
-    """A closure computing the scalar to differentiate, with ``impl``."""
-    import torch
-
-    import pyclloss
-
-    if loss == "diff_sort":
-        if impl == "diffsort":
-            sort = peers.diffsort_net()("odd_even", SORT_SIZE, steepness=10.0,
-                                        distribution="cauchy").to(a["x"].device)
-        else:
-            sort = lambda x: pyclloss.diff_sort(x, "odd_even", 10.0, "cauchy", backend=impl)
-
-        def sorted_and_p():
-            values, p = sort(a["x"])
-            return (values * a["w"]).sum() + (p * a["wp"]).sum()
-        return sorted_and_p
-    if loss == "gated":
-        return lambda: pyclloss.gated_info_nce(a["q"], a["k"], a["gates"], a["labels"],
-                                               a["partners"], backend=impl)
-    if loss in ("clip", "siglip"):
-        img, txt, scale, bias = a["img"], a["txt"], a["scale"], a["bias"]
-        if impl == "open_clip":
-            oc = peers.open_clip_losses()
-            if loss == "clip":
-                clip = oc.ClipLoss()
-                return lambda: clip(img, txt, scale)
-            siglip = oc.SigLipLoss()
-            return lambda: siglip(img, txt, scale, bias)
-        if impl == "inf_cl":
-            one_way = peers.inf_cl_loss()
-            return lambda: (one_way(img, txt, scale=scale) + one_way(txt, img, scale=scale)) / 2
-        if loss == "clip":
-            return lambda: pyclloss.clip_loss(img, txt, scale, backend=impl)
-        return lambda: pyclloss.siglip_loss(img, txt, scale, bias, backend=impl)
-    x, labels = a["x"], a["labels"]
-    b = x.shape[0] // 2
-    views = torch.cat([torch.arange(b)] * 2).to(x.device)
-    if impl == "pml":
-        pml = peers.pml_losses()
-        if loss == "supcon":
-            supcon = pml.SupConLoss(temperature=0.1)
-            return lambda: supcon(x, labels)
-        pml_ntxent = pml.NTXentLoss(temperature=0.5)
-        return lambda: pml_ntxent(x[: 2 * b], views)
-    if impl == "lightly":
-        lightly_ntxent = peers.lightly_ntxent()(temperature=0.5)
-        return lambda: lightly_ntxent(x[:b], x[b: 2 * b])
-    if loss == "supcon":
-        return lambda: pyclloss.supcon(x, labels, 0.1, backend=impl)
-    return lambda: pyclloss.nt_xent(x[:b], x[b: 2 * b], 0.5, backend=impl)
-
-
-def _step_fn(loss: str, impl: str, inputs: Dict) -> Callable[[], None]:
+def _step_fn(loss: str, impl: str, args: Dict) -> Callable[[], None]:
     """One forward+backward of ``loss`` with ``impl``."""
-    call = _loss_call(loss, impl, inputs)
-    leaves = [t for t in inputs.values() if t.requires_grad]
+    call = loss_call(loss, impl, args)
+    leaves = [t for t in args.values() if t.requires_grad]
 
     def step():
         for t in leaves:
@@ -138,22 +57,6 @@ def _step_fn(loss: str, impl: str, inputs: Dict) -> Callable[[], None]:
         call().backward()
 
     return step
-
-
-def _estimated_bytes(loss: str, impl: str, n: int, d: int) -> float:
-    """What a dense implementation needs, to skip cells beyond the memory budget."""
-    if loss == "gated":  # gated keys, normalised, and their gradients
-        return 4.0 * 4 * n * n * d if impl == "reference" else 0.0
-    if loss == "diff_sort":
-        # diffsort keeps several (N, n, n) tensors per layer (n layers of odd-even)
-        return 4.0 * 6 * n * SORT_SIZE ** 3 if impl in ("diffsort", "reference") else 0.0
-    if impl == "pml":
-        # NTXentLoss with labels builds a (positive pairs x negative pairs) matrix:
-        # about 16·n³ bytes (measured: 2.1 GiB at n = 512).
-        return 16.0 * n ** 3 if loss == "nt_xent" else 4.0 * 8 * n * n
-    if impl in ("reference", "lightly", "open_clip"):
-        return 4.0 * 6 * n * n  # logits, masks, softmax and their gradients
-    return 0.0
 
 
 def rss_bytes(field: str) -> int:
@@ -219,8 +122,8 @@ def measure_one(loss: str, impl: str, n: int, d: int, device: str, dtype_name: s
     dtype = getattr(torch, dtype_name)
     # One-time library set-up (thread pools, JIT-compiled GEMM kernels) is not
     # memory of the loss: a tiny call first keeps it out of the peak.
-    _step_fn(loss, impl, _inputs(loss, 64, d, device, dtype))()
-    step = _step_fn(loss, impl, _inputs(loss, n, d, device, dtype))
+    _step_fn(loss, impl, inputs(loss, 64, d, device, dtype))()
+    step = _step_fn(loss, impl, inputs(loss, n, d, device, dtype))
     start = time.perf_counter()
     peak = peak_extra_bytes(step, device)
     once = time.perf_counter() - start
@@ -243,36 +146,33 @@ def _run_isolated(args, loss, impl, n) -> Dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _backends_here(device: str) -> List[str]:
+def _backends_here(device: str, loss: str) -> List[str]:
+    """The backends with kernels for ``loss``'s family that run on ``device`` here."""
     import torch
 
     import pyclloss
-    from pyclloss.backends import resolve
+    from pyclloss.backends import families, resolve
 
+    family = families()[WORKLOADS[loss].family]
     here = []
     for name, (ok, _) in pyclloss.backends().items():
         try:
-            if ok and resolve(name, torch.device(device)) == name:
+            if ok and resolve(name, torch.device(device), family.backends) == name:
                 here.append(name)
         except ValueError:
             pass
     return [name for name in BACKEND_IMPLS if name in here]
 
 
-_PEER_LOADERS = {"pml": peers.pml_losses, "lightly": peers.lightly_ntxent,
-                 "open_clip": peers.open_clip_losses, "inf_cl": peers.inf_cl_loss,
-                 "diffsort": peers.diffsort_net}
-
-
 def _peers_here(device: str) -> Dict[str, str]:
     """{peer: "" if it runs here, else why not}."""
     status = {}
-    for name, load in _PEER_LOADERS.items():
-        if name == "inf_cl" and device != "cuda":
-            status[name] = "Inf-CL runs on CUDA only"
+    for name, peer in PEERS.items():
+        if peer.cuda_only and device != "cuda":
+            status[name] = "runs on CUDA only"
             continue
         try:
-            load()
+            peer.load()
             status[name] = ""
         except peers.PeerUnavailable as exc:
             status[name] = str(exc)
@@ -308,8 +208,7 @@ def _header(args, measured: Dict) -> str:
             f"- versions: pyclloss {pyclloss.__version__}, torch {torch.__version__}, "
             f"python {platform.python_version()}\n"
             f"- command: `{cmd.strip()}`\n"
-            f"- D = {args.dim} ({SORT_SIZE} values per row for diff_sort; K = D and "
-            f"{GATED_CLASSES} classes for gated), {args.dtype}\n"
+            f"- D = {args.dim}, {args.dtype}{_notes(measured['results'])}\n"
             f"- time: median per call over blocks of calls (torch.utils.benchmark blocked "
             f"autorange, at least {args.min_run_time:g} s and about {args.min_blocks} blocks per "
             f"cell; {_blocks_range(measured['results'])} blocks), with the interquartile range "
@@ -317,6 +216,12 @@ def _header(args, measured: Dict) -> str:
             f"- peak: extra memory over the inputs after a tiny warm-up call (fresh process per "
             f"cell)\n"
             + (f"- peers not measured: {missing}\n" if missing else ""))
+
+
+def _notes(results: Dict) -> str:
+    """The inputs of the losses measured whose shape is not (N, D)."""
+    notes = [f"{loss}: {WORKLOADS[loss].note}" for loss in results if WORKLOADS[loss].note]
+    return "".join(f"; {note}" for note in notes)
 
 
 def _ms(seconds: float) -> str:
@@ -356,17 +261,17 @@ def _speedups(row: Dict[str, Optional[Dict]], peers: List[str]) -> List[str]:
 
 def measure_all(args) -> Dict:
     """{loss: {impl: {N: result}}} for the implementations that run here."""
-    backends = [b for b in _backends_here(args.device) if not args.impls or b in args.impls]
     peer_status = _peers_here(args.device)
     budget = args.memory_gib * GIB
     results = {}
     for loss in args.losses:
-        impls = backends + [p for p in PEERS[loss] if not peer_status[p]
-                            and (not args.impls or p in args.impls)]
+        impls = _backends_here(args.device, loss) + [p for p in WORKLOADS[loss].peers
+                                                      if not peer_status[p]]
+        impls = [impl for impl in impls if not args.impls or impl in args.impls]
         results[loss] = {impl: {} for impl in impls}
-        for n in args.sizes:
+        for n in args.sizes or WORKLOADS[loss].sizes:
             for impl in impls:
-                estimate = _estimated_bytes(loss, impl, n, args.dim)
+                estimate = estimated_bytes(loss, impl, n, args.dim)
                 if estimate > budget:
                     result = {"error": f"skipped: needs ~{estimate / GIB:,.0f} GiB"}
                 else:
@@ -389,7 +294,7 @@ def markdown(args, measured: Dict, plot_line: Optional[str]) -> str:
         lines.append(f"\n## {loss}\n")
         lines.append("| N | " + " | ".join(impls) + " | speed-up vs best peer | vs reference |")
         lines.append("|---" * (len(impls) + 3) + "|")
-        for n in args.sizes:
+        for n in sorted({n for by_n in by_impl.values() for n in by_n}):
             row = {impl: by_impl[impl].get(n) for impl in impls}
             lines.append(f"| {n} | " + " | ".join(_cell(row[i]) for i in impls) + " | "
                          + " | ".join(_speedups(row, peers)) + " |")
@@ -411,8 +316,7 @@ def pyplot():
 NO_MATPLOTLIB = "matplotlib is not installed (pip install matplotlib)"
 # One colour per implementation in every panel; pyclloss's solid, the peers' dashed.
 COLORS = {"cuda": "tab:green", "cpp": "tab:blue", "triton": "tab:purple",
-          "reference": "tab:gray", "pml": "tab:orange", "lightly": "tab:red",
-          "open_clip": "tab:brown", "inf_cl": "tab:pink", "diffsort": "tab:olive"}
+          "reference": "tab:gray", **{name: peer.color for name, peer in PEERS.items()}}
 
 
 def _panel(time_ax, memory_ax, by_impl: Dict[str, Dict]) -> List[str]:
@@ -483,7 +387,8 @@ def plot(measured: Dict, path: str, title: str) -> Optional[str]:
 
 def check_arguments(args) -> None:
     """Every argument, before any measurement; ``--out``'s folder is created and probed."""
-    arguments.at_least("--sizes", min(args.sizes), 2)
+    if args.sizes:
+        arguments.at_least("--sizes", min(args.sizes), 2)
     arguments.at_least("--dim", args.dim, 1)
     arguments.above("--min-run-time", args.min_run_time, 0)
     arguments.at_least("--min-blocks", args.min_blocks, 2)
@@ -496,10 +401,11 @@ def check_arguments(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pyclloss bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--losses", nargs="+", default=list(LOSSES), choices=LOSSES,
-                   help="default: all")
-    p.add_argument("--sizes", nargs="+", type=int, default=[1024, 2048, 4096, 8192, 16384],
-                   help="values of N (default: %(default)s)")
+    p.add_argument("--losses", nargs="+", default=DEFAULT_LOSSES, choices=LOSSES,
+                   help="default: %(default)s")
+    p.add_argument("--sizes", nargs="+", type=int,
+                   help="values of N (default: each loss's own; "
+                        f"{' '.join(map(str, DEFAULT_SIZES))} for those of the default run)")
     p.add_argument("--dim", type=int, default=128, help="D (default: %(default)s)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                    help="default: %(default)s")

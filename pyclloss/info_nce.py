@@ -29,10 +29,13 @@ from .reference import info_nce as reference
 Tensor = torch.Tensor
 
 
-def _feature_size(x: Tensor) -> int:
-    """D for the backend choice: a plain int on the GPU (where measured choices
-    depend on it), 0 elsewhere (no dependence on a traced size)."""
-    return int(x.shape[-1]) if x.is_cuda else 0
+def _backend(backend: str, x: Tensor) -> str:
+    """The concrete backend of the fused core for features ``x``. On the GPU
+    ``auto`` follows the choices measured for x's dtype and D, which is read
+    as a plain int there only (no dependence on a traced size elsewhere)."""
+    size = int(x.shape[-1]) if x.is_cuda else 0
+    return resolve(backend, x.device, core.KERNELS.backends, family=core.KERNELS.name,
+                   dtype=x.dtype, size=size)
 
 
 def nt_xent(z1: Tensor, z2: Tensor, temperature=0.5, *, weights: Optional[Tensor] = None,
@@ -60,8 +63,7 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature=0.5, *, weights: Optional[Tensor
     weights = _checks.weights("weights", weights, b, device, stats_dtype(z1.dtype))
     tau = _checks.temperature("temperature", temperature, device, stats_dtype(z1.dtype))
     exchange = distributed.exchange(gather_distributed, process_group, strategy)
-    backend = resolve(backend, device, family="info_nce", dtype=z1.dtype,
-                      size=_feature_size(z1))
+    backend = _backend(backend, z1)
     if backend == "reference" and exchange is None:
         return reference.nt_xent(z1, z2, tau, weights=weights, reduction=reduction)
     weights = torch.cat([weights, weights]) if weights is not None else None  # both views
@@ -108,8 +110,7 @@ def pair_nt_xent(embeddings: Tensor, labels: Tensor, temperature=0.07, *,
     reduction = _checks.reduction(reduction)
     tau = _checks.temperature("temperature", temperature, device, stats_dtype(embeddings.dtype))
     exchange = distributed.exchange(gather_distributed, process_group, strategy)
-    backend = resolve(backend, device, family="info_nce", dtype=embeddings.dtype,
-                      size=_feature_size(embeddings))
+    backend = _backend(backend, embeddings)
     if backend == "reference" and exchange is None:
         return reference.pair_nt_xent(embeddings, labels, tau, reduction=reduction)
     z = unit_rows(embeddings)
@@ -187,8 +188,7 @@ def supcon(features: Tensor, labels: Optional[Tensor] = None, temperature=0.1,
         labels = _checks.labels("labels", labels, features.shape[0], device)
         weights = _checks.weights("weights", weights, features.shape[0], device,
                                   stats_dtype(features.dtype))
-    backend = resolve(backend, device, family="info_nce", dtype=features.dtype,
-                      size=_feature_size(features))
+    backend = _backend(backend, features)
     if backend == "reference" and exchange is None:
         return reference.supcon(features, labels, tau, tau_b, weights=weights, reduction=reduction)
     z = unit_rows(features)
@@ -260,8 +260,7 @@ def info_nce(query: Tensor, key: Tensor, temperature=0.07, targets: Optional[Ten
     reduction = _checks.reduction(reduction)
     tau = _checks.temperature("temperature", temperature, device, stats_dtype(query.dtype))
     exchange = distributed.exchange(gather_distributed, process_group, strategy)
-    backend = resolve(backend, device, family="info_nce", dtype=query.dtype,
-                      size=_feature_size(query))
+    backend = _backend(backend, query)
     if backend == "reference" and exchange is None:
         return reference.info_nce(query, key, tau, targets, queue, weights, normalize,
                                   reduction=reduction, in_batch_negatives=in_batch_negatives)
@@ -316,8 +315,7 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, *,
     dt = stats_dtype(image_features.dtype)
     scale = _checks.positive("logit_scale", logit_scale, device, dt)
     exchange = distributed.exchange(gather_distributed, process_group, strategy)
-    backend = resolve(backend, device, family="info_nce", dtype=image_features.dtype,
-                      size=_feature_size(image_features))
+    backend = _backend(backend, image_features)
     if exchange is not None:
         layout = exchange.layout(image_features.shape[0], image_features, reduction,
                                  logit_scale=scale)
@@ -362,8 +360,7 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logi
     scale = _checks.positive("logit_scale", logit_scale, device, dt)
     bias = _checks.scalar("logit_bias", logit_bias, device, dt)
     exchange = distributed.exchange(gather_distributed, process_group, strategy)
-    backend = resolve(backend, device, family="info_nce", dtype=image_features.dtype,
-                      size=_feature_size(image_features))
+    backend = _backend(backend, image_features)
     if backend == "reference" and exchange is None:
         return reference.siglip_loss(image_features, text_features, scale, bias,
                                      reduction=reduction)

@@ -1,14 +1,17 @@
-"""Which backends exist here, and how ``backend="auto"`` chooses.
+"""Which backends exist here, how ``backend="auto"`` chooses, and where each
+op family's kernels are (the kernel registry, declared by ``KernelFamily`` in
+the family's ops module).
 
 Backends: ``"cpp"`` (compiled C++ CPU kernels), ``"cuda"`` (compiled CUDA
 kernels), ``"triton"`` (Triton kernels; CUDA tensors, or CPU tensors under
 ``TRITON_INTERPRET=1``), ``"reference"`` (plain PyTorch, always available).
 ``auto`` picks, on CUDA tensors, the first of an op family's GPU backends (in
 the order the family lists them: fastest measured or expected first) that is
-available; on CPU tensors the C++ kernels; else the reference. It never fails for lack of a
-compiled piece, nor falls back silently: a ``CompiledKernelsWarning`` (once) says
-why, as ``import pyclloss`` does when the extension is missing or was built
-against another torch. Asking explicitly for a missing backend raises.
+available; on CPU tensors the C++ kernels; else the reference. It never fails
+for lack of a compiled piece, nor falls back silently: a
+``CompiledKernelsWarning`` (once) says why, as ``import pyclloss`` does when
+the extension is missing or was built against another torch. Asking
+explicitly for a missing backend raises.
 """
 
 import functools

@@ -49,7 +49,8 @@ def gated_info_nce(q: Tensor, k: Tensor, gates: Tensor, labels: Tensor, partner_
         temperature: τ > 0, a float or a 0-dim tensor (gets a gradient).
         reduction: "mean" over positive pairs, "sum", or "none" (B,): each
             anchor's sum over its positives.
-        gather_distributed, process_group, strategy: see the module docstring;
+        gather_distributed, process_group, strategy: one big batch over a
+            torch.distributed group, as the InfoNCE losses (docs/distributed.md):
             the local anchors (with their gates) meet every rank's keys and key
             labels. With ``"ring"`` the keys and key labels rotate; the gates
             stay with their anchors.

@@ -406,3 +406,36 @@ def test_self_bwd_is_dq_plus_dk(dtype, terms, exclude_offset, neg_only, monkeypa
     assert_matches(dz, (dq.double() + dk.double()).to(dz.dtype), p.rtol,
                    magnitude=(dq.double().abs() + dk.double().abs()).max().item())
     assert_matches(dscale, want_dscale, p.rtol, magnitude=(grad * dot).abs().sum().item())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("labels,exclude_offset,neg_only",
+                         [(False, 0, False), (True, 0, False), (True, 0, True),
+                          (True, None, False), (True, None, True)])
+@pytest.mark.parametrize("n", [1, 37, 100])
+def test_self_forward_takes_the_upper_triangle(dtype, labels, exclude_offset, neg_only, n,
+                                               monkeypatch):
+    """q = k: the row statistics from the upper triangle of tiles (each read by
+    rows and by columns) equal the reference's, over several row chunks too."""
+    monkeypatch.setattr(tri, "CHUNK_ROWS", 32)
+    monkeypatch.setattr(tri, "COLUMN_STATS_BYTES", 1)
+    launched = []
+    launch = tri._Tiles.launch
+
+    def spy(self, name, r0, r1, vectors, outputs, **flags):
+        launched.append(flags.get("SELF_STATS", False))
+        return launch(self, name, r0, r1, vectors, outputs, **flags)
+
+    monkeypatch.setattr(tri._Tiles, "launch", spy)
+    p = Problem(n, n, 33, dtype, DEVICE, labels=labels, classes=1 if n == 37 else 3)
+    p.k, p.k_labels = p.q, p.q_labels
+    run_fwd(p, exclude_offset, neg_only, False)
+    assert launched and all(launched)
+
+
+def test_self_forward_needs_one_tensor_and_symmetric_pairs():
+    """Equal values in two tensors, or an exclusion off the diagonal, take the full grid."""
+    p = Problem(40, 40, 16, torch.float32, DEVICE)
+    assert not tri._same_rows(p.q, p.q.clone())
+    assert tri._same_rows(p.q, p.q)
+    run_fwd(p, 3, False, False)

@@ -162,14 +162,15 @@ def _online_lse(run_max, run_sum, masked, AXIS: tl.constexpr):
 
 
 @triton.jit
-def _epilogue(dot, offs_m, offs_n, pid_m, row0, N, M, scale, bias, neg_lse,
+def _epilogue(dot, offs_m, offs_n, pid_m, row0, on_diagonal, N, M, scale, bias, neg_lse,
               q_labels_ptr, k_labels_ptr, exclude_offset, row_lse_ptr, row_coef_ptr,
               col_lse_ptr, col_coef_ptr, pos_coef_ptr, pair_lse_ptr, grad_ptr, col_part_ptr,
               acc0, acc1, acc2, acc3,
               PASS: tl.constexpr, SIGLIP: tl.constexpr, HAS_LABELS: tl.constexpr,
               HAS_EXCLUDE: tl.constexpr, NEG_ONLY: tl.constexpr, COL_STATS: tl.constexpr,
               ROW_TERM: tl.constexpr, COL_TERM: tl.constexpr, POS_TERM: tl.constexpr,
-              HAS_PAIR_LSE: tl.constexpr, SELF_GRAD: tl.constexpr, BLOCK_N: tl.constexpr):
+              HAS_PAIR_LSE: tl.constexpr, SELF_GRAD: tl.constexpr, SELF_STATS: tl.constexpr,
+              BLOCK_N: tl.constexpr):
     """The pass's work on one finished fp32 tile of dot products (rows offs_m of
     the range, below N; keys offs_n); returns the updated row accumulators (see
     _tiles_kernel)."""
@@ -215,6 +216,21 @@ def _epilogue(dot, offs_m, offs_n, pid_m, row0, N, M, scale, bias, neg_lse,
                 col_row = col_part_ptr + pid_m.to(tl.int64) * 2 * M + offs_n
                 tl.store(col_row, col_max, mask=col_in)
                 tl.store(col_row + M, col_sum, mask=col_in)
+            if SELF_STATS:
+                # q = k, symmetric pairs: this tile, read by columns, is the
+                # tile of the key rows' own statistics (the diagonal tile once).
+                col_den = den & ~on_diagonal
+                col_max, col_sum = _online_lse(
+                    tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32),
+                    tl.zeros((BLOCK_N,), dtype=tl.float32),
+                    tl.where(col_den, logits, float("-inf")), 0)
+                col_pos = pos & ~on_diagonal
+                col_row = col_part_ptr + pid_m.to(tl.int64) * 4 * M + offs_n
+                tl.store(col_row, col_max, mask=col_in)
+                tl.store(col_row + M, col_sum, mask=col_in)
+                tl.store(col_row + 2 * M, tl.sum(tl.where(col_pos, logits, 0.0), axis=0),
+                         mask=col_in)
+                tl.store(col_row + 3 * M, tl.sum(col_pos.to(tl.float32), axis=0), mask=col_in)
         if PASS == _PAIR:
             margin = neg_lse[:, None] - logits
             acc0 += tl.sum(tl.where(pos, _softplus(margin), 0.0), axis=1)
@@ -234,7 +250,7 @@ def _tiles_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, q_labels_ptr, k_labels_ptr,
                   HAS_EXCLUDE: tl.constexpr, NEG_ONLY: tl.constexpr, COL_STATS: tl.constexpr,
                   ROW_TERM: tl.constexpr, COL_TERM: tl.constexpr, POS_TERM: tl.constexpr,
                   HAS_PAIR_LSE: tl.constexpr, SELF_GRAD: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr,
+                  SELF_STATS: tl.constexpr, DOT_PRECISION: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                   FLAT_LOOP: tl.constexpr):
     """One row block of a range of N rows × one range of key tiles; see the
@@ -246,7 +262,9 @@ def _tiles_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, q_labels_ptr, k_labels_ptr,
     Row accumulators (_LSE: running max, sum, positives' sum and count; _PAIR:
     softplus and sigmoid sums; _SIGLIP: loss sum; _GRAD: Σ G·dot, Σ G) go to
     row_part[split, 0..3, N]; _LSE's column partials to col_part[row
-    block, 0..1, M] (max, sum); _GRAD's tiles to grad[N, M], with
+    block, 0..1, M] (max, sum) — with SELF_STATS, the key rows' statistics
+    from the upper triangle, col_part[row block, 0..3, M]; _GRAD's tiles to
+    grad[N, M], with
     SELF_GRAD (q and k the same rows) the tiles of G + Gᵀ. _PAIR reads neg_lse
     from row_lse_ptr.
 
@@ -264,9 +282,13 @@ def _tiles_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, q_labels_ptr, k_labels_ptr,
     if PASS == _PAIR:
         neg_lse = tl.load(row_lse_ptr + offs_m, mask=offs_m < N, other=0.0)
 
-    per_split = tl.cdiv(tl.cdiv(M, BLOCK_N), tl.num_programs(1))
-    first_tile = pid_s * per_split
-    tiles = tl.maximum(tl.minimum(per_split, tl.cdiv(M, BLOCK_N) - first_tile), 0)
+    # SELF_STATS walks the upper triangle only: from the block's own tile on
+    # (BLOCK_M = BLOCK_N, and the range starts at a multiple of both).
+    own_tile = (row0 + pid_m * BLOCK_M) // BLOCK_N if SELF_STATS else 0
+    n_tiles = tl.cdiv(M, BLOCK_N)
+    per_split = tl.cdiv(n_tiles - own_tile, tl.num_programs(1))
+    first_tile = own_tile + pid_s * per_split
+    tiles = tl.maximum(tl.minimum(per_split, n_tiles - first_tile), 0)
     d_chunks = tl.cdiv(D, BLOCK_D)
 
     acc0 = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -285,12 +307,12 @@ def _tiles_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, q_labels_ptr, k_labels_ptr,
                              BLOCK_D, DOT_PRECISION)
             if chunk == d_chunks - 1:
                 acc0, acc1, acc2, acc3 = _epilogue(
-                    dot, offs_m, offs_n, pid_m, row0, N, M, scale, bias, neg_lse,
+                    dot, offs_m, offs_n, pid_m, row0, tile == own_tile, N, M, scale, bias, neg_lse,
                     q_labels_ptr, k_labels_ptr, exclude_offset, row_lse_ptr, row_coef_ptr,
                     col_lse_ptr, col_coef_ptr, pos_coef_ptr, pair_lse_ptr, grad_ptr,
                     col_part_ptr, acc0, acc1, acc2, acc3, PASS, SIGLIP, HAS_LABELS,
                     HAS_EXCLUDE, NEG_ONLY, COL_STATS, ROW_TERM, COL_TERM, POS_TERM,
-                    HAS_PAIR_LSE, SELF_GRAD, BLOCK_N)
+                    HAS_PAIR_LSE, SELF_GRAD, SELF_STATS, BLOCK_N)
                 dot = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     else:
         for tile in range(first_tile, first_tile + tiles):
@@ -298,11 +320,12 @@ def _tiles_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, q_labels_ptr, k_labels_ptr,
             dot = _dot_tile(q_ptr, k_ptr, offs_m, offs_n, N, M, D, BLOCK_M, BLOCK_N, BLOCK_D,
                             DOT_PRECISION)
             acc0, acc1, acc2, acc3 = _epilogue(
-                dot, offs_m, offs_n, pid_m, row0, N, M, scale, bias, neg_lse,
+                dot, offs_m, offs_n, pid_m, row0, tile == own_tile, N, M, scale, bias, neg_lse,
                 q_labels_ptr, k_labels_ptr, exclude_offset, row_lse_ptr, row_coef_ptr,
                 col_lse_ptr, col_coef_ptr, pos_coef_ptr, pair_lse_ptr, grad_ptr, col_part_ptr,
                 acc0, acc1, acc2, acc3, PASS, SIGLIP, HAS_LABELS, HAS_EXCLUDE, NEG_ONLY,
-                COL_STATS, ROW_TERM, COL_TERM, POS_TERM, HAS_PAIR_LSE, SELF_GRAD, BLOCK_N)
+                COL_STATS, ROW_TERM, COL_TERM, POS_TERM, HAS_PAIR_LSE, SELF_GRAD, SELF_STATS,
+                BLOCK_N)
 
     row_in = offs_m < N
     part = row_part_ptr + pid_s.to(tl.int64) * 4 * N + offs_m
@@ -356,7 +379,7 @@ def _programs_wanted(device: torch.device) -> int:
 _ROW_VECTORS = ("row_lse", "row_coef", "pos_coef", "pair_lse")
 _KEY_VECTORS = ("col_lse", "col_coef")
 _FLAGS = ("SIGLIP", "NEG_ONLY", "COL_STATS", "ROW_TERM", "COL_TERM", "POS_TERM", "HAS_PAIR_LSE",
-          "SELF_GRAD")
+          "SELF_GRAD", "SELF_STATS")
 
 
 class _Tiles:
@@ -408,12 +431,19 @@ class _Tiles:
         def run(config):
             # a recorded configuration of another feature size may chunk D wider than needed
             config = dict(config, BLOCK_D=min(config["BLOCK_D"], _block_d(self.d, 1 << 16)))
+            if flags.get("SELF_STATS"):  # the triangle's tiles are square
+                config["BLOCK_M"] = config["BLOCK_N"]
             block_m, block_n = config["BLOCK_M"], config["BLOCK_N"]
             splits = self.splits(rows, block_m, block_n)
             buffers["row"] = torch.empty(splits, 4, rows, dtype=torch.float32, device=self.device)
-            buffers["col"] = (torch.empty(triton.cdiv(rows, block_m), 2, self.m,
-                                          dtype=torch.float32, device=self.device)
-                              if flags.get("COL_STATS") else self.empty)
+            buffers["col"] = self.empty
+            if flags.get("COL_STATS"):
+                buffers["col"] = torch.empty(triton.cdiv(rows, block_m), 2, self.m,
+                                             dtype=torch.float32, device=self.device)
+            if flags.get("SELF_STATS"):  # the lower triangle's entries stay empty sets
+                buffers["col"] = torch.zeros(triton.cdiv(rows, block_m), 4, self.m,
+                                             dtype=torch.float32, device=self.device)
+                buffers["col"][:, 0] = float("-inf")
             _tiles_kernel[(triton.cdiv(rows, block_m), splits)](
                 row_part_ptr=buffers["row"], col_part_ptr=buffers["col"], **args, **config)
 
@@ -441,30 +471,46 @@ def _lse(shift: Tensor, total: Tensor) -> Tensor:
     return shift + torch.log(total)  # -inf for an empty set
 
 
+def _same_rows(q: Tensor, k: Tensor) -> bool:
+    """q and k are one tensor's rows (the self-similarity losses pass z twice)."""
+    return (q.data_ptr() == k.data_ptr() and q.shape == k.shape and q.stride() == k.stride()
+            and q.dtype == k.dtype)
+
+
 def infonce_fwd(q, k, scale, q_labels, k_labels, exclude_offset, neg_only, col_stats):
     _check(q, k, q_labels, k_labels)
     if col_stats and neg_only:
         raise ValueError("col_stats cannot be combined with neg_only")
     tiles = _Tiles(q, k, scale, q_labels, k_labels, exclude_offset)
     n, m = tiles.n, tiles.m
-    row_lse = torch.full((n,), float("-inf"), dtype=torch.float32, device=q.device)
-    pos_sum, pos_count = (torch.zeros(n, dtype=torch.float32, device=q.device) for _ in range(2))
-    col = (torch.zeros(m, dtype=torch.float32, device=q.device),) * 2  # (shift, sum)
-    # Column partials take 8 bytes per key for each block of rows (64 rows at
-    # least): chunk the rows so that they stay under COLUMN_STATS_BYTES.
-    chunks = tiles.row_chunks(8 * m // 64, COLUMN_STATS_BYTES) if n > 0 and m > 0 else []
+    # q = k with symmetric pairs (one label vector, self or no exclusion): the
+    # upper triangle of tiles gives every row's statistics, half the work.
+    self_stats = (not col_stats and _same_rows(q, k) and exclude_offset in (None, 0)
+                  and (q_labels is None or _same_rows(q_labels[:, None], k_labels[:, None])))
+    zeros = lambda size: torch.zeros(size, dtype=torch.float32, device=q.device)  # noqa: E731
+    rows = [zeros(n) for _ in range(4)]  # (shift, sum) of the row partials, positives' sum, count
+    col = [zeros(m) for _ in range(4)]  # the same from the column partials
+    # Column partials take 8 (16 with self_stats) bytes per key for each block of
+    # rows (64 rows at least): chunk the rows to keep them under COLUMN_STATS_BYTES.
+    chunks = tiles.row_chunks(16 * m // 64, COLUMN_STATS_BYTES) if n > 0 and m > 0 else []
     for r0, r1 in chunks:
         row_part, col_part = tiles.launch(
             "info_nce.lse", r0, r1, {}, {}, PASS=_LSE,
-            NEG_ONLY=neg_only and q_labels is not None, COL_STATS=col_stats)
-        row_lse[r0:r1] = _lse(*_merge(row_part[:, 0], row_part[:, 1]))
-        pos_sum[r0:r1] = row_part[:, 2].sum(0)
-        pos_count[r0:r1] = row_part[:, 3].sum(0)
-        if col_stats:
-            col = _merge(torch.cat([col[0][None], col_part[:, 0]]),
-                         torch.cat([col[1][None], col_part[:, 1]]))
-    col_lse = _lse(*col) if col_stats else row_lse.new_empty(0)
-    return row_lse, pos_sum, pos_count, col_lse
+            NEG_ONLY=neg_only and q_labels is not None, COL_STATS=col_stats,
+            SELF_STATS=self_stats)
+        rows[0][r0:r1], rows[1][r0:r1] = _merge(row_part[:, 0], row_part[:, 1])
+        rows[2][r0:r1], rows[3][r0:r1] = row_part[:, 2].sum(0), row_part[:, 3].sum(0)
+        if col_stats or self_stats:
+            col[:2] = _merge(torch.cat([col[0][None], col_part[:, 0]]),
+                             torch.cat([col[1][None], col_part[:, 1]]))
+        if self_stats:
+            col[2] += col_part[:, 2].sum(0)
+            col[3] += col_part[:, 3].sum(0)
+    if self_stats:  # each row: its own tiles' partials and, read by columns, the others'
+        shift, total = _merge(torch.stack([rows[0], col[0]]), torch.stack([rows[1], col[1]]))
+        return _lse(shift, total), rows[2] + col[2], rows[3] + col[3], rows[0].new_empty(0)
+    col_lse = _lse(col[0], col[1]) if col_stats else rows[0].new_empty(0)
+    return _lse(rows[0], rows[1]), rows[2], rows[3], col_lse
 
 
 def infonce_pair_fwd(q, k, scale, q_labels, k_labels, exclude_offset, neg_lse):

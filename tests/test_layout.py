@@ -2,6 +2,7 @@
 which ``pyclloss info`` lists), and Triton kernel modules are leaves."""
 
 import ast
+import importlib
 import os
 
 import pytest
@@ -13,7 +14,6 @@ from pyclloss.tools.cli import main
 from pyclloss.reference import rnc as rnc_reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAMILIES = {"info_nce", "gated_info_nce", "ft_moco", "supremix", "rnc", "sorting"}
 
 
 def _imports(path: str):
@@ -30,11 +30,19 @@ def _imports(path: str):
             yield node.level, node.module
 
 
-def test_every_family_declares_its_kernels():
+def _ops_modules():
+    folder = os.path.join(ROOT, "pyclloss", "ops")
+    names = sorted(name[:-3] for name in os.listdir(folder) if name.endswith(".py"))
+    return [importlib.import_module(f"pyclloss.ops.{name}") for name in names if name != "__init__"]
+
+
+def test_every_ops_module_declares_its_family_once():
     declared = families()
-    assert set(declared) == FAMILIES
-    for family in declared.values():
-        assert set(family.backends) <= set(BACKENDS) and "reference" in family.backends
+    assert {module.KERNELS.name for module in _ops_modules()} == set(declared)
+    assert len(declared) == len(_ops_modules()) >= 6
+    for module in _ops_modules():
+        assert declared[module.KERNELS.name] is module.KERNELS
+        assert set(module.KERNELS.backends) <= set(BACKENDS)
 
 
 def test_info_lists_family_by_backend(capsys):
@@ -43,7 +51,7 @@ def test_info_lists_family_by_backend(capsys):
     start = lines.index("kernels (yes: here, no: not available here, -: none):")
     rows = {line.split()[0]: line.split()[1:] for line in lines[start + 2:]}
     available = {name: a.available for name, a in pyclloss.backends().items()}
-    assert set(rows) == FAMILIES
+    assert set(rows) == set(families())
     for name, family in families().items():
         cells = ["-" if b not in family.backends else "yes" if available[b] else "no"
                  for b in BACKENDS]

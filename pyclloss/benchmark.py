@@ -12,6 +12,12 @@ Losses and their peers:
 - ``gated``: ``gated_info_nce`` with B = N anchors and keys of D = K dims, 100
   classes (the reference builds the B×N×K gated keys).
 
+For the InfoNCE losses the table adds the fused backend's effective rate,
+8·N²·D FLOPs (forward with recomputing backward, without the symmetry that
+the self-similarity losses exploit, so that all figures compare) over its
+time, against a square 4096³ fp32 matmul timed in the same process (the faster
+of torch.mm and, on the CPU, oneDNN's).
+
 Each (loss, implementation, N) runs in a fresh subprocess, so that peak memory
 is that run's alone: on the CPU it is the growth of the process's peak resident
 set (VmHWM, reset through /proc/self/clear_refs) over the resident set with
@@ -39,6 +45,7 @@ BACKEND_IMPLS = ("cuda", "cpp", "triton", "reference")
 PEERS = {"supcon": ("pml",), "nt_xent": ("pml", "lightly"), "clip": ("open_clip", "inf_cl"),
          "siglip": ("open_clip",), "diff_sort": ("diffsort",), "gated": ()}
 IMPLS = BACKEND_IMPLS + ("pml", "lightly", "open_clip", "inf_cl", "diffsort")
+RATED = ("supcon", "nt_xent", "clip", "siglip")  # losses with an effective rate
 SORT_SIZE = 16  # values per row of the diff_sort rows
 GATED_CLASSES = 100
 GIB = 1024 ** 3
@@ -178,6 +185,39 @@ def peak_extra_bytes(fn: Callable[[], object], device: str = "cpu") -> int:
     return rss_bytes("VmHWM") - base
 
 
+def effective_flops(n: int, d: int) -> float:
+    """FLOPs credited to one forward+backward of an InfoNCE loss over N rows (or
+    N pairs) of D features: 8·N²·D."""
+    return 8.0 * n * n * d
+
+
+def matmul_flops(device: str = "cpu", size: int = 4096, repeats: int = 3) -> float:
+    """FLOP/s of a square fp32 matmul here, median of ``repeats``: the faster of
+    torch.mm and, on the CPU, oneDNN's (torch's MKL sgemm runs far below the
+    peak of some CPUs)."""
+    import torch
+
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    calls = [lambda: torch.mm(a, b)]
+    if device == "cpu" and torch.backends.mkldnn.is_available():
+        a_onednn, b_t_onednn = a.to_mkldnn(), b.t().contiguous().to_mkldnn()
+        calls.append(lambda: torch._C._nn.mkldnn_linear(a_onednn, b_t_onednn, None))
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    best = 0.0
+    for call in calls:
+        call()
+        times = []
+        for _ in range(repeats):
+            sync()
+            t0 = time.perf_counter()
+            call()
+            sync()
+            times.append(time.perf_counter() - t0)
+        best = max(best, 2.0 * size ** 3 / statistics.median(times))
+    return best
+
+
 def measure_one(loss: str, impl: str, n: int, d: int, device: str, dtype_name: str,
                 repeats: int) -> Dict:
     """Time and peak extra memory of one configuration, in this process."""
@@ -198,7 +238,10 @@ def measure_one(loss: str, impl: str, n: int, d: int, device: str, dtype_name: s
         step()
         sync()
         times.append(time.perf_counter() - t0)
-    return {"time_s": statistics.median(times), "peak_bytes": max(peak, 0)}
+    result = {"time_s": statistics.median(times), "peak_bytes": max(peak, 0)}
+    if loss in RATED:
+        result["matmul_flops"] = matmul_flops(device)
+    return result
 
 
 def _run_isolated(args, loss, impl, n) -> Dict:
@@ -306,6 +349,14 @@ def measure_all(args) -> Dict:
     return {"peers": peer_status, "results": results}
 
 
+def _rate_cell(result: Optional[Dict], n: int, d: int) -> str:
+    if not result or "matmul_flops" not in result:
+        return "—"
+    rate = effective_flops(n, d) / result["time_s"]
+    return (f"{rate / 1e9:,.0f} GFLOP/s = {rate / result['matmul_flops']:.2f}× "
+            f"({result['matmul_flops'] / 1e9:,.0f})")
+
+
 def markdown(args, measured: Dict, plot_name: Optional[str]) -> str:
     lines = [_header(args, measured["peers"]),
              "Each cell: time / peak extra memory. Speed-up = reference time / fused time, "
@@ -314,9 +365,11 @@ def markdown(args, measured: Dict, plot_name: Optional[str]) -> str:
         lines.append(f"![time and memory against N]({plot_name})\n")
     for loss, by_impl in measured["results"].items():
         impls = list(by_impl)
+        rated = any("matmul_flops" in r for by_n in by_impl.values() for r in by_n.values())
         lines.append(f"\n## {loss}\n")
-        lines.append("| N | " + " | ".join(impls) + " | speed-up |")
-        lines.append("|---" * (len(impls) + 2) + "|")
+        lines.append("| N | " + " | ".join(impls) + " | speed-up |"
+                     + (" fused rate = × matmul (matmul GFLOP/s) |" if rated else ""))
+        lines.append("|---" * (len(impls) + 2 + rated) + "|")
         for n in args.sizes:
             row = {impl: by_impl[impl].get(n) for impl in impls}
             fused = next((row[i] for i in ("cuda", "cpp", "triton")
@@ -325,7 +378,8 @@ def markdown(args, measured: Dict, plot_name: Optional[str]) -> str:
             speedup = (f"{base['time_s'] / fused['time_s']:.1f}×"
                        if fused and base and "time_s" in base else "—")
             lines.append(f"| {n} | " + " | ".join(_cell(row[i]) for i in impls)
-                         + f" | {speedup} |")
+                         + f" | {speedup} |" + (f" {_rate_cell(fused, n, args.dim)} |"
+                                                 if rated else ""))
     return "\n".join(lines) + "\n"
 
 

@@ -513,13 +513,15 @@ struct PairTile {
 // contribution: compute(contribution, tile, pair, span, task). Then
 // add(contribution, span, row_side) adds it into block I (row_side) and, off
 // the diagonal, into block J, in schedule order on every block
-// (OrderedAdditions). Contributions wait for their turn in a pool of
-// `pending` slots per thread, made by make_contribution(). Needs z.rows and
-// z.blocked_t blocked by kPairBlock.
-template <typename acc_t, typename MakeContribution, typename Compute, typename Add>
+// (OrderedAdditions), and finish(block) follows a block's last addition.
+// Contributions wait for their turn in a pool of `pending` slots per thread,
+// made by make_contribution(). Needs z.rows and z.blocked_t blocked by
+// kPairBlock.
+template <typename acc_t, typename MakeContribution, typename Compute, typename Add,
+          typename Finish>
 void for_each_block_pair(const TileOperand& z, int64_t pending,
                          const MakeContribution& make_contribution, const Compute& compute,
-                         const Add& add) {
+                         const Add& add, const Finish& finish) {
   const int64_t n = z.rows.size(0);
   const int64_t d = z.rows.size(1);
   const acc_t* rows = z.rows.data_ptr<acc_t>();
@@ -564,7 +566,7 @@ void for_each_block_pair(const TileOperand& z, int64_t pending,
             const BlockPair& done_pair = schedule[done_task];
             add(contributions[slot_of[done_task]], span_of(done_pair), block == done_pair.row);
           },
-          [&](int32_t done_task) { pool.release(slot_of[done_task]); });
+          [&](int32_t done_task) { pool.release(slot_of[done_task]); }, finish);
     }
   });
 }
@@ -778,7 +780,8 @@ void symmetric_row_stats(const TileOperand& z, acc_t scale, const int32_t* q_lab
           merge_row_stats(stats.at(span.col0), stats_in(parts.data() + 4 * kPairBlock),
                           span.cols);
         }
-      });
+      },
+      [](int32_t) {});
 }
 
 // infonce_pair_fwd's sums of z against itself.
@@ -811,7 +814,8 @@ void symmetric_pair_terms(const TileOperand& z, acc_t scale, const int32_t* q_la
           loss_sum[query0 + e] += part[e];
           sigmoid_sum[query0 + e] += part[kPairBlock + e];
         }
-      });
+      },
+      [](int32_t) {});
 }
 
 // dz = scale * (G + G^T) z for q = k = z (dq + dk of infonce_bwd), written
@@ -854,10 +858,8 @@ acc_t symmetric_gradient(const TileOperand& z, acc_t scale, const int32_t* q_lab
           matmul(d, span.cols, span.rows, blocked_t + span.row0 * d, span.rows, h.data(),
                  span.cols, by_columns.data() + span.col0 * d, span.cols, true);
         }
-      });
-  run_tasks(
-      blocks, [] { return 0; },
-      [&](int, int64_t block) {
+      },
+      [&](int32_t block) {  // complete: dz of its rows
         const int64_t row0 = block * kPairBlock;
         const int64_t count = std::min(kPairBlock, n - row0);
         const acc_t* transposed = by_columns.data() + row0 * d;

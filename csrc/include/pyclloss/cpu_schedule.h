@@ -162,13 +162,15 @@ class OrderedAdditions {
 
   // Task `task` (schedule[task]) is computed: makes every addition that is
   // now possible. add(task, block) adds a task's result into a block;
-  // done(task) is called once all of a task's additions are made.
-  template <typename Add, typename Done>
-  void computed(int64_t task, const BlockPair& pair, const Add& add, const Done& done) {
+  // task_done(task) follows a task's last addition, block_done(block) a
+  // block's.
+  template <typename Add, typename TaskDone, typename BlockDone>
+  void computed(int64_t task, const BlockPair& pair, const Add& add, const TaskDone& task_done,
+                const BlockDone& block_done) {
     computed_[task].store(true);
-    add_in_turn(pair.row, pair.row_turn, add, done);
+    add_in_turn(pair.row, pair.row_turn, add, task_done, block_done);
     if (!pair.diagonal()) {
-      add_in_turn(pair.col, pair.col_turn, add, done);
+      add_in_turn(pair.col, pair.col_turn, add, task_done, block_done);
     }
   }
 
@@ -180,8 +182,9 @@ class OrderedAdditions {
   // sequentially consistent store/load pairs (computed_ then next_turn_ by
   // the computing thread, next_turn_ then computed_ by the adding one)
   // guarantee that one of the two threads sees the other's store.
-  template <typename Add, typename Done>
-  void add_in_turn(int32_t block, int32_t turn, const Add& add, const Done& done) {
+  template <typename Add, typename TaskDone, typename BlockDone>
+  void add_in_turn(int32_t block, int32_t turn, const Add& add, const TaskDone& task_done,
+                   const BlockDone& block_done) {
     const int32_t* tasks = in_turn_order_.data() + start_[block];
     const int32_t turns = start_[block + 1] - start_[block];
     int32_t expected = turn;
@@ -189,11 +192,15 @@ class OrderedAdditions {
       const int32_t task = tasks[turn];
       add(task, block);
       if (additions_left_[task].fetch_sub(1) == 1) {
-        done(task);
+        task_done(task);
       }
       ++turn;
       next_turn_[block].store(turn);
-      if (turn == turns || !computed_[tasks[turn]].load()) {
+      if (turn == turns) {
+        block_done(block);
+        return;
+      }
+      if (!computed_[tasks[turn]].load()) {
         return;  // that task's own thread makes the addition
       }
       expected = turn;

@@ -342,10 +342,19 @@ PYCLLOSS_VECTOR_CLONES acc_t infonce_grad_tile(const acc_t* tile, acc_t* out, bo
         grad[n] += mask.positive(i, j) ? term : acc_t(0);
       }
     }
+    // Two loops: GCC leaves a loop scalar whose store selects on `accumulate`.
+    if (accumulate) {
 #pragma omp simd reduction(+ : dscale)
-    for (int32_t n = 0; n < inner; ++n) {
-      dscale += grad[n] * dots[n];
-      out_row[n] = grad[n] + (accumulate ? out_row[n] : acc_t(0));
+      for (int32_t n = 0; n < inner; ++n) {
+        dscale += grad[n] * dots[n];
+        out_row[n] += grad[n];
+      }
+    } else {
+#pragma omp simd reduction(+ : dscale)
+      for (int32_t n = 0; n < inner; ++n) {
+        dscale += grad[n] * dots[n];
+        out_row[n] = grad[n];
+      }
     }
   }
   return dscale;
@@ -357,29 +366,29 @@ struct SiglipGradSums {
   acc_t dbias = 0;
 };
 
-// Replaces a tile of dot products by SigLIP's
-// G_ij = row_coef_i * (-z_ij) * sigmoid(-z_ij (l_ij + b)) and returns the
-// tile's shares of dscale and dbias.
-template <typename acc_t, bool kKeyMajor>
-PYCLLOSS_VECTOR_CLONES SiglipGradSums<acc_t> siglip_grad_tile(acc_t* tile, int32_t outer,
-                                                              int32_t inner, acc_t scale,
-                                                              acc_t bias, PairMask mask,
+// Writes SigLIP's G_ij = row_coef_i * (-z_ij) * sigmoid(-z_ij (l_ij + b)) of
+// a query-major tile of dot products into `out` (which may be the tile) and
+// returns the tile's shares of dscale and dbias.
+template <typename acc_t>
+PYCLLOSS_VECTOR_CLONES SiglipGradSums<acc_t> siglip_grad_tile(const acc_t* tile, acc_t* out,
+                                                              int32_t rows, int32_t cols,
+                                                              acc_t scale, acc_t bias,
+                                                              PairMask mask,
                                                               const acc_t* row_coef) {
   acc_t dscale = 0;
   acc_t dbias = 0;
-  for (int32_t o = 0; o < outer; ++o) {
-    acc_t* dots = tile + o * inner;
+  for (int32_t i = 0; i < rows; ++i) {
+    const acc_t* dots = tile + i * cols;
+    acc_t* out_row = out + i * cols;
 #pragma omp simd reduction(+ : dscale, dbias)
-    for (int32_t n = 0; n < inner; ++n) {
-      const int32_t i = query_index<kKeyMajor>(o, n);
-      const int32_t j = key_index<kKeyMajor>(o, n);
+    for (int32_t j = 0; j < cols; ++j) {
       const bool same = mask.same_label(i, j);
-      const acc_t shifted_logit = scale * dots[n] + bias;
+      const acc_t shifted_logit = scale * dots[j] + bias;
       const acc_t magnitude = row_coef[i] * sigmoid(same ? -shifted_logit : shifted_logit);
       const acc_t grad = same ? -magnitude : magnitude;
-      dscale += grad * dots[n];
+      dscale += grad * dots[j];
       dbias += grad;
-      dots[n] = grad;
+      out_row[j] = grad;
     }
   }
   return {dscale, dbias};
@@ -414,12 +423,12 @@ bool same_rows(const Tensor& q, const Tensor& k) {
 
 // One shared copy when q and k are the same rows.
 TileOperands tile_operands(const Tensor& q, const Tensor& k, at::ScalarType acc,
-                           bool q_transposed, bool k_transposed) {
+                           bool q_transposed, bool k_transposed, int64_t block = kInnerBlock) {
   if (same_rows(q, k)) {
-    const TileOperand shared = tile_operand(q, acc, q_transposed || k_transposed);
+    const TileOperand shared = tile_operand(q, acc, q_transposed || k_transposed, block);
     return {shared, shared};
   }
-  return {tile_operand(q, acc, q_transposed), tile_operand(k, acc, k_transposed)};
+  return {tile_operand(q, acc, q_transposed, block), tile_operand(k, acc, k_transposed, block)};
 }
 
 // For every tile of q * k^T: epilogue(tile, query0, queries, key0, keys,
@@ -499,7 +508,7 @@ void gradient_pass(const TileOperand& outer, const TileOperand& inner, acc_t sca
 }
 
 // Rows [row0, row0 + rows) against columns [col0, col0 + cols): the tile of
-// one task of the symmetric schedule.
+// one task of a TileSchedule.
 struct PairTile {
   int64_t row0;
   int64_t rows;
@@ -507,40 +516,39 @@ struct PairTile {
   int64_t cols;
 };
 
-// The symmetric schedule over the blocks of kPairBlock rows of z, whose
-// tile z_I z_J^T (I <= J) serves block I's rows and, read transposed, block
-// J's. A task computes its tile into a thread buffer and from it a
-// contribution: compute(contribution, tile, pair, span, task). Then
-// add(contribution, span, row_side) adds it into block I (row_side) and, off
-// the diagonal, into block J, in schedule order on every block
-// (OrderedAdditions), and finish(block) follows a block's last addition.
-// Contributions wait for their turn in a pool of `pending` slots per thread,
-// made by make_contribution(). Needs z.rows and z.blocked_t blocked by
-// kPairBlock.
+// Runs a TileSchedule over the tiles of q k^T in blocks of kPairBlock rows
+// (q) and columns (k). A task computes its tile into a thread buffer and from
+// it a contribution: compute(contribution, tile, pair, span, task). Then
+// add(contribution, span, row_side) adds it into the accumulator of its row
+// block (row_side) and, unless that is the same, of its column block, in
+// schedule order on every accumulator (OrderedAdditions); finish(accumulator)
+// follows an accumulator's last addition. Contributions wait for their turn
+// in a pool of `pending` slots per thread, made by make_contribution(). Needs
+// q.rows and k.blocked_t blocked by kPairBlock.
 template <typename acc_t, typename MakeContribution, typename Compute, typename Add,
           typename Finish>
-void for_each_block_pair(const TileOperand& z, int64_t pending,
-                         const MakeContribution& make_contribution, const Compute& compute,
-                         const Add& add, const Finish& finish) {
-  const int64_t n = z.rows.size(0);
-  const int64_t d = z.rows.size(1);
-  const acc_t* rows = z.rows.data_ptr<acc_t>();
-  const acc_t* blocked_t = n > 0 ? z.blocked_t.data_ptr<acc_t>() : nullptr;
-  const int64_t blocks = num_blocks(n, kPairBlock);
-  const std::vector<BlockPair> schedule = symmetric_schedule(blocks);
-  const int64_t tasks = static_cast<int64_t>(schedule.size());
+void for_each_scheduled_tile(const TileOperand& q, const TileOperand& k,
+                             const TileSchedule& schedule, int64_t pending,
+                             const MakeContribution& make_contribution, const Compute& compute,
+                             const Add& add, const Finish& finish) {
+  const int64_t n = q.rows.size(0);
+  const int64_t m = k.rows.size(0);
+  const int64_t d = q.rows.size(1);
+  const acc_t* q_rows = q.rows.data_ptr<acc_t>();
+  const acc_t* k_blocked_t = m > 0 ? k.blocked_t.data_ptr<acc_t>() : nullptr;
+  const int64_t tasks = static_cast<int64_t>(schedule.tasks.size());
   const int64_t workers = std::min<int64_t>(tasks, at::get_num_threads());
-  const auto span_of = [n](const BlockPair& pair) {
+  const auto span_of = [&](const BlockPair& pair) {
     const int64_t row0 = pair.row * kPairBlock;
-    const int64_t col0 = pair.col * kPairBlock;
-    return PairTile{row0, std::min(kPairBlock, n - row0), col0, std::min(kPairBlock, n - col0)};
+    const int64_t col0 = (pair.col - schedule.first_col) * kPairBlock;
+    return PairTile{row0, std::min(kPairBlock, n - row0), col0, std::min(kPairBlock, m - col0)};
   };
   std::vector<decltype(make_contribution())> contributions;
   for (int64_t slot = 0; slot < pending * workers; ++slot) {
     contributions.push_back(make_contribution());
   }
   SlotPool pool(static_cast<int32_t>(contributions.size()));
-  OrderedAdditions additions(schedule, blocks);
+  OrderedAdditions additions(schedule);
   std::vector<int32_t> slot_of(tasks);
   std::atomic<int64_t> next{0};
   run_workers(workers, [&] {
@@ -554,21 +562,100 @@ void for_each_block_pair(const TileOperand& z, int64_t pending,
         pool.release(slot);
         return;
       }
-      const BlockPair pair = schedule[task];
+      const BlockPair pair = schedule.tasks[task];
       const PairTile span = span_of(pair);
-      matmul(span.rows, span.cols, d, rows + span.row0 * d, d, blocked_t + span.col0 * d,
+      matmul(span.rows, span.cols, d, q_rows + span.row0 * d, d, k_blocked_t + span.col0 * d,
              span.cols, tile.data(), span.cols, false);
       compute(contributions[slot], tile.data(), pair, span, task);
       slot_of[task] = slot;
       additions.computed(
           task, pair,
-          [&](int32_t done_task, int32_t block) {
-            const BlockPair& done_pair = schedule[done_task];
-            add(contributions[slot_of[done_task]], span_of(done_pair), block == done_pair.row);
+          [&](int32_t done_task, int32_t accumulator) {
+            const BlockPair& done_pair = schedule.tasks[done_task];
+            add(contributions[slot_of[done_task]], span_of(done_pair),
+                accumulator == done_pair.row);
           },
           [&](int32_t done_task) { pool.release(slot_of[done_task]); }, finish);
     }
   });
+}
+
+// for_each_scheduled_tile of z against itself, in the symmetric schedule:
+// the tile z_I z_J^T (I <= J) serves block I's rows and, read transposed,
+// block J's. Accumulator b is block b.
+template <typename acc_t, typename MakeContribution, typename Compute, typename Add,
+          typename Finish>
+void for_each_block_pair(const TileOperand& z, int64_t pending,
+                         const MakeContribution& make_contribution, const Compute& compute,
+                         const Add& add, const Finish& finish) {
+  for_each_scheduled_tile<acc_t>(z, z, symmetric_schedule(num_blocks(z.rows.size(0), kPairBlock)),
+                                 pending, make_contribution, compute, add, finish);
+}
+
+// Rows [row0, row0 + count) of `out` = scale * (the same rows of `by_rows`
+// plus the transpose of the block of `by_columns` stored from row0 * d, d x
+// count); a null source counts as zero.
+template <typename scalar_t, typename acc_t>
+void write_block(scalar_t* out, const acc_t* by_rows, const acc_t* by_columns, int64_t row0,
+                 int64_t count, int64_t d, acc_t scale) {
+  const acc_t* transposed = by_columns == nullptr ? nullptr : by_columns + row0 * d;
+  for (int64_t r = 0; r < count; ++r) {
+    for (int64_t c = 0; c < d; ++c) {
+      const acc_t row_part = by_rows == nullptr ? acc_t(0) : by_rows[(row0 + r) * d + c];
+      const acc_t column_part = transposed == nullptr ? acc_t(0) : transposed[c * count + r];
+      out[(row0 + r) * d + c] = static_cast<scalar_t>(scale * (row_part + column_part));
+    }
+  }
+}
+
+// dq = scale * G k and dk = scale * G^T q from one pass over the tiles of
+// q k^T (rectangular_schedule): grad_tile(tile, g, query0, queries, key0,
+// keys, task) writes a tile's G into g, then G k_J is added into query block
+// I and q_I^T G into key block J's transposed accumulator (the layout of
+// q.blocked_t). Needs the rows and blocked_t of q and k, blocked by
+// kPairBlock.
+template <typename scalar_t, typename acc_t, typename GradTile>
+void gradient_both_sides(const TileOperand& q, const TileOperand& k, acc_t scale, scalar_t* dq,
+                         scalar_t* dk, const GradTile& grad_tile) {
+  const int64_t n = q.rows.size(0);
+  const int64_t m = k.rows.size(0);
+  const int64_t d = q.rows.size(1);
+  if (n == 0 || m == 0) {
+    std::fill(dq, dq + n * d, scalar_t(0));
+    std::fill(dk, dk + m * d, scalar_t(0));
+    return;
+  }
+  const acc_t* q_blocked_t = q.blocked_t.data_ptr<acc_t>();
+  const acc_t* k_rows = k.rows.data_ptr<acc_t>();
+  const TileSchedule schedule =
+      rectangular_schedule(num_blocks(n, kPairBlock), num_blocks(m, kPairBlock));
+  std::vector<acc_t> by_rows(n * d, acc_t(0));     // sum over J of G_IJ k_J
+  std::vector<acc_t> by_columns(m * d, acc_t(0));  // sum over I of q_I^T G_IJ
+  for_each_scheduled_tile<acc_t>(
+      q, k, schedule, kPendingTiles, [] { return std::vector<acc_t>(kPairBlock * kPairBlock); },
+      [&](std::vector<acc_t>& g, acc_t* tile, BlockPair, PairTile span, int64_t task) {
+        grad_tile(tile, g.data(), span.row0, span.rows, span.col0, span.cols, task);
+      },
+      [&](std::vector<acc_t>& g, PairTile span, bool row_side) {
+        if (row_side) {
+          matmul(span.rows, d, span.cols, g.data(), span.cols, k_rows + span.col0 * d, d,
+                 by_rows.data() + span.row0 * d, d, true);
+        } else {
+          matmul(d, span.cols, span.rows, q_blocked_t + span.row0 * d, span.rows, g.data(),
+                 span.cols, by_columns.data() + span.col0 * d, span.cols, true);
+        }
+      },
+      [&](int32_t accumulator) {  // complete: dq or dk of its rows
+        if (accumulator < schedule.first_col) {
+          const int64_t row0 = accumulator * kPairBlock;
+          write_block(dq, by_rows.data(), static_cast<const acc_t*>(nullptr), row0,
+                      std::min(kPairBlock, n - row0), d, scale);
+        } else {
+          const int64_t row0 = (accumulator - schedule.first_col) * kPairBlock;
+          write_block(dk, static_cast<const acc_t*>(nullptr), by_columns.data(), row0,
+                      std::min(kPairBlock, m - row0), d, scale);
+        }
+      });
 }
 
 // ------------------------------------------------------------ arguments
@@ -861,14 +948,8 @@ acc_t symmetric_gradient(const TileOperand& z, acc_t scale, const int32_t* q_lab
       },
       [&](int32_t block) {  // complete: dz of its rows
         const int64_t row0 = block * kPairBlock;
-        const int64_t count = std::min(kPairBlock, n - row0);
-        const acc_t* transposed = by_columns.data() + row0 * d;
-        for (int64_t r = row0; r < row0 + count; ++r) {
-          for (int64_t c = 0; c < d; ++c) {
-            const acc_t sum = by_rows[r * d + c] + transposed[c * count + (r - row0)];
-            dz[r * d + c] = static_cast<scalar_t>(scale * sum);
-          }
-        }
+        write_block(dz, by_rows.data(), by_columns.data(), row0, std::min(kPairBlock, n - row0), d,
+                    scale);
       });
   acc_t dscale = 0;
   for (const acc_t part : dscale_parts) {
@@ -998,7 +1079,9 @@ std::tuple<Tensor, Tensor, Tensor> infonce_bwd(
   Tensor dscale = at::empty({}, q.options().dtype(stats));
   const MaskLabels labels = mask_labels(q_labels, k_labels, n, m);
   const int64_t diagonal = exclusion_diagonal(exclude_offset, n, m);
-  const TileOperands operands = tile_operands(q, k, stats, need_dk, true);
+  // dq alone: a pass over query blocks; dq and dk: one pass over all tiles.
+  const TileOperands operands = need_dk ? tile_operands(q, k, stats, true, true, kPairBlock)
+                                        : tile_operands(q, k, stats, false, true);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -1007,22 +1090,27 @@ std::tuple<Tensor, Tensor, Tensor> infonce_bwd(
         grad_terms<acc_t>(row_lse, row_coef, col_lse, col_coef, pos_coef, pair_lse, neg_only);
     const int32_t* qy_data = labels.q.data_ptr<int32_t>();
     const int32_t* ky_data = labels.k.data_ptr<int32_t>();
-    std::vector<acc_t> dscale_parts(num_blocks(n, kOuterBlock), acc_t(0));
-    gradient_pass(operands.q, operands.k, s, dq.data_ptr<scalar_t>(),
-                  [&](acc_t* tile, int64_t query0, int64_t queries, int64_t key0, int64_t keys,
-                      int64_t block) {
-                    dscale_parts[block] += infonce_grad_tile<acc_t, false>(
-                        tile, tile, false, queries, keys, s, tile_mask(qy_data, ky_data, diagonal, query0, key0),
-                        terms.at(query0, key0));
-                  });
+    const auto grad_tile = [&](const acc_t* tile, acc_t* g, int64_t query0, int64_t queries,
+                               int64_t key0, int64_t keys) {
+      return infonce_grad_tile<acc_t, false>(tile, g, false, queries, keys, s,
+                                             tile_mask(qy_data, ky_data, diagonal, query0, key0),
+                                             terms.at(query0, key0));
+    };
+    std::vector<acc_t> dscale_parts;
     if (need_dk) {
-      gradient_pass(operands.k, operands.q, s, dk.data_ptr<scalar_t>(),
-                    [&](acc_t* tile, int64_t key0, int64_t keys, int64_t query0, int64_t queries,
-                        int64_t) {
-                      infonce_grad_tile<acc_t, true>(
-                          tile, tile, false, keys, queries, s,
-                          tile_mask(qy_data, ky_data, diagonal, query0, key0),
-                          terms.at(query0, key0));
+      dscale_parts.resize(num_blocks(n, kPairBlock) * num_blocks(m, kPairBlock));
+      gradient_both_sides(operands.q, operands.k, s, dq.data_ptr<scalar_t>(),
+                          dk.data_ptr<scalar_t>(),
+                          [&](const acc_t* tile, acc_t* g, int64_t query0, int64_t queries,
+                              int64_t key0, int64_t keys, int64_t task) {
+                            dscale_parts[task] = grad_tile(tile, g, query0, queries, key0, keys);
+                          });
+    } else {
+      dscale_parts.resize(num_blocks(n, kOuterBlock));
+      gradient_pass(operands.q, operands.k, s, dq.data_ptr<scalar_t>(),
+                    [&](acc_t* tile, int64_t query0, int64_t queries, int64_t key0, int64_t keys,
+                        int64_t block) {
+                      dscale_parts[block] += grad_tile(tile, tile, query0, queries, key0, keys);
                     });
     }
     acc_t total = 0;
@@ -1114,7 +1202,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> siglip_bwd(const Tensor& q, const Ten
   Tensor dbias = at::empty({}, q.options().dtype(stats));
   const MaskLabels labels = mask_labels(q_labels, k_labels, n, m);
   const int64_t no_exclusion = exclusion_diagonal(std::nullopt, n, m);
-  const TileOperands operands = tile_operands(q, k, stats, need_dk, true);
+  const TileOperands operands = need_dk ? tile_operands(q, k, stats, true, true, kPairBlock)
+                                        : tile_operands(q, k, stats, false, true);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -1123,23 +1212,31 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> siglip_bwd(const Tensor& q, const Ten
     const acc_t* coef = row_coef.data_ptr<acc_t>();
     const int32_t* qy_data = labels.q.data_ptr<int32_t>();
     const int32_t* ky_data = labels.k.data_ptr<int32_t>();
-    std::vector<SiglipGradSums<acc_t>> parts(num_blocks(n, kOuterBlock));
-    gradient_pass(operands.q, operands.k, s, dq.data_ptr<scalar_t>(),
-                  [&](acc_t* tile, int64_t query0, int64_t queries, int64_t key0, int64_t keys,
-                      int64_t block) {
-                    const auto sums = siglip_grad_tile<acc_t, false>(
-                        tile, queries, keys, s, b,
-                        tile_mask(qy_data, ky_data, no_exclusion, query0, key0), coef + query0);
-                    parts[block].dscale += sums.dscale;
-                    parts[block].dbias += sums.dbias;
-                  });
+    const auto grad_tile = [&](const acc_t* tile, acc_t* g, int64_t query0, int64_t queries,
+                               int64_t key0, int64_t keys) {
+      return siglip_grad_tile(tile, g, queries, keys, s, b,
+                              tile_mask(qy_data, ky_data, no_exclusion, query0, key0),
+                              coef + query0);
+    };
+    std::vector<SiglipGradSums<acc_t>> parts;
+    const auto add_part = [&](int64_t part, SiglipGradSums<acc_t> sums) {
+      parts[part].dscale += sums.dscale;
+      parts[part].dbias += sums.dbias;
+    };
     if (need_dk) {
-      gradient_pass(operands.k, operands.q, s, dk.data_ptr<scalar_t>(),
-                    [&](acc_t* tile, int64_t key0, int64_t keys, int64_t query0, int64_t queries,
-                        int64_t) {
-                      siglip_grad_tile<acc_t, true>(
-                          tile, keys, queries, s, b,
-                          tile_mask(qy_data, ky_data, no_exclusion, query0, key0), coef + query0);
+      parts.resize(num_blocks(n, kPairBlock) * num_blocks(m, kPairBlock));
+      gradient_both_sides(operands.q, operands.k, s, dq.data_ptr<scalar_t>(),
+                          dk.data_ptr<scalar_t>(),
+                          [&](const acc_t* tile, acc_t* g, int64_t query0, int64_t queries,
+                              int64_t key0, int64_t keys, int64_t task) {
+                            add_part(task, grad_tile(tile, g, query0, queries, key0, keys));
+                          });
+    } else {
+      parts.resize(num_blocks(n, kOuterBlock));
+      gradient_pass(operands.q, operands.k, s, dq.data_ptr<scalar_t>(),
+                    [&](acc_t* tile, int64_t query0, int64_t queries, int64_t key0, int64_t keys,
+                        int64_t block) {
+                      add_part(block, grad_tile(tile, tile, query0, queries, key0, keys));
                     });
     }
     SiglipGradSums<acc_t> total;

@@ -47,9 +47,10 @@ void run_tasks(int64_t count, const MakeState& make_state, const Body& body) {
   });
 }
 
-// One task of a symmetric schedule: the tile of block `row` against block
-// `col` (row <= col). `row_turn` (`col_turn`) is how many earlier tasks of
-// the schedule touch block `row` (`col`).
+// One task of a tile schedule: the tile of row block `row` against column
+// block `col`, whose results go to accumulator `row` and, unless the two
+// are the same, accumulator `col` (ids of the schedule's accumulators).
+// `row_turn` (`col_turn`) is how many earlier tasks add into `row` (`col`).
 struct BlockPair {
   int32_t row;
   int32_t col;
@@ -59,37 +60,69 @@ struct BlockPair {
   bool diagonal() const { return row == col; }
 };
 
-// Every unordered pair of `blocks` blocks, the diagonal ones included, once:
-// first the diagonal tiles, then rounds of the circle method, in which every
-// block meets one other block (or, for an odd count, sits one round out).
-// Two tasks touching the same block are about blocks / 2 tasks apart, so a
-// task's additions (OrderedAdditions) rarely wait for another task.
-inline std::vector<BlockPair> symmetric_schedule(int64_t blocks) {
+// Tasks in the order they are handed out, over `accumulators` accumulators;
+// column block j is accumulator first_col + j.
+struct TileSchedule {
   std::vector<BlockPair> tasks;
-  tasks.reserve(blocks * (blocks + 1) / 2);
-  std::vector<int32_t> turns(blocks, 0);
-  const auto add = [&](int64_t a, int64_t b) {
-    const int32_t row = static_cast<int32_t>(std::min(a, b));
-    const int32_t col = static_cast<int32_t>(std::max(a, b));
+  int64_t accumulators = 0;
+  int64_t first_col = 0;
+
+  void add(int64_t row, int64_t col, std::vector<int32_t>& turns) {
     const int32_t row_turn = turns[row]++;
-    tasks.push_back({row, col, row_turn, row == col ? row_turn : turns[col]++});
-  };
+    tasks.push_back({static_cast<int32_t>(row), static_cast<int32_t>(col), row_turn,
+                     row == col ? row_turn : turns[col]++});
+  }
+};
+
+// The tiles of a matrix against itself, `blocks` blocks of rows: every
+// unordered pair of blocks (I <= J) once, block I accumulator I, block J
+// accumulator J. First the diagonal tiles, then rounds of the circle method,
+// in which every block meets one other block (or, for an odd count, sits one
+// round out). Two tasks touching the same block are about blocks / 2 tasks
+// apart, so a task's additions (OrderedAdditions) rarely wait for another.
+inline TileSchedule symmetric_schedule(int64_t blocks) {
+  TileSchedule schedule{{}, blocks, 0};
+  schedule.tasks.reserve(blocks * (blocks + 1) / 2);
+  std::vector<int32_t> turns(blocks, 0);
   for (int64_t b = 0; b < blocks; ++b) {
-    add(b, b);
+    schedule.add(b, b, turns);
   }
   // Positions 0 .. even - 2 rotate around the fixed position even - 1; an odd
   // count gets a stand-in block `blocks` that pairs with nobody.
   const int64_t even = blocks + (blocks & 1);
   const int64_t rotating = even - 1;
+  const auto add_pair = [&](int64_t a, int64_t b) {
+    schedule.add(std::min(a, b), std::max(a, b), turns);
+  };
   for (int64_t round = 0; round < rotating; ++round) {
     if (even - 1 < blocks) {
-      add(round, even - 1);
+      add_pair(round, even - 1);
     }
     for (int64_t step = 1; step < even / 2; ++step) {
-      add((round + step) % rotating, (round - step + rotating) % rotating);
+      add_pair((round + step) % rotating, (round - step + rotating) % rotating);
     }
   }
-  return tasks;
+  return schedule;
+}
+
+// Every tile of `row_blocks` x `col_blocks` blocks once, with accumulators
+// for the row blocks and, after them, the column blocks. Round r pairs row
+// block i with column block (i + r) mod max(row_blocks, col_blocks): within
+// a round no two tasks share a block.
+inline TileSchedule rectangular_schedule(int64_t row_blocks, int64_t col_blocks) {
+  TileSchedule schedule{{}, row_blocks + col_blocks, row_blocks};
+  schedule.tasks.reserve(row_blocks * col_blocks);
+  std::vector<int32_t> turns(row_blocks + col_blocks, 0);
+  const int64_t period = std::max(row_blocks, col_blocks);
+  for (int64_t round = 0; round < period; ++round) {
+    for (int64_t row = 0; row < row_blocks; ++row) {
+      const int64_t col = (row + round) % period;
+      if (col < col_blocks) {
+        schedule.add(row, row_blocks + col, turns);
+      }
+    }
+  }
+  return schedule;
 }
 
 // Buffers for results that wait to be added, shared by all threads.
@@ -126,31 +159,31 @@ class SlotPool {
   std::vector<int32_t> free_;
 };
 
-// The additions of a symmetric schedule's tasks into their blocks, made in
-// schedule order on every block (so results do not depend on the number of
-// threads), by whichever thread makes one possible: the thread that computed
-// a task adds it into each block whose turn it is; the thread that makes an
-// addition also makes the block's next one when that task is computed
-// already. No thread waits for a turn: a thread slowed down by another
-// process delays only the additions that need its own task.
+// The additions of a schedule's tasks into their accumulators ("blocks"
+// below), made in schedule order on every block (so results do not depend
+// on the number of threads), by whichever thread makes one possible: the
+// thread that computed a task adds it into each block whose turn it is; the
+// thread that makes an addition also makes the block's next one when that
+// task is computed already. No thread waits for a turn: a thread slowed down
+// by another process delays only the additions that need its own task.
 class OrderedAdditions {
  public:
-  OrderedAdditions(const std::vector<BlockPair>& schedule, int64_t blocks)
-      : start_(blocks + 1, 0),
-        next_turn_(new std::atomic<int32_t>[blocks]),
-        computed_(new std::atomic<bool>[schedule.size()]),
-        additions_left_(new std::atomic<int32_t>[schedule.size()]) {
-    for (const BlockPair& pair : schedule) {
+  explicit OrderedAdditions(const TileSchedule& schedule)
+      : start_(schedule.accumulators + 1, 0),
+        next_turn_(new std::atomic<int32_t>[schedule.accumulators]),
+        computed_(new std::atomic<bool>[schedule.tasks.size()]),
+        additions_left_(new std::atomic<int32_t>[schedule.tasks.size()]) {
+    for (const BlockPair& pair : schedule.tasks) {
       ++start_[pair.row + 1];
       start_[pair.col + 1] += pair.diagonal() ? 0 : 1;
     }
-    for (int64_t b = 0; b < blocks; ++b) {
+    for (int64_t b = 0; b < schedule.accumulators; ++b) {
       start_[b + 1] += start_[b];
       next_turn_[b].store(0, std::memory_order_relaxed);
     }
-    in_turn_order_.resize(start_[blocks]);
-    for (size_t task = 0; task < schedule.size(); ++task) {
-      const BlockPair& pair = schedule[task];
+    in_turn_order_.resize(start_[schedule.accumulators]);
+    for (size_t task = 0; task < schedule.tasks.size(); ++task) {
+      const BlockPair& pair = schedule.tasks[task];
       in_turn_order_[start_[pair.row] + pair.row_turn] = static_cast<int32_t>(task);
       if (!pair.diagonal()) {
         in_turn_order_[start_[pair.col] + pair.col_turn] = static_cast<int32_t>(task);
@@ -160,7 +193,7 @@ class OrderedAdditions {
     }
   }
 
-  // Task `task` (schedule[task]) is computed: makes every addition that is
+  // Task `task` (schedule.tasks[task]) is computed: makes every addition that is
   // now possible. add(task, block) adds a task's result into a block;
   // task_done(task) follows a task's last addition, block_done(block) a
   // block's.

@@ -14,6 +14,7 @@
 #include <memory>
 #include <mutex>
 #include <thread>
+#include <utility>
 #include <vector>
 
 namespace pyclloss::cpu {
@@ -76,30 +77,36 @@ struct TileSchedule {
 
 // The tiles of a matrix against itself, `blocks` blocks of rows: every
 // unordered pair of blocks (I <= J) once, block I accumulator I, block J
-// accumulator J. First the diagonal tiles, then rounds of the circle method,
-// in which every block meets one other block (or, for an odd count, sits one
-// round out). Two tasks touching the same block are about blocks / 2 tasks
-// apart, so a task's additions (OrderedAdditions) rarely wait for another.
+// accumulator J. Rounds of the circle method, in which every block meets one
+// other block (or, for an odd count, sits one round out), preceded by the
+// diagonal tiles in the order the blocks first appear: two tasks touching
+// the same block are at least blocks / 2 - 1 tasks apart, so a task's
+// additions (OrderedAdditions) rarely wait for another.
 inline TileSchedule symmetric_schedule(int64_t blocks) {
-  TileSchedule schedule{{}, blocks, 0};
-  schedule.tasks.reserve(blocks * (blocks + 1) / 2);
-  std::vector<int32_t> turns(blocks, 0);
-  for (int64_t b = 0; b < blocks; ++b) {
-    schedule.add(b, b, turns);
-  }
   // Positions 0 .. even - 2 rotate around the fixed position even - 1; an odd
   // count gets a stand-in block `blocks` that pairs with nobody.
   const int64_t even = blocks + (blocks & 1);
   const int64_t rotating = even - 1;
-  const auto add_pair = [&](int64_t a, int64_t b) {
-    schedule.add(std::min(a, b), std::max(a, b), turns);
-  };
+  std::vector<std::pair<int64_t, int64_t>> rounds;  // even / 2 pairs a round
   for (int64_t round = 0; round < rotating; ++round) {
-    if (even - 1 < blocks) {
-      add_pair(round, even - 1);
-    }
+    rounds.emplace_back(round, even - 1);
     for (int64_t step = 1; step < even / 2; ++step) {
-      add_pair((round + step) % rotating, (round - step + rotating) % rotating);
+      rounds.emplace_back((round + step) % rotating, (round - step + rotating) % rotating);
+    }
+  }
+  TileSchedule schedule{{}, blocks, 0};
+  schedule.tasks.reserve(blocks * (blocks + 1) / 2);
+  std::vector<int32_t> turns(blocks, 0);
+  for (int64_t p = 0; p < std::min<int64_t>(even / 2, rounds.size()); ++p) {
+    for (const int64_t block : {rounds[p].first, rounds[p].second}) {
+      if (block < blocks) {
+        schedule.add(block, block, turns);
+      }
+    }
+  }
+  for (const auto& [a, b] : rounds) {
+    if (a < blocks && b < blocks) {
+      schedule.add(std::min(a, b), std::max(a, b), turns);
     }
   }
   return schedule;

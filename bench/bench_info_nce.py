@@ -3,13 +3,15 @@ with one core kept busy, optionally against another checkout ("before").
 
 Each measurement runs in a fresh process that times, fp32 forward+backward,
 nt_xent and supcon over N rows and clip over N/2 pairs (cpp and reference
-backends), and a square 4096³ matmul (pyclloss.benchmark.matmul_flops, the
-faster of torch.mm and oneDNN's). The effective rate is 8·N'²·D over the time
-(N' = rows or pairs: the count without the symmetry of the self-similarity
-losses, so that all figures compare); its ratio to the matmul comes from one
-process. Processes alternate: for every round, every checkout, quiet and then
-with one `while True: pass` process running beside it. The table gives the
-median over the rounds and the load average the machine had.
+backends), each step right after a square 4096³ matmul
+(pyclloss.benchmark.square_matmul, the faster of torch.mm and oneDNN's). The
+effective rate is 8·N'²·D over the time (N' = rows or pairs: the count
+without the symmetry of the self-similarity losses, so that all figures
+compare); its ratio to the matmul's rate comes from each step and the matmul
+just before it, so that a machine whose load changes affects both alike.
+Processes alternate: for every round, every checkout, quiet and then with
+one `while True: pass` process running beside it. The table gives medians
+over the rounds and the load average the machine had.
 
     python bench/bench_info_nce.py --rounds 5 --baseline ../pyclloss-before \\
         --out bench/results/cpu-symmetric.md
@@ -35,7 +37,7 @@ import pytest
 import torch
 
 import pyclloss
-from pyclloss.benchmark import effective_flops, matmul_flops
+from pyclloss.benchmark import effective_flops, square_matmul
 from pyclloss.energy import cpu_model
 
 LOSSES = ("nt_xent", "supcon", "clip")
@@ -60,30 +62,39 @@ def _calls(n, d, backend):
     }
 
 
-def _median_time(leaves, call, repeats):
-    def step():
-        for t in leaves:
-            t.grad = None
-        call().backward()
-
-    step()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def _seconds(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def measure(n, d, backends, repeats):
-    """One process's figures: {"matmul" or "loss backend": [seconds, FLOP/s], "load": ...}."""
+    """One process's figures: {"loss backend": [seconds, ratio to the matmul],
+    "matmul": [seconds, FLOP/s], "load": [before, after]}, medians of
+    `repeats` (matmul, step of each backend) rounds after a warm-up one."""
     load = os.getloadavg()[0]
-    rate = matmul_flops("cpu")
-    out = {"matmul": [2.0 * 4096 ** 3 / rate, rate]}
-    for backend in backends:
-        for loss, (leaves, call, flops) in _calls(n, d, backend).items():
-            seconds = _median_time(leaves, call, repeats)
-            out[f"{loss} {backend}"] = [seconds, flops / seconds]
+    matmul = square_matmul("cpu")
+    matmul_work = 2.0 * 4096 ** 3
+    out, matmul_times = {}, []
+    calls = {backend: _calls(n, d, backend) for backend in backends}
+    for loss in LOSSES:
+        samples = {backend: [] for backend in backends}
+        for repeat in range(repeats + 1):
+            for backend in backends:
+                leaves, call, flops = calls[backend][loss]
+                for t in leaves:
+                    t.grad = None
+                matmul_seconds = _seconds(matmul)
+                seconds = _seconds(lambda: call().backward())
+                if repeat > 0:
+                    matmul_times.append(matmul_seconds)
+                    ratio = (flops / seconds) / (matmul_work / matmul_seconds)
+                    samples[backend].append((seconds, ratio))
+        for backend, pairs in samples.items():
+            out[f"{loss} {backend}"] = [statistics.median(s for s, _ in pairs),
+                                        statistics.median(r for _, r in pairs)]
+    seconds = statistics.median(matmul_times)
+    out["matmul"] = [seconds, matmul_work / seconds]
     out["load"] = [load, os.getloadavg()[0]]
     return out
 
@@ -109,8 +120,14 @@ def report(args, runs):
         if key not in rounds[0]:
             return "—"
         seconds = statistics.median(r[key][0] for r in rounds)
-        ratio = statistics.median(r[key][1] / r["matmul"][1] for r in rounds)
+        ratio = statistics.median(r[key][1] for r in rounds)
         return f"{seconds * 1e3:,.0f} ms = {ratio:.2f}× matmul"
+
+    def speedup(key):
+        if key not in runs[("before", False)][0]:
+            return "—"
+        before = statistics.median(r[key][0] for r in runs[("before", False)])
+        return f"{before / statistics.median(r[key][0] for r in runs[('after', False)]):.2f}×"
 
     def slowdown(checkout, key):
         pairs = zip(runs[(checkout, False)], runs[(checkout, True)])
@@ -129,18 +146,20 @@ def report(args, runs):
         f"median of {args.repeats} per process, median over {args.rounds} rounds of alternating "
         f"processes; machine load average (1 min) during the runs: {min(loads):.1f} to "
         f"{max(loads):.1f}",
-        "- effective rate = 8·N'²·D / time (N' = rows or pairs); × = its ratio to a square 4096³ "
-        "fp32 matmul timed in the same process (the faster of torch.mm and oneDNN's)",
+        "- effective rate = 8·N'²·D / time (N' = rows or pairs); × = its ratio to the rate of a "
+        "square 4096³ fp32 matmul timed just before each step (the faster of torch.mm and "
+        "oneDNN's)",
         "",
-        "| | " + " | ".join(checkouts) + " |",
-        "|---" * (len(checkouts) + 1) + "|",
+        "| | " + " | ".join(checkouts) + (" | speed-up |" if len(checkouts) == 2 else " |"),
+        "|---" * (len(checkouts) + 1 + (len(checkouts) == 2)) + "|",
     ]
     mm = {c: statistics.median(r["matmul"][1] for r in runs[(c, False)]) for c in checkouts}
     lines.append("| matmul 4096³ | " + " | ".join(f"{mm[c] / 1e9:,.0f} GFLOP/s" for c in checkouts)
-                 + " |")
+                 + (" | |" if len(checkouts) == 2 else " |"))
     keys = [f"{loss} {backend}" for backend in args.backends for loss in LOSSES]
     for key in keys:
-        lines.append(f"| {key} | " + " | ".join(quiet(c, key) for c in checkouts) + " |")
+        lines.append(f"| {key} | " + " | ".join(quiet(c, key) for c in checkouts) + " |"
+                     + (f" {speedup(key)} |" if len(checkouts) == 2 else ""))
     if any(busy for _, busy in runs):
         lines += ["", "With one core kept busy by another process: time busy / time quiet "
                   "(median over the rounds of the ratio of neighbouring processes).", "",
@@ -180,9 +199,10 @@ def main(argv=None):
                 figures = _run(tree, busy, args, backends)
                 runs.setdefault((name, busy), []).append(figures)
                 print(f"round {round_} {name} {'busy' if busy else 'quiet'}: "
-                      + ", ".join(f"{k} {v[0] * 1e3:.0f} ms" for k, v in figures.items()
-                                  if k != "load")
-                      + f", matmul {figures['matmul'][1] / 1e9:.0f} GFLOP/s", file=sys.stderr)
+                      + ", ".join(f"{k} {v[0] * 1e3:.0f} ms = {v[1]:.2f}×"
+                                  for k, v in figures.items() if k not in ("load", "matmul"))
+                      + f", matmul {figures['matmul'][1] / 1e9:.0f} GFLOP/s, load "
+                      + "{:.1f}-{:.1f}".format(*figures["load"]), file=sys.stderr)
     table = report(args, runs)
     print(table)
     if args.out:

@@ -191,8 +191,16 @@ def effective_flops(n: int, d: int) -> float:
     return 8.0 * n * n * d
 
 
-def matmul_flops(device: str = "cpu", size: int = 4096, repeats: int = 3) -> float:
-    """FLOP/s of a square fp32 matmul here, median of ``repeats``: the faster of
+def _seconds(call: Callable[[], object], sync: Callable[[], None]) -> float:
+    sync()
+    t0 = time.perf_counter()
+    call()
+    sync()
+    return time.perf_counter() - t0
+
+
+def square_matmul(device: str = "cpu", size: int = 4096) -> Callable[[], object]:
+    """A square fp32 matmul of ``size`` (2·size³ FLOPs): the faster here of
     torch.mm and, on the CPU, oneDNN's (torch's MKL sgemm runs far below the
     peak of some CPUs)."""
     import torch
@@ -204,18 +212,18 @@ def matmul_flops(device: str = "cpu", size: int = 4096, repeats: int = 3) -> flo
         a_onednn, b_t_onednn = a.to_mkldnn(), b.t().contiguous().to_mkldnn()
         calls.append(lambda: torch._C._nn.mkldnn_linear(a_onednn, b_t_onednn, None))
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    best = 0.0
     for call in calls:
-        call()
-        times = []
-        for _ in range(repeats):
-            sync()
-            t0 = time.perf_counter()
-            call()
-            sync()
-            times.append(time.perf_counter() - t0)
-        best = max(best, 2.0 * size ** 3 / statistics.median(times))
-    return best
+        call()  # warm-up
+    return min(calls, key=lambda call: _seconds(call, sync))
+
+
+def matmul_flops(device: str = "cpu", size: int = 4096, repeats: int = 3) -> float:
+    """FLOP/s of square_matmul, median of ``repeats``."""
+    import torch
+
+    call = square_matmul(device, size)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    return 2.0 * size ** 3 / statistics.median(_seconds(call, sync) for _ in range(repeats))
 
 
 def measure_one(loss: str, impl: str, n: int, d: int, device: str, dtype_name: str,

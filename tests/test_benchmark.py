@@ -56,3 +56,21 @@ def test_bad_sizes_are_rejected(capsys):
     with pytest.raises(SystemExit):
         benchmark.main(["--sizes", "1"])
     assert "--sizes" in capsys.readouterr().err
+
+
+def test_effective_rate_column():
+    """InfoNCE cells carry the matmul rate of their process; the fused backend's
+    8·N²·D / time is shown against it."""
+    assert benchmark.effective_flops(64, 16) == 8 * 64 * 64 * 16
+    assert benchmark.matmul_flops("cpu", size=64, repeats=1) > 0
+    rate = 10e9
+    time_s = benchmark.effective_flops(64, 16) / (rate / 2)  # half the matmul's rate
+    measured = {"peers": {}, "results": {"supcon": {
+        "cpp": {64: {"time_s": time_s, "peak_bytes": 0, "matmul_flops": rate}},
+        "reference": {64: {"time_s": 4 * time_s, "peak_bytes": 0, "matmul_flops": rate}}}}}
+    ns = type("Args", (), dict(sizes=[64], dim=16, dtype="float32", repeats=1, device="cpu",
+                               command=["--sizes", "64"]))
+    report = benchmark.markdown(ns, measured, None)
+    assert "| N | cpp | reference | speed-up | fused rate = × matmul (matmul GFLOP/s) |" in report
+    row = next(line for line in report.splitlines() if line.startswith("| 64 |"))
+    assert row.endswith("| 4.0× | 5 GFLOP/s = 0.50× (10) |")

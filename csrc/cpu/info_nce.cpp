@@ -1,14 +1,20 @@
-// CPU kernels of the fused InfoNCE core: the five ops of docs/fused_core.md.
+// CPU kernels of the fused InfoNCE core: the ops of docs/fused_core.md.
 //
 // Every kernel streams (row block x key block) tiles of dot products from a
 // GEMM into a thread-local buffer; a vectorized epilogue turns each tile into
 // statistics (forward) or into the logit gradient G, which a second GEMM
 // multiplies into dq or dk (backward). The GEMMs read q and k converted to
 // the accumulation type and laid out once per call (TileOperand, O((N+M)*D)).
-// Nothing N x M is allocated: backward recomputes the tiles, dq in a pass
-// over query blocks and dk in a pass over key blocks, so no thread ever adds
-// into another's rows. Every reduction runs in an order fixed by the sizes
-// alone: results do not depend on the number of threads.
+// Nothing N x M is allocated: backward recomputes the tiles.
+//
+// Two kinds of pass. A task that owns its output rows: a block of query rows
+// against all keys (for_each_logit_tile, gradient_pass). Or a task that adds
+// one tile into two accumulators, in a schedule (for_each_scheduled_tile):
+// q and k the same rows, where a tile z_I z_J^T serves both blocks
+// (symmetric_row_stats, symmetric_pair_terms, symmetric_gradient), and dq
+// with dk from one tile (gradient_both_sides). Every reduction runs in an
+// order fixed by the sizes alone: results do not depend on the number of
+// threads (docs/fused_core.md, "CPU schedules").
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -35,11 +41,10 @@ using OptionalTensor = std::optional<Tensor>;
 
 constexpr int64_t kOuterBlock = 64;   // rows of a tile, one parallel task each
 constexpr int64_t kInnerBlock = 512;  // columns of a tile, streamed
-// Rows of a block of the symmetric schedule (q and k the same rows): its
-// tiles are kPairBlock x kPairBlock.
+// Rows and columns of a tile of a TileSchedule.
 constexpr int64_t kPairBlock = 256;
-// Contributions of symmetric-schedule tasks that may wait for their turn, per
-// thread: tiles (backward) and row statistics (forward).
+// Contributions of scheduled tasks that may wait for their turn, per thread:
+// tiles (backward) and row statistics (forward).
 constexpr int64_t kPendingTiles = 4;
 constexpr int64_t kPendingStats = 16;
 static_assert(kPairBlock <= kInnerBlock, "epilogue buffers hold kInnerBlock columns");

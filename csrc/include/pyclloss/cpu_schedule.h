@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -20,17 +21,39 @@
 namespace pyclloss::cpu {
 
 // Runs worker() once on each of up to `workers` intra-op threads (on the
-// calling thread alone inside a parallel region).
+// calling thread alone inside a parallel region). A thread done with its
+// worker waits for the others asleep rather than spinning at the end of the
+// parallel region: on a busy machine a spinning thread can hold the core that
+// the last worker needs to finish.
 template <typename Worker>
 void run_workers(int64_t workers, const Worker& worker) {
   if (workers <= 0) {
     return;
   }
-  at::parallel_for(0, std::min<int64_t>(workers, at::get_num_threads()), 1,
-                   [&](int64_t, int64_t) {
-                     c10::InferenceMode no_autograd;
-                     worker();
-                   });
+  const int64_t threads = std::min<int64_t>(workers, at::get_num_threads());
+  std::mutex mutex;
+  std::condition_variable all_done;
+  int64_t done = 0;  // of [0, threads), under mutex
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    struct Arrival {  // counted even when worker() throws
+      std::mutex& mutex;
+      std::condition_variable& all_done;
+      int64_t& done;
+      int64_t count;
+      ~Arrival() {
+        std::lock_guard<std::mutex> lock(mutex);
+        done += count;
+        all_done.notify_all();
+      }
+    };
+    {
+      Arrival arrival{mutex, all_done, done, end - begin};
+      c10::InferenceMode no_autograd;
+      worker();
+    }
+    std::unique_lock<std::mutex> lock(mutex);
+    all_done.wait(lock, [&] { return done == threads; });
+  });
 }
 
 // Runs body(worker_state, task) for every task in [0, count) on the intra-op

@@ -16,6 +16,10 @@ over the rounds and the load average the machine had.
     python bench/bench_info_nce.py --rounds 5 --baseline ../pyclloss-before \\
         --out bench/results/cpu-symmetric.md
 
+--cpu-time measures on one thread by the process's CPU time instead: the
+load of other processes then does not count, which gives the kernels'
+efficiency on a shared machine (no busy-core runs then).
+
 --baseline is a checkout of the code to compare with, its extension built in
 place (python setup.py build_ext --inplace), and with this checkout's
 pyclloss/benchmark.py (the matmul timing) if it predates it. The reference
@@ -62,16 +66,15 @@ def _calls(n, d, backend):
     }
 
 
-def _seconds(fn):
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def measure(n, d, backends, repeats):
+def measure(n, d, backends, repeats, clock=time.perf_counter):
     """One process's figures: {"loss backend": [seconds, ratio to the matmul],
     "matmul": [seconds, FLOP/s], "load": [before, after]}, medians of
     `repeats` (matmul, step of each backend) rounds after a warm-up one."""
+    def _seconds(fn):
+        t0 = clock()
+        fn()
+        return clock() - t0
+
     load = os.getloadavg()[0]
     matmul = square_matmul("cpu")
     matmul_work = 2.0 * 4096 ** 3
@@ -102,6 +105,7 @@ def measure(n, d, backends, repeats):
 def _run(tree, busy, args, backends):
     cmd = [sys.executable, os.path.abspath(__file__), "--single", "--n", str(args.n),
            "--dim", str(args.dim), "--repeats", str(args.repeats), "--backends", *backends]
+    cmd += ["--cpu-time"] if args.cpu_time else []
     env = dict(os.environ, PYTHONPATH=tree)
     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
     try:
@@ -141,7 +145,8 @@ def report(args, runs):
         "",
         f"- command: `python bench/bench_info_nce.py {' '.join(args.command)}`",
         f"- machine: {cpu_model()}, {os.cpu_count()} cores, "
-        f"{torch.get_num_threads()} threads; torch {torch.__version__}",
+        (f"1 thread, timed by the process's CPU time" if args.cpu_time
+         else f"{torch.get_num_threads()} threads") + f"; torch {torch.__version__}",
         f"- N = {args.n} rows (clip: {args.n // 2} pairs), D = {args.dim}, fp32, forward+backward, "
         f"median of {args.repeats} per process, median over {args.rounds} rounds of alternating "
         f"processes; machine load average (1 min) during the runs: {min(loads):.1f} to "
@@ -180,11 +185,16 @@ def main(argv=None):
                    choices=("cpp", "reference"))
     p.add_argument("--baseline", help="checkout to compare with (its extension built)")
     p.add_argument("--no-busy", action="store_true", help="skip the runs with a busy core")
+    p.add_argument("--cpu-time", action="store_true",
+                   help="one thread, timed by the process's CPU time (implies --no-busy)")
     p.add_argument("--out", help="also write the markdown table to this file")
     p.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.single:
-        print(json.dumps(measure(args.n, args.dim, args.backends, args.repeats)))
+        if args.cpu_time:
+            torch.set_num_threads(1)
+        clock = time.process_time if args.cpu_time else time.perf_counter
+        print(json.dumps(measure(args.n, args.dim, args.backends, args.repeats, clock)))
         return 0
     args.command = sys.argv[1:] if argv is None else argv
     trees = {"after": HERE}
@@ -192,7 +202,7 @@ def main(argv=None):
         trees = {"before": os.path.abspath(args.baseline), **trees}
     runs = {}
     for round_ in range(args.rounds):
-        for busy in (False,) if args.no_busy else (False, True):
+        for busy in (False,) if args.no_busy or args.cpu_time else (False, True):
             for name, tree in trees.items():
                 # The reference is the same code in both checkouts: measured once.
                 backends = args.backends if name == "after" else ["cpp"]

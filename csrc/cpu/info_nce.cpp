@@ -562,25 +562,33 @@ void for_each_scheduled_tile(const TileOperand& q, const TileOperand& k,
       // The slot first: a thread waiting for one holds no task that the
       // contributions in the pool may be waiting for.
       const int32_t slot = pool.acquire();
+      if (slot == SlotPool::kClosed) {
+        return;
+      }
       const int64_t task = next.fetch_add(1);
       if (task >= tasks) {
         pool.release(slot);
         return;
       }
-      const BlockPair pair = schedule.tasks[task];
-      const PairTile span = span_of(pair);
-      matmul(span.rows, span.cols, d, q_rows + span.row0 * d, d, k_blocked_t + span.col0 * d,
-             span.cols, tile.data(), span.cols, false);
-      compute(contributions[slot], tile.data(), pair, span, task);
-      slot_of[task] = slot;
-      additions.computed(
-          task, pair,
-          [&](int32_t done_task, int32_t accumulator) {
-            const BlockPair& done_pair = schedule.tasks[done_task];
-            add(contributions[slot_of[done_task]], span_of(done_pair),
-                accumulator == done_pair.row);
-          },
-          [&](int32_t done_task) { pool.release(slot_of[done_task]); }, finish);
+      try {
+        const BlockPair pair = schedule.tasks[task];
+        const PairTile span = span_of(pair);
+        matmul(span.rows, span.cols, d, q_rows + span.row0 * d, d, k_blocked_t + span.col0 * d,
+               span.cols, tile.data(), span.cols, false);
+        compute(contributions[slot], tile.data(), pair, span, task);
+        slot_of[task] = slot;
+        additions.computed(
+            task, pair,
+            [&](int32_t done_task, int32_t accumulator) {
+              const BlockPair& done_pair = schedule.tasks[done_task];
+              add(contributions[slot_of[done_task]], span_of(done_pair),
+                  accumulator == done_pair.row);
+            },
+            [&](int32_t done_task) { pool.release(slot_of[done_task]); }, finish);
+      } catch (...) {
+        pool.close();  // the others stop rather than wait for this task's slot
+        throw;
+      }
     }
   });
 }

@@ -164,11 +164,17 @@ class SlotPool {
     }
   }
 
-  // A free slot; yields the core while there is none.
+  static constexpr int32_t kClosed = -1;
+
+  // A free slot, or kClosed once close() was called; yields the core while
+  // there is none.
   int32_t acquire() {
     for (;;) {
       {
         std::lock_guard<std::mutex> lock(mutex_);
+        if (closed_) {
+          return kClosed;
+        }
         if (!free_.empty()) {
           const int32_t slot = free_.back();
           free_.pop_back();
@@ -184,9 +190,16 @@ class SlotPool {
     free_.push_back(slot);
   }
 
+  // After a task failed: slots it held may never come back; nobody waits.
+  void close() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    closed_ = true;
+  }
+
  private:
   std::mutex mutex_;
   std::vector<int32_t> free_;
+  bool closed_ = false;
 };
 
 // The additions of a schedule's tasks into their accumulators ("blocks"

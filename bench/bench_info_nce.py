@@ -145,8 +145,8 @@ def report(args, runs):
         "",
         f"- command: `python bench/bench_info_nce.py {' '.join(args.command)}`",
         f"- machine: {cpu_model()}, {os.cpu_count()} cores, "
-        (f"1 thread, timed by the process's CPU time" if args.cpu_time
-         else f"{torch.get_num_threads()} threads") + f"; torch {torch.__version__}",
+        + ("1 thread, timed by the process's CPU time" if args.cpu_time
+           else f"{torch.get_num_threads()} threads") + f"; torch {torch.__version__}",
         f"- N = {args.n} rows (clip: {args.n // 2} pairs), D = {args.dim}, fp32, forward+backward, "
         f"median of {args.repeats} per process, median over {args.rounds} rounds of alternating "
         f"processes; machine load average (1 min) during the runs: {min(loads):.1f} to "

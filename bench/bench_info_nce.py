@@ -16,6 +16,8 @@ over the rounds and the load average the machine had.
     python bench/bench_info_nce.py --rounds 5 --baseline ../pyclloss-before \\
         --out bench/results/cpu-symmetric.md
 
+With --out, the raw figures of every process go beside the table (.json).
+
 --cpu-time measures on one thread by the process's CPU time instead: the
 load of other processes then does not count, which gives the kernels'
 efficiency on a shared machine (no busy-core runs then).
@@ -117,29 +119,47 @@ def _run(tree, busy, args, backends):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def report(args, runs):
-    """Markdown from {(checkout, busy): [figures of each round]}."""
-    def quiet(checkout, key):
-        rounds = runs[(checkout, False)]
+def _quiet_table(rounds_of, keys):
+    """Rows of medians over {checkout: [figures]} of quiet processes."""
+    checkouts = list(rounds_of)
+
+    def cell(checkout, key):
+        rounds = rounds_of[checkout]
         if key not in rounds[0]:
             return "—"
         seconds = statistics.median(r[key][0] for r in rounds)
-        ratio = statistics.median(r[key][1] for r in rounds)
-        return f"{seconds * 1e3:,.0f} ms = {ratio:.2f}× matmul"
+        return f"{seconds * 1e3:,.0f} ms = {statistics.median(r[key][1] for r in rounds):.2f}×"
 
     def speedup(key):
-        if key not in runs[("before", False)][0]:
-            return "—"
-        before = statistics.median(r[key][0] for r in runs[("before", False)])
-        return f"{before / statistics.median(r[key][0] for r in runs[('after', False)]):.2f}×"
+        if len(checkouts) < 2 or key not in rounds_of["before"][0]:
+            return " — |" if len(checkouts) == 2 else ""
+        before, after = ([r[key][0] for r in rounds_of[c]] for c in ("before", "after"))
+        return f" {statistics.median(before) / statistics.median(after):.2f}× |"
 
+    lines = ["| | " + " | ".join(checkouts) + (" | speed-up |" if len(checkouts) == 2 else " |"),
+             "|---" * (len(checkouts) + 1 + (len(checkouts) == 2)) + "|"]
+    rates = [statistics.median(r["matmul"][1] for r in rounds_of[c]) / 1e9 for c in checkouts]
+    lines.append("| matmul 4096³ | " + " | ".join(f"{rate:,.0f} GFLOP/s" for rate in rates)
+                 + (" | |" if len(checkouts) == 2 else " |"))
+    for key in keys:
+        lines.append(f"| {key} | " + " | ".join(cell(c, key) for c in checkouts) + " |"
+                     + speedup(key))
+    return lines
+
+
+def report(args, runs):
+    """Markdown from {(checkout, busy): [figures of each round]}."""
     def slowdown(checkout, key):
         pairs = zip(runs[(checkout, False)], runs[(checkout, True)])
         ratios = [busy[key][0] / calm[key][0] for calm, busy in pairs if key in calm]
         return f"{statistics.median(ratios):.2f}×" if ratios else "—"
 
     checkouts = [c for c in ("before", "after") if (c, False) in runs]
+    keys = [f"{loss} {backend}" for backend in args.backends for loss in LOSSES]
     loads = [x for rounds in runs.values() for r in rounds for x in r["load"]]
+    quiet = {c: runs[(c, False)] for c in checkouts}
+    best = max(r["matmul"][1] for rounds in quiet.values() for r in rounds)
+    idle = {c: [r for r in rounds if r["matmul"][1] >= 0.9 * best] for c, rounds in quiet.items()}
     lines = [
         "# InfoNCE losses on the CPU: effective rate against the matmul",
         "",
@@ -151,20 +171,18 @@ def report(args, runs):
         f"median of {args.repeats} per process, median over {args.rounds} rounds of alternating "
         f"processes; machine load average (1 min) during the runs: {min(loads):.1f} to "
         f"{max(loads):.1f}",
-        "- effective rate = 8·N'²·D / time (N' = rows or pairs); × = its ratio to the rate of a "
+        "- time = ms, × = effective rate 8·N'²·D / time (N' = rows or pairs) over the rate of a "
         "square 4096³ fp32 matmul timed just before each step (the faster of torch.mm and "
         "oneDNN's)",
         "",
-        "| | " + " | ".join(checkouts) + (" | speed-up |" if len(checkouts) == 2 else " |"),
-        "|---" * (len(checkouts) + 1 + (len(checkouts) == 2)) + "|",
+        "All quiet processes:",
+        "",
+        *_quiet_table(quiet, keys),
     ]
-    mm = {c: statistics.median(r["matmul"][1] for r in runs[(c, False)]) for c in checkouts}
-    lines.append("| matmul 4096³ | " + " | ".join(f"{mm[c] / 1e9:,.0f} GFLOP/s" for c in checkouts)
-                 + (" | |" if len(checkouts) == 2 else " |"))
-    keys = [f"{loss} {backend}" for backend in args.backends for loss in LOSSES]
-    for key in keys:
-        lines.append(f"| {key} | " + " | ".join(quiet(c, key) for c in checkouts) + " |"
-                     + (f" {speedup(key)} |" if len(checkouts) == 2 else ""))
+    if all(idle.values()) and any(len(idle[c]) < len(quiet[c]) for c in checkouts):
+        counts = ", ".join(f"{c} {len(idle[c])} of {len(quiet[c])}" for c in checkouts)
+        lines += ["", "Quiet processes whose matmul ran within 10% of the best of the run "
+                  f"(the cores otherwise idle: {counts}):", "", *_quiet_table(idle, keys)]
     if any(busy for _, busy in runs):
         lines += ["", "With one core kept busy by another process: time busy / time quiet "
                   "(median over the rounds of the ratio of neighbouring processes).", "",
@@ -218,6 +236,9 @@ def main(argv=None):
     if args.out:
         with open(args.out, "w") as f:
             f.write(table)
+        with open(os.path.splitext(args.out)[0] + ".json", "w") as f:  # the raw figures
+            json.dump([{"checkout": name, "busy": busy, "rounds": rounds}
+                       for (name, busy), rounds in runs.items()], f)
     return 0
 
 

@@ -210,6 +210,9 @@ class CompiledOps(NamedTuple):
         _compiled()  # loading the extension registers torch.ops.pyclloss_C
         return getattr(torch.ops.pyclloss_C, self.ops[name])
 
+    def has(self, name: str) -> bool:
+        return name in self.ops
+
 
 class ModuleKernels(NamedTuple):
     """Kernels that are the functions of a Python module, got from ``load``
@@ -218,6 +221,9 @@ class ModuleKernels(NamedTuple):
 
     def kernel(self, name: str):
         return getattr(self.load(), name)
+
+    def has(self, name: str) -> bool:
+        return hasattr(self.load(), name)
 
 
 def compiled(*names: str, **renamed: str) -> CompiledOps:
@@ -261,6 +267,10 @@ class KernelFamily:
     def kernel(self, backend: str, name: str):
         """The kernel ``name`` in a concrete backend."""
         return self._where[backend].kernel(name)
+
+    def has(self, backend: str, name: str) -> bool:
+        """Whether ``backend`` has the (optional) kernel ``name``."""
+        return backend in self._where and self._where[backend].has(name)
 
 
 def families() -> Dict[str, KernelFamily]:

@@ -196,3 +196,21 @@ def test_an_unwritable_report_fails_before_measuring(tmp_path, capsys, monkeypat
             benchmark.main(["--out", str(out)])
         assert exit_info.value.code == 2
         assert capsys.readouterr().err.startswith(f"pyclloss bench: error: --out {out}: {why}")
+
+
+def test_effective_rate_column():
+    """InfoNCE cells carry the matmul rate of their process; the fastest fused
+    backend's 8·N²·D / time is shown against it."""
+    assert benchmark.effective_flops(64, 16) == 8 * 64 * 64 * 16
+    assert benchmark.matmul_flops("cpu", size=64, repeats=1) > 0
+    rate = 10e9
+    time_s = benchmark.effective_flops(64, 16) / (rate / 2)  # half the matmul's rate
+    cpp, reference = _timed(time_s * 1e3), _timed(4 * time_s * 1e3)
+    cpp["matmul_flops"] = reference["matmul_flops"] = rate
+    measured = {"peers": {}, "results": {"supcon": {"cpp": {64: cpp}, "reference": {64: reference}}}}
+    report = benchmark.markdown(_args(), measured, None)
+    assert "| vs reference | fused rate = × matmul (matmul GFLOP/s) |" in report
+    (row,) = _rows(report)
+    assert row.endswith("| — | 4.0× | 5 GFLOP/s = 0.50× (10) |")
+    assert {name for name, w in benchmark.WORKLOADS.items() if w.rated} == {
+        "supcon", "nt_xent", "clip", "siglip"}

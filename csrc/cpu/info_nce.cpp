@@ -1,14 +1,20 @@
-// CPU kernels of the fused InfoNCE core: the five ops of docs/fused_core.md.
+// CPU kernels of the fused InfoNCE core: the ops of docs/fused_core.md.
 //
 // Every kernel streams (row block x key block) tiles of dot products from a
 // GEMM into a thread-local buffer; a vectorized epilogue turns each tile into
 // statistics (forward) or into the logit gradient G, which a second GEMM
 // multiplies into dq or dk (backward). The GEMMs read q and k converted to
 // the accumulation type and laid out once per call (TileOperand, O((N+M)*D)).
-// Nothing N x M is allocated: backward recomputes the tiles, dq in a pass
-// over query blocks and dk in a pass over key blocks, so no thread ever adds
-// into another's rows. Every reduction runs in an order fixed by the sizes
-// alone: results do not depend on the number of threads.
+// Nothing N x M is allocated: backward recomputes the tiles.
+//
+// Two kinds of pass. A task that owns its output rows: a block of query rows
+// against all keys (for_each_logit_tile, gradient_pass). Or a task that adds
+// one tile into two accumulators, in a schedule (for_each_scheduled_tile):
+// q and k the same rows, where a tile z_I z_J^T serves both blocks
+// (symmetric_row_stats, symmetric_pair_terms, symmetric_gradient), and dq
+// with dk from one tile (gradient_both_sides). Every reduction runs in an
+// order fixed by the sizes alone: results do not depend on the number of
+// threads (docs/fused_core.md, "CPU schedules").
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -24,6 +30,7 @@
 
 #include "pyclloss/cpu_args.h"
 #include "pyclloss/cpu_math.h"
+#include "pyclloss/cpu_schedule.h"
 #include "pyclloss/cpu_tile.h"
 
 namespace pyclloss::cpu {
@@ -34,6 +41,13 @@ using OptionalTensor = std::optional<Tensor>;
 
 constexpr int64_t kOuterBlock = 64;   // rows of a tile, one parallel task each
 constexpr int64_t kInnerBlock = 512;  // columns of a tile, streamed
+// Rows and columns of a tile of a TileSchedule.
+constexpr int64_t kPairBlock = 256;
+// Contributions of scheduled tasks that may wait for their turn, per thread:
+// tiles (backward) and row statistics (forward).
+constexpr int64_t kPendingTiles = 4;
+constexpr int64_t kPendingStats = 16;
+static_assert(kPairBlock <= kInnerBlock, "epilogue buffers hold kInnerBlock columns");
 // infonce_fwd's column statistics come from per-group partials over row
 // blocks, merged in group order: at most this many groups, and at most this
 // many partial entries per statistic in all.
@@ -94,6 +108,10 @@ struct RowStats {
   acc_t* sum;
   acc_t* pos_sum;
   acc_t* pos_count;
+
+  RowStats at(int64_t query) const {
+    return {max + query, sum + query, pos_sum + query, pos_count + query};
+  }
 };
 
 // Folds one query-major tile of dot products into the row statistics, and
@@ -130,6 +148,39 @@ PYCLLOSS_VECTOR_CLONES void infonce_row_stats_tile(acc_t* tile, int32_t rows, in
     }
     stats.sum[i] = stats.sum[i] * rescale_factor(stats.max[i], new_max) + sum;
     stats.max[i] = new_max;
+  }
+}
+
+// The statistics infonce_row_stats_tile computes for the queries of a
+// key-major tile (outer: keys, inner: queries) of dot products, into a fresh
+// state (max -inf, sums 0) that merge_row_stats folds into the running one.
+// The tile is only read: the symmetric schedule reads it again transposed.
+template <typename acc_t>
+PYCLLOSS_VECTOR_CLONES void infonce_key_major_stats_tile(const acc_t* tile, int32_t keys,
+                                                         int32_t queries, acc_t scale,
+                                                         PairMask mask, bool neg_only,
+                                                         RowStats<acc_t> fresh) {
+  for (int32_t o = 0; o < keys; ++o) {
+    const acc_t* dots = tile + o * queries;
+#pragma omp simd
+    for (int32_t n = 0; n < queries; ++n) {
+      const acc_t logit = scale * dots[n];
+      const bool pos = mask.positive(n, o);
+      const bool den = !mask.excluded(n, o) & !(neg_only & pos);
+      fresh.pos_sum[n] += pos ? logit : acc_t(0);
+      fresh.pos_count[n] += pos ? acc_t(1) : acc_t(0);
+      fresh.max[n] = max_of(fresh.max[n], den ? logit : kNegInf<acc_t>);
+    }
+  }
+  for (int32_t o = 0; o < keys; ++o) {
+    const acc_t* dots = tile + o * queries;
+#pragma omp simd
+    for (int32_t n = 0; n < queries; ++n) {
+      const bool den = !mask.excluded(n, o) & !(neg_only & mask.positive(n, o));
+      // Where den is false the max may still be -inf: the select drops the inf.
+      const acc_t term = exp_approx(scale * dots[n] - fresh.max[n]);
+      fresh.sum[n] += den ? term : acc_t(0);
+    }
   }
 }
 
@@ -186,6 +237,24 @@ PYCLLOSS_VECTOR_CLONES void infonce_pair_tile(const acc_t* dots, int32_t rows, i
   }
 }
 
+// infonce_pair_tile on a key-major tile (outer: keys, inner: queries).
+template <typename acc_t>
+PYCLLOSS_VECTOR_CLONES void infonce_key_major_pair_tile(const acc_t* tile, int32_t keys,
+                                                        int32_t queries, acc_t scale,
+                                                        PairMask mask, const acc_t* neg_lse,
+                                                        acc_t* loss_sum, acc_t* sigmoid_sum) {
+  for (int32_t o = 0; o < keys; ++o) {
+    const acc_t* dots = tile + o * queries;
+#pragma omp simd
+    for (int32_t n = 0; n < queries; ++n) {
+      const bool pos = mask.positive(n, o);
+      const acc_t margin = neg_lse[n] - scale * dots[n];
+      loss_sum[n] += pos ? softplus(margin) : acc_t(0);
+      sigmoid_sum[n] += pos ? sigmoid(margin) : acc_t(0);
+    }
+  }
+}
+
 // Adds -logsigmoid(z_ij (l_ij + b)) = softplus(-z_ij (l_ij + b)) over a
 // query-major tile, z = +1 on same labels, -1 elsewhere.
 template <typename acc_t>
@@ -224,18 +293,20 @@ struct LogitGradTerms {
   }
 };
 
-// Replaces a tile of dot products by G (docs/fused_core.md) and returns
-// sum G * dot, the tile's share of dscale. One pass per present term keeps
+// Writes G (docs/fused_core.md) of a tile of dot products into `out`, or
+// adds it there when `accumulate`, and returns sum G * dot, the tile's share
+// of dscale; `out` may be the tile itself. One pass per present term keeps
 // every loop branch-free; a term is active only where its coefficient is
 // nonzero, so a zero coefficient never meets an infinite LSE.
 template <typename acc_t, bool kKeyMajor>
-PYCLLOSS_VECTOR_CLONES acc_t infonce_grad_tile(acc_t* tile, int32_t outer, int32_t inner,
-                                               acc_t scale, PairMask mask,
-                                               LogitGradTerms<acc_t> terms) {
+PYCLLOSS_VECTOR_CLONES acc_t infonce_grad_tile(const acc_t* tile, acc_t* out, bool accumulate,
+                                               int32_t outer, int32_t inner, acc_t scale,
+                                               PairMask mask, LogitGradTerms<acc_t> terms) {
   acc_t grad[kInnerBlock];
   acc_t dscale = 0;
   for (int32_t o = 0; o < outer; ++o) {
-    acc_t* dots = tile + o * inner;
+    const acc_t* dots = tile + o * inner;
+    acc_t* out_row = out + o * inner;
     if (terms.row_coef != nullptr) {
 #pragma omp simd
       for (int32_t n = 0; n < inner; ++n) {
@@ -276,10 +347,19 @@ PYCLLOSS_VECTOR_CLONES acc_t infonce_grad_tile(acc_t* tile, int32_t outer, int32
         grad[n] += mask.positive(i, j) ? term : acc_t(0);
       }
     }
+    // Two loops: GCC leaves a loop scalar whose store selects on `accumulate`.
+    if (accumulate) {
 #pragma omp simd reduction(+ : dscale)
-    for (int32_t n = 0; n < inner; ++n) {
-      dscale += grad[n] * dots[n];
-      dots[n] = grad[n];
+      for (int32_t n = 0; n < inner; ++n) {
+        dscale += grad[n] * dots[n];
+        out_row[n] += grad[n];
+      }
+    } else {
+#pragma omp simd reduction(+ : dscale)
+      for (int32_t n = 0; n < inner; ++n) {
+        dscale += grad[n] * dots[n];
+        out_row[n] = grad[n];
+      }
     }
   }
   return dscale;
@@ -291,29 +371,29 @@ struct SiglipGradSums {
   acc_t dbias = 0;
 };
 
-// Replaces a tile of dot products by SigLIP's
-// G_ij = row_coef_i * (-z_ij) * sigmoid(-z_ij (l_ij + b)) and returns the
-// tile's shares of dscale and dbias.
-template <typename acc_t, bool kKeyMajor>
-PYCLLOSS_VECTOR_CLONES SiglipGradSums<acc_t> siglip_grad_tile(acc_t* tile, int32_t outer,
-                                                              int32_t inner, acc_t scale,
-                                                              acc_t bias, PairMask mask,
+// Writes SigLIP's G_ij = row_coef_i * (-z_ij) * sigmoid(-z_ij (l_ij + b)) of
+// a query-major tile of dot products into `out` (which may be the tile) and
+// returns the tile's shares of dscale and dbias.
+template <typename acc_t>
+PYCLLOSS_VECTOR_CLONES SiglipGradSums<acc_t> siglip_grad_tile(const acc_t* tile, acc_t* out,
+                                                              int32_t rows, int32_t cols,
+                                                              acc_t scale, acc_t bias,
+                                                              PairMask mask,
                                                               const acc_t* row_coef) {
   acc_t dscale = 0;
   acc_t dbias = 0;
-  for (int32_t o = 0; o < outer; ++o) {
-    acc_t* dots = tile + o * inner;
+  for (int32_t i = 0; i < rows; ++i) {
+    const acc_t* dots = tile + i * cols;
+    acc_t* out_row = out + i * cols;
 #pragma omp simd reduction(+ : dscale, dbias)
-    for (int32_t n = 0; n < inner; ++n) {
-      const int32_t i = query_index<kKeyMajor>(o, n);
-      const int32_t j = key_index<kKeyMajor>(o, n);
+    for (int32_t j = 0; j < cols; ++j) {
       const bool same = mask.same_label(i, j);
-      const acc_t shifted_logit = scale * dots[n] + bias;
+      const acc_t shifted_logit = scale * dots[j] + bias;
       const acc_t magnitude = row_coef[i] * sigmoid(same ? -shifted_logit : shifted_logit);
       const acc_t grad = same ? -magnitude : magnitude;
-      dscale += grad * dots[n];
+      dscale += grad * dots[j];
       dbias += grad;
-      dots[n] = grad;
+      out_row[j] = grad;
     }
   }
   return {dscale, dbias};
@@ -323,16 +403,17 @@ PYCLLOSS_VECTOR_CLONES SiglipGradSums<acc_t> siglip_grad_tile(acc_t* tile, int32
 
 // q or k in the two layouts the tile products read, in the accumulation
 // type: `rows` (n x d) and, for an operand that supplies the columns of logit
-// tiles, `blocked_t`: its transpose per block of kInnerBlock rows
+// tiles, `blocked_t`: its transpose per block of `block` rows
 // (transposed_blocks). Both are O(n * d), built once per call.
 struct TileOperand {
   Tensor rows;
   Tensor blocked_t;
 };
 
-TileOperand tile_operand(const Tensor& x, at::ScalarType acc, bool transposed) {
+TileOperand tile_operand(const Tensor& x, at::ScalarType acc, bool transposed,
+                         int64_t block = kInnerBlock) {
   Tensor rows = x.to(acc);  // x itself when it already is acc
-  return {rows, transposed ? transposed_blocks(rows, kInnerBlock) : Tensor()};
+  return {rows, transposed ? transposed_blocks(rows, block) : Tensor()};
 }
 
 struct TileOperands {
@@ -340,20 +421,25 @@ struct TileOperands {
   TileOperand k;
 };
 
-// One shared copy when q and k are the same memory (self-similarity losses).
+// q and k are the same memory, hence the same rows (self-similarity losses).
+bool same_rows(const Tensor& q, const Tensor& k) {
+  return q.data_ptr() == k.data_ptr() && q.sizes() == k.sizes();
+}
+
+// One shared copy when q and k are the same rows.
 TileOperands tile_operands(const Tensor& q, const Tensor& k, at::ScalarType acc,
-                           bool q_transposed, bool k_transposed) {
-  if (q.data_ptr() == k.data_ptr() && q.sizes() == k.sizes()) {
-    const TileOperand shared = tile_operand(q, acc, q_transposed || k_transposed);
+                           bool q_transposed, bool k_transposed, int64_t block = kInnerBlock) {
+  if (same_rows(q, k)) {
+    const TileOperand shared = tile_operand(q, acc, q_transposed || k_transposed, block);
     return {shared, shared};
   }
-  return {tile_operand(q, acc, q_transposed), tile_operand(k, acc, k_transposed)};
+  return {tile_operand(q, acc, q_transposed, block), tile_operand(k, acc, k_transposed, block)};
 }
 
 // For every tile of q * k^T: epilogue(tile, query0, queries, key0, keys,
-// group). Row blocks are split into `groups` consecutive runs, one parallel
-// task each; a task visits its row blocks in order, each over all key blocks
-// in order. Needs q.rows and k.blocked_t.
+// group). Row blocks are split into `groups` consecutive runs, one task
+// each; a task visits its row blocks in order, each over all key blocks in
+// order. Needs q.rows and k.blocked_t.
 template <typename acc_t, typename Epilogue>
 void for_each_logit_tile(const TileOperand& q, const TileOperand& k, int64_t groups,
                          const Epilogue& epilogue) {
@@ -363,29 +449,34 @@ void for_each_logit_tile(const TileOperand& q, const TileOperand& k, int64_t gro
   const acc_t* q_rows = q.rows.data_ptr<acc_t>();
   const acc_t* k_blocked_t = m > 0 ? k.blocked_t.data_ptr<acc_t>() : nullptr;
   const int64_t row_blocks = num_blocks(n, kOuterBlock);
-  at::parallel_for(0, groups, 1, [&](int64_t group_begin, int64_t group_end) {
-    c10::InferenceMode no_autograd;
-    std::vector<acc_t> tile(kOuterBlock * kInnerBlock);
-    for (int64_t group = group_begin; group < group_end; ++group) {
-      const int64_t block_end = (group + 1) * row_blocks / groups;
-      for (int64_t block = group * row_blocks / groups; block < block_end; ++block) {
-        const int64_t query0 = block * kOuterBlock;
-        const int64_t queries = std::min(kOuterBlock, n - query0);
-        for (int64_t key0 = 0; key0 < m; key0 += kInnerBlock) {
-          const int64_t keys = std::min(kInnerBlock, m - key0);
-          matmul(queries, keys, d, q_rows + query0 * d, d, k_blocked_t + key0 * d, keys,
-                 tile.data(), keys, false);
-          epilogue(tile.data(), query0, queries, key0, keys, group);
+  run_tasks(
+      groups, [] { return std::vector<acc_t>(kOuterBlock * kInnerBlock); },
+      [&](std::vector<acc_t>& tile, int64_t group) {
+        const int64_t block_end = (group + 1) * row_blocks / groups;
+        for (int64_t block = group * row_blocks / groups; block < block_end; ++block) {
+          const int64_t query0 = block * kOuterBlock;
+          const int64_t queries = std::min(kOuterBlock, n - query0);
+          for (int64_t key0 = 0; key0 < m; key0 += kInnerBlock) {
+            const int64_t keys = std::min(kInnerBlock, m - key0);
+            matmul(queries, keys, d, q_rows + query0 * d, d, k_blocked_t + key0 * d, keys,
+                   tile.data(), keys, false);
+            epilogue(tile.data(), query0, queries, key0, keys, group);
+          }
         }
-      }
-    }
-  });
+      });
 }
 
-// d_outer = scale * G * inner.rows, one parallel task per block of `outer`
-// rows. For each block of `inner` rows, the tile of outer * inner^T dot
-// products is turned into G by grad_tile(tile, outer0, outer_rows, inner0,
-// inner_rows, outer_block). Needs outer.rows, inner.rows, inner.blocked_t.
+// Buffers of one thread in gradient_pass.
+template <typename acc_t>
+struct GradientBuffers {
+  std::vector<acc_t> tile;
+  std::vector<acc_t> grad_sum;
+};
+
+// d_outer = scale * G * inner.rows, one task per block of `outer` rows. For
+// each block of `inner` rows, the tile of outer * inner^T dot products is
+// turned into G by grad_tile(tile, outer0, outer_rows, inner0, inner_rows,
+// outer_block). Needs outer.rows, inner.rows, inner.blocked_t.
 template <typename scalar_t, typename acc_t, typename GradTile>
 void gradient_pass(const TileOperand& outer, const TileOperand& inner, acc_t scale,
                    scalar_t* d_outer, const GradTile& grad_tile) {
@@ -395,28 +486,189 @@ void gradient_pass(const TileOperand& outer, const TileOperand& inner, acc_t sca
   const acc_t* outer_rows = outer.rows.data_ptr<acc_t>();
   const acc_t* inner_rows = inner.rows.data_ptr<acc_t>();
   const acc_t* inner_blocked_t = n_inner > 0 ? inner.blocked_t.data_ptr<acc_t>() : nullptr;
-  at::parallel_for(0, num_blocks(n_outer, kOuterBlock), 1, [&](int64_t begin, int64_t end) {
-    c10::InferenceMode no_autograd;
-    std::vector<acc_t> tile(kOuterBlock * kInnerBlock);
-    std::vector<acc_t> grad_sum(kOuterBlock * d);
-    for (int64_t block = begin; block < end; ++block) {
-      const int64_t outer0 = block * kOuterBlock;
-      const int64_t rows = std::min(kOuterBlock, n_outer - outer0);
-      std::fill(grad_sum.begin(), grad_sum.end(), acc_t(0));
-      for (int64_t inner0 = 0; inner0 < n_inner; inner0 += kInnerBlock) {
-        const int64_t cols = std::min(kInnerBlock, n_inner - inner0);
-        matmul(rows, cols, d, outer_rows + outer0 * d, d, inner_blocked_t + inner0 * d, cols,
-               tile.data(), cols, false);
-        grad_tile(tile.data(), outer0, rows, inner0, cols, block);
-        matmul(rows, d, cols, tile.data(), cols, inner_rows + inner0 * d, d, grad_sum.data(), d,
-               true);
+  run_tasks(
+      num_blocks(n_outer, kOuterBlock),
+      [d] {
+        return GradientBuffers<acc_t>{std::vector<acc_t>(kOuterBlock * kInnerBlock),
+                                      std::vector<acc_t>(kOuterBlock * d)};
+      },
+      [&](GradientBuffers<acc_t>& buffers, int64_t block) {
+        acc_t* tile = buffers.tile.data();
+        acc_t* grad_sum = buffers.grad_sum.data();
+        const int64_t outer0 = block * kOuterBlock;
+        const int64_t rows = std::min(kOuterBlock, n_outer - outer0);
+        std::fill(grad_sum, grad_sum + rows * d, acc_t(0));
+        for (int64_t inner0 = 0; inner0 < n_inner; inner0 += kInnerBlock) {
+          const int64_t cols = std::min(kInnerBlock, n_inner - inner0);
+          matmul(rows, cols, d, outer_rows + outer0 * d, d, inner_blocked_t + inner0 * d, cols,
+                 tile, cols, false);
+          grad_tile(tile, outer0, rows, inner0, cols, block);
+          matmul(rows, d, cols, tile, cols, inner_rows + inner0 * d, d, grad_sum, d, true);
+        }
+        scalar_t* out = d_outer + outer0 * d;
+        for (int64_t e = 0; e < rows * d; ++e) {
+          out[e] = static_cast<scalar_t>(scale * grad_sum[e]);
+        }
+      });
+}
+
+// Rows [row0, row0 + rows) against columns [col0, col0 + cols): the tile of
+// one task of a TileSchedule.
+struct PairTile {
+  int64_t row0;
+  int64_t rows;
+  int64_t col0;
+  int64_t cols;
+};
+
+// Runs a TileSchedule over the tiles of q k^T in blocks of kPairBlock rows
+// (q) and columns (k). A task computes its tile into a thread buffer and from
+// it a contribution: compute(contribution, tile, pair, span, task). Then
+// add(contribution, span, row_side) adds it into the accumulator of its row
+// block (row_side) and, unless that is the same, of its column block, in
+// schedule order on every accumulator (OrderedAdditions); finish(accumulator)
+// follows an accumulator's last addition. Contributions wait for their turn
+// in a pool of `pending` slots per thread, made by make_contribution(). Needs
+// q.rows and k.blocked_t blocked by kPairBlock.
+template <typename acc_t, typename MakeContribution, typename Compute, typename Add,
+          typename Finish>
+void for_each_scheduled_tile(const TileOperand& q, const TileOperand& k,
+                             const TileSchedule& schedule, int64_t pending,
+                             const MakeContribution& make_contribution, const Compute& compute,
+                             const Add& add, const Finish& finish) {
+  const int64_t n = q.rows.size(0);
+  const int64_t m = k.rows.size(0);
+  const int64_t d = q.rows.size(1);
+  const acc_t* q_rows = q.rows.data_ptr<acc_t>();
+  const acc_t* k_blocked_t = m > 0 ? k.blocked_t.data_ptr<acc_t>() : nullptr;
+  const int64_t tasks = static_cast<int64_t>(schedule.tasks.size());
+  const int64_t workers = std::min<int64_t>(tasks, at::get_num_threads());
+  const auto span_of = [&](const BlockPair& pair) {
+    const int64_t row0 = pair.row * kPairBlock;
+    const int64_t col0 = (pair.col - schedule.first_col) * kPairBlock;
+    return PairTile{row0, std::min(kPairBlock, n - row0), col0, std::min(kPairBlock, m - col0)};
+  };
+  std::vector<decltype(make_contribution())> contributions;
+  for (int64_t slot = 0; slot < pending * workers; ++slot) {
+    contributions.push_back(make_contribution());
+  }
+  SlotPool pool(static_cast<int32_t>(contributions.size()));
+  OrderedAdditions additions(schedule);
+  std::vector<int32_t> slot_of(tasks);
+  std::atomic<int64_t> next{0};
+  run_workers(workers, [&] {
+    std::vector<acc_t> tile(kPairBlock * kPairBlock);
+    for (;;) {
+      // The slot first: a thread waiting for one holds no task that the
+      // contributions in the pool may be waiting for.
+      const int32_t slot = pool.acquire();
+      if (slot == SlotPool::kClosed) {
+        return;
       }
-      scalar_t* out = d_outer + outer0 * d;
-      for (int64_t e = 0; e < rows * d; ++e) {
-        out[e] = static_cast<scalar_t>(scale * grad_sum[e]);
+      const int64_t task = next.fetch_add(1);
+      if (task >= tasks) {
+        pool.release(slot);
+        return;
+      }
+      try {
+        const BlockPair pair = schedule.tasks[task];
+        const PairTile span = span_of(pair);
+        matmul(span.rows, span.cols, d, q_rows + span.row0 * d, d, k_blocked_t + span.col0 * d,
+               span.cols, tile.data(), span.cols, false);
+        compute(contributions[slot], tile.data(), pair, span, task);
+        slot_of[task] = slot;
+        additions.computed(
+            task, pair,
+            [&](int32_t done_task, int32_t accumulator) {
+              const BlockPair& done_pair = schedule.tasks[done_task];
+              add(contributions[slot_of[done_task]], span_of(done_pair),
+                  accumulator == done_pair.row);
+            },
+            [&](int32_t done_task) { pool.release(slot_of[done_task]); }, finish);
+      } catch (...) {
+        pool.close();  // the others stop rather than wait for this task's slot
+        throw;
       }
     }
   });
+}
+
+// for_each_scheduled_tile of z against itself, in the symmetric schedule:
+// the tile z_I z_J^T (I <= J) serves block I's rows and, read transposed,
+// block J's. Accumulator b is block b.
+template <typename acc_t, typename MakeContribution, typename Compute, typename Add,
+          typename Finish>
+void for_each_block_pair(const TileOperand& z, int64_t pending,
+                         const MakeContribution& make_contribution, const Compute& compute,
+                         const Add& add, const Finish& finish) {
+  for_each_scheduled_tile<acc_t>(z, z, symmetric_schedule(num_blocks(z.rows.size(0), kPairBlock)),
+                                 pending, make_contribution, compute, add, finish);
+}
+
+// Rows [row0, row0 + count) of `out` = scale * (the same rows of `by_rows`
+// plus the transpose of the block of `by_columns` stored from row0 * d, d x
+// count); a null source counts as zero.
+template <typename scalar_t, typename acc_t>
+void write_block(scalar_t* out, const acc_t* by_rows, const acc_t* by_columns, int64_t row0,
+                 int64_t count, int64_t d, acc_t scale) {
+  const acc_t* transposed = by_columns == nullptr ? nullptr : by_columns + row0 * d;
+  for (int64_t r = 0; r < count; ++r) {
+    for (int64_t c = 0; c < d; ++c) {
+      const acc_t row_part = by_rows == nullptr ? acc_t(0) : by_rows[(row0 + r) * d + c];
+      const acc_t column_part = transposed == nullptr ? acc_t(0) : transposed[c * count + r];
+      out[(row0 + r) * d + c] = static_cast<scalar_t>(scale * (row_part + column_part));
+    }
+  }
+}
+
+// dq = scale * G k and dk = scale * G^T q from one pass over the tiles of
+// q k^T (rectangular_schedule): grad_tile(tile, g, query0, queries, key0,
+// keys, task) writes a tile's G into g, then G k_J is added into query block
+// I and q_I^T G into key block J's transposed accumulator (the layout of
+// q.blocked_t). Needs the rows and blocked_t of q and k, blocked by
+// kPairBlock.
+template <typename scalar_t, typename acc_t, typename GradTile>
+void gradient_both_sides(const TileOperand& q, const TileOperand& k, acc_t scale, scalar_t* dq,
+                         scalar_t* dk, const GradTile& grad_tile) {
+  const int64_t n = q.rows.size(0);
+  const int64_t m = k.rows.size(0);
+  const int64_t d = q.rows.size(1);
+  if (n == 0 || m == 0) {
+    std::fill(dq, dq + n * d, scalar_t(0));
+    std::fill(dk, dk + m * d, scalar_t(0));
+    return;
+  }
+  const acc_t* q_blocked_t = q.blocked_t.data_ptr<acc_t>();
+  const acc_t* k_rows = k.rows.data_ptr<acc_t>();
+  const TileSchedule schedule =
+      rectangular_schedule(num_blocks(n, kPairBlock), num_blocks(m, kPairBlock));
+  std::vector<acc_t> by_rows(n * d, acc_t(0));     // sum over J of G_IJ k_J
+  std::vector<acc_t> by_columns(m * d, acc_t(0));  // sum over I of q_I^T G_IJ
+  for_each_scheduled_tile<acc_t>(
+      q, k, schedule, kPendingTiles, [] { return std::vector<acc_t>(kPairBlock * kPairBlock); },
+      [&](std::vector<acc_t>& g, acc_t* tile, BlockPair, PairTile span, int64_t task) {
+        grad_tile(tile, g.data(), span.row0, span.rows, span.col0, span.cols, task);
+      },
+      [&](std::vector<acc_t>& g, PairTile span, bool row_side) {
+        if (row_side) {
+          matmul(span.rows, d, span.cols, g.data(), span.cols, k_rows + span.col0 * d, d,
+                 by_rows.data() + span.row0 * d, d, true);
+        } else {
+          matmul(d, span.cols, span.rows, q_blocked_t + span.row0 * d, span.rows, g.data(),
+                 span.cols, by_columns.data() + span.col0 * d, span.cols, true);
+        }
+      },
+      [&](int32_t accumulator) {  // complete: dq or dk of its rows
+        if (accumulator < schedule.first_col) {
+          const int64_t row0 = accumulator * kPairBlock;
+          write_block(dq, by_rows.data(), static_cast<const acc_t*>(nullptr), row0,
+                      std::min(kPairBlock, n - row0), d, scale);
+        } else {
+          const int64_t row0 = (accumulator - schedule.first_col) * kPairBlock;
+          write_block(dk, static_cast<const acc_t*>(nullptr), by_columns.data(), row0,
+                      std::min(kPairBlock, m - row0), d, scale);
+        }
+      });
 }
 
 // ------------------------------------------------------------ arguments
@@ -523,21 +775,200 @@ void finish_lse(const acc_t* max, const acc_t* sum, acc_t* lse, int64_t count) {
   }
 }
 
+// Folds the (max, sum) states `part_*` into `max`, `sum`, element by element.
+template <typename acc_t>
+PYCLLOSS_VECTOR_CLONES void merge_lse(acc_t* max, acc_t* sum, const acc_t* part_max,
+                                      const acc_t* part_sum, int64_t count) {
+#pragma omp simd
+  for (int64_t e = 0; e < count; ++e) {
+    const acc_t new_max = max_of(max[e], part_max[e]);
+    sum[e] = sum[e] * rescale_factor(max[e], new_max) +
+             part_sum[e] * rescale_factor(part_max[e], new_max);
+    max[e] = new_max;
+  }
+}
+
 // Merges per-group (max, sum) column states (groups x m), in group order.
 template <typename acc_t>
-PYCLLOSS_VECTOR_CLONES void merge_column_groups(acc_t* col_max, acc_t* col_sum, int64_t groups,
-                                                int64_t m) {
+void merge_column_groups(acc_t* col_max, acc_t* col_sum, int64_t groups, int64_t m) {
   for (int64_t g = 1; g < groups; ++g) {
-    const acc_t* group_max = col_max + g * m;
-    const acc_t* group_sum = col_sum + g * m;
-#pragma omp simd
-    for (int64_t j = 0; j < m; ++j) {
-      const acc_t new_max = max_of(col_max[j], group_max[j]);
-      col_sum[j] = col_sum[j] * rescale_factor(col_max[j], new_max) +
-                   group_sum[j] * rescale_factor(group_max[j], new_max);
-      col_max[j] = new_max;
-    }
+    merge_lse(col_max, col_sum, col_max + g * m, col_sum + g * m, m);
   }
+}
+
+// Folds the statistics of one tile (a fresh state) into the running ones.
+template <typename acc_t>
+void merge_row_stats(RowStats<acc_t> into, RowStats<acc_t> part, int64_t count) {
+  merge_lse(into.max, into.sum, part.max, part.sum, count);
+  for (int64_t e = 0; e < count; ++e) {
+    into.pos_sum[e] += part.pos_sum[e];
+    into.pos_count[e] += part.pos_count[e];
+  }
+}
+
+void check_grad_terms(const char* op, int64_t n, int64_t m, at::ScalarType stats,
+                      const OptionalTensor& row_lse, const OptionalTensor& row_coef,
+                      const OptionalTensor& col_lse, const OptionalTensor& col_coef,
+                      const OptionalTensor& pos_coef, const OptionalTensor& pair_lse) {
+  TORCH_CHECK(row_lse.has_value() == row_coef.has_value(), op,
+              ": row_lse and row_coef must be given together");
+  TORCH_CHECK(col_lse.has_value() == col_coef.has_value(), op,
+              ": col_lse and col_coef must be given together");
+  check_optional_stats(op, "row_lse", row_lse, n, stats);
+  check_optional_stats(op, "row_coef", row_coef, n, stats);
+  check_optional_stats(op, "col_lse", col_lse, m, stats);
+  check_optional_stats(op, "col_coef", col_coef, m, stats);
+  check_optional_stats(op, "pos_coef", pos_coef, n, stats);
+  check_optional_stats(op, "pair_lse", pair_lse, n, stats);
+}
+
+template <typename acc_t>
+LogitGradTerms<acc_t> grad_terms(const OptionalTensor& row_lse, const OptionalTensor& row_coef,
+                                 const OptionalTensor& col_lse, const OptionalTensor& col_coef,
+                                 const OptionalTensor& pos_coef, const OptionalTensor& pair_lse,
+                                 bool neg_only) {
+  return {data_or_null<acc_t>(row_lse),  data_or_null<acc_t>(row_coef),
+          data_or_null<acc_t>(col_lse),  data_or_null<acc_t>(col_coef),
+          data_or_null<acc_t>(pos_coef), data_or_null<acc_t>(pair_lse),
+          neg_only};
+}
+
+// ------------------------------------------------------ symmetric schedule
+//
+// When q and k are the same rows z, l_ij and l_ji share a dot product: each
+// tile z_I z_J^T (I <= J) is computed once, read by rows for block I's
+// queries and by columns (key-major) for block J's (for_each_block_pair).
+
+// Statistics of up to kPairBlock queries in a buffer of 4 * kPairBlock
+// values; fresh_stats_in empties them first (max -inf, sums 0).
+template <typename acc_t>
+RowStats<acc_t> stats_in(acc_t* buffer) {
+  return {buffer, buffer + kPairBlock, buffer + 2 * kPairBlock, buffer + 3 * kPairBlock};
+}
+
+template <typename acc_t>
+RowStats<acc_t> fresh_stats_in(acc_t* buffer) {
+  std::fill(buffer, buffer + kPairBlock, kNegInf<acc_t>);
+  std::fill(buffer + kPairBlock, buffer + 4 * kPairBlock, acc_t(0));
+  return stats_in(buffer);
+}
+
+// infonce_fwd's row statistics (before finish_lse) of z against itself.
+template <typename acc_t>
+void symmetric_row_stats(const TileOperand& z, acc_t scale, const int32_t* q_labels,
+                         const int32_t* k_labels, int64_t diagonal, bool neg_only,
+                         RowStats<acc_t> stats) {
+  // A contribution: the statistics of the tile's rows, then of its columns.
+  for_each_block_pair<acc_t>(
+      z, kPendingStats, [] { return std::vector<acc_t>(8 * kPairBlock); },
+      [&](std::vector<acc_t>& parts, acc_t* tile, BlockPair pair, PairTile span, int64_t) {
+        const RowStats<acc_t> by_row = fresh_stats_in(parts.data());
+        const RowStats<acc_t> by_column = fresh_stats_in(parts.data() + 4 * kPairBlock);
+        if (!pair.diagonal()) {  // first: the row pass overwrites the tile
+          infonce_key_major_stats_tile(
+              tile, span.rows, span.cols, scale,
+              tile_mask(q_labels, k_labels, diagonal, span.col0, span.row0), neg_only, by_column);
+        }
+        infonce_row_stats_tile(tile, span.rows, span.cols, scale,
+                               tile_mask(q_labels, k_labels, diagonal, span.row0, span.col0),
+                               neg_only, by_row);
+      },
+      [&](std::vector<acc_t>& parts, PairTile span, bool row_side) {
+        if (row_side) {
+          merge_row_stats(stats.at(span.row0), stats_in(parts.data()), span.rows);
+        } else {
+          merge_row_stats(stats.at(span.col0), stats_in(parts.data() + 4 * kPairBlock),
+                          span.cols);
+        }
+      },
+      [](int32_t) {});
+}
+
+// infonce_pair_fwd's sums of z against itself.
+template <typename acc_t>
+void symmetric_pair_terms(const TileOperand& z, acc_t scale, const int32_t* q_labels,
+                          const int32_t* k_labels, int64_t diagonal, const acc_t* neg_lse,
+                          acc_t* loss_sum, acc_t* sigmoid_sum) {
+  // A contribution: loss and sigmoid sums of the tile's rows, then of its
+  // columns, kPairBlock values each.
+  for_each_block_pair<acc_t>(
+      z, kPendingStats, [] { return std::vector<acc_t>(4 * kPairBlock); },
+      [&](std::vector<acc_t>& sums, acc_t* tile, BlockPair pair, PairTile span, int64_t) {
+        std::fill(sums.begin(), sums.end(), acc_t(0));
+        acc_t* row_sums = sums.data();
+        acc_t* col_sums = sums.data() + 2 * kPairBlock;
+        infonce_pair_tile(tile, span.rows, span.cols, scale,
+                          tile_mask(q_labels, k_labels, diagonal, span.row0, span.col0),
+                          neg_lse + span.row0, row_sums, row_sums + kPairBlock);
+        if (!pair.diagonal()) {
+          infonce_key_major_pair_tile(tile, span.rows, span.cols, scale,
+                                      tile_mask(q_labels, k_labels, diagonal, span.col0, span.row0),
+                                      neg_lse + span.col0, col_sums, col_sums + kPairBlock);
+        }
+      },
+      [&](std::vector<acc_t>& sums, PairTile span, bool row_side) {
+        const int64_t query0 = row_side ? span.row0 : span.col0;
+        const int64_t count = row_side ? span.rows : span.cols;
+        const acc_t* part = sums.data() + (row_side ? 0 : 2 * kPairBlock);
+        for (int64_t e = 0; e < count; ++e) {
+          loss_sum[query0 + e] += part[e];
+          sigmoid_sum[query0 + e] += part[kPairBlock + e];
+        }
+      },
+      [](int32_t) {});
+}
+
+// dz = scale * (G + G^T) z for q = k = z (dq + dk of infonce_bwd), written
+// to `dz`; returns dscale. With H_IJ = G_IJ + (G_JI)^T, built from one tile,
+// a task adds H_IJ z_J into block I and (for I < J) H_IJ^T z_I into block J:
+// the latter as z_I^T H_IJ into a transposed accumulator (the layout of
+// z.blocked_t), which the tile products read and write without copies.
+template <typename scalar_t, typename acc_t>
+acc_t symmetric_gradient(const TileOperand& z, acc_t scale, const int32_t* q_labels,
+                         const int32_t* k_labels, int64_t diagonal, LogitGradTerms<acc_t> terms,
+                         scalar_t* dz) {
+  const int64_t n = z.rows.size(0);
+  const int64_t d = z.rows.size(1);
+  const acc_t* rows = z.rows.data_ptr<acc_t>();
+  const acc_t* blocked_t = n > 0 ? z.blocked_t.data_ptr<acc_t>() : nullptr;
+  const int64_t blocks = num_blocks(n, kPairBlock);
+  std::vector<acc_t> by_rows(n * d, acc_t(0));        // sum over J >= I of H_IJ z_J
+  std::vector<acc_t> by_columns(n * d, acc_t(0));     // sum over I < J of z_I^T H_IJ
+  std::vector<acc_t> dscale_parts(blocks * (blocks + 1) / 2);
+  // A contribution: H_IJ.
+  for_each_block_pair<acc_t>(
+      z, kPendingTiles, [] { return std::vector<acc_t>(kPairBlock * kPairBlock); },
+      [&](std::vector<acc_t>& h, acc_t* tile, BlockPair pair, PairTile span, int64_t task) {
+        const acc_t by_row = infonce_grad_tile<acc_t, false>(
+            tile, h.data(), false, span.rows, span.cols, scale,
+            tile_mask(q_labels, k_labels, diagonal, span.row0, span.col0),
+            terms.at(span.row0, span.col0));
+        const acc_t by_column = infonce_grad_tile<acc_t, true>(
+            tile, h.data(), true, span.rows, span.cols, scale,
+            tile_mask(q_labels, k_labels, diagonal, span.col0, span.row0),
+            terms.at(span.col0, span.row0));
+        // A diagonal tile holds every pair of its block both ways: count it once.
+        dscale_parts[task] = pair.diagonal() ? by_row : by_row + by_column;
+      },
+      [&](std::vector<acc_t>& h, PairTile span, bool row_side) {
+        if (row_side) {
+          matmul(span.rows, d, span.cols, h.data(), span.cols, rows + span.col0 * d, d,
+                 by_rows.data() + span.row0 * d, d, true);
+        } else {
+          matmul(d, span.cols, span.rows, blocked_t + span.row0 * d, span.rows, h.data(),
+                 span.cols, by_columns.data() + span.col0 * d, span.cols, true);
+        }
+      },
+      [&](int32_t block) {  // complete: dz of its rows
+        const int64_t row0 = block * kPairBlock;
+        write_block(dz, by_rows.data(), by_columns.data(), row0, std::min(kPairBlock, n - row0), d,
+                    scale);
+      });
+  acc_t dscale = 0;
+  for (const acc_t part : dscale_parts) {
+    dscale += part;
+  }
+  return dscale;
 }
 
 // ------------------------------------------------------------------- ops
@@ -564,7 +995,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> infonce_fwd(
   Tensor col_lse = at::empty({col_stats ? m : 0}, options);
   const MaskLabels labels = mask_labels(q_labels, k_labels, n, m);
   const int64_t diagonal = exclusion_diagonal(exclude_offset, n, m);
-  const TileOperands operands = tile_operands(q, k, stats, false, true);
+  const bool symmetric = !col_stats && same_rows(q, k);
+  const TileOperand z = symmetric ? tile_operand(q, stats, true, kPairBlock) : TileOperand{};
+  const TileOperands operands =
+      symmetric ? TileOperands{} : tile_operands(q, k, stats, false, true);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -575,20 +1009,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> infonce_fwd(
     acc_t* col_sum_data = col_sum.data_ptr<acc_t>();
     const int32_t* qy_data = labels.q.data_ptr<int32_t>();
     const int32_t* ky_data = labels.k.data_ptr<int32_t>();
-    for_each_logit_tile<acc_t>(
-        operands.q, operands.k, groups,
-        [&](acc_t* tile, int64_t query0, int64_t queries, int64_t key0, int64_t keys,
-            int64_t group) {
-          const PairMask mask = tile_mask(qy_data, ky_data, diagonal, query0, key0);
-          infonce_row_stats_tile(tile, queries, keys, s, mask, neg_only,
-                                 RowStats<acc_t>{rows.max + query0, rows.sum + query0,
-                                                 rows.pos_sum + query0,
-                                                 rows.pos_count + query0});
-          if (col_stats) {
-            const int64_t state = group * m + key0;
-            column_lse_tile(tile, queries, keys, col_max_data + state, col_sum_data + state);
-          }
-        });
+    if (symmetric) {
+      symmetric_row_stats(z, s, qy_data, ky_data, diagonal, neg_only, rows);
+    } else {
+      for_each_logit_tile<acc_t>(
+          operands.q, operands.k, groups,
+          [&](acc_t* tile, int64_t query0, int64_t queries, int64_t key0, int64_t keys,
+              int64_t group) {
+            const PairMask mask = tile_mask(qy_data, ky_data, diagonal, query0, key0);
+            infonce_row_stats_tile(tile, queries, keys, s, mask, neg_only, rows.at(query0));
+            if (col_stats) {
+              const int64_t state = group * m + key0;
+              column_lse_tile(tile, queries, keys, col_max_data + state, col_sum_data + state);
+            }
+          });
+    }
     finish_lse(rows.max, rows.sum, rows.sum, n);
     if (col_stats) {
       merge_column_groups(col_max_data, col_sum_data, groups, m);
@@ -613,7 +1048,10 @@ std::tuple<Tensor, Tensor> infonce_pair_fwd(const Tensor& q, const Tensor& k,
   Tensor sigmoid_sum = at::zeros({n}, q.options().dtype(stats));
   const MaskLabels labels = mask_labels(q_labels, k_labels, n, m);
   const int64_t diagonal = exclusion_diagonal(exclude_offset, n, m);
-  const TileOperands operands = tile_operands(q, k, stats, false, true);
+  const bool symmetric = same_rows(q, k);
+  const TileOperand z = symmetric ? tile_operand(q, stats, true, kPairBlock) : TileOperand{};
+  const TileOperands operands =
+      symmetric ? TileOperands{} : tile_operands(q, k, stats, false, true);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -623,6 +1061,10 @@ std::tuple<Tensor, Tensor> infonce_pair_fwd(const Tensor& q, const Tensor& k,
     acc_t* sigmoid_data = sigmoid_sum.data_ptr<acc_t>();
     const int32_t* qy = labels.q.data_ptr<int32_t>();
     const int32_t* ky = labels.k.data_ptr<int32_t>();
+    if (symmetric) {
+      symmetric_pair_terms(z, s, qy, ky, diagonal, neg_lse_data, loss_data, sigmoid_data);
+      return;
+    }
     for_each_logit_tile<acc_t>(
         operands.q, operands.k, num_blocks(n, kOuterBlock),
         [&](acc_t* tile, int64_t query0, int64_t queries, int64_t key0, int64_t keys, int64_t) {
@@ -644,48 +1086,44 @@ std::tuple<Tensor, Tensor, Tensor> infonce_bwd(
   const int64_t n = q.size(0);
   const int64_t m = k.size(0);
   const auto stats = stats_dtype(q.scalar_type());
-  TORCH_CHECK(row_lse.has_value() == row_coef.has_value(), op,
-              ": row_lse and row_coef must be given together");
-  TORCH_CHECK(col_lse.has_value() == col_coef.has_value(), op,
-              ": col_lse and col_coef must be given together");
-  check_optional_stats(op, "row_lse", row_lse, n, stats);
-  check_optional_stats(op, "row_coef", row_coef, n, stats);
-  check_optional_stats(op, "col_lse", col_lse, m, stats);
-  check_optional_stats(op, "col_coef", col_coef, m, stats);
-  check_optional_stats(op, "pos_coef", pos_coef, n, stats);
-  check_optional_stats(op, "pair_lse", pair_lse, n, stats);
+  check_grad_terms(op, n, m, stats, row_lse, row_coef, col_lse, col_coef, pos_coef, pair_lse);
   Tensor dq = at::empty_like(q);
   Tensor dk = need_dk ? at::empty_like(k) : at::empty({0}, k.options());
   Tensor dscale = at::empty({}, q.options().dtype(stats));
   const MaskLabels labels = mask_labels(q_labels, k_labels, n, m);
   const int64_t diagonal = exclusion_diagonal(exclude_offset, n, m);
-  const TileOperands operands = tile_operands(q, k, stats, need_dk, true);
+  // dq alone: a pass over query blocks; dq and dk: one pass over all tiles.
+  const TileOperands operands = need_dk ? tile_operands(q, k, stats, true, true, kPairBlock)
+                                        : tile_operands(q, k, stats, false, true);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t s = scale.item<acc_t>();
-    const LogitGradTerms<acc_t> terms{
-        data_or_null<acc_t>(row_lse), data_or_null<acc_t>(row_coef),
-        data_or_null<acc_t>(col_lse), data_or_null<acc_t>(col_coef),
-        data_or_null<acc_t>(pos_coef), data_or_null<acc_t>(pair_lse), neg_only};
+    const LogitGradTerms<acc_t> terms =
+        grad_terms<acc_t>(row_lse, row_coef, col_lse, col_coef, pos_coef, pair_lse, neg_only);
     const int32_t* qy_data = labels.q.data_ptr<int32_t>();
     const int32_t* ky_data = labels.k.data_ptr<int32_t>();
-    std::vector<acc_t> dscale_parts(num_blocks(n, kOuterBlock), acc_t(0));
-    gradient_pass(operands.q, operands.k, s, dq.data_ptr<scalar_t>(),
-                  [&](acc_t* tile, int64_t query0, int64_t queries, int64_t key0, int64_t keys,
-                      int64_t block) {
-                    dscale_parts[block] += infonce_grad_tile<acc_t, false>(
-                        tile, queries, keys, s, tile_mask(qy_data, ky_data, diagonal, query0, key0),
-                        terms.at(query0, key0));
-                  });
+    const auto grad_tile = [&](const acc_t* tile, acc_t* g, int64_t query0, int64_t queries,
+                               int64_t key0, int64_t keys) {
+      return infonce_grad_tile<acc_t, false>(tile, g, false, queries, keys, s,
+                                             tile_mask(qy_data, ky_data, diagonal, query0, key0),
+                                             terms.at(query0, key0));
+    };
+    std::vector<acc_t> dscale_parts;
     if (need_dk) {
-      gradient_pass(operands.k, operands.q, s, dk.data_ptr<scalar_t>(),
-                    [&](acc_t* tile, int64_t key0, int64_t keys, int64_t query0, int64_t queries,
-                        int64_t) {
-                      infonce_grad_tile<acc_t, true>(
-                          tile, keys, queries, s,
-                          tile_mask(qy_data, ky_data, diagonal, query0, key0),
-                          terms.at(query0, key0));
+      dscale_parts.resize(num_blocks(n, kPairBlock) * num_blocks(m, kPairBlock));
+      gradient_both_sides(operands.q, operands.k, s, dq.data_ptr<scalar_t>(),
+                          dk.data_ptr<scalar_t>(),
+                          [&](const acc_t* tile, acc_t* g, int64_t query0, int64_t queries,
+                              int64_t key0, int64_t keys, int64_t task) {
+                            dscale_parts[task] = grad_tile(tile, g, query0, queries, key0, keys);
+                          });
+    } else {
+      dscale_parts.resize(num_blocks(n, kOuterBlock));
+      gradient_pass(operands.q, operands.k, s, dq.data_ptr<scalar_t>(),
+                    [&](acc_t* tile, int64_t query0, int64_t queries, int64_t key0, int64_t keys,
+                        int64_t block) {
+                      dscale_parts[block] += grad_tile(tile, tile, query0, queries, key0, keys);
                     });
     }
     acc_t total = 0;
@@ -695,6 +1133,34 @@ std::tuple<Tensor, Tensor, Tensor> infonce_bwd(
     dscale.fill_(total);
   });
   return {dq, dk, dscale};
+}
+
+std::tuple<Tensor, Tensor> infonce_self_bwd(
+    const Tensor& z, const Tensor& scale, const OptionalTensor& q_labels,
+    const OptionalTensor& k_labels, std::optional<int64_t> exclude_offset, bool neg_only,
+    const OptionalTensor& row_lse, const OptionalTensor& row_coef, const OptionalTensor& col_lse,
+    const OptionalTensor& col_coef, const OptionalTensor& pos_coef,
+    const OptionalTensor& pair_lse) {
+  constexpr const char* op = "infonce_self_bwd";
+  check_core_inputs(op, z, z, scale, q_labels, k_labels);
+  const int64_t n = z.size(0);
+  const auto stats = stats_dtype(z.scalar_type());
+  check_grad_terms(op, n, n, stats, row_lse, row_coef, col_lse, col_coef, pos_coef, pair_lse);
+  Tensor dz = at::empty_like(z);
+  Tensor dscale = at::empty({}, z.options().dtype(stats));
+  const MaskLabels labels = mask_labels(q_labels, k_labels, n, n);
+  const int64_t diagonal = exclusion_diagonal(exclude_offset, n, n);
+  const TileOperand operand = tile_operand(z, stats, true, kPairBlock);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), op, [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const LogitGradTerms<acc_t> terms =
+        grad_terms<acc_t>(row_lse, row_coef, col_lse, col_coef, pos_coef, pair_lse, neg_only);
+    dscale.fill_(symmetric_gradient(operand, scale.item<acc_t>(), labels.q.data_ptr<int32_t>(),
+                                    labels.k.data_ptr<int32_t>(), diagonal, terms,
+                                    dz.data_ptr<scalar_t>()));
+  });
+  return {dz, dscale};
 }
 
 Tensor siglip_fwd(const Tensor& q, const Tensor& k, const Tensor& scale, const Tensor& bias,
@@ -749,7 +1215,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> siglip_bwd(const Tensor& q, const Ten
   Tensor dbias = at::empty({}, q.options().dtype(stats));
   const MaskLabels labels = mask_labels(q_labels, k_labels, n, m);
   const int64_t no_exclusion = exclusion_diagonal(std::nullopt, n, m);
-  const TileOperands operands = tile_operands(q, k, stats, need_dk, true);
+  const TileOperands operands = need_dk ? tile_operands(q, k, stats, true, true, kPairBlock)
+                                        : tile_operands(q, k, stats, false, true);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -758,23 +1225,31 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> siglip_bwd(const Tensor& q, const Ten
     const acc_t* coef = row_coef.data_ptr<acc_t>();
     const int32_t* qy_data = labels.q.data_ptr<int32_t>();
     const int32_t* ky_data = labels.k.data_ptr<int32_t>();
-    std::vector<SiglipGradSums<acc_t>> parts(num_blocks(n, kOuterBlock));
-    gradient_pass(operands.q, operands.k, s, dq.data_ptr<scalar_t>(),
-                  [&](acc_t* tile, int64_t query0, int64_t queries, int64_t key0, int64_t keys,
-                      int64_t block) {
-                    const auto sums = siglip_grad_tile<acc_t, false>(
-                        tile, queries, keys, s, b,
-                        tile_mask(qy_data, ky_data, no_exclusion, query0, key0), coef + query0);
-                    parts[block].dscale += sums.dscale;
-                    parts[block].dbias += sums.dbias;
-                  });
+    const auto grad_tile = [&](const acc_t* tile, acc_t* g, int64_t query0, int64_t queries,
+                               int64_t key0, int64_t keys) {
+      return siglip_grad_tile(tile, g, queries, keys, s, b,
+                              tile_mask(qy_data, ky_data, no_exclusion, query0, key0),
+                              coef + query0);
+    };
+    std::vector<SiglipGradSums<acc_t>> parts;
+    const auto add_part = [&](int64_t part, SiglipGradSums<acc_t> sums) {
+      parts[part].dscale += sums.dscale;
+      parts[part].dbias += sums.dbias;
+    };
     if (need_dk) {
-      gradient_pass(operands.k, operands.q, s, dk.data_ptr<scalar_t>(),
-                    [&](acc_t* tile, int64_t key0, int64_t keys, int64_t query0, int64_t queries,
-                        int64_t) {
-                      siglip_grad_tile<acc_t, true>(
-                          tile, keys, queries, s, b,
-                          tile_mask(qy_data, ky_data, no_exclusion, query0, key0), coef + query0);
+      parts.resize(num_blocks(n, kPairBlock) * num_blocks(m, kPairBlock));
+      gradient_both_sides(operands.q, operands.k, s, dq.data_ptr<scalar_t>(),
+                          dk.data_ptr<scalar_t>(),
+                          [&](const acc_t* tile, acc_t* g, int64_t query0, int64_t queries,
+                              int64_t key0, int64_t keys, int64_t task) {
+                            add_part(task, grad_tile(tile, g, query0, queries, key0, keys));
+                          });
+    } else {
+      parts.resize(num_blocks(n, kOuterBlock));
+      gradient_pass(operands.q, operands.k, s, dq.data_ptr<scalar_t>(),
+                    [&](acc_t* tile, int64_t query0, int64_t queries, int64_t key0, int64_t keys,
+                        int64_t block) {
+                      add_part(block, grad_tile(tile, tile, query0, queries, key0, keys));
                     });
     }
     SiglipGradSums<acc_t> total;
@@ -804,6 +1279,10 @@ TORCH_LIBRARY_FRAGMENT(pyclloss_C, m) {
       "Tensor? col_coef, Tensor? pos_coef, Tensor? pair_lse, bool need_dk) "
       "-> (Tensor, Tensor, Tensor)");
   m.def(
+      "infonce_self_bwd(Tensor z, Tensor scale, Tensor? q_labels, Tensor? k_labels, "
+      "int? exclude_offset, bool neg_only, Tensor? row_lse, Tensor? row_coef, Tensor? col_lse, "
+      "Tensor? col_coef, Tensor? pos_coef, Tensor? pair_lse) -> (Tensor, Tensor)");
+  m.def(
       "siglip_fwd(Tensor q, Tensor k, Tensor scale, Tensor bias, Tensor? q_labels, "
       "Tensor? k_labels) -> Tensor");
   m.def(
@@ -815,6 +1294,7 @@ TORCH_LIBRARY_IMPL(pyclloss_C, CPU, m) {
   m.impl("infonce_fwd", &pyclloss::cpu::infonce_fwd);
   m.impl("infonce_pair_fwd", &pyclloss::cpu::infonce_pair_fwd);
   m.impl("infonce_bwd", &pyclloss::cpu::infonce_bwd);
+  m.impl("infonce_self_bwd", &pyclloss::cpu::infonce_self_bwd);
   m.impl("siglip_fwd", &pyclloss::cpu::siglip_fwd);
   m.impl("siglip_bwd", &pyclloss::cpu::siglip_bwd);
 }

@@ -1,18 +1,28 @@
-// Unit tests of the CPU kernels of the fused InfoNCE core. The five ops are
+// Unit tests of the CPU kernels of the fused InfoNCE core. The ops are
 // called through the dispatcher and checked against naive double-precision
 // loops written straight from docs/fused_core.md, on small sizes that still
-// cross the kernels' tile edges. The exit status is the number of failures.
+// cross the kernels' tile edges; the tile schedules and their ordered
+// additions are checked on their own. The exit status is the number of
+// failures.
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <limits>
 #include <optional>
+#include <set>
 #include <string>
+#include <thread>
 #include <tuple>
+#include <utility>
 #include <vector>
+
+#include "pyclloss/cpu_schedule.h"
 
 namespace {
 
@@ -21,6 +31,11 @@ using OptionalTensor = std::optional<Tensor>;
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
 int failures = 0;
+
+void expect(bool ok, const std::string& what) {
+  std::printf("%s %s\n", ok ? "ok  " : "FAIL", what.c_str());
+  failures += ok ? 0 : 1;
+}
 
 // Max of |got - want| / (1 + |want|); infinities must match exactly.
 void expect_close(const std::string& what, const Tensor& got, const Tensor& want, double tol) {
@@ -123,6 +138,16 @@ Problem make_problem(int64_t n, int64_t m, int64_t d, at::ScalarType dtype, bool
   return p;
 }
 
+// q and k the same tensor (the self-similarity losses); the key role's labels
+// may differ from the query role's.
+Problem make_self_problem(int64_t n, int64_t d, at::ScalarType dtype, bool labels,
+                          std::optional<int64_t> exclude_offset, bool neg_only) {
+  Problem p = make_problem(n, n, d, dtype, labels, exclude_offset, neg_only);
+  p.k = p.q;
+  p.kv = p.qv;
+  return p;
+}
+
 void check(const Problem& p, const std::string& name) {
   const auto stats = p.q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const double tol = stats == at::kDouble ? 1e-11 : 2e-5;
@@ -164,6 +189,13 @@ void check(const Problem& p, const std::string& name) {
   expect_close(name + " infonce_fwd pos_sum", got_pos_sum, vec(pos_sum), tol);
   expect_close(name + " infonce_fwd pos_count", got_pos_count, vec(pos_count), 0);
   expect_close(name + " infonce_fwd col_lse", got_col_lse, vec(col_lse), tol);
+  if (p.q.is_same(p.k)) {  // without column statistics: the symmetric schedule
+    const auto sym = fwd.call(p.q, p.q, s, ql, kl, p.exclude_offset, p.neg_only, false);
+    expect_close(name + " symmetric infonce_fwd row_lse", std::get<0>(sym), vec(row_lse), tol);
+    expect_close(name + " symmetric infonce_fwd pos_sum", std::get<1>(sym), vec(pos_sum), tol);
+    expect_close(name + " symmetric infonce_fwd pos_count", std::get<2>(sym), vec(pos_count),
+                 0);
+  }
 
   // Pair forward against the negatives' LSE (finite rows only feed it).
   if (ql) {
@@ -228,6 +260,22 @@ void check(const Problem& p, const std::string& name) {
   expect_close(name + " infonce_bwd dq", got_dq, vec(dq).view({p.n, p.d}), grad_tol);
   expect_close(name + " infonce_bwd dk", got_dk, vec(dk).view({p.m, p.d}), grad_tol);
   expect_close(name + " infonce_bwd dscale", got_dscale, at::scalar_tensor(dscale, at::kDouble), grad_tol);
+  if (p.q.is_same(p.k)) {
+    const auto self_bwd = op<std::tuple<Tensor, Tensor>(
+        const Tensor&, const Tensor&, const OptionalTensor&, const OptionalTensor&,
+        std::optional<int64_t>, bool, const OptionalTensor&, const OptionalTensor&,
+        const OptionalTensor&, const OptionalTensor&, const OptionalTensor&,
+        const OptionalTensor&)>("pyclloss_C::infonce_self_bwd");
+    const auto [got_dz, got_self_dscale] =
+        self_bwd.call(p.q, s, ql, kl, p.exclude_offset, p.neg_only, vec(row_lse).to(stats),
+                      vec(row_coef).to(stats), col_lse_arg, col_coef_arg,
+                      vec(pos_coef).to(stats), vec(pair_lse).to(stats));
+    std::vector<double> dz(p.n * p.d);
+    for (size_t e = 0; e < dz.size(); ++e) dz[e] = dq[e] + dk[e];
+    expect_close(name + " infonce_self_bwd dz", got_dz, vec(dz).view({p.n, p.d}), grad_tol);
+    expect_close(name + " infonce_self_bwd dscale", got_self_dscale,
+                 at::scalar_tensor(dscale, at::kDouble), grad_tol);
+  }
 
   // SigLIP: z = +1 on same labels, no exclusion.
   const double bias = -3.0;
@@ -263,6 +311,90 @@ void check(const Problem& p, const std::string& name) {
   expect_close(name + " siglip_bwd dbias", sdb, at::scalar_tensor(sig_dbias, at::kDouble), grad_tol);
 }
 
+// Every tile once (unordered pairs for the symmetric schedule), turns that
+// count the earlier tasks of each accumulator, and, for the symmetric one,
+// tasks of one block at least blocks / 2 - 1 apart.
+void check_schedule(const pyclloss::cpu::TileSchedule& schedule, int64_t row_blocks,
+                    int64_t col_blocks, bool symmetric, const std::string& name) {
+  std::set<std::pair<int32_t, int32_t>> tiles;
+  std::vector<int32_t> turns(schedule.accumulators, 0);
+  std::vector<int64_t> last(schedule.accumulators, -1);
+  bool ok = schedule.accumulators == (symmetric ? row_blocks : row_blocks + col_blocks);
+  int64_t closest = std::numeric_limits<int64_t>::max();
+  for (int64_t t = 0; t < static_cast<int64_t>(schedule.tasks.size()); ++t) {
+    const auto& task = schedule.tasks[t];
+    ok = ok && task.row < row_blocks && task.col - schedule.first_col < col_blocks;
+    ok = ok && (symmetric ? task.row <= task.col : task.col >= schedule.first_col);
+    ok = ok && tiles.insert({task.row, task.col}).second;
+    ok = ok && task.row_turn == turns[task.row]++;
+    if (!task.diagonal()) ok = ok && task.col_turn == turns[task.col]++;
+    for (const int32_t block : {task.row, task.col}) {
+      if (last[block] >= 0 && last[block] != t) closest = std::min(closest, t - last[block]);
+      last[block] = t;
+    }
+  }
+  const int64_t tiles_wanted =
+      symmetric ? row_blocks * (row_blocks + 1) / 2 : row_blocks * col_blocks;
+  ok = ok && static_cast<int64_t>(tiles.size()) == tiles_wanted;
+  if (symmetric && row_blocks >= 4) ok = ok && closest >= row_blocks / 2 - 1;
+  expect(ok, name);
+}
+
+// Additions made from several threads, some tasks slow: every accumulator
+// receives its tasks in schedule order, each task and accumulator finishes
+// once.
+void check_ordered_additions(const pyclloss::cpu::TileSchedule& schedule,
+                             const std::string& name) {
+  const int64_t tasks = static_cast<int64_t>(schedule.tasks.size());
+  pyclloss::cpu::OrderedAdditions additions(schedule);
+  std::vector<std::vector<int32_t>> received(schedule.accumulators);
+  std::vector<int32_t> tasks_done(tasks, 0);
+  std::vector<int32_t> accumulators_done(schedule.accumulators, 0);
+  std::atomic<int64_t> next{0};
+  pyclloss::cpu::run_workers(tasks, [&] {
+    for (int64_t t = next.fetch_add(1); t < tasks; t = next.fetch_add(1)) {
+      if (t % 5 == 1) std::this_thread::sleep_for(std::chrono::microseconds(200));
+      additions.computed(
+          t, schedule.tasks[t],
+          [&](int32_t task, int32_t accumulator) { received[accumulator].push_back(task); },
+          [&](int32_t task) { ++tasks_done[task]; },
+          [&](int32_t accumulator) { ++accumulators_done[accumulator]; });
+    }
+  });
+  bool ok = true;
+  std::vector<std::vector<int32_t>> wanted(schedule.accumulators);
+  for (int32_t t = 0; t < tasks; ++t) {
+    const auto& task = schedule.tasks[t];
+    wanted[task.row].push_back(t);
+    if (!task.diagonal()) wanted[task.col].push_back(t);
+    ok = ok && tasks_done[t] == 1;
+  }
+  for (int64_t a = 0; a < schedule.accumulators; ++a) {
+    ok = ok && received[a] == wanted[a] && accumulators_done[a] == 1;
+  }
+  expect(ok, name);
+}
+
+void check_schedules() {
+  for (int64_t blocks = 0; blocks <= 12; ++blocks) {
+    const auto schedule = pyclloss::cpu::symmetric_schedule(blocks);
+    check_schedule(schedule, blocks, blocks, true, "symmetric_schedule(" +
+                   std::to_string(blocks) + ")");
+  }
+  for (const auto& [rows, cols] : std::vector<std::pair<int64_t, int64_t>>{
+           {1, 1}, {1, 5}, {5, 1}, {3, 7}, {8, 3}, {6, 6}}) {
+    check_schedule(pyclloss::cpu::rectangular_schedule(rows, cols), rows, cols, false,
+                   "rectangular_schedule(" + std::to_string(rows) + ", " +
+                       std::to_string(cols) + ")");
+  }
+  const int threads = at::get_num_threads();
+  at::set_num_threads(4);
+  check_ordered_additions(pyclloss::cpu::symmetric_schedule(9), "ordered additions, symmetric");
+  check_ordered_additions(pyclloss::cpu::rectangular_schedule(5, 7),
+                          "ordered additions, rectangular");
+  at::set_num_threads(threads);
+}
+
 }  // namespace
 
 int main() {
@@ -273,6 +405,12 @@ int main() {
   check(make_problem(33, 20, 7, at::kFloat, true, 1, true), "f32 33x20 neg_only offset 1");
   check(make_problem(3, 2, 4, at::kBFloat16, false, std::nullopt, false), "bf16 3x2 no labels");
   check(make_problem(1, 1, 3, at::kFloat, true, 0, false), "f32 1x1 excluded");
+  // q and k one tensor, across the 256-row blocks of the symmetric schedule
+  // (3 blocks: one sits out each round).
+  check(make_self_problem(530, 5, at::kFloat, true, 0, false), "f32 self 530 labels offset 0");
+  check(make_self_problem(300, 4, at::kDouble, true, -1, true), "f64 self 300 neg_only offset -1");
+  check(make_self_problem(2, 3, at::kBFloat16, false, 0, false), "bf16 self 2 no labels");
+  check_schedules();
   std::printf("%d failure(s)\n", failures);
   return failures;
 }

@@ -18,7 +18,12 @@ up, sizes blocks of calls so that the timer's overhead is negligible, and
 synchronises the GPU), run for at least ``--min-run-time`` seconds and about
 ``--min-blocks`` blocks: the report gives the median time per call over the blocks
 and their interquartile range (IQR), and the speed-up of pyclloss's fastest fused
-backend over the best peer and over its own reference.
+backend over the best peer and over its own reference. For the InfoNCE losses
+the report adds the fused backend's effective rate, 8·N²·D FLOPs (forward with
+recomputing backward, without the symmetry that the self-similarity losses
+exploit, so that all figures compare) over its time, against a square 4096³
+fp32 matmul timed in the same process (the faster of torch.mm and, on the CPU,
+oneDNN's).
 
     pyclloss bench --sizes 1024 4096 16384 --out bench/results/cpu-report.md   # + .png
 """
@@ -29,6 +34,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -114,6 +120,47 @@ def blocked_timing(step: Callable[[], None], min_run_time: float, min_blocks: in
             "calls_per_block": measurements[0].number_per_run}
 
 
+def effective_flops(n: int, d: int) -> float:
+    """FLOPs credited to one forward+backward of an InfoNCE loss over N rows (or
+    N pairs) of D features: 8·N²·D."""
+    return 8.0 * n * n * d
+
+
+def _seconds(call: Callable[[], object], sync: Callable[[], None]) -> float:
+    sync()
+    t0 = time.perf_counter()
+    call()
+    sync()
+    return time.perf_counter() - t0
+
+
+def square_matmul(device: str = "cpu", size: int = 4096) -> Callable[[], object]:
+    """A square fp32 matmul of ``size`` (2·size³ FLOPs): the faster here of
+    torch.mm and, on the CPU, oneDNN's (torch's MKL sgemm runs far below the
+    peak of some CPUs)."""
+    import torch
+
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    calls = [lambda: torch.mm(a, b)]
+    if device == "cpu" and torch.backends.mkldnn.is_available():
+        a_onednn, b_t_onednn = a.to_mkldnn(), b.t().contiguous().to_mkldnn()
+        calls.append(lambda: torch._C._nn.mkldnn_linear(a_onednn, b_t_onednn, None))
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for call in calls:
+        call()  # warm-up
+    return min(calls, key=lambda call: _seconds(call, sync))
+
+
+def matmul_flops(device: str = "cpu", size: int = 4096, repeats: int = 3) -> float:
+    """FLOP/s of square_matmul, median of ``repeats``."""
+    import torch
+
+    call = square_matmul(device, size)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    return 2.0 * size ** 3 / statistics.median(_seconds(call, sync) for _ in range(repeats))
+
+
 def measure_one(loss: str, impl: str, n: int, d: int, device: str, dtype_name: str,
                 min_run_time: float, min_blocks: int) -> Dict:
     """Time and peak extra memory of one configuration, in this process."""
@@ -129,7 +176,10 @@ def measure_one(loss: str, impl: str, n: int, d: int, device: str, dtype_name: s
     once = time.perf_counter() - start
     # a run long enough for min_blocks blocks of one call, as far as one call tells
     timing = blocked_timing(step, max(min_run_time, min_blocks * once), min_blocks)
-    return {**timing, "peak_bytes": max(peak, 0)}
+    result = {**timing, "peak_bytes": max(peak, 0)}
+    if WORKLOADS[loss].rated:
+        result["matmul_flops"] = matmul_flops(device)
+    return result
 
 
 def _run_isolated(args, loss, impl, n) -> Dict:
@@ -259,6 +309,17 @@ def _speedups(row: Dict[str, Optional[Dict]], peers: List[str]) -> List[str]:
             f"{row[reference]['time_s'] / time_s:.1f}×" if reference else "—"]
 
 
+def _rate(row: Dict[str, Optional[Dict]], n: int, d: int) -> str:
+    """The fastest fused backend's effective rate against its process's matmul."""
+    fused = _fastest(row, FUSED_IMPLS)
+    if fused is None or "matmul_flops" not in row[fused]:
+        return "—"
+    result = row[fused]
+    rate = effective_flops(n, d) / result["time_s"]
+    return (f"{rate / 1e9:,.0f} GFLOP/s = {rate / result['matmul_flops']:.2f}× "
+            f"({result['matmul_flops'] / 1e9:,.0f})")
+
+
 def measure_all(args) -> Dict:
     """{loss: {impl: {N: result}}} for the implementations that run here."""
     peer_status = _peers_here(args.device)
@@ -291,13 +352,16 @@ def markdown(args, measured: Dict, plot_line: Optional[str]) -> str:
     for loss, by_impl in measured["results"].items():
         impls = list(by_impl)
         peers = [i for i in impls if i not in BACKEND_IMPLS]
+        rated = any("matmul_flops" in r for by_n in by_impl.values() for r in by_n.values())
         lines.append(f"\n## {loss}\n")
-        lines.append("| N | " + " | ".join(impls) + " | speed-up vs best peer | vs reference |")
-        lines.append("|---" * (len(impls) + 3) + "|")
+        lines.append("| N | " + " | ".join(impls) + " | speed-up vs best peer | vs reference |"
+                     + (" fused rate = × matmul (matmul GFLOP/s) |" if rated else ""))
+        lines.append("|---" * (len(impls) + 3 + rated) + "|")
         for n in sorted({n for by_n in by_impl.values() for n in by_n}):
             row = {impl: by_impl[impl].get(n) for impl in impls}
             lines.append(f"| {n} | " + " | ".join(_cell(row[i]) for i in impls) + " | "
-                         + " | ".join(_speedups(row, peers)) + " |")
+                         + " | ".join(_speedups(row, peers)) + " |"
+                         + (f" {_rate(row, n, args.dim)} |" if rated else ""))
     return "\n".join(lines) + "\n"
 
 

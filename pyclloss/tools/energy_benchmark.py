@@ -2,7 +2,7 @@
 the same training step in fp32, fp16 and bf16 (``pyclloss energy``).
 
 Each trial runs one workload in one precision for a fixed number of steps and
-reads the energy counters around it (pyclloss.energy: NVML's cumulative GPU
+reads the energy counters around it (pyclloss.tools.energy: NVML's cumulative GPU
 counter, RAPL on the CPU). The precisions' trials are interleaved, reversing the
 order every round (fp32 fp16 bf16, bf16 fp16 fp32, ...), so that drifts of
 temperature and clocks spread over all of them. Idle power, measured after a

@@ -57,6 +57,9 @@ class Workload:
     note: str = ""  # the inputs' shape, where it is not (N, D)
     sizes: Tuple[int, ...] = DEFAULT_SIZES  # values of N without --sizes
     in_default_run: bool = True  # measured by a plain `pyclloss bench`
+    # the InfoNCE core's losses: the report adds the fused backend's effective
+    # rate, 8·N²·D over its time, against a square matmul in the same process
+    rated: bool = False
 
 
 class Draw:
@@ -225,11 +228,13 @@ WORKLOADS: Dict[str, Workload] = {
         lambda a, backend: lambda: _pyclloss().supcon(a["x"], a["labels"], 0.1,
                                                       backend=backend),
         peers={"pml": _pml_supcon},
+        rated=True,
         dense_bytes={"reference": _LOGITS, "pml": _dense(4.0 * 8)}),
     "nt_xent": Workload(
         "info_nce", _labelled_rows,
         lambda a, backend: lambda: _pyclloss().nt_xent(*_views(a), 0.5, backend=backend),
         peers={"pml": _pml_nt_xent, "lightly": _lightly_nt_xent},
+        rated=True,
         # pml's NTXentLoss with labels builds a (positive pairs × negative pairs)
         # matrix: about 16·n³ bytes (measured: 2.1 GiB at n = 512)
         dense_bytes={"reference": _LOGITS, "lightly": _LOGITS,
@@ -239,12 +244,14 @@ WORKLOADS: Dict[str, Workload] = {
         lambda a, backend: lambda: _pyclloss().clip_loss(a["img"], a["txt"], a["scale"],
                                                          backend=backend),
         peers={"open_clip": _open_clip_clip, "inf_cl": _inf_cl_clip},
+        rated=True,
         dense_bytes={"reference": _LOGITS, "open_clip": _LOGITS}),
     "siglip": Workload(
         "info_nce", _image_text_pairs,
         lambda a, backend: lambda: _pyclloss().siglip_loss(a["img"], a["txt"], a["scale"],
                                                            a["bias"], backend=backend),
         peers={"open_clip": _open_clip_siglip},
+        rated=True,
         dense_bytes={"reference": _LOGITS, "open_clip": _LOGITS}),
     "diff_sort": Workload(
         "sorting", _sort_rows, _pyclloss_diff_sort, peers={"diffsort": _diffsort},

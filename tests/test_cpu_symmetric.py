@@ -220,6 +220,28 @@ def test_infonce_self_bwd_op_on_every_backend(backend):
                           (z, s, ql, kl, 0, False, *args.values(), backend))
 
 
+def test_which_backends_have_a_self_backward_of_their_own():
+    from pyclloss.ops.info_nce import KERNELS
+
+    have = {b for b in KERNELS.backends if KERNELS.has(b, "infonce_self_bwd")}
+    assert have == {"cpp", "triton"}  # cuda and the reference add infonce_bwd's dq and dk
+
+
+@pytest.mark.skipif(not pyclloss.backends()["triton"].available, reason="triton not installed")
+def test_triton_self_bwd_op_is_dq_plus_dk():
+    """Triton's G + Gᵀ backward (one product with z) under the interpreter."""
+    z, s, ql, kl = _problem(70, 9, torch.float32, "partner")
+    args = _grad_args(z, s, ql, kl, 0, False, ("row", "col", "pos"))
+    dz, dscale = torch.ops.pyclloss.infonce_self_bwd(z, s, ql, kl, 0, False, *args.values(),
+                                                     "triton")
+    z64, s64 = z.double(), s.double()
+    dq, dk, want_dscale = ref.infonce_bwd(z64, z64, s64, ql, kl, 0, False,
+                                          *(a.double() if a is not None else None
+                                            for a in args.values()), True)
+    _assert_close(dz.double(), dq + dk, 1e-4 * max(1.0, _max((dq + dk).abs())))
+    _assert_close(dscale.double(), want_dscale, 1e-4 * max(1.0, abs(want_dscale.item())))
+
+
 # ------------------------------------------------- through autograd and losses
 
 

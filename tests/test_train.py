@@ -551,6 +551,13 @@ def test_dbpm_reweights_in_a_run_on_the_default_data():
     assert report["memory_std"] > 0
 
 
+def test_every_per_sample_loss_trains_with_dbpm(tiny_data):
+    for name in [n for n, entry in LOSSES.items() if entry.per_sample]:
+        summary = train(tiny_config(tiny_data, loss=name, dbpm=True, dbpm_warmup=1))
+        assert torch.isfinite(torch.tensor(summary["epoch_losses"])).all(), name
+        assert summary["dbpm"]["memory_std"] > 0, name
+
+
 def test_dbpm_default_warmup_flags_within_the_default_run():
     defaults = TrainConfig()
     assert 0 < defaults.dbpm_warmup < defaults.epochs

@@ -324,8 +324,8 @@ class _Pairs(NamedTuple):
 
 def _pairs(z1, z2, temperature, weights, reduction, backend, gather_distributed, process_group,
            strategy, **scalars) -> Tuple[_Pairs, Optional[Tensor]]:
-    """Checks a call and returns its _Pairs, with ``backend`` "reference" only
-    when it runs the dense reference (one process); and the checked weights (B,)."""
+    """Checks a call; returns its _Pairs and the checked weights (B,). ``scalars``:
+    the loss's hyper-parameters, which every rank of a process group must share."""
     _checks.features("z1", z1)
     _checks.features("z2", z2)
     _checks.same_kind("z2", z2, "z1", z1, same_rows=True)

@@ -29,6 +29,8 @@ LOSSES = {
     "decoupled": (pyclloss.decoupled_nt_xent, ref.decoupled_nt_xent, ()),
     "decoupled vmf": (pyclloss.decoupled_nt_xent, ref.decoupled_nt_xent, ("vmf", 0.3)),
 }
+# the four losses, without the special cases τ⁺ = 0 and β = 0
+MAIN = ["dcl", "hcl", "decoupled", "decoupled vmf"]
 TOLERANCE = {F64: 1e-9, torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
@@ -90,13 +92,13 @@ def test_values_and_gradients(name, backend, dtype):
     _assert_matches_reference(name, backend, z1, z2, 0.3, TOLERANCE[dtype])
 
 
-@pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("name", MAIN)
 @pytest.mark.parametrize("b, d", [(2, 1), (3, 5), (65, 3)])
 def test_odd_sizes(name, b, d):
     _assert_matches_reference(name, "cpp", *_views(b, d), 0.5, 1e-9)
 
 
-@pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("name", MAIN)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_weights_and_reductions(name, reduction):
     weights = torch.rand(9, dtype=F64) * 2
@@ -105,7 +107,7 @@ def test_weights_and_reductions(name, reduction):
                               reduction=reduction)
 
 
-@pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("name", MAIN)
 @pytest.mark.parametrize("t", [1e-3, 1e-5])
 def test_tiny_temperature_stays_finite(name, t):
     """Logits of ~1/t = 1e5: no exponential of a logit is formed."""

@@ -24,6 +24,14 @@ from .info_nce import (
     siglip_loss,
     supcon,
 )
+from .pair_quality import (
+    DCLLoss,
+    DecoupledNTXentLoss,
+    HCLLoss,
+    dcl_loss,
+    decoupled_nt_xent,
+    hcl_loss,
+)
 from .rnc import RnCLoss, rnc_loss
 from .sorting import (
     DiffSortNet,
@@ -71,4 +79,10 @@ __all__ = [
     "rnc_loss",
     "SupReMixLoss",
     "RnCLoss",
+    "dcl_loss",
+    "hcl_loss",
+    "decoupled_nt_xent",
+    "DCLLoss",
+    "HCLLoss",
+    "DecoupledNTXentLoss",
 ]

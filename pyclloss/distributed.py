@@ -135,7 +135,7 @@ def row_counts(n: int, device: torch.device, group) -> Tuple[int, ...]:
 # A call's record: rows, then the fields every rank must share, then the bits
 # (float64 viewed as int64) of up to _MAX_SCALARS named scalars.
 _AGREED = ("feature size", "dtype", "strategy", "reduction")
-_MAX_SCALARS = 2
+_MAX_SCALARS = 3
 
 
 def _call_record(n: int, features: Tensor, strategy: str, reduction: str,
@@ -365,7 +365,7 @@ class Exchange:
 
         The same small all_gather checks that every rank calls with the same
         feature size and dtype (of ``features``), strategy, ``reduction`` and
-        named ``scalars`` (temperature, ...; at most two): a mismatch
+        named ``scalars`` (temperature, ...; at most three): a mismatch
         raises the same ValueError on every rank, before any collective that
         it would break.
         """

@@ -9,18 +9,28 @@
 
 The pair-quality losses themselves (CACR, AMCL, DCL, HCL, decoupled) are
 specified in ``pyclloss.reference.pair_quality``; docs/pair_quality.md has
-the formulas.
+the formulas. Fused here, on the InfoNCE core's per-row statistics:
+
+* :func:`dcl_loss` / :class:`DCLLoss`: debiased contrastive loss (Chuang et al.);
+* :func:`hcl_loss` / :class:`HCLLoss`: hard-negative contrastive loss (Robinson et al.);
+* :func:`decoupled_nt_xent` / :class:`DecoupledNTXentLoss`: decoupled NT-Xent
+  (Yeh et al.), optionally von Mises-Fisher weighted.
 """
 
 import math
 import numbers
-from typing import Tuple, Union
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from . import _checks
-from ._stats import stats_dtype
+from . import _checks, distributed
+from ._stats import stats_dtype, unit_rows
+from .info_nce import _backend as _info_nce_backend
+from .info_nce import _Distributable
+from .ops import info_nce as core
+from .reference import pair_quality as reference
 
 Tensor = torch.Tensor
 
@@ -287,3 +297,222 @@ class DirectPredictor(nn.Module):
         scaled = s.clamp_min(0) / top if top > 0 else torch.zeros_like(s)
         p = (scaled.sqrt() + self.eps).clamp_min(1e-4)
         return ((u * p) @ u.T).to(self.weight.dtype)
+
+
+# ------------------------------------------------------------- DCL, HCL, decoupled
+#
+# The SimCLR-pair losses whose negatives' term is a function of per-row log-sum-
+# exps: one pass of the fused InfoNCE core (two for HCL) over the unit rows of
+# cat(z1, z2) with each sample's two rows as the positives and ``neg_only``
+# gives, per row, the LSE of the scaled logits over the 2B − 2 negatives and
+# the positive logit; the rest is O(B) work in log space. The N×N logits are
+# built by ``backend="reference"`` only.
+
+
+class _Pairs(NamedTuple):
+    """The unit rows of cat(z1, z2) and how a loss call meets their negatives."""
+    z: Tensor  # (2B, D) local rows, view-major
+    ids: Tensor  # (2B,) each row's sample id over the global batch
+    tau: Tensor  # the temperature (replicated over the ranks)
+    negatives: int  # M: negatives per row, 2·(global B) − 2
+    weights: Optional[Tensor]  # (2B,) or None
+    reduction: str
+    backend: str
+    exchange: Optional[distributed.Exchange]
+    layout: Optional[distributed.Layout]  # of the samples (B rows of z1 on each rank)
+
+
+def _pairs(z1, z2, temperature, weights, reduction, backend, gather_distributed, process_group,
+           strategy, **scalars) -> Tuple[_Pairs, Optional[Tensor]]:
+    """Checks a call; returns its _Pairs and the checked weights (B,). ``scalars``:
+    the loss's hyper-parameters, which every rank of a process group must share."""
+    _checks.features("z1", z1)
+    _checks.features("z2", z2)
+    _checks.same_kind("z2", z2, "z1", z1, same_rows=True)
+    reduction = _checks.reduction(reduction)
+    b, device, acc = z1.shape[0], z1.device, stats_dtype(z1.dtype)
+    weights = _checks.weights("weights", weights, b, device, acc)
+    tau = _checks.temperature("temperature", temperature, device, acc)
+    exchange = distributed.exchange(gather_distributed, process_group, strategy)
+    backend = _info_nce_backend(backend, z1)
+    z = unit_rows(torch.cat([z1, z2]))
+    pair_weights = torch.cat([weights, weights]) if weights is not None else None
+    if exchange is None:
+        samples, layout, ids = b, None, torch.arange(b, device=device).repeat(2)
+    else:
+        layout = exchange.layout(b, z, reduction, temperature=tau, **scalars)
+        samples, tau = layout.total, exchange.replicated(tau)
+        ids = layout.ids(device).repeat(2)
+    if samples < 2:
+        raise ValueError(f"z1 needs at least 2 samples (rows) over the batch, got {samples}: "
+                         f"a row's negatives are the other samples' rows")
+    return _Pairs(z, ids, tau, 2 * samples - 2, pair_weights, reduction, backend, exchange,
+                  layout), weights
+
+
+def _negative_lse(p: _Pairs, factor: float = 1.0) -> Tuple[Tensor, Tensor]:
+    """Per row: LSE over its negatives of factor·s/t, and its positive factor·s/t."""
+    scale = factor / p.tau
+    if p.exchange is not None:
+        lse, pos, _ = core.row_stats(p.exchange, p.z, p.ids, p.z, p.ids, p.layout.times(2),
+                                     scale, True, True, p.backend)
+        return lse, pos
+    lse, pos, _, _ = core.infonce_fwd(p.z, p.z, scale, p.ids, p.ids, 0, True, False, p.backend)
+    return lse, pos
+
+
+def _reduce(p: _Pairs, per_row: Tensor) -> Tensor:
+    return distributed.reduce(p.exchange, per_row, None, p.weights, p.reduction)
+
+
+def dcl_loss(z1: Tensor, z2: Tensor, temperature=0.5, tau_plus=0.1, *,
+             weights: Optional[Tensor] = None, reduction: str = "mean", backend: str = "auto",
+             gather_distributed: bool = False, process_group=None,
+             strategy: str = "all_gather") -> Tensor:
+    """Debiased contrastive loss (Chuang et al., NeurIPS 2020); equals the authors'
+    ``chingyaoc/DCL`` on the normalised views.
+
+    Rows of normalised cat(z1, z2) (2B×D), row i with positive logit p_i (its
+    other view) and the M = 2B − 2 other rows as negatives:
+    ``Ng_i = max((Σ_j e^{s_ij/t} − τ⁺·M·e^{p_i}) / (1 − τ⁺), M·e^{−1/t})``,
+    ``L_i = log(1 + Ng_i·e^{−p_i})``, computed from log Σ_j e^{s_ij/t} (one
+    pass of the fused core) in log space. τ⁺ = 0 gives NT-Xent.
+
+    Args:
+        z1, z2: (B, D) the two views' embeddings.
+        temperature: t > 0, a float or a 0-dim tensor (gets a gradient).
+        tau_plus: the class prior τ⁺ in [0, 1).
+        weights: optional (B,) per-sample weights, applied to both views.
+        reduction: "mean" (over the 2B rows), "sum", or "none" (2B,).
+        gather_distributed, process_group, strategy: over a process group as
+            one batch (``pyclloss.nt_xent``; docs/distributed.md).
+    """
+    tau_plus = _real("tau_plus", tau_plus, 0.0, 1.0, high_open=True)
+    p, w = _pairs(z1, z2, temperature, weights, reduction, backend, gather_distributed,
+                  process_group, strategy, tau_plus=tau_plus)
+    if p.backend == "reference" and p.exchange is None:
+        return reference.dcl_loss(z1, z2, p.tau, tau_plus, w, p.reduction)
+    lse, pos = _negative_lse(p)
+    return _reduce(p, reference.debiased_loss(pos, lse, p.negatives, p.tau, tau_plus))
+
+
+def hcl_loss(z1: Tensor, z2: Tensor, temperature=0.5, tau_plus=0.1, beta=1.0, *,
+             weights: Optional[Tensor] = None, reduction: str = "mean", backend: str = "auto",
+             gather_distributed: bool = False, process_group=None,
+             strategy: str = "all_gather") -> Tensor:
+    """Hard-negative contrastive loss (Robinson et al., ICLR 2021); equals the
+    authors' ``joshr17/HCL`` on the normalised views.
+
+    :func:`dcl_loss` with the negatives' sum tilted towards the hard ones,
+    ``Σ_j e^{s_ij/t}`` → ``M·Σ_j e^{(1+β)s_ij/t} / Σ_j e^{βs_ij/t}``: two passes
+    of the fused core (scales (1+β)/t and β/t; one when β = 0, which gives DCL).
+    β ≥ 0 is the concentration; the other arguments as :func:`dcl_loss`.
+    """
+    tau_plus = _real("tau_plus", tau_plus, 0.0, 1.0, high_open=True)
+    beta = _real("beta", beta, low=0.0)
+    p, w = _pairs(z1, z2, temperature, weights, reduction, backend, gather_distributed,
+                  process_group, strategy, tau_plus=tau_plus, beta=beta)
+    if p.backend == "reference" and p.exchange is None:
+        return reference.hcl_loss(z1, z2, p.tau, tau_plus, beta, w, p.reduction)
+    lse, pos = _negative_lse(p, 1 + beta)
+    if beta > 0:
+        lse = lse + math.log(p.negatives) - _negative_lse(p, beta)[0]
+    per_row = reference.debiased_loss(pos / (1 + beta), lse, p.negatives, p.tau, tau_plus)
+    return _reduce(p, per_row)
+
+
+def _vmf_weights(p: _Pairs, z1: Tensor, z2: Tensor, sigma: float) -> Tensor:
+    """DCLW's von Mises-Fisher weights (B,), detached: ``2 − B·softmax_i(c_i/σ)``
+    with c_i = ⟨ẑ¹_i, ẑ²_i⟩, the softmax over the global batch (each rank
+    gathers the B cosines only)."""
+    acc = p.tau.dtype
+    cosine = (F.normalize(z1.detach().to(acc), dim=1)
+              * F.normalize(z2.detach().to(acc), dim=1)).sum(1)
+    every = cosine if p.exchange is None else p.exchange.all_rows(cosine, p.layout)
+    weights = 2 - every.shape[0] * torch.softmax(every / sigma, dim=0)
+    return weights if p.exchange is None else weights[p.ids[:z1.shape[0]]]
+
+
+def _decoupled(p: _Pairs, positive_weights: Optional[Tensor]) -> Tensor:
+    """Per row ``−w_i·p_i + LSE_neg(s/t)`` with the weights w (2B,) of the rows
+    (1 when None; they may carry a gradient), reduced."""
+    lse, pos = _negative_lse(p)
+    if positive_weights is not None:
+        pos = pos * positive_weights.to(pos.dtype)
+    return _reduce(p, lse - pos)
+
+
+def decoupled_nt_xent(z1: Tensor, z2: Tensor, temperature=0.1, weight: str = "none", sigma=0.5,
+                      *, weights: Optional[Tensor] = None, reduction: str = "mean",
+                      backend: str = "auto", gather_distributed: bool = False,
+                      process_group=None, strategy: str = "all_gather") -> Tensor:
+    """Decoupled contrastive learning (Yeh et al., ECCV 2022); equals lightly's
+    ``DCLLoss`` (``weight="none"``) and ``DCLWLoss`` (``weight="vmf"``).
+
+    NT-Xent without the positive in the denominator: row i of normalised
+    cat(z1, z2), ``L_i = −w_i·p_i + LSE_{j ∉ {i, i±B}} s_ij/t`` (one pass of
+    the fused core), w = 1, or with ``weight="vmf"`` the von Mises-Fisher
+    weights ``w_i = 2 − B·softmax_i(⟨ẑ¹_i, ẑ²_i⟩/σ)`` (detached, the same for
+    both views; over a process group the softmax runs over the global batch).
+    The other arguments as :func:`dcl_loss`.
+    """
+    if weight not in ("none", "vmf"):
+        raise ValueError(f"weight must be 'none' or 'vmf', got {weight!r}")
+    sigma = _real("sigma", sigma)
+    if not sigma > 0:
+        raise ValueError(f"sigma must be > 0, got {sigma}")
+    p, w = _pairs(z1, z2, temperature, weights, reduction, backend, gather_distributed,
+                  process_group, strategy, sigma=sigma)
+    if p.backend == "reference" and p.exchange is None:
+        return reference.decoupled_nt_xent(z1, z2, p.tau, weight, sigma, w, p.reduction)
+    vmf = _vmf_weights(p, z1, z2, sigma) if weight == "vmf" else None
+    return _decoupled(p, torch.cat([vmf, vmf]) if vmf is not None else None)
+
+
+class DCLLoss(_Distributable):
+    """Debiased contrastive loss; ``forward(z1, z2, weights=None)``. See
+    :func:`dcl_loss`."""
+
+    def __init__(self, temperature: float = 0.5, tau_plus: float = 0.1,
+                 reduction: str = "mean", backend: str = "auto", *,
+                 gather_distributed: bool = False, process_group=None,
+                 strategy: str = "all_gather"):
+        super().__init__(reduction, backend, gather_distributed, process_group, strategy)
+        self.temperature, self.tau_plus = temperature, tau_plus
+
+    def forward(self, z1: Tensor, z2: Tensor, weights: Optional[Tensor] = None) -> Tensor:
+        return dcl_loss(z1, z2, self.temperature, self.tau_plus, weights=weights,
+                        reduction=self.reduction, backend=self.backend, **self.distributed)
+
+
+class HCLLoss(_Distributable):
+    """Hard-negative contrastive loss; ``forward(z1, z2, weights=None)``. See
+    :func:`hcl_loss`."""
+
+    def __init__(self, temperature: float = 0.5, tau_plus: float = 0.1, beta: float = 1.0,
+                 reduction: str = "mean", backend: str = "auto", *,
+                 gather_distributed: bool = False, process_group=None,
+                 strategy: str = "all_gather"):
+        super().__init__(reduction, backend, gather_distributed, process_group, strategy)
+        self.temperature, self.tau_plus, self.beta = temperature, tau_plus, beta
+
+    def forward(self, z1: Tensor, z2: Tensor, weights: Optional[Tensor] = None) -> Tensor:
+        return hcl_loss(z1, z2, self.temperature, self.tau_plus, self.beta, weights=weights,
+                        reduction=self.reduction, backend=self.backend, **self.distributed)
+
+
+class DecoupledNTXentLoss(_Distributable):
+    """Decoupled NT-Xent (DCL/DCLW of Yeh et al.); ``forward(z1, z2, weights=None)``.
+    See :func:`decoupled_nt_xent`."""
+
+    def __init__(self, temperature: float = 0.1, weight: str = "none", sigma: float = 0.5,
+                 reduction: str = "mean", backend: str = "auto", *,
+                 gather_distributed: bool = False, process_group=None,
+                 strategy: str = "all_gather"):
+        super().__init__(reduction, backend, gather_distributed, process_group, strategy)
+        self.temperature, self.weight, self.sigma = temperature, weight, sigma
+
+    def forward(self, z1: Tensor, z2: Tensor, weights: Optional[Tensor] = None) -> Tensor:
+        return decoupled_nt_xent(z1, z2, self.temperature, self.weight, self.sigma,
+                                 weights=weights, reduction=self.reduction, backend=self.backend,
+                                 **self.distributed)

@@ -171,6 +171,34 @@ def test_lightly_bank_size_without_the_feature_size_is_refused_at_construction()
         compat_lightly.NTXentLoss(0.0)
 
 
+def test_lightly_dcl_signatures():
+    theirs = _peer(peers.lightly_dcl)
+    _assert_same_signatures(theirs.DCLLoss, compat_lightly.DCLLoss)
+    _assert_same_signatures(theirs.DCLWLoss, compat_lightly.DCLWLoss)
+
+
+# lightly's DCLW weights re-wrap a tensor in torch.tensor(), which warns
+@pytest.mark.filterwarnings("ignore:To copy construct from a tensor")
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name, args", [
+    ("DCLLoss", ()), ("DCLLoss", (0.07,)), ("DCLWLoss", (0.2, 0.3)),
+    # lightly's docstring example: a weight function with a gradient
+    ("DCLLoss", (0.1, lambda a, b: torch.sum((a - b) ** 2, dim=1))),
+])
+def test_lightly_dcl_step(backend, dtype, name, args):
+    theirs = getattr(_peer(peers.lightly_dcl), name)(*args)
+    ours = getattr(compat_lightly, name)(*args, backend=backend)
+    z0, z1 = torch.randn(11, 16, dtype=dtype), torch.randn(11, 16, dtype=dtype)
+    leaves_a, leaves_b = _leaves(z0, z1), _leaves(z0, z1)
+    loss_a, loss_b = ours(*leaves_a), theirs(*leaves_b)
+    loss_a.backward()
+    loss_b.backward()
+    fp32 = dtype == torch.float32
+    _assert_same(loss_a.to(dtype), loss_b, leaves_a, leaves_b, rtol=2e-5 if fp32 else 1e-9,
+                 atol=1e-6 if fp32 else 1e-11)
+
+
 def test_the_two_view_loss_points_pml_users_to_the_pair_loss():
     import pyclloss
 
@@ -280,6 +308,7 @@ def _distributed_adapters(rank, device, seed):
     """On each rank: open_clip's and lightly's losses and the adapters on this
     rank's slice of one global batch; values and gradients."""
     open_clip, lightly = peers.open_clip_losses(), peers.lightly_ntxent()
+    lightly_dcl = peers.lightly_dcl()
     world, rows, dim = dist.get_world_size(), 5, 8
     gen = torch.Generator().manual_seed(seed)
     images, texts = (torch.nn.functional.normalize(torch.randn(world * rows, dim, generator=gen),
@@ -292,17 +321,21 @@ def _distributed_adapters(rank, device, seed):
         **{f"siglip_{impl}": (lambda m, impl=impl: m.SigLipLoss(dist_impl=impl, **group))
            for impl in ("bidir", "shift", "reduce", "gather")},
         "lightly": lambda m: m(0.5, gather_distributed=True),
+        "lightly_dcl": lambda m: m.DCLLoss(0.1, gather_distributed=True),
+        "lightly_dclw": lambda m: m.DCLWLoss(0.2, 0.5, gather_distributed=True),
     }
+    peer_modules = {"lightly": (lightly, compat_lightly.NTXentLoss),
+                    "lightly_dcl": (lightly_dcl, compat_lightly),
+                    "lightly_dclw": (lightly_dcl, compat_lightly)}
     results = {}
     for name, make in configs.items():
-        for who, module in (("theirs", lightly if name == "lightly" else open_clip),
-                            ("ours", compat_lightly.NTXentLoss if name == "lightly"
-                             else compat_open_clip)):
+        theirs, ours = peer_modules.get(name, (open_clip, compat_open_clip))
+        for who, module in (("theirs", theirs), ("ours", ours)):
             x, y = images[local].clone().requires_grad_(), texts[local].clone().requires_grad_()
             scale = torch.tensor(4.0, requires_grad=True)
             bias = torch.tensor(-3.0, requires_grad=True)
             loss_fn = make(module)
-            if name == "lightly":
+            if name.startswith("lightly"):
                 loss = loss_fn(x, y)
             elif name.startswith("clip"):
                 loss = loss_fn(x, y, scale, output_dict=True)["contrastive_loss"]

@@ -14,7 +14,6 @@ least the number of negatives, all-equal features), gradcheck and bad input.
 import copy
 import functools
 import io
-import types
 
 import numpy as np
 import pytest
@@ -337,18 +336,10 @@ def test_dcl_hcl_equal_features():
 # ------------------------------------------------------------------ decoupled (lightly)
 
 
-def _lightly_dcl():
-    """lightly's loss/dcl_loss.py (DCLLoss, DCLWLoss), loaded as one file."""
-    stubs = {name: types.ModuleType(name) for name in ("lightly", "lightly.utils")}
-    stubs["lightly.utils"].dist = peers.load_file_module("lightly", "utils/dist.py",
-                                                         "lightly_dist")
-    return peers.load_file_module("lightly", "loss/dcl_loss.py", "lightly_dcl", stubs.items())
-
-
 @pytest.fixture(scope="module")
 def lightly_dcl():
     try:
-        return _lightly_dcl()
+        return peers.lightly_dcl()
     except peers.PeerUnavailable as exc:
         pytest.skip(str(exc))
 

@@ -166,7 +166,9 @@ def test_help_shows_defaults_and_choices(capsys):
     assert "auto (cuda if available), cpu, cuda or cuda:N" in entries["--device"]
     for name, value in dataclasses.asdict(TrainConfig()).items():
         flag = f"--{name.replace('_', '-')}"
-        if value is not None:
+        if isinstance(value, bool):  # a switch, off by default
+            assert not value and "default" not in entries[flag], flag
+        elif value is not None:
             assert entries[flag].endswith(f"(default: {value})"), flag
         else:
             assert "(default: None)" not in entries[flag] and "default" in entries[flag], flag
@@ -523,3 +525,82 @@ def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monke
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"epoch": 1}
     assert os.listdir(tmp_path) == ["c.pt"]
+
+
+# ------------------------------------------------ DCL, HCL, decoupled; DBPM
+
+
+@pytest.mark.parametrize("loss", ["dcl", "hcl", "decoupled"])
+def test_pair_quality_losses_train_on_the_default_data(loss):
+    summary = train(TrainConfig(loss=loss, epochs=1, batch_size=256, width=4, device="cpu"),
+                    progress=False)
+    assert summary["data"]["source"] == "sklearn digits"
+    assert 0 < summary["final_loss"] < 10 and summary["dbpm"] is None
+
+
+def test_dbpm_reweights_in_a_run_on_the_default_data():
+    """Warm-up of one epoch: the first epoch's end flags samples, the second
+    epoch down-weights them, so its loss differs from the same run without DBPM."""
+    run = dict(loss="dcl", epochs=2, batch_size=256, width=4, device="cpu")
+    plain = train(TrainConfig(**run), progress=False)
+    mined = train(TrainConfig(**run, dbpm=True, dbpm_warmup=1), progress=False)
+    assert mined["epoch_losses"][0] == pytest.approx(plain["epoch_losses"][0], rel=1e-5)
+    assert mined["epoch_losses"][1] != pytest.approx(plain["epoch_losses"][1], rel=1e-3)
+    report = mined["dbpm"]
+    assert report["warmup_epochs"] == 1 and report["noisy"] + report["faulty"] > 0
+    assert report["memory_std"] > 0
+
+
+def test_every_per_sample_loss_trains_with_dbpm(tiny_data):
+    for name in [n for n, entry in LOSSES.items() if entry.per_sample]:
+        summary = train(tiny_config(tiny_data, loss=name, dbpm=True, dbpm_warmup=1))
+        assert torch.isfinite(torch.tensor(summary["epoch_losses"])).all(), name
+        assert summary["dbpm"]["memory_std"] > 0, name
+
+
+def test_dbpm_default_warmup_flags_within_the_default_run():
+    defaults = TrainConfig()
+    assert 0 < defaults.dbpm_warmup < defaults.epochs
+
+
+def test_dbpm_loss_is_dbpm_of_the_mean_of_both_views_rows():
+    loss = trainer_module.build_learner(
+        TrainConfig(loss="hcl", dbpm=True, dbpm_warmup=0, epochs=4, embedding_dim=6,
+                    temperature=0.5), 1, torch.zeros(1), torch.ones(1), 10, 20).loss
+    z1, z2, idx = torch.randn(5, 6), torch.randn(5, 6), torch.tensor([3, 0, 7, 19, 4])
+    rows = pyclloss.hcl_loss(z1, z2, 0.5, reduction="none")
+    torch.testing.assert_close(loss(z1, z2, None, idx), rows.view(2, 5).mean(0).mean())
+    torch.testing.assert_close(loss.dbpm.epoch_loss[idx], rows.view(2, 5).mean(0).double())
+
+
+def test_dbpm_resume_equals_an_uninterrupted_run(tiny_data, tmp_path, monkeypatch):
+    """The DBPM memory is part of the checkpoint; a run interrupted after its
+    second epoch resumes exactly. Its --epochs (DBPM's epoch weights) stays."""
+    run = dict(loss="decoupled", dbpm=True, dbpm_warmup=1, epochs=3)
+    straight, split = str(tmp_path / "straight.pt"), str(tmp_path / "split.pt")
+    full = train(tiny_config(tiny_data, checkpoint=straight, **run))
+    one_epoch = trainer_module.train_epoch
+
+    def interrupted(cfg, epoch, *args):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return one_epoch(cfg, epoch, *args)
+
+    monkeypatch.setattr(trainer_module, "train_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(tiny_data, checkpoint=split, **run))
+    monkeypatch.undo()
+    resumed = train(tiny_config(tiny_data, resume=split, checkpoint=split, **run))
+    assert resumed["resumed_from_epoch"] == 2
+    assert resumed["epoch_losses"] == full["epoch_losses"]
+    assert resumed["dbpm"] == full["dbpm"]
+    with pytest.raises(ValueError, match="trained with epochs=3, this run asks for 4"):
+        train(tiny_config(tiny_data, resume=split, **{**run, "epochs": 4}))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--loss", "clip", "--dbpm"], "--dbpm needs a loss with per-sample terms"),
+    (["--dbpm", "--dbpm-warmup", "-1"], "--dbpm-warmup must be"),
+])
+def test_dbpm_bad_arguments(argv, message, capsys):
+    assert message in run_main_expecting_error(argv, capsys)

@@ -18,10 +18,21 @@
   requires grad (every rank's with ``gather_distributed``), and a batch that
   reaches the end of the bank fills it up and starts again at the front.
 
+``DCLLoss(temperature=0.1, weight_fn=None, gather_distributed=False)`` and
+``DCLWLoss(temperature=0.1, sigma=0.5, gather_distributed=False)``,
+``forward(out0, out1)``: decoupled NT-Xent (:func:`pyclloss.decoupled_nt_xent`)
+on the fused core, the mean over both views' rows; ``weight_fn(out0, out1)``
+(called, as in lightly, on the normalised views, once per direction) weighs
+each row's positive logit and may carry a gradient; DCLW's von Mises-Fisher
+weights. With ``gather_distributed`` every rank's samples are negatives, the
+weights come from the local batch and each rank's loss is the mean over its
+own rows, as in lightly.
+
 ``backend`` is pyclloss's (keyword only).
 """
 
-from typing import Sequence, Union
+from functools import partial
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -30,6 +41,8 @@ from torch import nn
 
 from .. import distributed
 from ..info_nce import info_nce, nt_xent
+from ..pair_quality import _decoupled, _pairs
+from ..reference.pair_quality import von_mises_fisher_weights
 
 Tensor = torch.Tensor
 
@@ -88,3 +101,34 @@ class NTXentLoss(nn.Module):
         if out0.requires_grad:
             self.memory_bank.enqueue(F.normalize(out1.detach(), dim=1))
         return loss
+
+
+class DCLLoss(nn.Module):
+    """lightly's ``DCLLoss`` (module docstring)."""
+
+    def __init__(self, temperature: float = 0.1,
+                 weight_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
+                 gather_distributed: bool = False, *, backend: str = "auto"):
+        super().__init__()
+        if gather_distributed and not dist.is_available():
+            raise ValueError("gather_distributed is True but torch.distributed is not available")
+        self.temperature, self.weight_fn = temperature, weight_fn
+        self.gather_distributed, self.backend = gather_distributed, backend
+
+    def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
+        pairs, _ = _pairs(out0, out1, self.temperature, None, "none", self.backend,
+                          self.gather_distributed, None, "all_gather")
+        weights = None
+        if self.weight_fn:
+            out0, out1 = F.normalize(out0, dim=1), F.normalize(out1, dim=1)
+            weights = torch.cat([self.weight_fn(out0, out1), self.weight_fn(out1, out0)])
+        return _decoupled(pairs, weights).mean()
+
+
+class DCLWLoss(DCLLoss):
+    """lightly's ``DCLWLoss``: :class:`DCLLoss` with the von Mises-Fisher weights."""
+
+    def __init__(self, temperature: float = 0.1, sigma: float = 0.5,
+                 gather_distributed: bool = False, *, backend: str = "auto"):
+        super().__init__(temperature, partial(von_mises_fisher_weights, sigma=sigma),
+                         gather_distributed, backend=backend)

@@ -168,7 +168,7 @@ def _pair_weights(weights: Optional[Tensor]) -> Optional[Tensor]:
     return None if weights is None else torch.cat([weights, weights])
 
 
-def _debiased_loss(pos: Tensor, log_negatives: Tensor, count: int, temperature, tau_plus):
+def debiased_loss(pos: Tensor, log_negatives: Tensor, count: int, temperature, tau_plus):
     """−log(e^pos / (e^pos + Ng)), Ng = max((Σneg − τ⁺·M·e^pos) / (1 − τ⁺), M·e^{−1/t}),
     from log Σneg, in log space. Where the estimate falls below the floor (or
     below zero) the floor holds and the estimate gets no gradient, as the
@@ -198,7 +198,7 @@ def dcl_loss(z1, z2, temperature=0.5, tau_plus=0.1, weights=None, reduction="mea
     """
     logits, pos, negative = _pair_logits(z1, z2, temperature)
     count = logits.shape[0] - 2
-    per_row = _debiased_loss(pos, _negatives_lse(logits, negative), count, temperature,
+    per_row = debiased_loss(pos, _negatives_lse(logits, negative), count, temperature,
                              tau_plus)
     return reduce_anchors(per_row, None, _pair_weights(weights), reduction)
 
@@ -215,7 +215,7 @@ def hcl_loss(z1, z2, temperature=0.5, tau_plus=0.1, beta=1.0, weights=None, redu
     count = logits.shape[0] - 2
     log_reweighted = (math.log(count) + _negatives_lse(logits, negative, 1 + beta)
                       - _negatives_lse(logits, negative, beta))
-    per_row = _debiased_loss(pos, log_reweighted, count, temperature, tau_plus)
+    per_row = debiased_loss(pos, log_reweighted, count, temperature, tau_plus)
     return reduce_anchors(per_row, None, _pair_weights(weights), reduction)
 
 

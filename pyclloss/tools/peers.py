@@ -59,6 +59,14 @@ def lightly_ntxent():
                             stubs.items()).NTXentLoss
 
 
+def lightly_dcl():
+    """lightly's ``loss/dcl_loss.py`` (``DCLLoss``, ``DCLWLoss``,
+    ``negative_mises_fisher_weights``), loaded as one file."""
+    stubs = {name: types.ModuleType(name) for name in ("lightly", "lightly.utils")}
+    stubs["lightly.utils"].dist = load_file_module("lightly", "utils/dist.py", "lightly_dist")
+    return load_file_module("lightly", "loss/dcl_loss.py", "lightly_dcl", stubs.items())
+
+
 def open_clip_losses():
     """open_clip's loss module (``ClipLoss``, ``SigLipLoss``)."""
     return load_file_module("open_clip", "loss.py", "open_clip_loss")

@@ -289,6 +289,25 @@ WORKLOADS: Dict[str, Workload] = {
         dense_bytes={"reference": lambda n, d: 4.0 * 6 * min(n, FT_MOCO_QUERIES) * n},
         note=f"a queue of N rows, {FT_MOCO_QUERIES} queries", sizes=(4096, 16384, 65536),
         in_default_run=False),
+    # ------------------------------------ DCL, HCL, decoupled: pair quality on the core
+    "dcl": Workload(
+        "info_nce", _labelled_rows,
+        lambda a, backend: lambda: _pyclloss().dcl_loss(*_views(a), 0.5, 0.1, backend=backend),
+        dense_bytes={"reference": _LOGITS}, note="N rows = N/2 pairs, τ⁺ = 0.1",
+        in_default_run=False),
+    "hcl": Workload(
+        "info_nce", _labelled_rows,
+        lambda a, backend: lambda: _pyclloss().hcl_loss(*_views(a), 0.5, 0.1, 1.0,
+                                                        backend=backend),
+        # the logits at two scales, each masked and soft-maxed
+        dense_bytes={"reference": _dense(4.0 * 10)}, note="N rows = N/2 pairs, τ⁺ = 0.1, β = 1",
+        in_default_run=False),
+    "decoupled": Workload(
+        "info_nce", _labelled_rows,
+        lambda a, backend: lambda: _pyclloss().decoupled_nt_xent(*_views(a), 0.1, "vmf",
+                                                                 backend=backend),
+        dense_bytes={"reference": _LOGITS}, note="N rows = N/2 pairs, von Mises-Fisher weights",
+        in_default_run=False),
 }
 
 

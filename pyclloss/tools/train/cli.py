@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
                   "or an image folder root/<class>/<image> (needs Pillow); default: "
                   "scikit-learn's digits", metavar="PATH")
     add("--image-size", "side that images of a folder are resized to", type=int)
+    add("--dbpm", "re-weight each sample's loss by dynamic bad pair mining (DBPM: the noisy "
+                  "and faulty pairs, found from each sample's loss over the epochs, are "
+                  "down-weighted)", action="store_true", default=False)
+    add("--dbpm-warmup", "--dbpm: epochs before DBPM flags samples", type=int)
     add("--checkpoint", "written (atomically) after every epoch; default: none", metavar="PATH")
     add("--resume", "a checkpoint to continue from, up to --epochs; default: a fresh start",
         metavar="PATH")

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pyclloss
+from pyclloss.pair_quality import DBPM
 
 
 def _loss_library():
@@ -27,18 +28,42 @@ def loss_function(name: str, backend: str) -> Callable:
 
 
 class PairLoss(nn.Module):
-    """A loss of two views' embeddings (and labels, for the supervised ones)."""
+    """A loss of two views' embeddings (and labels, for the supervised ones);
+    ``reduction="none"`` gives the rows of both views, view-major (2B,)."""
 
-    def __init__(self, function: Callable, temperature: float, use_labels: bool):
+    def __init__(self, function: Callable, temperature: float, use_labels: bool,
+                 reduction: str = "mean"):
         super().__init__()
         self.function = function
         self.temperature = temperature
         self.use_labels = use_labels
+        self.reduction = reduction
 
     def forward(self, z1, z2, labels):
         if self.use_labels:  # SupCon's multi-view layout (B, V, D)
-            return self.function(torch.stack([z1, z2], dim=1), labels, self.temperature)
-        return self.function(z1, z2, self.temperature)
+            return self.function(torch.stack([z1, z2], dim=1), labels, self.temperature,
+                                 reduction=self.reduction)
+        return self.function(z1, z2, self.temperature, reduction=self.reduction)
+
+
+class DBPMLoss(nn.Module):
+    """A :class:`PairLoss` re-weighted per sample by dynamic bad pair mining
+    (``pyclloss.pair_quality.DBPM``): a sample's loss is the mean of its two
+    views' rows; ``forward`` also takes the batch's data-set indices. Call
+    :meth:`end_epoch` after each epoch."""
+
+    def __init__(self, loss: PairLoss, num_samples: int, max_epochs: int, warmup_epochs: int):
+        super().__init__()
+        loss.reduction = "none"
+        self.loss = loss
+        self.dbpm = DBPM(num_samples, max_epochs, warmup_epochs)
+
+    def forward(self, z1, z2, labels, indices):
+        rows = self.loss(z1, z2, labels)
+        return self.dbpm(rows.view(2, -1).mean(0), indices)
+
+    def end_epoch(self) -> None:
+        self.dbpm.end_epoch()
 
 
 class ClipLoss(nn.Module):
@@ -116,17 +141,19 @@ class LossEntry:
     needs_labels: bool = False
     momentum_encoder: bool = False  # keys from an EMA copy of the model (MoCo)
     about: str = ""
+    per_sample: bool = False  # builds a PairLoss, so --dbpm can wrap it (DBPMLoss)
 
 
 LOSSES: Dict[str, LossEntry] = {
     "nt_xent": LossEntry(
         lambda dim, classes, cfg: PairLoss(loss_function("nt_xent", cfg.backend),
                                            cfg.temperature, False),
-        temperature=0.5, about="SimCLR's NT-Xent"),
+        temperature=0.5, per_sample=True, about="SimCLR's NT-Xent"),
     "supcon": LossEntry(
         lambda dim, classes, cfg: PairLoss(loss_function("supcon", cfg.backend),
                                            cfg.temperature, True),
-        temperature=0.1, needs_labels=True, about="supervised contrastive (uses the labels)"),
+        temperature=0.1, needs_labels=True, per_sample=True,
+        about="supervised contrastive (uses the labels)"),
     "clip": LossEntry(
         lambda dim, classes, cfg: ClipLoss(loss_function("clip_loss", cfg.backend),
                                            cfg.temperature),
@@ -163,4 +190,20 @@ LOSSES: Dict[str, LossEntry] = {
         lambda dim, classes, cfg: GroCoViews(cfg.backend, cfg.temperature),
         temperature=1.0, about="GroCo: relaxed sorting of the positive above the hardest "
                                "negatives (steepness = 1 / temperature)"),
+    # ------------------------------------------------ DCL, HCL, decoupled NT-Xent
+    "dcl": LossEntry(
+        lambda dim, classes, cfg: PairLoss(loss_function("dcl_loss", cfg.backend),
+                                           cfg.temperature, False),
+        temperature=0.5, per_sample=True,
+        about="debiased contrastive loss (Chuang et al.; class prior 0.1)"),
+    "hcl": LossEntry(
+        lambda dim, classes, cfg: PairLoss(loss_function("hcl_loss", cfg.backend),
+                                           cfg.temperature, False),
+        temperature=0.5, per_sample=True,
+        about="hard-negative contrastive loss (Robinson et al.; class prior 0.1, beta 1)"),
+    "decoupled": LossEntry(
+        lambda dim, classes, cfg: PairLoss(loss_function("decoupled_nt_xent", cfg.backend),
+                                           cfg.temperature, False),
+        temperature=0.1, per_sample=True,
+        about="decoupled NT-Xent (Yeh et al.): the positive out of the denominator"),
 }

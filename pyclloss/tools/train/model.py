@@ -57,7 +57,9 @@ class ContrastiveLearner(nn.Module):
         return self.head(self.encoder(images))
 
     def forward(self, view1: Tensor, view2: Tensor, labels: Optional[Tensor],
-                amp_dtype: Optional[torch.dtype]) -> Tensor:
+                amp_dtype: Optional[torch.dtype], indices: Optional[Tensor] = None) -> Tensor:
+        """The loss of a batch; ``indices`` (its data-set indices) go to a loss
+        that tracks samples (DBPM) and only then."""
         device_type = view1.device.type
         with torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None):
             z1 = self.embed(view1)
@@ -68,6 +70,8 @@ class ContrastiveLearner(nn.Module):
                     z2 = self.key_head(self.key_encoder(view2))
         # The loss runs outside autocast: it takes fp16/bf16 embeddings and
         # accumulates in fp32 itself.
+        if indices is not None:
+            return self.loss(z1, z2, labels, indices)
         return self.loss(z1, z2, labels)
 
     @torch.no_grad()

@@ -19,7 +19,7 @@ from pyclloss.tools.energy import EnergyMeter, energy_report, gpus_of
 from pyclloss.tools.train.data import (augment, epoch_generator, load_dataset, read_torch_file,
                                  train_test_split)
 from pyclloss.tools.train.evaluate import evaluate
-from pyclloss.tools.train.losses import LOSSES
+from pyclloss.tools.train.losses import LOSSES, DBPMLoss
 from pyclloss.tools.train.model import ContrastiveLearner, Encoder
 from pyclloss.tools.train.progress import Progress
 
@@ -50,6 +50,8 @@ class TrainConfig:
     checkpoint: Optional[str] = None
     resume: Optional[str] = None
     summary: Optional[str] = None
+    dbpm: bool = False  # re-weight the per-sample losses by dynamic bad pair mining
+    dbpm_warmup: int = 50  # epochs before DBPM flags samples (a third of the default run)
 
 
 # What may change between a run and its resumption without changing the result.
@@ -99,6 +101,11 @@ def check_config(cfg: TrainConfig) -> None:
     arguments.threads("--threads", cfg.threads)
     for name in ("batch_size", "epochs", "embedding_dim", "width", "queue_size", "image_size"):
         arguments.at_least(f"--{name.replace('_', '-')}", getattr(cfg, name), 1)
+    arguments.at_least("--dbpm-warmup", cfg.dbpm_warmup, 0)
+    if cfg.dbpm and not LOSSES[cfg.loss].per_sample:
+        raise ValueError(f"--dbpm needs a loss with per-sample terms, one of "
+                         f"{', '.join(n for n, e in LOSSES.items() if e.per_sample)}; "
+                         f"--loss {cfg.loss} has none")
     if cfg.batch_size < 2:
         raise ValueError("--batch-size must be at least 2 (a contrastive batch needs negatives)")
     if cfg.loss == "moco" and cfg.queue_size < cfg.batch_size:
@@ -167,10 +174,12 @@ def load_checkpoint(path: str, cfg: TrainConfig) -> dict:
     if damaged:
         raise ValueError(f"--resume {path}: a damaged checkpoint (missing or malformed: "
                          f"{', '.join(damaged)})")
+    # DBPM weighs each epoch's losses by (epoch + 1) / epochs: --epochs stays
+    resumable = [n for n in RESUMABLE_CHANGES if not (cfg.dbpm and n == "epochs")]
     for name, saved in state["config"].items():
         if not hasattr(cfg, name):
             raise ValueError(f"--resume {path}: the checkpoint has an unknown setting {name!r}")
-        if name not in RESUMABLE_CHANGES and getattr(cfg, name) != saved:
+        if name not in resumable and getattr(cfg, name) != saved:
             raise ValueError(f"--resume {path}: the checkpoint was trained with "
                              f"{name}={saved!r}, this run asks for {getattr(cfg, name)!r}")
     if state["epoch"] > cfg.epochs:
@@ -198,19 +207,33 @@ def loss_temperature(cfg: TrainConfig) -> float:
     return LOSSES[cfg.loss].temperature if cfg.temperature is None else cfg.temperature
 
 
-def build_learner(cfg: TrainConfig, in_channels: int, mean, std,
-                  num_classes: int = 10) -> ContrastiveLearner:
+def build_learner(cfg: TrainConfig, in_channels: int, mean, std, num_classes: int = 10,
+                  num_samples: int = 0) -> ContrastiveLearner:
+    """The model and its loss; with ``--dbpm`` the loss is wrapped in DBPM over
+    the ``num_samples`` training images."""
     entry = LOSSES[cfg.loss]
     loss_cfg = dataclasses.replace(cfg, temperature=loss_temperature(cfg))
     encoder = Encoder(in_channels, cfg.width, mean, std)
     loss = entry.build(cfg.embedding_dim, num_classes, loss_cfg)
+    if cfg.dbpm:
+        loss = DBPMLoss(loss, num_samples, cfg.epochs, cfg.dbpm_warmup)
     return ContrastiveLearner(encoder, cfg.embedding_dim, loss,
                               cfg.momentum if entry.momentum_encoder else None)
 
 
-def train_step(learner, optimizer, scaler, view1, view2, labels, amp_dtype) -> torch.Tensor:
-    """One optimisation step; returns the loss (a 0-dim tensor, not synchronised)."""
-    loss = learner(view1, view2, labels, amp_dtype)
+def dbpm_report(dbpm) -> dict:
+    """What DBPM flagged at the last epoch's end (the samples down-weighted next)."""
+    return {"warmup_epochs": dbpm.warmup_epochs, "noisy": len(dbpm.noisy_indices),
+            "faulty": len(dbpm.faulty_indices),
+            "memory_mean": dbpm.mu.item(), "memory_std": dbpm.sigma.item()}
+
+
+def train_step(learner, optimizer, scaler, view1, view2, labels, amp_dtype,
+               indices=None) -> torch.Tensor:
+    """One optimisation step; returns the loss (a 0-dim tensor, not synchronised).
+    ``indices``: the batch's training-set indices, for a loss that tracks samples
+    (DBPM)."""
+    loss = learner(view1, view2, labels, amp_dtype, indices)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
@@ -245,8 +268,11 @@ def train_epoch(cfg: TrainConfig, epoch: int, learner, optimizer, scaler, train_
         images = train_set.images[index]
         labels = train_set.labels[index] if train_set.labels is not None else None
         view1, view2 = augment(images, generator), augment(images, generator)
-        loss = train_step(learner, optimizer, scaler, view1, view2, labels, amp_dtype)
+        loss = train_step(learner, optimizer, scaler, view1, view2, labels, amp_dtype,
+                          index if cfg.dbpm else None)
         losses.append(loss.item())
+    if cfg.dbpm:
+        learner.loss.end_epoch()
     return losses
 
 
@@ -278,7 +304,8 @@ def _train(cfg: TrainConfig, show_progress: bool) -> dict:
     mean = train_set.images.mean(dim=(0, 2, 3))
     std = train_set.images.std(dim=(0, 2, 3)).clamp_min(1e-6)
     classes = int(data.labels.max()) + 1 if data.labels is not None else 0
-    learner = build_learner(cfg, train_set.images.shape[1], mean, std, classes).to(device)
+    learner = build_learner(cfg, train_set.images.shape[1], mean, std, classes,
+                            len(train_set)).to(device)
     optimizer = torch.optim.AdamW([p for p in learner.parameters() if p.requires_grad],
                                   lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
@@ -336,6 +363,7 @@ def _train(cfg: TrainConfig, show_progress: bool) -> dict:
         "evaluation": ({"initial": initial, "final": final} if can_evaluate
                        else "skipped: the data has no labels"),
         "energy": energy_report(meter.result, step - first_epoch * steps_per_epoch, samples),
+        "dbpm": dbpm_report(learner.loss.dbpm) if cfg.dbpm else None,
         "wall_seconds": time.perf_counter() - started,
     }
     return summary

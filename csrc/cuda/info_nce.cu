@@ -1132,19 +1132,6 @@ class SiglipGrad {
 
 // --------------------------------------------------------------------- launching
 
-template <typename F>
-cudaError_t with_element_type(ElementType type, F&& body) {
-  switch (type) {
-    case ElementType::kFloat32:
-      return body(float{});
-    case ElementType::kFloat16:
-      return body(__half{});
-    case ElementType::kBFloat16:
-      return body(__nv_bfloat16{});
-  }
-  return cudaErrorInvalidValue;
-}
-
 template <typename T>
 Operands<T> make_operands(const void* a, const void* b, int64_t a_rows, int64_t b_rows,
                           int64_t dim) {
@@ -1219,7 +1206,7 @@ size_t grad_workspace_doubles(int64_t n) { return 2 * static_cast<size_t>(grad_b
 cudaError_t infonce_fwd(ElementType type, const void* q, const void* k, int64_t n, int64_t m,
                         int64_t dim, const float* scale, const PairMasks& masks, float* row_lse,
                         float* pos_sum, float* pos_count, float* col_lse, cudaStream_t stream) {
-  return with_element_type(type, [&](auto tag) {
+  return with_element_type<false>(type, [&](auto tag) {
     using T = decltype(tag);
     const LseStatsParams params{scale, masks, static_cast<int>(n), static_cast<int>(m),
                                 row_lse, pos_sum, pos_count, col_lse};
@@ -1236,7 +1223,7 @@ cudaError_t infonce_pair_fwd(ElementType type, const void* q, const void* k, int
                              int64_t m, int64_t dim, const float* scale, const PairMasks& masks,
                              const float* neg_lse, float* loss_sum, float* sigmoid_sum,
                              cudaStream_t stream) {
-  return with_element_type(type, [&](auto tag) {
+  return with_element_type<false>(type, [&](auto tag) {
     using T = decltype(tag);
     const PairStatsParams params{scale, masks, static_cast<int>(n), static_cast<int>(m),
                                  neg_lse, loss_sum, sigmoid_sum};
@@ -1249,7 +1236,7 @@ cudaError_t infonce_bwd(ElementType type, const void* q, const void* k, int64_t 
                         int64_t dim, const float* scale, const PairMasks& masks,
                         const InfoNceGradTerms& terms, const float* grad_scale, void* dq, void* dk,
                         float* dscale, double* workspace, cudaStream_t stream) {
-  return with_element_type(type, [&](auto tag) {
+  return with_element_type<false>(type, [&](auto tag) {
     using T = decltype(tag);
     const InfoNceGradParams params{scale, masks, static_cast<int>(n), static_cast<int>(m), terms,
                                    grad_scale};
@@ -1268,7 +1255,7 @@ cudaError_t siglip_fwd(ElementType type, const void* q, const void* k, int64_t n
                        int64_t dim, const float* scale, const float* bias,
                        const int64_t* q_labels, const int64_t* k_labels, float* row_loss,
                        cudaStream_t stream) {
-  return with_element_type(type, [&](auto tag) {
+  return with_element_type<false>(type, [&](auto tag) {
     using T = decltype(tag);
     const SiglipParams params{scale, bias, q_labels, k_labels, static_cast<int>(n),
                               static_cast<int>(m), row_loss, nullptr, nullptr};
@@ -1282,7 +1269,7 @@ cudaError_t siglip_bwd(ElementType type, const void* q, const void* k, int64_t n
                        const int64_t* q_labels, const int64_t* k_labels, const float* row_coef,
                        const float* grad_scale, void* dq, void* dk, float* dscale, float* dbias,
                        double* workspace, cudaStream_t stream) {
-  return with_element_type(type, [&](auto tag) {
+  return with_element_type<false>(type, [&](auto tag) {
     using T = decltype(tag);
     const SiglipParams params{scale, bias, q_labels, k_labels, static_cast<int>(n),
                               static_cast<int>(m), nullptr, row_coef, grad_scale};

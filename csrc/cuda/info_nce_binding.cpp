@@ -9,9 +9,9 @@
 
 #include <climits>
 #include <optional>
-#include <string>
 #include <tuple>
 
+#include "pyclloss/cuda_binding.h"
 #include "pyclloss/info_nce_cuda.h"
 
 namespace pyclloss::cuda {
@@ -19,28 +19,6 @@ namespace {
 
 using at::Tensor;
 using OptionalTensor = std::optional<Tensor>;
-
-ElementType element_type(const Tensor& x) {
-  switch (x.scalar_type()) {
-    case at::kFloat:
-      return ElementType::kFloat32;
-    case at::kHalf:
-      return ElementType::kFloat16;
-    case at::kBFloat16:
-      return ElementType::kBFloat16;
-    default:
-      TORCH_CHECK(false, "pyclloss CUDA kernels take float32, float16 or bfloat16 inputs, got ",
-                  x.scalar_type());
-  }
-}
-
-// "cuda:0" or "cpu": spelled here rather than by streaming a c10::Device. A
-// failed scale check that streamed devices into its message crashed the process
-// on an H200 (cause not established); the other checks, which stream none, raise.
-std::string device_text(const Tensor& t) {
-  if (t.is_cuda()) return "cuda:" + std::to_string(t.get_device());
-  return t.is_cpu() ? "cpu" : "another device";
-}
 
 void check_operands(const Tensor& q, const Tensor& k) {
   TORCH_CHECK(q.is_cuda() && k.is_cuda(), "q and k must be CUDA tensors");
@@ -54,7 +32,7 @@ void check_operands(const Tensor& q, const Tensor& k) {
   TORCH_CHECK(q.is_contiguous() && k.is_contiguous(), "q and k must be contiguous");
   TORCH_CHECK(q.size(0) < INT_MAX && k.size(0) < INT_MAX && q.size(1) < INT_MAX,
               "q and k have too many rows or columns for the CUDA kernels");
-  element_type(q);
+  element_type(q, false);
 }
 
 // A 0-dim float32 tensor on q's device (the logit scale, the SigLIP bias).
@@ -97,11 +75,6 @@ PairMasks pair_masks(const Tensor& q, const Tensor& k, const OptionalTensor& q_l
   masks.exclude_offset = exclude_offset.value_or(0);
   masks.neg_only = neg_only;
   return masks;
-}
-
-void check_launch(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, "pyclloss CUDA kernel ", op, " failed: ",
-              cudaGetErrorString(err));
 }
 
 Tensor stats_vector(const Tensor& q, int64_t length) {
@@ -153,7 +126,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> infonce_fwd_cuda(
   const c10::cuda::CUDAGuard guard(q.device());
   Tensor row_lse = stats_vector(q, n), pos_sum = stats_vector(q, n), pos_count = stats_vector(q, n);
   Tensor col_lse = stats_vector(q, col_stats ? m : 0);
-  check_launch(infonce_fwd(element_type(q), q.data_ptr(), k.data_ptr(), n, m, q.size(1), scale_ptr,
+  check_launch(infonce_fwd(element_type(q, false), q.data_ptr(), k.data_ptr(), n, m, q.size(1), scale_ptr,
                            masks, row_lse.data_ptr<float>(), pos_sum.data_ptr<float>(),
                            pos_count.data_ptr<float>(),
                            col_stats ? col_lse.data_ptr<float>() : nullptr,
@@ -174,7 +147,7 @@ std::tuple<Tensor, Tensor> infonce_pair_fwd_cuda(const Tensor& q, const Tensor& 
   check_vector(neg_lse, q, "neg_lse", n, at::kFloat);
   const c10::cuda::CUDAGuard guard(q.device());
   Tensor loss_sum = stats_vector(q, n), sigmoid_sum = stats_vector(q, n);
-  check_launch(infonce_pair_fwd(element_type(q), q.data_ptr(), k.data_ptr(), n, m, q.size(1),
+  check_launch(infonce_pair_fwd(element_type(q, false), q.data_ptr(), k.data_ptr(), n, m, q.size(1),
                                 scale_ptr, masks, neg_lse.data_ptr<float>(),
                                 loss_sum.data_ptr<float>(), sigmoid_sum.data_ptr<float>(),
                                 c10::cuda::getCurrentCUDAStream()),
@@ -205,7 +178,7 @@ std::tuple<Tensor, Tensor, Tensor> infonce_bwd_cuda(
   Tensor dq = at::empty_like(q), dk = empty_grad(k, need_dk);
   Tensor dscale = at::empty({}, q.options().dtype(at::kFloat));
   Tensor workspace = grad_workspace(q);
-  check_launch(infonce_bwd(element_type(q), q.data_ptr(), k.data_ptr(), n, m, q.size(1), scale_ptr,
+  check_launch(infonce_bwd(element_type(q, false), q.data_ptr(), k.data_ptr(), n, m, q.size(1), scale_ptr,
                            masks, terms, optional_float_pointer(grad_scale), dq.data_ptr(),
                            need_dk ? dk.data_ptr() : nullptr, dscale.data_ptr<float>(),
                            workspace.data_ptr<double>(), c10::cuda::getCurrentCUDAStream()),
@@ -222,7 +195,7 @@ Tensor siglip_fwd_cuda(const Tensor& q, const Tensor& k, const Tensor& scale, co
   const int64_t n = q.size(0), m = k.size(0);
   const c10::cuda::CUDAGuard guard(q.device());
   Tensor row_loss = stats_vector(q, n);
-  check_launch(siglip_fwd(element_type(q), q.data_ptr(), k.data_ptr(), n, m, q.size(1), scale_ptr,
+  check_launch(siglip_fwd(element_type(q, false), q.data_ptr(), k.data_ptr(), n, m, q.size(1), scale_ptr,
                           bias_ptr, masks.q_labels, masks.k_labels, row_loss.data_ptr<float>(),
                           c10::cuda::getCurrentCUDAStream()),
                "siglip_fwd");
@@ -245,7 +218,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> siglip_bwd_cuda(
   Tensor dscale = at::empty({}, q.options().dtype(at::kFloat));
   Tensor dbias = at::empty({}, q.options().dtype(at::kFloat));
   Tensor workspace = grad_workspace(q);
-  check_launch(siglip_bwd(element_type(q), q.data_ptr(), k.data_ptr(), n, m, q.size(1), scale_ptr,
+  check_launch(siglip_bwd(element_type(q, false), q.data_ptr(), k.data_ptr(), n, m, q.size(1), scale_ptr,
                           bias_ptr, masks.q_labels, masks.k_labels, row_coef.data_ptr<float>(),
                           optional_float_pointer(grad_scale), dq.data_ptr(),
                           need_dk ? dk.data_ptr() : nullptr, dscale.data_ptr<float>(),

@@ -11,6 +11,7 @@
 #include <optional>
 #include <tuple>
 
+#include "pyclloss/cuda_binding.h"
 #include "pyclloss/sorting_cuda.h"
 
 namespace pyclloss::cuda {
@@ -18,22 +19,6 @@ namespace {
 
 using at::Tensor;
 using OptionalTensor = std::optional<Tensor>;
-
-SortElementType sort_element_type(const Tensor& x) {
-  switch (x.scalar_type()) {
-    case at::kDouble:
-      return SortElementType::kFloat64;
-    case at::kFloat:
-      return SortElementType::kFloat32;
-    case at::kHalf:
-      return SortElementType::kFloat16;
-    case at::kBFloat16:
-      return SortElementType::kBFloat16;
-    default:
-      TORCH_CHECK(false, "pyclloss CUDA sorting kernels take float64, float32, float16 or "
-                  "bfloat16 inputs, got ", x.scalar_type());
-  }
-}
 
 // x: a contiguous (B, n) CUDA tensor with 1 <= n <= max_wires.
 void check_rows(const Tensor& x, int64_t max_wires) {
@@ -43,7 +28,7 @@ void check_rows(const Tensor& x, int64_t max_wires) {
   TORCH_CHECK(x.size(1) >= 1 && x.size(1) <= max_wires,
               "the CUDA kernels take rows of 1 to ", max_wires, " values here, got n = ",
               x.size(1));
-  sort_element_type(x);
+  element_type(x, true);
 }
 
 // t: contiguous, of `shape`, x's dtype and device.
@@ -73,13 +58,8 @@ SortRelaxation relaxation_of(int64_t distribution, double steepness, double art_
 }
 
 Tensor workspace(SortOp op, const Tensor& x, const SortNetwork& network) {
-  const size_t bytes = sort_workspace_bytes(op, sort_element_type(x), x.size(0), network);
+  const size_t bytes = sort_workspace_bytes(op, element_type(x, true), x.size(0), network);
   return at::empty({static_cast<int64_t>(bytes)}, x.options().dtype(at::kByte));
-}
-
-void check_launch(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, "pyclloss CUDA kernel ", op, " failed: ",
-              cudaGetErrorString(err));
 }
 
 const void* optional_pointer(const OptionalTensor& t) {
@@ -97,7 +77,7 @@ std::tuple<Tensor, Tensor> diff_sort_fwd_cuda(const Tensor& x, const Tensor& com
   Tensor sorted = at::empty_like(x);
   Tensor perm = at::empty({rows, n, n}, x.options());
   Tensor scratch = workspace(SortOp::kSortForward, x, network);
-  check_launch(diff_sort_forward(sort_element_type(x), x.data_ptr(), rows, network, relaxation,
+  check_launch(diff_sort_forward(element_type(x, true), x.data_ptr(), rows, network, relaxation,
                                  sorted.data_ptr(), perm.data_ptr(), scratch.data_ptr(),
                                  c10::cuda::getCurrentCUDAStream()),
                "diff_sort_fwd");
@@ -117,7 +97,7 @@ Tensor diff_sort_bwd_cuda(const Tensor& x, const OptionalTensor& grad_sorted,
   Tensor grad_x = at::empty_like(x);
   const SortOp op = grad_perm.has_value() ? SortOp::kSortBackwardWithPerm : SortOp::kSortBackward;
   Tensor scratch = workspace(op, x, network);
-  check_launch(diff_sort_backward(sort_element_type(x), x.data_ptr(),
+  check_launch(diff_sort_backward(element_type(x, true), x.data_ptr(),
                                   optional_pointer(grad_sorted), optional_pointer(grad_perm),
                                   rows, network, relaxation, grad_x.data_ptr(),
                                   scratch.data_ptr(), c10::cuda::getCurrentCUDAStream()),
@@ -134,7 +114,7 @@ Tensor diff_sort_apply_fwd_cuda(const Tensor& x, const Tensor& v, const Tensor& 
   const SortRelaxation relaxation = relaxation_of(distribution, steepness, art_lambda);
   Tensor out = at::empty_like(x);
   Tensor scratch = workspace(SortOp::kApplyForward, x, network);
-  check_launch(diff_sort_apply_forward(sort_element_type(x), x.data_ptr(), v.data_ptr(),
+  check_launch(diff_sort_apply_forward(element_type(x, true), x.data_ptr(), v.data_ptr(),
                                        x.size(0), network, relaxation, out.data_ptr(),
                                        scratch.data_ptr(), c10::cuda::getCurrentCUDAStream()),
                "diff_sort_apply_fwd");
@@ -153,7 +133,7 @@ std::tuple<Tensor, Tensor> diff_sort_apply_bwd_cuda(const Tensor& x, const Tenso
   const SortRelaxation relaxation = relaxation_of(distribution, steepness, art_lambda);
   Tensor grad_x = at::empty_like(x), grad_v = at::empty_like(v);
   Tensor scratch = workspace(SortOp::kApplyBackward, x, network);
-  check_launch(diff_sort_apply_backward(sort_element_type(x), x.data_ptr(), v.data_ptr(),
+  check_launch(diff_sort_apply_backward(element_type(x, true), x.data_ptr(), v.data_ptr(),
                                         grad_out.data_ptr(), x.size(0), network, relaxation,
                                         grad_x.data_ptr(), grad_v.data_ptr(), scratch.data_ptr(),
                                         c10::cuda::getCurrentCUDAStream()),

@@ -17,9 +17,9 @@
 #include <cstddef>
 #include <cstdint>
 
-namespace pyclloss::cuda {
+#include "pyclloss/cuda_element.h"
 
-enum class ElementType { kFloat32, kFloat16, kBFloat16 };
+namespace pyclloss::cuda {
 
 // Which pairs (i, j) are excluded and which are positives.
 struct PairMasks {

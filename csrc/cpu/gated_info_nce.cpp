@@ -339,19 +339,29 @@ LabelCodes label_codes(const Tensor& labels, const Tensor& partner_labels,
   return {std::get<1>(at::_unique(all, false, true)).to(at::kInt).contiguous(), labels.size(0)};
 }
 
-// Everything a pass reads, prepared once per call: anchors (with column
-// blocks when they supply the columns of key-major tiles), keys and labels.
+// The set-up of every op, done in one place (prepare): the checks of the
+// inputs, the number of anchors, the statistics dtype, and everything a pass
+// reads: anchors (with column blocks when they supply the columns of
+// key-major tiles), keys and labels.
 struct Problem {
+  int64_t b;
+  at::ScalarType stats;
+  at::TensorOptions options;  // of statistics tensors
   Anchors anchors;
   Side keys;
   LabelCodes codes;
 };
 
-Problem prepare(const Tensor& q, const Tensor& k, const Tensor& gates, const Tensor& scale,
-                const Tensor& labels, const Tensor& partner_labels, const Tensor& key_labels,
-                bool anchor_columns) {
+Problem prepare(const char* op, const Tensor& q, const Tensor& k, const Tensor& gates,
+                const Tensor& scale, const Tensor& labels, const Tensor& partner_labels,
+                const Tensor& key_labels, bool anchor_columns) {
+  check_inputs(op, q, k, gates, scale, labels, partner_labels, key_labels);
   const auto acc = stats_dtype(q.scalar_type());
-  return {make_anchors(q, gates, scale, acc, anchor_columns), make_keys(k, acc, true),
+  return {q.size(0),
+          acc,
+          q.options().dtype(acc),
+          make_anchors(q, gates, scale, acc, anchor_columns),
+          make_keys(k, acc, true),
           label_codes(labels, partner_labels, key_labels)};
 }
 
@@ -377,13 +387,11 @@ std::tuple<Tensor, Tensor> gated_fwd(const Tensor& q, const Tensor& k, const Ten
                                      const Tensor& scale, const Tensor& labels,
                                      const Tensor& partner_labels, const Tensor& key_labels) {
   constexpr const char* op = "gated_fwd";
-  check_inputs(op, q, k, gates, scale, labels, partner_labels, key_labels);
-  const auto acc = stats_dtype(q.scalar_type());
-  const int64_t b = q.size(0);
-  Tensor run_max = at::full({b}, -INFINITY, q.options().dtype(acc));
-  Tensor neg_lse = at::zeros({b}, q.options().dtype(acc));  // the running sum, then the LSE
-  Tensor pos_count = at::zeros({b}, q.options().dtype(acc));
-  const Problem problem = prepare(q, k, gates, scale, labels, partner_labels, key_labels, false);
+  const Problem problem =
+      prepare(op, q, k, gates, scale, labels, partner_labels, key_labels, false);
+  Tensor run_max = at::full({problem.b}, -INFINITY, problem.options);
+  Tensor neg_lse = at::zeros({problem.b}, problem.options);  // the running sum, then the LSE
+  Tensor pos_count = at::zeros({problem.b}, problem.options);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -411,13 +419,11 @@ std::tuple<Tensor, Tensor> gated_pair_fwd(const Tensor& q, const Tensor& k, cons
                                           const Tensor& partner_labels, const Tensor& key_labels,
                                           const Tensor& neg_lse) {
   constexpr const char* op = "gated_pair_fwd";
-  check_inputs(op, q, k, gates, scale, labels, partner_labels, key_labels);
-  const auto acc = stats_dtype(q.scalar_type());
-  const int64_t b = q.size(0);
-  check_stats_vector(op, "neg_lse", neg_lse, b, acc);
-  Tensor loss_sum = at::zeros({b}, q.options().dtype(acc));
-  Tensor sigmoid_sum = at::zeros({b}, q.options().dtype(acc));
-  const Problem problem = prepare(q, k, gates, scale, labels, partner_labels, key_labels, false);
+  const Problem problem =
+      prepare(op, q, k, gates, scale, labels, partner_labels, key_labels, false);
+  check_stats_vector(op, "neg_lse", neg_lse, problem.b, problem.stats);
+  Tensor loss_sum = at::zeros({problem.b}, problem.options);
+  Tensor sigmoid_sum = at::zeros({problem.b}, problem.options);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -440,18 +446,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_bwd(
     const Tensor& labels, const Tensor& partner_labels, const Tensor& key_labels,
     const Tensor& neg_lse, const Tensor& neg_coef, const Tensor& pos_coef, bool need_dk) {
   constexpr const char* op = "gated_bwd";
-  check_inputs(op, q, k, gates, scale, labels, partner_labels, key_labels);
-  const auto acc = stats_dtype(q.scalar_type());
-  const int64_t b = q.size(0);
+  const Problem problem =
+      prepare(op, q, k, gates, scale, labels, partner_labels, key_labels, need_dk);
   const int64_t d = q.size(1);
-  check_stats_vector(op, "neg_lse", neg_lse, b, acc);
-  check_stats_vector(op, "neg_coef", neg_coef, b, acc);
-  check_stats_vector(op, "pos_coef", pos_coef, b, acc);
+  check_stats_vector(op, "neg_lse", neg_lse, problem.b, problem.stats);
+  check_stats_vector(op, "neg_coef", neg_coef, problem.b, problem.stats);
+  check_stats_vector(op, "pos_coef", pos_coef, problem.b, problem.stats);
   Tensor dq = at::empty_like(q);
   Tensor dgates = at::empty_like(gates);
   Tensor dk = need_dk ? at::empty_like(k) : at::empty({0}, k.options());
-  Tensor anchor_dlogit = at::zeros({b}, q.options().dtype(acc));
-  const Problem problem = prepare(q, k, gates, scale, labels, partner_labels, key_labels, need_dk);
+  Tensor anchor_dlogit = at::zeros({problem.b}, problem.options);
   const Anchors& anchors = problem.anchors;
   const Side& keys = problem.keys;
 

@@ -1144,6 +1144,17 @@ Operands<T> make_operands(const void* a, const void* b, int64_t a_rows, int64_t 
           static_cast<int>(b_rows), static_cast<int>(dim), chunks, aligned, false};
 }
 
+// Row passes: a = q, b = k. Column passes: a = k, b = q.
+template <typename T>
+Operands<T> row_operands(const CoreProblem& p) {
+  return make_operands<T>(p.q, p.k, p.n, p.m, p.dim);
+}
+
+template <typename T>
+Operands<T> column_operands(const CoreProblem& p) {
+  return make_operands<T>(p.k, p.q, p.m, p.n, p.dim);
+}
+
 // Launches one pass; the block's a rows stay resident in shared memory when
 // they fit beside the ring.
 template <class Op, int kOutChunks>
@@ -1203,84 +1214,74 @@ int grad_blocks(int64_t n) { return static_cast<int>((n + kGradBlockM - 1) / kGr
 
 size_t grad_workspace_doubles(int64_t n) { return 2 * static_cast<size_t>(grad_blocks(n)); }
 
-cudaError_t infonce_fwd(ElementType type, const void* q, const void* k, int64_t n, int64_t m,
-                        int64_t dim, const float* scale, const PairMasks& masks, float* row_lse,
-                        float* pos_sum, float* pos_count, float* col_lse, cudaStream_t stream) {
-  return with_element_type<false>(type, [&](auto tag) {
+cudaError_t infonce_fwd(const CoreProblem& p, float* row_lse, float* pos_sum, float* pos_count,
+                        float* col_lse, cudaStream_t stream) {
+  return with_element_type<false>(p.type, [&](auto tag) {
     using T = decltype(tag);
-    const LseStatsParams params{scale, masks, static_cast<int>(n), static_cast<int>(m),
+    const LseStatsParams params{p.scale, p.masks, static_cast<int>(p.n), static_cast<int>(p.m),
                                 row_lse, pos_sum, pos_count, col_lse};
     cudaError_t err =
-        launch_stats<LseStats<StatsShape<T>, false>>(make_operands<T>(q, k, n, m, dim), params,
-                                                     stream);
+        launch_stats<LseStats<StatsShape<T>, false>>(row_operands<T>(p), params, stream);
     if (err != cudaSuccess || col_lse == nullptr) return err;
-    return launch_stats<LseStats<StatsShape<T>, true>>(make_operands<T>(k, q, m, n, dim), params,
-                                                       stream);
+    return launch_stats<LseStats<StatsShape<T>, true>>(column_operands<T>(p), params, stream);
   });
 }
 
-cudaError_t infonce_pair_fwd(ElementType type, const void* q, const void* k, int64_t n,
-                             int64_t m, int64_t dim, const float* scale, const PairMasks& masks,
-                             const float* neg_lse, float* loss_sum, float* sigmoid_sum,
-                             cudaStream_t stream) {
-  return with_element_type<false>(type, [&](auto tag) {
+cudaError_t infonce_pair_fwd(const CoreProblem& p, const float* neg_lse, float* loss_sum,
+                             float* sigmoid_sum, cudaStream_t stream) {
+  return with_element_type<false>(p.type, [&](auto tag) {
     using T = decltype(tag);
-    const PairStatsParams params{scale, masks, static_cast<int>(n), static_cast<int>(m),
+    const PairStatsParams params{p.scale, p.masks, static_cast<int>(p.n), static_cast<int>(p.m),
                                  neg_lse, loss_sum, sigmoid_sum};
-    return launch_stats<PairStats<StatsShape<T>>>(make_operands<T>(q, k, n, m, dim), params,
-                                                  stream);
+    return launch_stats<PairStats<StatsShape<T>>>(row_operands<T>(p), params, stream);
   });
 }
 
-cudaError_t infonce_bwd(ElementType type, const void* q, const void* k, int64_t n, int64_t m,
-                        int64_t dim, const float* scale, const PairMasks& masks,
-                        const InfoNceGradTerms& terms, const float* grad_scale, void* dq, void* dk,
-                        float* dscale, double* workspace, cudaStream_t stream) {
-  return with_element_type<false>(type, [&](auto tag) {
+cudaError_t infonce_bwd(const CoreProblem& p, const InfoNceGradTerms& terms,
+                        const float* grad_scale, void* dq, void* dk, float* dscale,
+                        double* workspace, cudaStream_t stream) {
+  return with_element_type<false>(p.type, [&](auto tag) {
     using T = decltype(tag);
-    const InfoNceGradParams params{scale, masks, static_cast<int>(n), static_cast<int>(m), terms,
-                                   grad_scale};
+    const InfoNceGradParams params{p.scale, p.masks, static_cast<int>(p.n),
+                                   static_cast<int>(p.m), terms, grad_scale};
     cudaError_t err = launch_grad<InfoNceGrad<GradShape<T>, false>>(
-        make_operands<T>(q, k, n, m, dim), params, {static_cast<T*>(dq), workspace}, stream);
+        row_operands<T>(p), params, {static_cast<T*>(dq), workspace}, stream);
     if (err == cudaSuccess && dk != nullptr) {
-      err = launch_grad<InfoNceGrad<GradShape<T>, true>>(make_operands<T>(k, q, m, n, dim), params,
+      err = launch_grad<InfoNceGrad<GradShape<T>, true>>(column_operands<T>(p), params,
                                                          {static_cast<T*>(dk), nullptr}, stream);
     }
     if (err != cudaSuccess) return err;
-    return sum_partials(workspace, grad_blocks(n), dscale, nullptr, stream);
+    return sum_partials(workspace, grad_blocks(p.n), dscale, nullptr, stream);
   });
 }
 
-cudaError_t siglip_fwd(ElementType type, const void* q, const void* k, int64_t n, int64_t m,
-                       int64_t dim, const float* scale, const float* bias,
-                       const int64_t* q_labels, const int64_t* k_labels, float* row_loss,
+cudaError_t siglip_fwd(const CoreProblem& p, const float* bias, float* row_loss,
                        cudaStream_t stream) {
-  return with_element_type<false>(type, [&](auto tag) {
+  return with_element_type<false>(p.type, [&](auto tag) {
     using T = decltype(tag);
-    const SiglipParams params{scale, bias, q_labels, k_labels, static_cast<int>(n),
-                              static_cast<int>(m), row_loss, nullptr, nullptr};
-    return launch_stats<SiglipStats<StatsShape<T>>>(make_operands<T>(q, k, n, m, dim), params,
-                                                    stream);
+    const SiglipParams params{p.scale, bias, p.masks.q_labels, p.masks.k_labels,
+                              static_cast<int>(p.n), static_cast<int>(p.m), row_loss, nullptr,
+                              nullptr};
+    return launch_stats<SiglipStats<StatsShape<T>>>(row_operands<T>(p), params, stream);
   });
 }
 
-cudaError_t siglip_bwd(ElementType type, const void* q, const void* k, int64_t n, int64_t m,
-                       int64_t dim, const float* scale, const float* bias,
-                       const int64_t* q_labels, const int64_t* k_labels, const float* row_coef,
+cudaError_t siglip_bwd(const CoreProblem& p, const float* bias, const float* row_coef,
                        const float* grad_scale, void* dq, void* dk, float* dscale, float* dbias,
                        double* workspace, cudaStream_t stream) {
-  return with_element_type<false>(type, [&](auto tag) {
+  return with_element_type<false>(p.type, [&](auto tag) {
     using T = decltype(tag);
-    const SiglipParams params{scale, bias, q_labels, k_labels, static_cast<int>(n),
-                              static_cast<int>(m), nullptr, row_coef, grad_scale};
+    const SiglipParams params{p.scale, bias, p.masks.q_labels, p.masks.k_labels,
+                              static_cast<int>(p.n), static_cast<int>(p.m), nullptr, row_coef,
+                              grad_scale};
     cudaError_t err = launch_grad<SiglipGrad<GradShape<T>, false>>(
-        make_operands<T>(q, k, n, m, dim), params, {static_cast<T*>(dq), workspace}, stream);
+        row_operands<T>(p), params, {static_cast<T*>(dq), workspace}, stream);
     if (err == cudaSuccess && dk != nullptr) {
-      err = launch_grad<SiglipGrad<GradShape<T>, true>>(make_operands<T>(k, q, m, n, dim), params,
+      err = launch_grad<SiglipGrad<GradShape<T>, true>>(column_operands<T>(p), params,
                                                         {static_cast<T*>(dk), nullptr}, stream);
     }
     if (err != cudaSuccess) return err;
-    return sum_partials(workspace, grad_blocks(n), dscale, dbias, stream);
+    return sum_partials(workspace, grad_blocks(p.n), dscale, dbias, stream);
   });
 }
 

@@ -15,7 +15,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -32,8 +31,6 @@ namespace {
 
 using at::Tensor;
 
-constexpr int64_t kOuterBlock = 64;   // rows of a tile, one parallel task each
-constexpr int64_t kInnerBlock = 512;  // columns of a tile, streamed
 // Gated norms are clamped below at kNormEps, as F.normalize does: a norm at or
 // under it divides by kNormEps and passes no gradient through the norm.
 constexpr double kNormEps = 1e-12;
@@ -245,47 +242,59 @@ Side make_keys(const Tensor& k, at::ScalarType acc, bool columns) {
   return make_side(std::move(k_acc), std::move(k_sq), columns);
 }
 
+// Buffers of one thread in tile_pass.
+template <typename acc_t>
+struct TileBuffers {
+  std::vector<acc_t> dots;
+  std::vector<acc_t> sq_norms;
+  std::vector<acc_t> first_sum;
+  std::vector<acc_t> second_sum;
+};
+
 // For every (outer block x inner block) pair: the tiles of numerators and
 // squared norms, epilogue(dots, sq_norms, outer0, rows, inner0, cols); then,
 // when `accumulate`, first_sum += dots * inner.first and
 // second_sum += sq_norms * inner.second. After the last inner block,
-// finish(outer0, rows, first_sum, second_sum). One parallel task per outer
-// block, inner blocks in order.
+// finish(outer0, rows, first_sum, second_sum). One task per outer block
+// (for_each_tile), inner blocks in order.
+
 template <typename acc_t, typename Epilogue, typename Finish>
 void tile_pass(const Side& outer, const Side& inner, bool accumulate, const Epilogue& epilogue,
                const Finish& finish) {
   const int64_t n_outer = outer.first.size(0);
-  const int64_t n_inner = inner.first.size(0);
   const int64_t d = outer.first.size(1);
-  at::parallel_for(0, num_blocks(n_outer, kOuterBlock), 1, [&](int64_t begin, int64_t end) {
-    c10::InferenceMode no_autograd;
-    std::vector<acc_t> dots(kOuterBlock * kInnerBlock);
-    std::vector<acc_t> sq_norms(kOuterBlock * kInnerBlock);
-    std::vector<acc_t> first_sum(accumulate ? kOuterBlock * d : 0);
-    std::vector<acc_t> second_sum(accumulate ? kOuterBlock * d : 0);
-    for (int64_t block = begin; block < end; ++block) {
-      const int64_t outer0 = block * kOuterBlock;
-      const int64_t rows = std::min(kOuterBlock, n_outer - outer0);
-      std::fill(first_sum.begin(), first_sum.end(), acc_t(0));
-      std::fill(second_sum.begin(), second_sum.end(), acc_t(0));
-      for (int64_t inner0 = 0; inner0 < n_inner; inner0 += kInnerBlock) {
-        const int64_t cols = std::min(kInnerBlock, n_inner - inner0);
+  for_each_tile(
+      n_outer, inner.first.size(0), num_blocks(n_outer, kOuterBlock),
+      [&] {
+        const int64_t sums = accumulate ? kOuterBlock * d : 0;
+        return TileBuffers<acc_t>{std::vector<acc_t>(kOuterBlock * kInnerBlock),
+                                  std::vector<acc_t>(kOuterBlock * kInnerBlock),
+                                  std::vector<acc_t>(sums), std::vector<acc_t>(sums)};
+      },
+      [](TileBuffers<acc_t>& buffers, int64_t, int64_t) {
+        std::fill(buffers.first_sum.begin(), buffers.first_sum.end(), acc_t(0));
+        std::fill(buffers.second_sum.begin(), buffers.second_sum.end(), acc_t(0));
+      },
+      [&](TileBuffers<acc_t>& buffers, int64_t outer0, int64_t rows, int64_t inner0, int64_t cols,
+          int64_t) {
+        acc_t* dots = buffers.dots.data();
+        acc_t* sq_norms = buffers.sq_norms.data();
         const int64_t t_offset = inner0 * d;
         matmul(rows, cols, d, outer.first.data_ptr<acc_t>() + outer0 * d, d,
-               inner.first_t.data_ptr<acc_t>() + t_offset, cols, dots.data(), cols, false);
+               inner.first_t.data_ptr<acc_t>() + t_offset, cols, dots, cols, false);
         matmul(rows, cols, d, outer.second.data_ptr<acc_t>() + outer0 * d, d,
-               inner.second_t.data_ptr<acc_t>() + t_offset, cols, sq_norms.data(), cols, false);
-        epilogue(dots.data(), sq_norms.data(), outer0, rows, inner0, cols);
+               inner.second_t.data_ptr<acc_t>() + t_offset, cols, sq_norms, cols, false);
+        epilogue(dots, sq_norms, outer0, rows, inner0, cols);
         if (accumulate) {
-          matmul(rows, d, cols, dots.data(), cols, inner.first.data_ptr<acc_t>() + inner0 * d, d,
-                 first_sum.data(), d, true);
-          matmul(rows, d, cols, sq_norms.data(), cols,
-                 inner.second.data_ptr<acc_t>() + inner0 * d, d, second_sum.data(), d, true);
+          matmul(rows, d, cols, dots, cols, inner.first.data_ptr<acc_t>() + inner0 * d, d,
+                 buffers.first_sum.data(), d, true);
+          matmul(rows, d, cols, sq_norms, cols, inner.second.data_ptr<acc_t>() + inner0 * d, d,
+                 buffers.second_sum.data(), d, true);
         }
-      }
-      finish(outer0, rows, first_sum.data(), second_sum.data());
-    }
-  });
+      },
+      [&](TileBuffers<acc_t>& buffers, int64_t outer0, int64_t rows) {
+        finish(outer0, rows, buffers.first_sum.data(), buffers.second_sum.data());
+      });
 }
 
 // ------------------------------------------------------------- arguments
@@ -365,10 +374,11 @@ Problem prepare(const char* op, const Tensor& q, const Tensor& k, const Tensor& 
           label_codes(labels, partner_labels, key_labels)};
 }
 
-// For every anchor-major tile of logits: on_tile(logits, anchor0, rows, cols,
-// mask); after the last key block of an anchor block: on_rows(anchor0, rows).
+// The forward pass: for every anchor-major tile of logits, on_tile(logits,
+// anchor0, rows, cols, mask); after the last key block of an anchor block,
+// on_rows(anchor0, rows).
 template <typename acc_t, typename OnTile, typename OnRows>
-void for_each_logit_tile(const Problem& problem, const OnTile& on_tile, const OnRows& on_rows) {
+void logit_pass(const Problem& problem, const OnTile& on_tile, const OnRows& on_rows) {
   const acc_t* anchor_scale = problem.anchors.scale.data_ptr<acc_t>();
   const GatedMask mask = problem.codes.mask();
   tile_pass<acc_t>(
@@ -398,7 +408,7 @@ std::tuple<Tensor, Tensor> gated_fwd(const Tensor& q, const Tensor& k, const Ten
     acc_t* max_data = run_max.data_ptr<acc_t>();
     acc_t* lse_data = neg_lse.data_ptr<acc_t>();
     acc_t* count_data = pos_count.data_ptr<acc_t>();
-    for_each_logit_tile<acc_t>(
+    logit_pass<acc_t>(
         problem,
         [&](acc_t* logits, int64_t anchor0, int64_t rows, int64_t cols, GatedMask mask) {
           negatives_tile(logits, rows, cols, mask, max_data + anchor0, lse_data + anchor0,
@@ -430,7 +440,7 @@ std::tuple<Tensor, Tensor> gated_pair_fwd(const Tensor& q, const Tensor& k, cons
     const acc_t* lse_data = neg_lse.data_ptr<acc_t>();
     acc_t* loss_data = loss_sum.data_ptr<acc_t>();
     acc_t* sigmoid_data = sigmoid_sum.data_ptr<acc_t>();
-    for_each_logit_tile<acc_t>(
+    logit_pass<acc_t>(
         problem,
         [&](const acc_t* logits, int64_t anchor0, int64_t rows, int64_t cols, GatedMask mask) {
           positives_tile(logits, rows, cols, mask, lse_data + anchor0, loss_data + anchor0,

@@ -39,8 +39,6 @@ namespace {
 using at::Tensor;
 using OptionalTensor = std::optional<Tensor>;
 
-constexpr int64_t kOuterBlock = 64;   // rows of a tile, one parallel task each
-constexpr int64_t kInnerBlock = 512;  // columns of a tile, streamed
 // Rows and columns of a tile of a TileSchedule.
 constexpr int64_t kPairBlock = 256;
 // Contributions of scheduled tasks that may wait for their turn, per thread:
@@ -443,27 +441,21 @@ TileOperands tile_operands(const Tensor& q, const Tensor& k, at::ScalarType acc,
 template <typename acc_t, typename Epilogue>
 void for_each_logit_tile(const TileOperand& q, const TileOperand& k, int64_t groups,
                          const Epilogue& epilogue) {
-  const int64_t n = q.rows.size(0);
   const int64_t m = k.rows.size(0);
   const int64_t d = q.rows.size(1);
   const acc_t* q_rows = q.rows.data_ptr<acc_t>();
   const acc_t* k_blocked_t = m > 0 ? k.blocked_t.data_ptr<acc_t>() : nullptr;
-  const int64_t row_blocks = num_blocks(n, kOuterBlock);
-  run_tasks(
-      groups, [] { return std::vector<acc_t>(kOuterBlock * kInnerBlock); },
-      [&](std::vector<acc_t>& tile, int64_t group) {
-        const int64_t block_end = (group + 1) * row_blocks / groups;
-        for (int64_t block = group * row_blocks / groups; block < block_end; ++block) {
-          const int64_t query0 = block * kOuterBlock;
-          const int64_t queries = std::min(kOuterBlock, n - query0);
-          for (int64_t key0 = 0; key0 < m; key0 += kInnerBlock) {
-            const int64_t keys = std::min(kInnerBlock, m - key0);
-            matmul(queries, keys, d, q_rows + query0 * d, d, k_blocked_t + key0 * d, keys,
-                   tile.data(), keys, false);
-            epilogue(tile.data(), query0, queries, key0, keys, group);
-          }
-        }
-      });
+  const auto nothing = [](std::vector<acc_t>&, int64_t, int64_t) {};
+  for_each_tile(
+      q.rows.size(0), m, groups, [] { return std::vector<acc_t>(kOuterBlock * kInnerBlock); },
+      nothing,
+      [&](std::vector<acc_t>& tile, int64_t query0, int64_t queries, int64_t key0, int64_t keys,
+          int64_t group) {
+        matmul(queries, keys, d, q_rows + query0 * d, d, k_blocked_t + key0 * d, keys,
+               tile.data(), keys, false);
+        epilogue(tile.data(), query0, queries, key0, keys, group);
+      },
+      nothing);
 }
 
 // Buffers of one thread in gradient_pass.
@@ -486,28 +478,29 @@ void gradient_pass(const TileOperand& outer, const TileOperand& inner, acc_t sca
   const acc_t* outer_rows = outer.rows.data_ptr<acc_t>();
   const acc_t* inner_rows = inner.rows.data_ptr<acc_t>();
   const acc_t* inner_blocked_t = n_inner > 0 ? inner.blocked_t.data_ptr<acc_t>() : nullptr;
-  run_tasks(
-      num_blocks(n_outer, kOuterBlock),
+  // One row block a task: its index is the task's.
+  for_each_tile(
+      n_outer, n_inner, num_blocks(n_outer, kOuterBlock),
       [d] {
         return GradientBuffers<acc_t>{std::vector<acc_t>(kOuterBlock * kInnerBlock),
                                       std::vector<acc_t>(kOuterBlock * d)};
       },
-      [&](GradientBuffers<acc_t>& buffers, int64_t block) {
+      [d](GradientBuffers<acc_t>& buffers, int64_t, int64_t rows) {
+        std::fill(buffers.grad_sum.begin(), buffers.grad_sum.begin() + rows * d, acc_t(0));
+      },
+      [&](GradientBuffers<acc_t>& buffers, int64_t outer0, int64_t rows, int64_t inner0,
+          int64_t cols, int64_t block) {
         acc_t* tile = buffers.tile.data();
-        acc_t* grad_sum = buffers.grad_sum.data();
-        const int64_t outer0 = block * kOuterBlock;
-        const int64_t rows = std::min(kOuterBlock, n_outer - outer0);
-        std::fill(grad_sum, grad_sum + rows * d, acc_t(0));
-        for (int64_t inner0 = 0; inner0 < n_inner; inner0 += kInnerBlock) {
-          const int64_t cols = std::min(kInnerBlock, n_inner - inner0);
-          matmul(rows, cols, d, outer_rows + outer0 * d, d, inner_blocked_t + inner0 * d, cols,
-                 tile, cols, false);
-          grad_tile(tile, outer0, rows, inner0, cols, block);
-          matmul(rows, d, cols, tile, cols, inner_rows + inner0 * d, d, grad_sum, d, true);
-        }
+        matmul(rows, cols, d, outer_rows + outer0 * d, d, inner_blocked_t + inner0 * d, cols,
+               tile, cols, false);
+        grad_tile(tile, outer0, rows, inner0, cols, block);
+        matmul(rows, d, cols, tile, cols, inner_rows + inner0 * d, d, buffers.grad_sum.data(), d,
+               true);
+      },
+      [&](GradientBuffers<acc_t>& buffers, int64_t outer0, int64_t rows) {
         scalar_t* out = d_outer + outer0 * d;
         for (int64_t e = 0; e < rows * d; ++e) {
-          out[e] = static_cast<scalar_t>(scale * grad_sum[e]);
+          out[e] = static_cast<scalar_t>(scale * buffers.grad_sum[e]);
         }
       });
 }
@@ -621,6 +614,23 @@ void write_block(scalar_t* out, const acc_t* by_rows, const acc_t* by_columns, i
   }
 }
 
+// Adds the gradient tile g of a task (span.rows x span.cols) into the
+// accumulator of its row block (row_side): g times the column block's rows,
+// into by_rows; else into its column block's: the row block's transpose
+// (blocked_t layout) times g, into the transposed by_columns.
+template <typename acc_t>
+void add_gradient_tile(const acc_t* g, PairTile span, bool row_side, int64_t d,
+                       const acc_t* col_rows, const acc_t* row_blocked_t, acc_t* by_rows,
+                       acc_t* by_columns) {
+  if (row_side) {
+    matmul(span.rows, d, span.cols, g, span.cols, col_rows + span.col0 * d, d,
+           by_rows + span.row0 * d, d, true);
+  } else {
+    matmul(d, span.cols, span.rows, row_blocked_t + span.row0 * d, span.rows, g, span.cols,
+           by_columns + span.col0 * d, span.cols, true);
+  }
+}
+
 // dq = scale * G k and dk = scale * G^T q from one pass over the tiles of
 // q k^T (rectangular_schedule): grad_tile(tile, g, query0, queries, key0,
 // keys, task) writes a tile's G into g, then G k_J is added into query block
@@ -650,13 +660,8 @@ void gradient_both_sides(const TileOperand& q, const TileOperand& k, acc_t scale
         grad_tile(tile, g.data(), span.row0, span.rows, span.col0, span.cols, task);
       },
       [&](std::vector<acc_t>& g, PairTile span, bool row_side) {
-        if (row_side) {
-          matmul(span.rows, d, span.cols, g.data(), span.cols, k_rows + span.col0 * d, d,
-                 by_rows.data() + span.row0 * d, d, true);
-        } else {
-          matmul(d, span.cols, span.rows, q_blocked_t + span.row0 * d, span.rows, g.data(),
-                 span.cols, by_columns.data() + span.col0 * d, span.cols, true);
-        }
+        add_gradient_tile(g.data(), span, row_side, d, k_rows, q_blocked_t, by_rows.data(),
+                          by_columns.data());
       },
       [&](int32_t accumulator) {  // complete: dq or dk of its rows
         if (accumulator < schedule.first_col) {
@@ -1003,13 +1008,8 @@ acc_t symmetric_gradient(const TileOperand& z, acc_t scale, const TileMasks& mas
         dscale_parts[task] = pair.diagonal() ? by_row : by_row + by_column;
       },
       [&](std::vector<acc_t>& h, PairTile span, bool row_side) {
-        if (row_side) {
-          matmul(span.rows, d, span.cols, h.data(), span.cols, rows + span.col0 * d, d,
-                 by_rows.data() + span.row0 * d, d, true);
-        } else {
-          matmul(d, span.cols, span.rows, blocked_t + span.row0 * d, span.rows, h.data(),
-                 span.cols, by_columns.data() + span.col0 * d, span.cols, true);
-        }
+        add_gradient_tile(h.data(), span, row_side, d, rows, blocked_t, by_rows.data(),
+                          by_columns.data());
       },
       [&](int32_t block) {  // complete: dz of its rows
         const int64_t row0 = block * kPairBlock;

@@ -367,6 +367,12 @@ template <typename acc_t>
 struct SiglipGradSums {
   acc_t dscale = 0;
   acc_t dbias = 0;
+
+  SiglipGradSums& operator+=(const SiglipGradSums& other) {
+    dscale += other.dscale;
+    dbias += other.dbias;
+    return *this;
+  }
 };
 
 // Writes SigLIP's G_ij = row_coef_i * (-z_ij) * sigmoid(-z_ij (l_ij + b)) of
@@ -893,6 +899,37 @@ CoreArgs core_args(const char* op, const Tensor& q, const Tensor& k, const Tenso
   return {n, m, stats, q.options().dtype(stats), std::move(labels), masks, std::move(operands)};
 }
 
+// dq, and dk when need_dk, of a backward op: a pass over query blocks
+// (gradient_pass) or one pass over all tiles (gradient_both_sides).
+// grad_tile(tile, g, query0, queries, key0, keys) writes a tile's G into g
+// (which may be the tile) and returns its sums (dscale, ...); they add up per
+// query block or per tile, then in that order, whatever the threads.
+template <typename Sums, typename scalar_t, typename acc_t, typename GradTile>
+Sums gradient_passes(const CoreArgs& args, acc_t scale, bool need_dk, scalar_t* dq, scalar_t* dk,
+                     const GradTile& grad_tile) {
+  std::vector<Sums> parts;
+  if (need_dk) {
+    parts.resize(num_blocks(args.n, kPairBlock) * num_blocks(args.m, kPairBlock));
+    gradient_both_sides(args.operands.q, args.operands.k, scale, dq, dk,
+                        [&](const acc_t* tile, acc_t* g, int64_t query0, int64_t queries,
+                            int64_t key0, int64_t keys, int64_t task) {
+                          parts[task] += grad_tile(tile, g, query0, queries, key0, keys);
+                        });
+  } else {
+    parts.resize(num_blocks(args.n, kOuterBlock));
+    gradient_pass(args.operands.q, args.operands.k, scale, dq,
+                  [&](acc_t* tile, int64_t query0, int64_t queries, int64_t key0, int64_t keys,
+                      int64_t block) {
+                    parts[block] += grad_tile(tile, tile, query0, queries, key0, keys);
+                  });
+  }
+  Sums total{};
+  for (const Sums& part : parts) {
+    total += part;
+  }
+  return total;
+}
+
 // ------------------------------------------------------ symmetric schedule
 //
 // When q and k are the same rows z, l_ij and l_ji share a dot product: each
@@ -1130,33 +1167,14 @@ std::tuple<Tensor, Tensor, Tensor> infonce_bwd(
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t s = scale.item<acc_t>();
     const LogitGradTerms<acc_t> terms = grad_inputs.terms<acc_t>(neg_only);
-    const auto grad_tile = [&](const acc_t* tile, acc_t* g, int64_t query0, int64_t queries,
-                               int64_t key0, int64_t keys) {
-      return infonce_grad_tile<acc_t, false>(tile, g, false, queries, keys, s,
-                                             args.masks.at(query0, key0), terms.at(query0, key0));
-    };
-    std::vector<acc_t> dscale_parts;
-    if (need_dk) {
-      dscale_parts.resize(num_blocks(args.n, kPairBlock) * num_blocks(args.m, kPairBlock));
-      gradient_both_sides(args.operands.q, args.operands.k, s, dq.data_ptr<scalar_t>(),
-                          dk.data_ptr<scalar_t>(),
-                          [&](const acc_t* tile, acc_t* g, int64_t query0, int64_t queries,
-                              int64_t key0, int64_t keys, int64_t task) {
-                            dscale_parts[task] = grad_tile(tile, g, query0, queries, key0, keys);
-                          });
-    } else {
-      dscale_parts.resize(num_blocks(args.n, kOuterBlock));
-      gradient_pass(args.operands.q, args.operands.k, s, dq.data_ptr<scalar_t>(),
-                    [&](acc_t* tile, int64_t query0, int64_t queries, int64_t key0, int64_t keys,
-                        int64_t block) {
-                      dscale_parts[block] += grad_tile(tile, tile, query0, queries, key0, keys);
-                    });
-    }
-    acc_t total = 0;
-    for (const acc_t part : dscale_parts) {
-      total += part;
-    }
-    dscale.fill_(total);
+    dscale.fill_(gradient_passes<acc_t>(
+        args, s, need_dk, dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(),
+        [&](const acc_t* tile, acc_t* g, int64_t query0, int64_t queries, int64_t key0,
+            int64_t keys) {
+          return infonce_grad_tile<acc_t, false>(tile, g, false, queries, keys, s,
+                                                 args.masks.at(query0, key0),
+                                                 terms.at(query0, key0));
+        }));
   });
   return {dq, dk, dscale};
 }
@@ -1231,37 +1249,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> siglip_bwd(const Tensor& q, const Ten
     const acc_t s = scale.item<acc_t>();
     const acc_t b = bias.item<acc_t>();
     const acc_t* coef = row_coef.data_ptr<acc_t>();
-    const auto grad_tile = [&](const acc_t* tile, acc_t* g, int64_t query0, int64_t queries,
-                               int64_t key0, int64_t keys) {
-      return siglip_grad_tile(tile, g, queries, keys, s, b, args.masks.at(query0, key0),
-                              coef + query0);
-    };
-    std::vector<SiglipGradSums<acc_t>> parts;
-    const auto add_part = [&](int64_t part, SiglipGradSums<acc_t> sums) {
-      parts[part].dscale += sums.dscale;
-      parts[part].dbias += sums.dbias;
-    };
-    if (need_dk) {
-      parts.resize(num_blocks(args.n, kPairBlock) * num_blocks(args.m, kPairBlock));
-      gradient_both_sides(args.operands.q, args.operands.k, s, dq.data_ptr<scalar_t>(),
-                          dk.data_ptr<scalar_t>(),
-                          [&](const acc_t* tile, acc_t* g, int64_t query0, int64_t queries,
-                              int64_t key0, int64_t keys, int64_t task) {
-                            add_part(task, grad_tile(tile, g, query0, queries, key0, keys));
-                          });
-    } else {
-      parts.resize(num_blocks(args.n, kOuterBlock));
-      gradient_pass(args.operands.q, args.operands.k, s, dq.data_ptr<scalar_t>(),
-                    [&](acc_t* tile, int64_t query0, int64_t queries, int64_t key0, int64_t keys,
-                        int64_t block) {
-                      add_part(block, grad_tile(tile, tile, query0, queries, key0, keys));
-                    });
-    }
-    SiglipGradSums<acc_t> total;
-    for (const auto& part : parts) {
-      total.dscale += part.dscale;
-      total.dbias += part.dbias;
-    }
+    const SiglipGradSums<acc_t> total = gradient_passes<SiglipGradSums<acc_t>>(
+        args, s, need_dk, dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(),
+        [&](const acc_t* tile, acc_t* g, int64_t query0, int64_t queries, int64_t key0,
+            int64_t keys) {
+          return siglip_grad_tile(tile, g, queries, keys, s, b, args.masks.at(query0, key0),
+                                  coef + query0);
+        });
     dscale.fill_(total.dscale);
     dbias.fill_(total.dbias);
   });

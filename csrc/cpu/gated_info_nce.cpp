@@ -15,7 +15,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -32,8 +31,6 @@ namespace {
 
 using at::Tensor;
 
-constexpr int64_t kOuterBlock = 64;   // rows of a tile, one parallel task each
-constexpr int64_t kInnerBlock = 512;  // columns of a tile, streamed
 // Gated norms are clamped below at kNormEps, as F.normalize does: a norm at or
 // under it divides by kNormEps and passes no gradient through the norm.
 constexpr double kNormEps = 1e-12;
@@ -245,47 +242,59 @@ Side make_keys(const Tensor& k, at::ScalarType acc, bool columns) {
   return make_side(std::move(k_acc), std::move(k_sq), columns);
 }
 
+// Buffers of one thread in tile_pass.
+template <typename acc_t>
+struct TileBuffers {
+  std::vector<acc_t> dots;
+  std::vector<acc_t> sq_norms;
+  std::vector<acc_t> first_sum;
+  std::vector<acc_t> second_sum;
+};
+
 // For every (outer block x inner block) pair: the tiles of numerators and
 // squared norms, epilogue(dots, sq_norms, outer0, rows, inner0, cols); then,
 // when `accumulate`, first_sum += dots * inner.first and
 // second_sum += sq_norms * inner.second. After the last inner block,
-// finish(outer0, rows, first_sum, second_sum). One parallel task per outer
-// block, inner blocks in order.
+// finish(outer0, rows, first_sum, second_sum). One task per outer block
+// (for_each_tile), inner blocks in order.
+
 template <typename acc_t, typename Epilogue, typename Finish>
 void tile_pass(const Side& outer, const Side& inner, bool accumulate, const Epilogue& epilogue,
                const Finish& finish) {
   const int64_t n_outer = outer.first.size(0);
-  const int64_t n_inner = inner.first.size(0);
   const int64_t d = outer.first.size(1);
-  at::parallel_for(0, num_blocks(n_outer, kOuterBlock), 1, [&](int64_t begin, int64_t end) {
-    c10::InferenceMode no_autograd;
-    std::vector<acc_t> dots(kOuterBlock * kInnerBlock);
-    std::vector<acc_t> sq_norms(kOuterBlock * kInnerBlock);
-    std::vector<acc_t> first_sum(accumulate ? kOuterBlock * d : 0);
-    std::vector<acc_t> second_sum(accumulate ? kOuterBlock * d : 0);
-    for (int64_t block = begin; block < end; ++block) {
-      const int64_t outer0 = block * kOuterBlock;
-      const int64_t rows = std::min(kOuterBlock, n_outer - outer0);
-      std::fill(first_sum.begin(), first_sum.end(), acc_t(0));
-      std::fill(second_sum.begin(), second_sum.end(), acc_t(0));
-      for (int64_t inner0 = 0; inner0 < n_inner; inner0 += kInnerBlock) {
-        const int64_t cols = std::min(kInnerBlock, n_inner - inner0);
+  for_each_tile(
+      n_outer, inner.first.size(0), num_blocks(n_outer, kOuterBlock),
+      [&] {
+        const int64_t sums = accumulate ? kOuterBlock * d : 0;
+        return TileBuffers<acc_t>{std::vector<acc_t>(kOuterBlock * kInnerBlock),
+                                  std::vector<acc_t>(kOuterBlock * kInnerBlock),
+                                  std::vector<acc_t>(sums), std::vector<acc_t>(sums)};
+      },
+      [](TileBuffers<acc_t>& buffers, int64_t, int64_t) {
+        std::fill(buffers.first_sum.begin(), buffers.first_sum.end(), acc_t(0));
+        std::fill(buffers.second_sum.begin(), buffers.second_sum.end(), acc_t(0));
+      },
+      [&](TileBuffers<acc_t>& buffers, int64_t outer0, int64_t rows, int64_t inner0, int64_t cols,
+          int64_t) {
+        acc_t* dots = buffers.dots.data();
+        acc_t* sq_norms = buffers.sq_norms.data();
         const int64_t t_offset = inner0 * d;
         matmul(rows, cols, d, outer.first.data_ptr<acc_t>() + outer0 * d, d,
-               inner.first_t.data_ptr<acc_t>() + t_offset, cols, dots.data(), cols, false);
+               inner.first_t.data_ptr<acc_t>() + t_offset, cols, dots, cols, false);
         matmul(rows, cols, d, outer.second.data_ptr<acc_t>() + outer0 * d, d,
-               inner.second_t.data_ptr<acc_t>() + t_offset, cols, sq_norms.data(), cols, false);
-        epilogue(dots.data(), sq_norms.data(), outer0, rows, inner0, cols);
+               inner.second_t.data_ptr<acc_t>() + t_offset, cols, sq_norms, cols, false);
+        epilogue(dots, sq_norms, outer0, rows, inner0, cols);
         if (accumulate) {
-          matmul(rows, d, cols, dots.data(), cols, inner.first.data_ptr<acc_t>() + inner0 * d, d,
-                 first_sum.data(), d, true);
-          matmul(rows, d, cols, sq_norms.data(), cols,
-                 inner.second.data_ptr<acc_t>() + inner0 * d, d, second_sum.data(), d, true);
+          matmul(rows, d, cols, dots, cols, inner.first.data_ptr<acc_t>() + inner0 * d, d,
+                 buffers.first_sum.data(), d, true);
+          matmul(rows, d, cols, sq_norms, cols, inner.second.data_ptr<acc_t>() + inner0 * d, d,
+                 buffers.second_sum.data(), d, true);
         }
-      }
-      finish(outer0, rows, first_sum.data(), second_sum.data());
-    }
-  });
+      },
+      [&](TileBuffers<acc_t>& buffers, int64_t outer0, int64_t rows) {
+        finish(outer0, rows, buffers.first_sum.data(), buffers.second_sum.data());
+      });
 }
 
 // ------------------------------------------------------------- arguments
@@ -339,26 +348,37 @@ LabelCodes label_codes(const Tensor& labels, const Tensor& partner_labels,
   return {std::get<1>(at::_unique(all, false, true)).to(at::kInt).contiguous(), labels.size(0)};
 }
 
-// Everything a pass reads, prepared once per call: anchors (with column
-// blocks when they supply the columns of key-major tiles), keys and labels.
+// The set-up of every op, done in one place (prepare): the checks of the
+// inputs, the number of anchors, the statistics dtype, and everything a pass
+// reads: anchors (with column blocks when they supply the columns of
+// key-major tiles), keys and labels.
 struct Problem {
+  int64_t b;
+  at::ScalarType stats;
+  at::TensorOptions options;  // of statistics tensors
   Anchors anchors;
   Side keys;
   LabelCodes codes;
 };
 
-Problem prepare(const Tensor& q, const Tensor& k, const Tensor& gates, const Tensor& scale,
-                const Tensor& labels, const Tensor& partner_labels, const Tensor& key_labels,
-                bool anchor_columns) {
+Problem prepare(const char* op, const Tensor& q, const Tensor& k, const Tensor& gates,
+                const Tensor& scale, const Tensor& labels, const Tensor& partner_labels,
+                const Tensor& key_labels, bool anchor_columns) {
+  check_inputs(op, q, k, gates, scale, labels, partner_labels, key_labels);
   const auto acc = stats_dtype(q.scalar_type());
-  return {make_anchors(q, gates, scale, acc, anchor_columns), make_keys(k, acc, true),
+  return {q.size(0),
+          acc,
+          q.options().dtype(acc),
+          make_anchors(q, gates, scale, acc, anchor_columns),
+          make_keys(k, acc, true),
           label_codes(labels, partner_labels, key_labels)};
 }
 
-// For every anchor-major tile of logits: on_tile(logits, anchor0, rows, cols,
-// mask); after the last key block of an anchor block: on_rows(anchor0, rows).
+// The forward pass: for every anchor-major tile of logits, on_tile(logits,
+// anchor0, rows, cols, mask); after the last key block of an anchor block,
+// on_rows(anchor0, rows).
 template <typename acc_t, typename OnTile, typename OnRows>
-void for_each_logit_tile(const Problem& problem, const OnTile& on_tile, const OnRows& on_rows) {
+void logit_pass(const Problem& problem, const OnTile& on_tile, const OnRows& on_rows) {
   const acc_t* anchor_scale = problem.anchors.scale.data_ptr<acc_t>();
   const GatedMask mask = problem.codes.mask();
   tile_pass<acc_t>(
@@ -377,20 +397,18 @@ std::tuple<Tensor, Tensor> gated_fwd(const Tensor& q, const Tensor& k, const Ten
                                      const Tensor& scale, const Tensor& labels,
                                      const Tensor& partner_labels, const Tensor& key_labels) {
   constexpr const char* op = "gated_fwd";
-  check_inputs(op, q, k, gates, scale, labels, partner_labels, key_labels);
-  const auto acc = stats_dtype(q.scalar_type());
-  const int64_t b = q.size(0);
-  Tensor run_max = at::full({b}, -INFINITY, q.options().dtype(acc));
-  Tensor neg_lse = at::zeros({b}, q.options().dtype(acc));  // the running sum, then the LSE
-  Tensor pos_count = at::zeros({b}, q.options().dtype(acc));
-  const Problem problem = prepare(q, k, gates, scale, labels, partner_labels, key_labels, false);
+  const Problem problem =
+      prepare(op, q, k, gates, scale, labels, partner_labels, key_labels, false);
+  Tensor run_max = at::full({problem.b}, -INFINITY, problem.options);
+  Tensor neg_lse = at::zeros({problem.b}, problem.options);  // the running sum, then the LSE
+  Tensor pos_count = at::zeros({problem.b}, problem.options);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
     acc_t* max_data = run_max.data_ptr<acc_t>();
     acc_t* lse_data = neg_lse.data_ptr<acc_t>();
     acc_t* count_data = pos_count.data_ptr<acc_t>();
-    for_each_logit_tile<acc_t>(
+    logit_pass<acc_t>(
         problem,
         [&](acc_t* logits, int64_t anchor0, int64_t rows, int64_t cols, GatedMask mask) {
           negatives_tile(logits, rows, cols, mask, max_data + anchor0, lse_data + anchor0,
@@ -411,20 +429,18 @@ std::tuple<Tensor, Tensor> gated_pair_fwd(const Tensor& q, const Tensor& k, cons
                                           const Tensor& partner_labels, const Tensor& key_labels,
                                           const Tensor& neg_lse) {
   constexpr const char* op = "gated_pair_fwd";
-  check_inputs(op, q, k, gates, scale, labels, partner_labels, key_labels);
-  const auto acc = stats_dtype(q.scalar_type());
-  const int64_t b = q.size(0);
-  check_stats_vector(op, "neg_lse", neg_lse, b, acc);
-  Tensor loss_sum = at::zeros({b}, q.options().dtype(acc));
-  Tensor sigmoid_sum = at::zeros({b}, q.options().dtype(acc));
-  const Problem problem = prepare(q, k, gates, scale, labels, partner_labels, key_labels, false);
+  const Problem problem =
+      prepare(op, q, k, gates, scale, labels, partner_labels, key_labels, false);
+  check_stats_vector(op, "neg_lse", neg_lse, problem.b, problem.stats);
+  Tensor loss_sum = at::zeros({problem.b}, problem.options);
+  Tensor sigmoid_sum = at::zeros({problem.b}, problem.options);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t* lse_data = neg_lse.data_ptr<acc_t>();
     acc_t* loss_data = loss_sum.data_ptr<acc_t>();
     acc_t* sigmoid_data = sigmoid_sum.data_ptr<acc_t>();
-    for_each_logit_tile<acc_t>(
+    logit_pass<acc_t>(
         problem,
         [&](const acc_t* logits, int64_t anchor0, int64_t rows, int64_t cols, GatedMask mask) {
           positives_tile(logits, rows, cols, mask, lse_data + anchor0, loss_data + anchor0,
@@ -440,18 +456,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_bwd(
     const Tensor& labels, const Tensor& partner_labels, const Tensor& key_labels,
     const Tensor& neg_lse, const Tensor& neg_coef, const Tensor& pos_coef, bool need_dk) {
   constexpr const char* op = "gated_bwd";
-  check_inputs(op, q, k, gates, scale, labels, partner_labels, key_labels);
-  const auto acc = stats_dtype(q.scalar_type());
-  const int64_t b = q.size(0);
+  const Problem problem =
+      prepare(op, q, k, gates, scale, labels, partner_labels, key_labels, need_dk);
   const int64_t d = q.size(1);
-  check_stats_vector(op, "neg_lse", neg_lse, b, acc);
-  check_stats_vector(op, "neg_coef", neg_coef, b, acc);
-  check_stats_vector(op, "pos_coef", pos_coef, b, acc);
+  check_stats_vector(op, "neg_lse", neg_lse, problem.b, problem.stats);
+  check_stats_vector(op, "neg_coef", neg_coef, problem.b, problem.stats);
+  check_stats_vector(op, "pos_coef", pos_coef, problem.b, problem.stats);
   Tensor dq = at::empty_like(q);
   Tensor dgates = at::empty_like(gates);
   Tensor dk = need_dk ? at::empty_like(k) : at::empty({0}, k.options());
-  Tensor anchor_dlogit = at::zeros({b}, q.options().dtype(acc));
-  const Problem problem = prepare(q, k, gates, scale, labels, partner_labels, key_labels, need_dk);
+  Tensor anchor_dlogit = at::zeros({problem.b}, problem.options);
   const Anchors& anchors = problem.anchors;
   const Side& keys = problem.keys;
 

@@ -39,8 +39,6 @@ namespace {
 using at::Tensor;
 using OptionalTensor = std::optional<Tensor>;
 
-constexpr int64_t kOuterBlock = 64;   // rows of a tile, one parallel task each
-constexpr int64_t kInnerBlock = 512;  // columns of a tile, streamed
 // Rows and columns of a tile of a TileSchedule.
 constexpr int64_t kPairBlock = 256;
 // Contributions of scheduled tasks that may wait for their turn, per thread:
@@ -369,6 +367,12 @@ template <typename acc_t>
 struct SiglipGradSums {
   acc_t dscale = 0;
   acc_t dbias = 0;
+
+  SiglipGradSums& operator+=(const SiglipGradSums& other) {
+    dscale += other.dscale;
+    dbias += other.dbias;
+    return *this;
+  }
 };
 
 // Writes SigLIP's G_ij = row_coef_i * (-z_ij) * sigmoid(-z_ij (l_ij + b)) of
@@ -443,27 +447,21 @@ TileOperands tile_operands(const Tensor& q, const Tensor& k, at::ScalarType acc,
 template <typename acc_t, typename Epilogue>
 void for_each_logit_tile(const TileOperand& q, const TileOperand& k, int64_t groups,
                          const Epilogue& epilogue) {
-  const int64_t n = q.rows.size(0);
   const int64_t m = k.rows.size(0);
   const int64_t d = q.rows.size(1);
   const acc_t* q_rows = q.rows.data_ptr<acc_t>();
   const acc_t* k_blocked_t = m > 0 ? k.blocked_t.data_ptr<acc_t>() : nullptr;
-  const int64_t row_blocks = num_blocks(n, kOuterBlock);
-  run_tasks(
-      groups, [] { return std::vector<acc_t>(kOuterBlock * kInnerBlock); },
-      [&](std::vector<acc_t>& tile, int64_t group) {
-        const int64_t block_end = (group + 1) * row_blocks / groups;
-        for (int64_t block = group * row_blocks / groups; block < block_end; ++block) {
-          const int64_t query0 = block * kOuterBlock;
-          const int64_t queries = std::min(kOuterBlock, n - query0);
-          for (int64_t key0 = 0; key0 < m; key0 += kInnerBlock) {
-            const int64_t keys = std::min(kInnerBlock, m - key0);
-            matmul(queries, keys, d, q_rows + query0 * d, d, k_blocked_t + key0 * d, keys,
-                   tile.data(), keys, false);
-            epilogue(tile.data(), query0, queries, key0, keys, group);
-          }
-        }
-      });
+  const auto nothing = [](std::vector<acc_t>&, int64_t, int64_t) {};
+  for_each_tile(
+      q.rows.size(0), m, groups, [] { return std::vector<acc_t>(kOuterBlock * kInnerBlock); },
+      nothing,
+      [&](std::vector<acc_t>& tile, int64_t query0, int64_t queries, int64_t key0, int64_t keys,
+          int64_t group) {
+        matmul(queries, keys, d, q_rows + query0 * d, d, k_blocked_t + key0 * d, keys,
+               tile.data(), keys, false);
+        epilogue(tile.data(), query0, queries, key0, keys, group);
+      },
+      nothing);
 }
 
 // Buffers of one thread in gradient_pass.
@@ -486,28 +484,29 @@ void gradient_pass(const TileOperand& outer, const TileOperand& inner, acc_t sca
   const acc_t* outer_rows = outer.rows.data_ptr<acc_t>();
   const acc_t* inner_rows = inner.rows.data_ptr<acc_t>();
   const acc_t* inner_blocked_t = n_inner > 0 ? inner.blocked_t.data_ptr<acc_t>() : nullptr;
-  run_tasks(
-      num_blocks(n_outer, kOuterBlock),
+  // One row block a task: its index is the task's.
+  for_each_tile(
+      n_outer, n_inner, num_blocks(n_outer, kOuterBlock),
       [d] {
         return GradientBuffers<acc_t>{std::vector<acc_t>(kOuterBlock * kInnerBlock),
                                       std::vector<acc_t>(kOuterBlock * d)};
       },
-      [&](GradientBuffers<acc_t>& buffers, int64_t block) {
+      [d](GradientBuffers<acc_t>& buffers, int64_t, int64_t rows) {
+        std::fill(buffers.grad_sum.begin(), buffers.grad_sum.begin() + rows * d, acc_t(0));
+      },
+      [&](GradientBuffers<acc_t>& buffers, int64_t outer0, int64_t rows, int64_t inner0,
+          int64_t cols, int64_t block) {
         acc_t* tile = buffers.tile.data();
-        acc_t* grad_sum = buffers.grad_sum.data();
-        const int64_t outer0 = block * kOuterBlock;
-        const int64_t rows = std::min(kOuterBlock, n_outer - outer0);
-        std::fill(grad_sum, grad_sum + rows * d, acc_t(0));
-        for (int64_t inner0 = 0; inner0 < n_inner; inner0 += kInnerBlock) {
-          const int64_t cols = std::min(kInnerBlock, n_inner - inner0);
-          matmul(rows, cols, d, outer_rows + outer0 * d, d, inner_blocked_t + inner0 * d, cols,
-                 tile, cols, false);
-          grad_tile(tile, outer0, rows, inner0, cols, block);
-          matmul(rows, d, cols, tile, cols, inner_rows + inner0 * d, d, grad_sum, d, true);
-        }
+        matmul(rows, cols, d, outer_rows + outer0 * d, d, inner_blocked_t + inner0 * d, cols,
+               tile, cols, false);
+        grad_tile(tile, outer0, rows, inner0, cols, block);
+        matmul(rows, d, cols, tile, cols, inner_rows + inner0 * d, d, buffers.grad_sum.data(), d,
+               true);
+      },
+      [&](GradientBuffers<acc_t>& buffers, int64_t outer0, int64_t rows) {
         scalar_t* out = d_outer + outer0 * d;
         for (int64_t e = 0; e < rows * d; ++e) {
-          out[e] = static_cast<scalar_t>(scale * grad_sum[e]);
+          out[e] = static_cast<scalar_t>(scale * buffers.grad_sum[e]);
         }
       });
 }
@@ -621,6 +620,23 @@ void write_block(scalar_t* out, const acc_t* by_rows, const acc_t* by_columns, i
   }
 }
 
+// Adds the gradient tile g of a task (span.rows x span.cols) into the
+// accumulator of its row block (row_side): g times the column block's rows,
+// into by_rows; else into its column block's: the row block's transpose
+// (blocked_t layout) times g, into the transposed by_columns.
+template <typename acc_t>
+void add_gradient_tile(const acc_t* g, PairTile span, bool row_side, int64_t d,
+                       const acc_t* col_rows, const acc_t* row_blocked_t, acc_t* by_rows,
+                       acc_t* by_columns) {
+  if (row_side) {
+    matmul(span.rows, d, span.cols, g, span.cols, col_rows + span.col0 * d, d,
+           by_rows + span.row0 * d, d, true);
+  } else {
+    matmul(d, span.cols, span.rows, row_blocked_t + span.row0 * d, span.rows, g, span.cols,
+           by_columns + span.col0 * d, span.cols, true);
+  }
+}
+
 // dq = scale * G k and dk = scale * G^T q from one pass over the tiles of
 // q k^T (rectangular_schedule): grad_tile(tile, g, query0, queries, key0,
 // keys, task) writes a tile's G into g, then G k_J is added into query block
@@ -650,13 +666,8 @@ void gradient_both_sides(const TileOperand& q, const TileOperand& k, acc_t scale
         grad_tile(tile, g.data(), span.row0, span.rows, span.col0, span.cols, task);
       },
       [&](std::vector<acc_t>& g, PairTile span, bool row_side) {
-        if (row_side) {
-          matmul(span.rows, d, span.cols, g.data(), span.cols, k_rows + span.col0 * d, d,
-                 by_rows.data() + span.row0 * d, d, true);
-        } else {
-          matmul(d, span.cols, span.rows, q_blocked_t + span.row0 * d, span.rows, g.data(),
-                 span.cols, by_columns.data() + span.col0 * d, span.cols, true);
-        }
+        add_gradient_tile(g.data(), span, row_side, d, k_rows, q_blocked_t, by_rows.data(),
+                          by_columns.data());
       },
       [&](int32_t accumulator) {  // complete: dq or dk of its rows
         if (accumulator < schedule.first_col) {
@@ -747,15 +758,21 @@ int64_t exclusion_diagonal(std::optional<int64_t> exclude_offset, int64_t n, int
   return *exclude_offset;
 }
 
-// The mask of the tile starting at (query0, key0). The tile-local diagonal is
-// clamped to a value that, like the one it replaces, no pair of a tile
-// reaches whenever it lies beyond the tile's extent.
-PairMask tile_mask(const int32_t* q_labels, const int32_t* k_labels, int64_t diagonal,
-                   int64_t query0, int64_t key0) {
-  constexpr int64_t kBeyondTile = kOuterBlock + kInnerBlock;
-  const int64_t local = std::clamp(query0 + diagonal - key0, -kBeyondTile, kBeyondTile);
-  return {q_labels + query0, k_labels + key0, static_cast<int32_t>(local)};
-}
+// The label codes (mask_labels) and the exclusion diagonal of a call.
+struct TileMasks {
+  const int32_t* q_labels;
+  const int32_t* k_labels;
+  int64_t diagonal;
+
+  // The mask of the tile starting at (query0, key0). The tile-local diagonal
+  // is clamped to a value that, like the one it replaces, no pair of a tile
+  // reaches whenever it lies beyond the tile's extent.
+  PairMask at(int64_t query0, int64_t key0) const {
+    constexpr int64_t kBeyondTile = kOuterBlock + kInnerBlock;
+    const int64_t local = std::clamp(query0 + diagonal - key0, -kBeyondTile, kBeyondTile);
+    return {q_labels + query0, k_labels + key0, static_cast<int32_t>(local)};
+  }
+};
 
 template <typename T>
 const T* data_or_null(const OptionalTensor& t) {
@@ -806,31 +823,111 @@ void merge_row_stats(RowStats<acc_t> into, RowStats<acc_t> part, int64_t count) 
   }
 }
 
-void check_grad_terms(const char* op, int64_t n, int64_t m, at::ScalarType stats,
-                      const OptionalTensor& row_lse, const OptionalTensor& row_coef,
-                      const OptionalTensor& col_lse, const OptionalTensor& col_coef,
-                      const OptionalTensor& pos_coef, const OptionalTensor& pair_lse) {
-  TORCH_CHECK(row_lse.has_value() == row_coef.has_value(), op,
-              ": row_lse and row_coef must be given together");
-  TORCH_CHECK(col_lse.has_value() == col_coef.has_value(), op,
-              ": col_lse and col_coef must be given together");
-  check_optional_stats(op, "row_lse", row_lse, n, stats);
-  check_optional_stats(op, "row_coef", row_coef, n, stats);
-  check_optional_stats(op, "col_lse", col_lse, m, stats);
-  check_optional_stats(op, "col_coef", col_coef, m, stats);
-  check_optional_stats(op, "pos_coef", pos_coef, n, stats);
-  check_optional_stats(op, "pair_lse", pair_lse, n, stats);
+// The optional terms of G as infonce_bwd and infonce_self_bwd take them.
+struct GradTermInputs {
+  const OptionalTensor& row_lse;
+  const OptionalTensor& row_coef;
+  const OptionalTensor& col_lse;
+  const OptionalTensor& col_coef;
+  const OptionalTensor& pos_coef;
+  const OptionalTensor& pair_lse;
+
+  void check(const char* op, int64_t n, int64_t m, at::ScalarType stats) const {
+    TORCH_CHECK(row_lse.has_value() == row_coef.has_value(), op,
+                ": row_lse and row_coef must be given together");
+    TORCH_CHECK(col_lse.has_value() == col_coef.has_value(), op,
+                ": col_lse and col_coef must be given together");
+    check_optional_stats(op, "row_lse", row_lse, n, stats);
+    check_optional_stats(op, "row_coef", row_coef, n, stats);
+    check_optional_stats(op, "col_lse", col_lse, m, stats);
+    check_optional_stats(op, "col_coef", col_coef, m, stats);
+    check_optional_stats(op, "pos_coef", pos_coef, n, stats);
+    check_optional_stats(op, "pair_lse", pair_lse, n, stats);
+  }
+
+  template <typename acc_t>
+  LogitGradTerms<acc_t> terms(bool neg_only) const {
+    return {data_or_null<acc_t>(row_lse),  data_or_null<acc_t>(row_coef),
+            data_or_null<acc_t>(col_lse),  data_or_null<acc_t>(col_coef),
+            data_or_null<acc_t>(pos_coef), data_or_null<acc_t>(pair_lse),
+            neg_only};
+  }
+};
+
+// Which layouts of q and k (TileOperand) an op's passes read.
+enum class Layout {
+  kQueryBlocks,  // for_each_logit_tile, gradient_pass
+  kAllTiles,     // gradient_both_sides
+  kSymmetric,    // for_each_block_pair: q and k are the same rows (operands.q = operands.k)
+};
+
+// The set-up of every op of the core, done in one place (core_args): the
+// checks of q, k, scale and labels, the sizes, the statistics dtype, the
+// masks and the operands of the tile products in the op's layout.
+struct CoreArgs {
+  int64_t n;
+  int64_t m;
+  at::ScalarType stats;
+  at::TensorOptions options;  // of statistics tensors
+  MaskLabels labels;          // the codes that `masks` points into
+  TileMasks masks;
+  TileOperands operands;
+};
+
+CoreArgs core_args(const char* op, const Tensor& q, const Tensor& k, const Tensor& scale,
+                   const OptionalTensor& q_labels, const OptionalTensor& k_labels,
+                   std::optional<int64_t> exclude_offset, Layout layout) {
+  check_core_inputs(op, q, k, scale, q_labels, k_labels);
+  const int64_t n = q.size(0);
+  const int64_t m = k.size(0);
+  const auto stats = stats_dtype(q.scalar_type());
+  MaskLabels labels = mask_labels(q_labels, k_labels, n, m);
+  const TileMasks masks{labels.q.data_ptr<int32_t>(), labels.k.data_ptr<int32_t>(),
+                        exclusion_diagonal(exclude_offset, n, m)};
+  TileOperands operands;
+  switch (layout) {
+    case Layout::kQueryBlocks:
+      operands = tile_operands(q, k, stats, false, true);
+      break;
+    case Layout::kAllTiles:
+      operands = tile_operands(q, k, stats, true, true, kPairBlock);
+      break;
+    case Layout::kSymmetric:
+      operands.q = operands.k = tile_operand(q, stats, true, kPairBlock);
+      break;
+  }
+  return {n, m, stats, q.options().dtype(stats), std::move(labels), masks, std::move(operands)};
 }
 
-template <typename acc_t>
-LogitGradTerms<acc_t> grad_terms(const OptionalTensor& row_lse, const OptionalTensor& row_coef,
-                                 const OptionalTensor& col_lse, const OptionalTensor& col_coef,
-                                 const OptionalTensor& pos_coef, const OptionalTensor& pair_lse,
-                                 bool neg_only) {
-  return {data_or_null<acc_t>(row_lse),  data_or_null<acc_t>(row_coef),
-          data_or_null<acc_t>(col_lse),  data_or_null<acc_t>(col_coef),
-          data_or_null<acc_t>(pos_coef), data_or_null<acc_t>(pair_lse),
-          neg_only};
+// dq, and dk when need_dk, of a backward op: a pass over query blocks
+// (gradient_pass) or one pass over all tiles (gradient_both_sides).
+// grad_tile(tile, g, query0, queries, key0, keys) writes a tile's G into g
+// (which may be the tile) and returns its sums (dscale, ...); they add up per
+// query block or per tile, then in that order, whatever the threads.
+template <typename Sums, typename scalar_t, typename acc_t, typename GradTile>
+Sums gradient_passes(const CoreArgs& args, acc_t scale, bool need_dk, scalar_t* dq, scalar_t* dk,
+                     const GradTile& grad_tile) {
+  std::vector<Sums> parts;
+  if (need_dk) {
+    parts.resize(num_blocks(args.n, kPairBlock) * num_blocks(args.m, kPairBlock));
+    gradient_both_sides(args.operands.q, args.operands.k, scale, dq, dk,
+                        [&](const acc_t* tile, acc_t* g, int64_t query0, int64_t queries,
+                            int64_t key0, int64_t keys, int64_t task) {
+                          parts[task] += grad_tile(tile, g, query0, queries, key0, keys);
+                        });
+  } else {
+    parts.resize(num_blocks(args.n, kOuterBlock));
+    gradient_pass(args.operands.q, args.operands.k, scale, dq,
+                  [&](acc_t* tile, int64_t query0, int64_t queries, int64_t key0, int64_t keys,
+                      int64_t block) {
+                    parts[block] += grad_tile(tile, tile, query0, queries, key0, keys);
+                  });
+  }
+  Sums total{};
+  for (const Sums& part : parts) {
+    total += part;
+  }
+  return total;
 }
 
 // ------------------------------------------------------ symmetric schedule
@@ -855,9 +952,8 @@ RowStats<acc_t> fresh_stats_in(acc_t* buffer) {
 
 // infonce_fwd's row statistics (before finish_lse) of z against itself.
 template <typename acc_t>
-void symmetric_row_stats(const TileOperand& z, acc_t scale, const int32_t* q_labels,
-                         const int32_t* k_labels, int64_t diagonal, bool neg_only,
-                         RowStats<acc_t> stats) {
+void symmetric_row_stats(const TileOperand& z, acc_t scale, const TileMasks& masks,
+                         bool neg_only, RowStats<acc_t> stats) {
   // A contribution: the statistics of the tile's rows, then of its columns.
   for_each_block_pair<acc_t>(
       z, kPendingStats, [] { return std::vector<acc_t>(8 * kPairBlock); },
@@ -867,10 +963,10 @@ void symmetric_row_stats(const TileOperand& z, acc_t scale, const int32_t* q_lab
         if (!pair.diagonal()) {  // first: the row pass overwrites the tile
           infonce_key_major_stats_tile(
               tile, span.rows, span.cols, scale,
-              tile_mask(q_labels, k_labels, diagonal, span.col0, span.row0), neg_only, by_column);
+              masks.at(span.col0, span.row0), neg_only, by_column);
         }
         infonce_row_stats_tile(tile, span.rows, span.cols, scale,
-                               tile_mask(q_labels, k_labels, diagonal, span.row0, span.col0),
+                               masks.at(span.row0, span.col0),
                                neg_only, by_row);
       },
       [&](std::vector<acc_t>& parts, PairTile span, bool row_side) {
@@ -886,9 +982,8 @@ void symmetric_row_stats(const TileOperand& z, acc_t scale, const int32_t* q_lab
 
 // infonce_pair_fwd's sums of z against itself.
 template <typename acc_t>
-void symmetric_pair_terms(const TileOperand& z, acc_t scale, const int32_t* q_labels,
-                          const int32_t* k_labels, int64_t diagonal, const acc_t* neg_lse,
-                          acc_t* loss_sum, acc_t* sigmoid_sum) {
+void symmetric_pair_terms(const TileOperand& z, acc_t scale, const TileMasks& masks,
+                          const acc_t* neg_lse, acc_t* loss_sum, acc_t* sigmoid_sum) {
   // A contribution: loss and sigmoid sums of the tile's rows, then of its
   // columns, kPairBlock values each.
   for_each_block_pair<acc_t>(
@@ -898,11 +993,11 @@ void symmetric_pair_terms(const TileOperand& z, acc_t scale, const int32_t* q_la
         acc_t* row_sums = sums.data();
         acc_t* col_sums = sums.data() + 2 * kPairBlock;
         infonce_pair_tile(tile, span.rows, span.cols, scale,
-                          tile_mask(q_labels, k_labels, diagonal, span.row0, span.col0),
+                          masks.at(span.row0, span.col0),
                           neg_lse + span.row0, row_sums, row_sums + kPairBlock);
         if (!pair.diagonal()) {
           infonce_key_major_pair_tile(tile, span.rows, span.cols, scale,
-                                      tile_mask(q_labels, k_labels, diagonal, span.col0, span.row0),
+                                      masks.at(span.col0, span.row0),
                                       neg_lse + span.col0, col_sums, col_sums + kPairBlock);
         }
       },
@@ -924,9 +1019,8 @@ void symmetric_pair_terms(const TileOperand& z, acc_t scale, const int32_t* q_la
 // the latter as z_I^T H_IJ into a transposed accumulator (the layout of
 // z.blocked_t), which the tile products read and write without copies.
 template <typename scalar_t, typename acc_t>
-acc_t symmetric_gradient(const TileOperand& z, acc_t scale, const int32_t* q_labels,
-                         const int32_t* k_labels, int64_t diagonal, LogitGradTerms<acc_t> terms,
-                         scalar_t* dz) {
+acc_t symmetric_gradient(const TileOperand& z, acc_t scale, const TileMasks& masks,
+                         LogitGradTerms<acc_t> terms, scalar_t* dz) {
   const int64_t n = z.rows.size(0);
   const int64_t d = z.rows.size(1);
   const acc_t* rows = z.rows.data_ptr<acc_t>();
@@ -941,23 +1035,18 @@ acc_t symmetric_gradient(const TileOperand& z, acc_t scale, const int32_t* q_lab
       [&](std::vector<acc_t>& h, acc_t* tile, BlockPair pair, PairTile span, int64_t task) {
         const acc_t by_row = infonce_grad_tile<acc_t, false>(
             tile, h.data(), false, span.rows, span.cols, scale,
-            tile_mask(q_labels, k_labels, diagonal, span.row0, span.col0),
+            masks.at(span.row0, span.col0),
             terms.at(span.row0, span.col0));
         const acc_t by_column = infonce_grad_tile<acc_t, true>(
             tile, h.data(), true, span.rows, span.cols, scale,
-            tile_mask(q_labels, k_labels, diagonal, span.col0, span.row0),
+            masks.at(span.col0, span.row0),
             terms.at(span.col0, span.row0));
         // A diagonal tile holds every pair of its block both ways: count it once.
         dscale_parts[task] = pair.diagonal() ? by_row : by_row + by_column;
       },
       [&](std::vector<acc_t>& h, PairTile span, bool row_side) {
-        if (row_side) {
-          matmul(span.rows, d, span.cols, h.data(), span.cols, rows + span.col0 * d, d,
-                 by_rows.data() + span.row0 * d, d, true);
-        } else {
-          matmul(d, span.cols, span.rows, blocked_t + span.row0 * d, span.rows, h.data(),
-                 span.cols, by_columns.data() + span.col0 * d, span.cols, true);
-        }
+        add_gradient_tile(h.data(), span, row_side, d, rows, blocked_t, by_rows.data(),
+                          by_columns.data());
       },
       [&](int32_t block) {  // complete: dz of its rows
         const int64_t row0 = block * kPairBlock;
@@ -978,27 +1067,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> infonce_fwd(
     const OptionalTensor& k_labels, std::optional<int64_t> exclude_offset, bool neg_only,
     bool col_stats) {
   constexpr const char* op = "infonce_fwd";
-  check_core_inputs(op, q, k, scale, q_labels, k_labels);
+  const bool symmetric = !col_stats && same_rows(q, k);
+  const CoreArgs args = core_args(op, q, k, scale, q_labels, k_labels, exclude_offset,
+                                  symmetric ? Layout::kSymmetric : Layout::kQueryBlocks);
   TORCH_CHECK(!(col_stats && neg_only), op, ": col_stats cannot be combined with neg_only");
-  const int64_t n = q.size(0);
-  const int64_t m = k.size(0);
-  const auto stats = stats_dtype(q.scalar_type());
-  const auto options = q.options().dtype(stats);
-  Tensor row_max = at::full({n}, -INFINITY, options);
-  Tensor row_sum = at::zeros({n}, options);
-  Tensor pos_sum = at::zeros({n}, options);
-  Tensor pos_count = at::zeros({n}, options);
+  const int64_t n = args.n;
+  const int64_t m = args.m;
+  Tensor row_max = at::full({n}, -INFINITY, args.options);
+  Tensor row_sum = at::zeros({n}, args.options);
+  Tensor pos_sum = at::zeros({n}, args.options);
+  Tensor pos_count = at::zeros({n}, args.options);
   const int64_t row_blocks = num_blocks(n, kOuterBlock);
   const int64_t groups = col_stats ? column_groups(row_blocks, m) : row_blocks;
-  Tensor col_max = at::full({col_stats ? groups : 0, m}, -INFINITY, options);
-  Tensor col_sum = at::zeros({col_stats ? groups : 0, m}, options);
-  Tensor col_lse = at::empty({col_stats ? m : 0}, options);
-  const MaskLabels labels = mask_labels(q_labels, k_labels, n, m);
-  const int64_t diagonal = exclusion_diagonal(exclude_offset, n, m);
-  const bool symmetric = !col_stats && same_rows(q, k);
-  const TileOperand z = symmetric ? tile_operand(q, stats, true, kPairBlock) : TileOperand{};
-  const TileOperands operands =
-      symmetric ? TileOperands{} : tile_operands(q, k, stats, false, true);
+  Tensor col_max = at::full({col_stats ? groups : 0, m}, -INFINITY, args.options);
+  Tensor col_sum = at::zeros({col_stats ? groups : 0, m}, args.options);
+  Tensor col_lse = at::empty({col_stats ? m : 0}, args.options);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -1007,17 +1090,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> infonce_fwd(
                                pos_sum.data_ptr<acc_t>(), pos_count.data_ptr<acc_t>()};
     acc_t* col_max_data = col_max.data_ptr<acc_t>();
     acc_t* col_sum_data = col_sum.data_ptr<acc_t>();
-    const int32_t* qy_data = labels.q.data_ptr<int32_t>();
-    const int32_t* ky_data = labels.k.data_ptr<int32_t>();
     if (symmetric) {
-      symmetric_row_stats(z, s, qy_data, ky_data, diagonal, neg_only, rows);
+      symmetric_row_stats(args.operands.q, s, args.masks, neg_only, rows);
     } else {
       for_each_logit_tile<acc_t>(
-          operands.q, operands.k, groups,
+          args.operands.q, args.operands.k, groups,
           [&](acc_t* tile, int64_t query0, int64_t queries, int64_t key0, int64_t keys,
               int64_t group) {
-            const PairMask mask = tile_mask(qy_data, ky_data, diagonal, query0, key0);
-            infonce_row_stats_tile(tile, queries, keys, s, mask, neg_only, rows.at(query0));
+            infonce_row_stats_tile(tile, queries, keys, s, args.masks.at(query0, key0), neg_only,
+                                   rows.at(query0));
             if (col_stats) {
               const int64_t state = group * m + key0;
               column_lse_tile(tile, queries, keys, col_max_data + state, col_sum_data + state);
@@ -1039,19 +1120,12 @@ std::tuple<Tensor, Tensor> infonce_pair_fwd(const Tensor& q, const Tensor& k,
                                             std::optional<int64_t> exclude_offset,
                                             const Tensor& neg_lse) {
   constexpr const char* op = "infonce_pair_fwd";
-  check_core_inputs(op, q, k, scale, q_labels, k_labels);
-  const int64_t n = q.size(0);
-  const int64_t m = k.size(0);
-  const auto stats = stats_dtype(q.scalar_type());
-  check_stats_vector(op, "neg_lse", neg_lse, n, stats);
-  Tensor loss_sum = at::zeros({n}, q.options().dtype(stats));
-  Tensor sigmoid_sum = at::zeros({n}, q.options().dtype(stats));
-  const MaskLabels labels = mask_labels(q_labels, k_labels, n, m);
-  const int64_t diagonal = exclusion_diagonal(exclude_offset, n, m);
   const bool symmetric = same_rows(q, k);
-  const TileOperand z = symmetric ? tile_operand(q, stats, true, kPairBlock) : TileOperand{};
-  const TileOperands operands =
-      symmetric ? TileOperands{} : tile_operands(q, k, stats, false, true);
+  const CoreArgs args = core_args(op, q, k, scale, q_labels, k_labels, exclude_offset,
+                                  symmetric ? Layout::kSymmetric : Layout::kQueryBlocks);
+  check_stats_vector(op, "neg_lse", neg_lse, args.n, args.stats);
+  Tensor loss_sum = at::zeros({args.n}, args.options);
+  Tensor sigmoid_sum = at::zeros({args.n}, args.options);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -1059,16 +1133,14 @@ std::tuple<Tensor, Tensor> infonce_pair_fwd(const Tensor& q, const Tensor& k,
     const acc_t* neg_lse_data = neg_lse.data_ptr<acc_t>();
     acc_t* loss_data = loss_sum.data_ptr<acc_t>();
     acc_t* sigmoid_data = sigmoid_sum.data_ptr<acc_t>();
-    const int32_t* qy = labels.q.data_ptr<int32_t>();
-    const int32_t* ky = labels.k.data_ptr<int32_t>();
     if (symmetric) {
-      symmetric_pair_terms(z, s, qy, ky, diagonal, neg_lse_data, loss_data, sigmoid_data);
+      symmetric_pair_terms(args.operands.q, s, args.masks, neg_lse_data, loss_data, sigmoid_data);
       return;
     }
     for_each_logit_tile<acc_t>(
-        operands.q, operands.k, num_blocks(n, kOuterBlock),
+        args.operands.q, args.operands.k, num_blocks(args.n, kOuterBlock),
         [&](acc_t* tile, int64_t query0, int64_t queries, int64_t key0, int64_t keys, int64_t) {
-          infonce_pair_tile(tile, queries, keys, s, tile_mask(qy, ky, diagonal, query0, key0),
+          infonce_pair_tile(tile, queries, keys, s, args.masks.at(query0, key0),
                             neg_lse_data + query0, loss_data + query0, sigmoid_data + query0);
         });
   });
@@ -1082,55 +1154,27 @@ std::tuple<Tensor, Tensor, Tensor> infonce_bwd(
     const OptionalTensor& col_coef, const OptionalTensor& pos_coef,
     const OptionalTensor& pair_lse, bool need_dk) {
   constexpr const char* op = "infonce_bwd";
-  check_core_inputs(op, q, k, scale, q_labels, k_labels);
-  const int64_t n = q.size(0);
-  const int64_t m = k.size(0);
-  const auto stats = stats_dtype(q.scalar_type());
-  check_grad_terms(op, n, m, stats, row_lse, row_coef, col_lse, col_coef, pos_coef, pair_lse);
+  // dq alone: a pass over query blocks; dq and dk: one pass over all tiles.
+  const CoreArgs args = core_args(op, q, k, scale, q_labels, k_labels, exclude_offset,
+                                  need_dk ? Layout::kAllTiles : Layout::kQueryBlocks);
+  const GradTermInputs grad_inputs{row_lse, row_coef, col_lse, col_coef, pos_coef, pair_lse};
+  grad_inputs.check(op, args.n, args.m, args.stats);
   Tensor dq = at::empty_like(q);
   Tensor dk = need_dk ? at::empty_like(k) : at::empty({0}, k.options());
-  Tensor dscale = at::empty({}, q.options().dtype(stats));
-  const MaskLabels labels = mask_labels(q_labels, k_labels, n, m);
-  const int64_t diagonal = exclusion_diagonal(exclude_offset, n, m);
-  // dq alone: a pass over query blocks; dq and dk: one pass over all tiles.
-  const TileOperands operands = need_dk ? tile_operands(q, k, stats, true, true, kPairBlock)
-                                        : tile_operands(q, k, stats, false, true);
+  Tensor dscale = at::empty({}, args.options);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t s = scale.item<acc_t>();
-    const LogitGradTerms<acc_t> terms =
-        grad_terms<acc_t>(row_lse, row_coef, col_lse, col_coef, pos_coef, pair_lse, neg_only);
-    const int32_t* qy_data = labels.q.data_ptr<int32_t>();
-    const int32_t* ky_data = labels.k.data_ptr<int32_t>();
-    const auto grad_tile = [&](const acc_t* tile, acc_t* g, int64_t query0, int64_t queries,
-                               int64_t key0, int64_t keys) {
-      return infonce_grad_tile<acc_t, false>(tile, g, false, queries, keys, s,
-                                             tile_mask(qy_data, ky_data, diagonal, query0, key0),
-                                             terms.at(query0, key0));
-    };
-    std::vector<acc_t> dscale_parts;
-    if (need_dk) {
-      dscale_parts.resize(num_blocks(n, kPairBlock) * num_blocks(m, kPairBlock));
-      gradient_both_sides(operands.q, operands.k, s, dq.data_ptr<scalar_t>(),
-                          dk.data_ptr<scalar_t>(),
-                          [&](const acc_t* tile, acc_t* g, int64_t query0, int64_t queries,
-                              int64_t key0, int64_t keys, int64_t task) {
-                            dscale_parts[task] = grad_tile(tile, g, query0, queries, key0, keys);
-                          });
-    } else {
-      dscale_parts.resize(num_blocks(n, kOuterBlock));
-      gradient_pass(operands.q, operands.k, s, dq.data_ptr<scalar_t>(),
-                    [&](acc_t* tile, int64_t query0, int64_t queries, int64_t key0, int64_t keys,
-                        int64_t block) {
-                      dscale_parts[block] += grad_tile(tile, tile, query0, queries, key0, keys);
-                    });
-    }
-    acc_t total = 0;
-    for (const acc_t part : dscale_parts) {
-      total += part;
-    }
-    dscale.fill_(total);
+    const LogitGradTerms<acc_t> terms = grad_inputs.terms<acc_t>(neg_only);
+    dscale.fill_(gradient_passes<acc_t>(
+        args, s, need_dk, dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(),
+        [&](const acc_t* tile, acc_t* g, int64_t query0, int64_t queries, int64_t key0,
+            int64_t keys) {
+          return infonce_grad_tile<acc_t, false>(tile, g, false, queries, keys, s,
+                                                 args.masks.at(query0, key0),
+                                                 terms.at(query0, key0));
+        }));
   });
   return {dq, dk, dscale};
 }
@@ -1142,54 +1186,44 @@ std::tuple<Tensor, Tensor> infonce_self_bwd(
     const OptionalTensor& col_coef, const OptionalTensor& pos_coef,
     const OptionalTensor& pair_lse) {
   constexpr const char* op = "infonce_self_bwd";
-  check_core_inputs(op, z, z, scale, q_labels, k_labels);
-  const int64_t n = z.size(0);
-  const auto stats = stats_dtype(z.scalar_type());
-  check_grad_terms(op, n, n, stats, row_lse, row_coef, col_lse, col_coef, pos_coef, pair_lse);
+  const CoreArgs args =
+      core_args(op, z, z, scale, q_labels, k_labels, exclude_offset, Layout::kSymmetric);
+  const GradTermInputs grad_inputs{row_lse, row_coef, col_lse, col_coef, pos_coef, pair_lse};
+  grad_inputs.check(op, args.n, args.n, args.stats);
   Tensor dz = at::empty_like(z);
-  Tensor dscale = at::empty({}, z.options().dtype(stats));
-  const MaskLabels labels = mask_labels(q_labels, k_labels, n, n);
-  const int64_t diagonal = exclusion_diagonal(exclude_offset, n, n);
-  const TileOperand operand = tile_operand(z, stats, true, kPairBlock);
+  Tensor dscale = at::empty({}, args.options);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const LogitGradTerms<acc_t> terms =
-        grad_terms<acc_t>(row_lse, row_coef, col_lse, col_coef, pos_coef, pair_lse, neg_only);
-    dscale.fill_(symmetric_gradient(operand, scale.item<acc_t>(), labels.q.data_ptr<int32_t>(),
-                                    labels.k.data_ptr<int32_t>(), diagonal, terms,
-                                    dz.data_ptr<scalar_t>()));
+    dscale.fill_(symmetric_gradient(args.operands.q, scale.item<acc_t>(), args.masks,
+                                    grad_inputs.terms<acc_t>(neg_only), dz.data_ptr<scalar_t>()));
   });
   return {dz, dscale};
+}
+
+void check_bias(const char* op, const Tensor& bias, const Tensor& scale) {
+  TORCH_CHECK(bias.device().is_cpu() && bias.dim() == 0 &&
+                  bias.scalar_type() == scale.scalar_type(),
+              op, ": bias must be a 0-dim CPU tensor of dtype ", scale.scalar_type());
 }
 
 Tensor siglip_fwd(const Tensor& q, const Tensor& k, const Tensor& scale, const Tensor& bias,
                   const OptionalTensor& q_labels, const OptionalTensor& k_labels) {
   constexpr const char* op = "siglip_fwd";
-  check_core_inputs(op, q, k, scale, q_labels, k_labels);
-  TORCH_CHECK(bias.device().is_cpu() && bias.dim() == 0 &&
-                  bias.scalar_type() == scale.scalar_type(),
-              op, ": bias must be a 0-dim CPU tensor of dtype ", scale.scalar_type());
-  const int64_t n = q.size(0);
-  const int64_t m = k.size(0);
-  Tensor row_loss = at::zeros({n}, q.options().dtype(stats_dtype(q.scalar_type())));
-  const MaskLabels labels = mask_labels(q_labels, k_labels, n, m);
-  const int64_t no_exclusion = exclusion_diagonal(std::nullopt, n, m);
-  const TileOperands operands = tile_operands(q, k, stats_dtype(q.scalar_type()), false, true);
+  const CoreArgs args =
+      core_args(op, q, k, scale, q_labels, k_labels, std::nullopt, Layout::kQueryBlocks);
+  check_bias(op, bias, scale);
+  Tensor row_loss = at::zeros({args.n}, args.options);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t s = scale.item<acc_t>();
     const acc_t b = bias.item<acc_t>();
     acc_t* loss = row_loss.data_ptr<acc_t>();
-    const int32_t* qy_data = labels.q.data_ptr<int32_t>();
-    const int32_t* ky_data = labels.k.data_ptr<int32_t>();
     for_each_logit_tile<acc_t>(
-        operands.q, operands.k, num_blocks(n, kOuterBlock),
+        args.operands.q, args.operands.k, num_blocks(args.n, kOuterBlock),
         [&](acc_t* tile, int64_t query0, int64_t queries, int64_t key0, int64_t keys, int64_t) {
-          siglip_loss_tile(tile, queries, keys, s, b,
-                           tile_mask(qy_data, ky_data, no_exclusion, query0, key0),
-                           loss + query0);
+          siglip_loss_tile(tile, queries, keys, s, b, args.masks.at(query0, key0), loss + query0);
         });
   });
   return row_loss;
@@ -1201,62 +1235,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> siglip_bwd(const Tensor& q, const Ten
                                                       const OptionalTensor& k_labels,
                                                       const Tensor& row_coef, bool need_dk) {
   constexpr const char* op = "siglip_bwd";
-  check_core_inputs(op, q, k, scale, q_labels, k_labels);
-  TORCH_CHECK(bias.device().is_cpu() && bias.dim() == 0 &&
-                  bias.scalar_type() == scale.scalar_type(),
-              op, ": bias must be a 0-dim CPU tensor of dtype ", scale.scalar_type());
-  const int64_t n = q.size(0);
-  const int64_t m = k.size(0);
-  const auto stats = stats_dtype(q.scalar_type());
-  check_stats_vector(op, "row_coef", row_coef, n, stats);
+  const CoreArgs args = core_args(op, q, k, scale, q_labels, k_labels, std::nullopt,
+                                  need_dk ? Layout::kAllTiles : Layout::kQueryBlocks);
+  check_bias(op, bias, scale);
+  check_stats_vector(op, "row_coef", row_coef, args.n, args.stats);
   Tensor dq = at::empty_like(q);
   Tensor dk = need_dk ? at::empty_like(k) : at::empty({0}, k.options());
-  Tensor dscale = at::empty({}, q.options().dtype(stats));
-  Tensor dbias = at::empty({}, q.options().dtype(stats));
-  const MaskLabels labels = mask_labels(q_labels, k_labels, n, m);
-  const int64_t no_exclusion = exclusion_diagonal(std::nullopt, n, m);
-  const TileOperands operands = need_dk ? tile_operands(q, k, stats, true, true, kPairBlock)
-                                        : tile_operands(q, k, stats, false, true);
+  Tensor dscale = at::empty({}, args.options);
+  Tensor dbias = at::empty({}, args.options);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t s = scale.item<acc_t>();
     const acc_t b = bias.item<acc_t>();
     const acc_t* coef = row_coef.data_ptr<acc_t>();
-    const int32_t* qy_data = labels.q.data_ptr<int32_t>();
-    const int32_t* ky_data = labels.k.data_ptr<int32_t>();
-    const auto grad_tile = [&](const acc_t* tile, acc_t* g, int64_t query0, int64_t queries,
-                               int64_t key0, int64_t keys) {
-      return siglip_grad_tile(tile, g, queries, keys, s, b,
-                              tile_mask(qy_data, ky_data, no_exclusion, query0, key0),
-                              coef + query0);
-    };
-    std::vector<SiglipGradSums<acc_t>> parts;
-    const auto add_part = [&](int64_t part, SiglipGradSums<acc_t> sums) {
-      parts[part].dscale += sums.dscale;
-      parts[part].dbias += sums.dbias;
-    };
-    if (need_dk) {
-      parts.resize(num_blocks(n, kPairBlock) * num_blocks(m, kPairBlock));
-      gradient_both_sides(operands.q, operands.k, s, dq.data_ptr<scalar_t>(),
-                          dk.data_ptr<scalar_t>(),
-                          [&](const acc_t* tile, acc_t* g, int64_t query0, int64_t queries,
-                              int64_t key0, int64_t keys, int64_t task) {
-                            add_part(task, grad_tile(tile, g, query0, queries, key0, keys));
-                          });
-    } else {
-      parts.resize(num_blocks(n, kOuterBlock));
-      gradient_pass(operands.q, operands.k, s, dq.data_ptr<scalar_t>(),
-                    [&](acc_t* tile, int64_t query0, int64_t queries, int64_t key0, int64_t keys,
-                        int64_t block) {
-                      add_part(block, grad_tile(tile, tile, query0, queries, key0, keys));
-                    });
-    }
-    SiglipGradSums<acc_t> total;
-    for (const auto& part : parts) {
-      total.dscale += part.dscale;
-      total.dbias += part.dbias;
-    }
+    const SiglipGradSums<acc_t> total = gradient_passes<SiglipGradSums<acc_t>>(
+        args, s, need_dk, dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(),
+        [&](const acc_t* tile, acc_t* g, int64_t query0, int64_t queries, int64_t key0,
+            int64_t keys) {
+          return siglip_grad_tile(tile, g, queries, keys, s, b, args.masks.at(query0, key0),
+                                  coef + query0);
+        });
     dscale.fill_(total.dscale);
     dbias.fill_(total.dbias);
   });

@@ -22,6 +22,14 @@ constexpr int kTile = 32;       // rows of the other side per tile
 constexpr int kChunk = 32;      // features per staged chunk, and per gradient slice
 constexpr float kEps = 1e-12f;  // gated norms are clamped below at kEps (F.normalize)
 
+// f(j) for the kTile rows of a tile, unrolled: a thread's values of the tile
+// (one per row) stay in registers.
+template <typename F>
+__device__ __forceinline__ void for_each_tile_row(F&& f) {
+#pragma unroll
+  for (int j = 0; j < kTile; ++j) f(j);
+}
+
 struct TileBuffer {
   float first[kTile][kChunk + 1];  // +1: consecutive rows in different banks
   float second[kTile][kChunk + 1];
@@ -47,11 +55,10 @@ __device__ void row_tile(TileBuffer& buf, const float* first, const float* secon
                          bool active, const float* other_first, const float* other_second,
                          int64_t j0, int64_t others, int64_t dim, float (&dot)[kTile],
                          float (&sq)[kTile]) {
-#pragma unroll
-  for (int j = 0; j < kTile; ++j) {
+  for_each_tile_row([&](int j) {
     dot[j] = 0.0f;
     sq[j] = 0.0f;
-  }
+  });
   for (int64_t d0 = 0; d0 < dim; d0 += kChunk) {
     __syncthreads();  // everyone is done with the previous contents
     stage(buf, other_first, other_second, j0, others, d0, dim);
@@ -60,11 +67,10 @@ __device__ void row_tile(TileBuffer& buf, const float* first, const float* secon
     for (int c = 0; c < width; ++c) {
       const float x = active ? first[row * dim + d0 + c] : 0.0f;
       const float y = active ? second[row * dim + d0 + c] : 0.0f;
-#pragma unroll
-      for (int j = 0; j < kTile; ++j) {
+      for_each_tile_row([&](int j) {
         dot[j] = fmaf(x, buf.first[j][c], dot[j]);
         sq[j] = fmaf(y, buf.second[j][c], sq[j]);
-      }
+      });
     }
   }
 }
@@ -81,11 +87,10 @@ __device__ void accumulate_slice(TileBuffer& buf, const float* first, const floa
   __syncthreads();
 #pragma unroll
   for (int c = 0; c < kChunk; ++c) {
-#pragma unroll
-    for (int j = 0; j < kTile; ++j) {
+    for_each_tile_row([&](int j) {
       sum_first[c] = fmaf(coef_first[j], buf.first[j][c], sum_first[c]);
       sum_second[c] = fmaf(coef_second[j], buf.second[j][c], sum_second[c]);
-    }
+    });
   }
 }
 
@@ -135,6 +140,40 @@ __device__ __forceinline__ PairGrad pair_grad(float logit, float inv_norm, float
   return {grad * anchor_scale * inv_norm, key_norm, grad * logit};
 }
 
+// What the gradient of a pair needs of its anchor, and the pair's key label.
+struct AnchorTerms {
+  float scale;
+  int64_t own;
+  int64_t partner;
+  float neg_lse;
+  float neg_coef;
+  float pos_coef;
+};
+
+struct TilePair {
+  AnchorTerms anchor;
+  int64_t key;
+};
+
+// Replaces a tile's numerators and squared key norms by their coefficients in
+// the gradient products (pair_grad) and adds its G l into dlogit; pair(j)
+// gives row j's anchor terms and key label, rows from `count` on are padding.
+template <typename Pair>
+__device__ __forceinline__ void gradient_tile(float (&dot)[kTile], float (&sq)[kTile],
+                                              int64_t count, Pair&& pair, float& dlogit) {
+  for_each_tile_row([&](int j) {
+    const TilePair p = pair(j);
+    const float inv = inverse_norm(sq[j]);
+    const bool pos = j < count && p.anchor.partner == p.key;
+    const bool neg = j < count && p.anchor.own != p.key && p.anchor.partner != p.key;
+    const PairGrad g = pair_grad(dot[j] * p.anchor.scale * inv, inv, p.anchor.scale,
+                                 p.anchor.neg_lse, p.anchor.neg_coef, p.anchor.pos_coef, pos, neg);
+    dot[j] = g.numerator;
+    sq[j] = g.key_norm;
+    dlogit += g.dlogit;
+  });
+}
+
 // The tile of anchor `row` against keys [j0, j0 + kTile), and those keys'
 // labels in `keys`. Called by the whole block.
 __device__ void anchor_tile(TileBuffer& buf, int64_t (&keys)[kTile], const GatedOperands& ops,
@@ -169,8 +208,7 @@ __global__ void __launch_bounds__(kRows)
   for (int64_t j0 = 0; j0 < ops.n; j0 += kTile) {
     anchor_tile(buf, keys, ops, row, active, j0, dot, sq);
     const int64_t count = ops.n - j0;
-#pragma unroll
-    for (int j = 0; j < kTile; ++j) {
+    for_each_tile_row([&](int j) {
       if (j < count) {
         const float logit = dot[j] * scale * inverse_norm(sq[j]);
         const bool pos = partner == keys[j];
@@ -190,7 +228,7 @@ __global__ void __launch_bounds__(kRows)
           }
         }
       }
-    }
+    });
     __syncthreads();  // keys are read before the next tile overwrites them
   }
   if (!active) return;
@@ -207,12 +245,12 @@ __global__ void __launch_bounds__(kRows)
   const int64_t row = blockIdx.x * static_cast<int64_t>(kRows) + threadIdx.x;
   const bool active = row < ops.b;
   const int64_t o0 = blockIdx.y * static_cast<int64_t>(kChunk);
-  const float scale = active ? ops.anchor_scale[row] : 0.0f;
-  const int64_t own = active ? ops.labels[row] : 0;
-  const int64_t partner = active ? ops.partner_labels[row] : 0;
-  const float neg_lse = active ? terms.neg_lse[row] : 0.0f;
-  const float neg_coef = active ? terms.neg_coef[row] : 0.0f;
-  const float pos_coef = active ? terms.pos_coef[row] : 0.0f;
+  const AnchorTerms anchor{active ? ops.anchor_scale[row] : 0.0f,
+                           active ? ops.labels[row] : 0,
+                           active ? ops.partner_labels[row] : 0,
+                           active ? terms.neg_lse[row] : 0.0f,
+                           active ? terms.neg_coef[row] : 0.0f,
+                           active ? terms.pos_coef[row] : 0.0f};
   float hk[kChunk] = {};
   float tk[kChunk] = {};
   float dlogit = 0.0f;
@@ -220,18 +258,7 @@ __global__ void __launch_bounds__(kRows)
   float sq[kTile];
   for (int64_t j0 = 0; j0 < ops.n; j0 += kTile) {
     anchor_tile(buf, keys, ops, row, active, j0, dot, sq);
-    const int64_t count = ops.n - j0;
-#pragma unroll
-    for (int j = 0; j < kTile; ++j) {
-      const float inv = inverse_norm(sq[j]);
-      const bool pos = j < count && partner == keys[j];
-      const bool neg = j < count && own != keys[j] && partner != keys[j];
-      const PairGrad g =
-          pair_grad(dot[j] * scale * inv, inv, scale, neg_lse, neg_coef, pos_coef, pos, neg);
-      dot[j] = g.numerator;
-      sq[j] = g.key_norm;
-      dlogit += g.dlogit;
-    }
+    gradient_tile(dot, sq, ops.n - j0, [&](int j) { return TilePair{anchor, keys[j]}; }, dlogit);
     accumulate_slice(buf, ops.k, ops.k_sq, j0, ops.n, o0, ops.dim, dot, sq, hk, tk);
   }
   if (!active) return;
@@ -271,17 +298,14 @@ __global__ void __launch_bounds__(kRows)
       partner[threadIdx.x] = in ? ops.partner_labels[i] : 0;
     }
     __syncthreads();
-    const int64_t count = ops.b - i0;
-#pragma unroll
-    for (int j = 0; j < kTile; ++j) {
-      const float inv = inverse_norm(sq[j]);
-      const bool pos = j < count && partner[j] == key;
-      const bool neg = j < count && own[j] != key && partner[j] != key;
-      const PairGrad g = pair_grad(dot[j] * anchor_scale[j] * inv, inv, anchor_scale[j],
-                                   neg_lse[j], neg_coef[j], pos_coef[j], pos, neg);
-      dot[j] = g.numerator;
-      sq[j] = g.key_norm;
-    }
+    float unused_dlogit = 0.0f;  // the anchor pass keeps G l
+    gradient_tile(
+        dot, sq, ops.b - i0,
+        [&](int j) {
+          return TilePair{
+              {anchor_scale[j], own[j], partner[j], neg_lse[j], neg_coef[j], pos_coef[j]}, key};
+        },
+        unused_dlogit);
     accumulate_slice(buf, ops.a, ops.gate_sq, i0, ops.b, o0, ops.dim, dot, sq, ha, tg);
   }
   if (!active) return;

@@ -10,6 +10,7 @@
 
 #include <tuple>
 
+#include "pyclloss/cuda_binding.h"
 #include "pyclloss/gated_info_nce_cuda.h"
 
 namespace pyclloss::cuda {
@@ -50,11 +51,6 @@ const float* stats_pointer(const Tensor& t, const Tensor& q, const char* name) {
               "gated ops: ", name, " must be a contiguous float32 vector of length ", q.size(0),
               " on ", q.device());
   return t.data_ptr<float>();
-}
-
-void check_launch(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, "pyclloss CUDA kernel ", op, " failed: ",
-              cudaGetErrorString(err));
 }
 
 // The float32 rows of the tiles, and the operand pointers into them.

@@ -211,6 +211,25 @@ struct FragCoords {
   __device__ int col(int n8, int col) const { return warp_col0() + n8 * 8 + 2 * (lane % 4) + col; }
 };
 
+// f(r) for every fragment row r (0 .. kRowsPerThread) of this thread, in order.
+template <class Shape, typename F>
+__device__ __forceinline__ void for_each_frag_row(F&& f) {
+#pragma unroll
+  for (int r = 0; r < Shape::kRowsPerThread; ++r) f(r);
+}
+
+// f(n8, c) for every fragment column of this thread, in order: element c (0,
+// 1) of n8 piece n8 (0 .. kN: kFragN in a logit tile, kOutFragN in a chunk of
+// the output).
+template <int kN, typename F>
+__device__ __forceinline__ void for_each_frag_col(F&& f) {
+#pragma unroll
+  for (int n8 = 0; n8 < kN; ++n8) {
+#pragma unroll
+    for (int c = 0; c < 2; ++c) f(n8, c);
+  }
+}
+
 // ------------------------------------------------------------- warp reductions
 
 // Lanes 4 g .. 4 g + 3 share the rows of a fragment.
@@ -337,25 +356,21 @@ __device__ __forceinline__ void logits_chunk(LogitFrag<Shape>& acc,
               a_tile + (fc.warp_row0() + s * 16 + h * 8 + g) * a_stride + kk);
         }
       }
+      for_each_frag_col<Shape::kFragN>([&](int n8, int c) {
+        const float4 b = *reinterpret_cast<const float4*>(
+            b_tile + (fc.warp_col0() + n8 * 8 + 2 * t + c) * Shape::kChunkStride + kk);
 #pragma unroll
-      for (int n8 = 0; n8 < Shape::kFragN; ++n8) {
+        for (int s = 0; s < Shape::kMmaM; ++s) {
 #pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const float4 b = *reinterpret_cast<const float4*>(
-              b_tile + (fc.warp_col0() + n8 * 8 + 2 * t + c) * Shape::kChunkStride + kk);
-#pragma unroll
-          for (int s = 0; s < Shape::kMmaM; ++s) {
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-              float& d = acc[s][n8][2 * h + c];
-              d = fmaf(a[s][h].x, b.x, d);
-              d = fmaf(a[s][h].y, b.y, d);
-              d = fmaf(a[s][h].z, b.z, d);
-              d = fmaf(a[s][h].w, b.w, d);
-            }
+          for (int h = 0; h < 2; ++h) {
+            float& d = acc[s][n8][2 * h + c];
+            d = fmaf(a[s][h].x, b.x, d);
+            d = fmaf(a[s][h].y, b.y, d);
+            d = fmaf(a[s][h].z, b.z, d);
+            d = fmaf(a[s][h].w, b.w, d);
           }
         }
-      }
+      });
     }
   }
 }
@@ -434,8 +449,7 @@ template <class Shape>
 __device__ __forceinline__ void store_grad_tile(const LogitFrag<Shape>& grad,
                                                 typename Shape::GradElem* grad_tile,
                                                 const FragCoords<Shape>& fc) {
-#pragma unroll
-  for (int r = 0; r < Shape::kRowsPerThread; ++r) {
+  for_each_frag_row<Shape>([&](int r) {
 #pragma unroll
     for (int n8 = 0; n8 < Shape::kFragN; ++n8) {
       const float lo = grad[r >> 1][n8][(r & 1) * 2];
@@ -447,7 +461,7 @@ __device__ __forceinline__ void store_grad_tile(const LogitFrag<Shape>& grad,
         *reinterpret_cast<float2*>(dst) = make_float2(lo, hi);
       }
     }
-  }
+  });
 }
 
 // ------------------------------------------------------------------ the kernel
@@ -534,26 +548,10 @@ __global__ void __launch_bounds__(Op::Shape::kThreads, 1)
   };
 
   Op op(params, a_row0, fc);
-  OutFrag<Shape> acc[kBackward ? kOutChunks : 1];
-  if constexpr (kBackward) {
-#pragma unroll
-    for (int c = 0; c < kOutChunks; ++c)
-#pragma unroll
-      for (int s = 0; s < Shape::kMmaM; ++s)
-#pragma unroll
-        for (int n8 = 0; n8 < Shape::kOutFragN; ++n8)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) acc[c][s][n8][e] = 0.f;
-  }
+  OutFrag<Shape> acc[kBackward ? kOutChunks : 1] = {};
 
   for (int tile = 0; tile < tiles; ++tile) {
-    LogitFrag<Shape> logits;
-#pragma unroll
-    for (int s = 0; s < Shape::kMmaM; ++s)
-#pragma unroll
-      for (int n8 = 0; n8 < Shape::kFragN; ++n8)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) logits[s][n8][e] = 0.f;
+    LogitFrag<Shape> logits = {};
 
     for (int c = 0; c < logit_steps; ++c, ++step) {
       begin_step();
@@ -589,21 +587,16 @@ __global__ void __launch_bounds__(Op::Shape::kThreads, 1)
     const int t = fc.lane % 4;
 #pragma unroll
     for (int c = 0; c < kOutChunks; ++c) {
-#pragma unroll
-      for (int r = 0; r < Shape::kRowsPerThread; ++r) {
+      for_each_frag_row<Shape>([&](int r) {
         const int row = a_row0 + fc.row(r);
-#pragma unroll
-        for (int n8 = 0; n8 < Shape::kOutFragN; ++n8) {
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int col = out_col_begin + c * Shape::kChunk + fc.out_col0() + n8 * 8 + 2 * t + e;
-            if (c < out_steps && row < x.a_rows && col < x.dim) {
-              target.grad[int64_t(row) * x.dim + col] =
-                  Element<T>::from_float(frag_at(acc[c], r, n8, e) * out_scale);
-            }
+        for_each_frag_col<Shape::kOutFragN>([&](int n8, int e) {
+          const int col = out_col_begin + c * Shape::kChunk + fc.out_col0() + n8 * 8 + 2 * t + e;
+          if (c < out_steps && row < x.a_rows && col < x.dim) {
+            target.grad[int64_t(row) * x.dim + col] =
+                Element<T>::from_float(frag_at(acc[c], r, n8, e) * out_scale);
           }
-        }
-      }
+        });
+      });
     }
     if (target.partials != nullptr && blockIdx.y == 0) {
       const double dscale = warp_sum(op.dscale_part());
@@ -692,72 +685,60 @@ class LseStats {
 
   __device__ LseStats(const Params& p, int a_row0, const FragCoords<Shape>& fc)
       : p_(p), fc_(fc), scale_(*p.scale) {
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) {
+    for_each_frag_row<Shape>([&](int r) {
       a_index_[r] = a_row0 + fc.row(r);
       label_[r] = kColumns ? 0 : label_or_zero(p.masks.q_labels, a_index_[r], p.n);
       max2_[r] = kNegInf;
       sum_[r] = 0.f;
       pos_dot_[r] = 0.f;
       pos_count_[r] = 0.f;
-    }
+    });
   }
 
   __device__ void tile(LogitFrag<Shape>& dots, int b_row0) {
     const float scale2 = scale_ * kLog2e;
     const int b_rows = kColumns ? p_.n : p_.m;
     const bool has_labels = !kColumns && p_.masks.q_labels != nullptr;
-#pragma unroll
-    for (int n8 = 0; n8 < Shape::kFragN; ++n8) {
-#pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const int b = b_row0 + fc_.col(n8, c);
-        const bool b_valid = b < b_rows;
-        const int64_t b_label = has_labels ? label_or_zero(p_.masks.k_labels, b, b_rows) : 0;
-#pragma unroll
-        for (int r = 0; r < kRows; ++r) {
-          const int i = kColumns ? b : a_index_[r];
-          const int j = kColumns ? a_index_[r] : b;
-          const bool kept = b_valid && !pair_excluded(p_.masks, i, j);
-          float& dot = frag_at(dots, r, n8, c);
-          bool in_set = kept;
-          if (!kColumns) {
-            const bool positive = has_labels && kept && label_[r] == b_label;
-            if (positive) {
-              pos_dot_[r] += dot;
-              pos_count_[r] += 1.f;
-            }
-            in_set = kept && !(p_.masks.neg_only && positive);
+    for_each_frag_col<Shape::kFragN>([&](int n8, int c) {
+      const int b = b_row0 + fc_.col(n8, c);
+      const bool b_valid = b < b_rows;
+      const int64_t b_label = has_labels ? label_or_zero(p_.masks.k_labels, b, b_rows) : 0;
+      for_each_frag_row<Shape>([&](int r) {
+        const int i = kColumns ? b : a_index_[r];
+        const int j = kColumns ? a_index_[r] : b;
+        const bool kept = b_valid && !pair_excluded(p_.masks, i, j);
+        float& dot = frag_at(dots, r, n8, c);
+        bool in_set = kept;
+        if (!kColumns) {
+          const bool positive = has_labels && kept && label_[r] == b_label;
+          if (positive) {
+            pos_dot_[r] += dot;
+            pos_count_[r] += 1.f;
           }
-          dot = in_set ? dot * scale2 : kNegInf;
+          in_set = kept && !(p_.masks.neg_only && positive);
         }
-      }
-    }
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) {
+        dot = in_set ? dot * scale2 : kNegInf;
+      });
+    });
+    for_each_frag_row<Shape>([&](int r) {
       float tile_max = kNegInf;
-#pragma unroll
-      for (int n8 = 0; n8 < Shape::kFragN; ++n8)
-#pragma unroll
-        for (int c = 0; c < 2; ++c) tile_max = fmaxf(tile_max, frag_at(dots, r, n8, c));
+      for_each_frag_col<Shape::kFragN>(
+          [&](int n8, int c) { tile_max = fmaxf(tile_max, frag_at(dots, r, n8, c)); });
       tile_max = quad_max(tile_max);
       if (tile_max != kNegInf) {
         const float new_max = fmaxf(max2_[r], tile_max);
         float sum = sum_[r] * exp2f(max2_[r] - new_max);
-#pragma unroll
-        for (int n8 = 0; n8 < Shape::kFragN; ++n8)
-#pragma unroll
-          for (int c = 0; c < 2; ++c) sum += exp2f(frag_at(dots, r, n8, c) - new_max);
+        for_each_frag_col<Shape::kFragN>(
+            [&](int n8, int c) { sum += exp2f(frag_at(dots, r, n8, c) - new_max); });
         sum_[r] = sum;
         max2_[r] = new_max;
       }
-    }
+    });
   }
 
   __device__ void finish() {
     const int a_rows = kColumns ? p_.m : p_.n;
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) {
+    for_each_frag_row<Shape>([&](int r) {
       const float sum = quad_sum(sum_[r]);
       const float pos_dot = quad_sum(pos_dot_[r]);
       const float pos_count = quad_sum(pos_count_[r]);
@@ -772,7 +753,7 @@ class LseStats {
           p_.pos_count[a] = pos_count;
         }
       }
-    }
+    });
   }
 
  private:
@@ -803,48 +784,41 @@ class PairStats {
 
   __device__ PairStats(const Params& p, int a_row0, const FragCoords<Shape>& fc)
       : p_(p), fc_(fc), scale_(*p.scale) {
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) {
+    for_each_frag_row<Shape>([&](int r) {
       a_index_[r] = a_row0 + fc.row(r);
       label_[r] = label_or_zero(p.masks.q_labels, a_index_[r], p.n);
       neg_lse_[r] = a_index_[r] < p.n ? p.neg_lse[a_index_[r]] : 0.f;
       loss_[r] = 0.f;
       sigmoid_[r] = 0.f;
-    }
+    });
   }
 
   __device__ void tile(LogitFrag<Shape>& dots, int b_row0) {
-#pragma unroll
-    for (int n8 = 0; n8 < Shape::kFragN; ++n8) {
-#pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const int j = b_row0 + fc_.col(n8, c);
-        const bool j_valid = j < p_.m;
-        const int64_t j_label = label_or_zero(p_.masks.k_labels, j, p_.m);
-#pragma unroll
-        for (int r = 0; r < kRows; ++r) {
-          const bool positive =
-              j_valid && !pair_excluded(p_.masks, a_index_[r], j) && label_[r] == j_label;
-          if (positive) {
-            const float arg = neg_lse_[r] - scale_ * frag_at(dots, r, n8, c);
-            loss_[r] += softplus(arg);
-            sigmoid_[r] += sigmoid(arg);
-          }
+    for_each_frag_col<Shape::kFragN>([&](int n8, int c) {
+      const int j = b_row0 + fc_.col(n8, c);
+      const bool j_valid = j < p_.m;
+      const int64_t j_label = label_or_zero(p_.masks.k_labels, j, p_.m);
+      for_each_frag_row<Shape>([&](int r) {
+        const bool positive =
+            j_valid && !pair_excluded(p_.masks, a_index_[r], j) && label_[r] == j_label;
+        if (positive) {
+          const float arg = neg_lse_[r] - scale_ * frag_at(dots, r, n8, c);
+          loss_[r] += softplus(arg);
+          sigmoid_[r] += sigmoid(arg);
         }
-      }
-    }
+      });
+    });
   }
 
   __device__ void finish() {
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) {
+    for_each_frag_row<Shape>([&](int r) {
       const float loss = quad_sum(loss_[r]);
       const float sig = quad_sum(sigmoid_[r]);
       if (fc_.lane % 4 == 0 && a_index_[r] < p_.n) {
         p_.loss_sum[a_index_[r]] = loss;
         p_.sigmoid_sum[a_index_[r]] = sig;
       }
-    }
+    });
   }
 
  private:
@@ -883,37 +857,30 @@ class SiglipStats {
 
   __device__ SiglipStats(const Params& p, int a_row0, const FragCoords<Shape>& fc)
       : p_(p), fc_(fc), scale_(*p.scale), bias_(*p.bias) {
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) {
+    for_each_frag_row<Shape>([&](int r) {
       a_index_[r] = a_row0 + fc.row(r);
       label_[r] = label_or_zero(p.q_labels, a_index_[r], p.n);
       loss_[r] = 0.f;
-    }
+    });
   }
 
   __device__ void tile(LogitFrag<Shape>& dots, int b_row0) {
-#pragma unroll
-    for (int n8 = 0; n8 < Shape::kFragN; ++n8) {
-#pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const int j = b_row0 + fc_.col(n8, c);
-        const int64_t j_label = label_or_zero(p_.k_labels, j, p_.m);
-#pragma unroll
-        for (int r = 0; r < kRows; ++r) {
-          const float z = siglip_sign(p_, label_[r], j_label);
-          const float term = softplus(-z * fmaf(scale_, frag_at(dots, r, n8, c), bias_));
-          if (j < p_.m) loss_[r] += term;
-        }
-      }
-    }
+    for_each_frag_col<Shape::kFragN>([&](int n8, int c) {
+      const int j = b_row0 + fc_.col(n8, c);
+      const int64_t j_label = label_or_zero(p_.k_labels, j, p_.m);
+      for_each_frag_row<Shape>([&](int r) {
+        const float z = siglip_sign(p_, label_[r], j_label);
+        const float term = softplus(-z * fmaf(scale_, frag_at(dots, r, n8, c), bias_));
+        if (j < p_.m) loss_[r] += term;
+      });
+    });
   }
 
   __device__ void finish() {
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) {
+    for_each_frag_row<Shape>([&](int r) {
       const float loss = quad_sum(loss_[r]);
       if (fc_.lane % 4 == 0 && a_index_[r] < p_.n) p_.row_loss[a_index_[r]] = loss;
-    }
+    });
   }
 
  private:
@@ -970,48 +937,42 @@ class InfoNceGrad {
         fc_(fc),
         scale_(*p.scale),
         grad_scale_(p.grad_scale != nullptr ? *p.grad_scale : 1.f) {
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) {
+    for_each_frag_row<Shape>([&](int r) {
       a_index_[r] = a_row0 + fc.row(r);
       if constexpr (kColumns) {
         a_terms_[r] = key_terms(a_index_[r]);
       } else {
         a_terms_[r] = query_terms(a_index_[r]);
       }
-    }
+    });
   }
 
   __device__ void tile(LogitFrag<Shape>& dots, int b_row0) {
     const int a_rows = kColumns ? p_.m : p_.n;
     const int b_rows = kColumns ? p_.n : p_.m;
     float tile_dscale = 0.f;
-#pragma unroll
-    for (int n8 = 0; n8 < Shape::kFragN; ++n8) {
-#pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const int b = b_row0 + fc_.col(n8, c);
-        BSide b_terms;
-        if constexpr (kColumns) {
-          b_terms = query_terms(b);
-        } else {
-          b_terms = key_terms(b);
-        }
-#pragma unroll
-        for (int r = 0; r < kRows; ++r) {
-          float& dot = frag_at(dots, r, n8, c);
-          float g = 0.f;
-          if (a_index_[r] < a_rows && b < b_rows) {
-            if constexpr (kColumns) {
-              g = grad_logit(b_terms, a_terms_[r], b, a_index_[r], dot);
-            } else {
-              g = grad_logit(a_terms_[r], b_terms, a_index_[r], b, dot);
-            }
-          }
-          tile_dscale = fmaf(g, dot, tile_dscale);
-          dot = g * grad_scale_;
-        }
+    for_each_frag_col<Shape::kFragN>([&](int n8, int c) {
+      const int b = b_row0 + fc_.col(n8, c);
+      BSide b_terms;
+      if constexpr (kColumns) {
+        b_terms = query_terms(b);
+      } else {
+        b_terms = key_terms(b);
       }
-    }
+      for_each_frag_row<Shape>([&](int r) {
+        float& dot = frag_at(dots, r, n8, c);
+        float g = 0.f;
+        if (a_index_[r] < a_rows && b < b_rows) {
+          if constexpr (kColumns) {
+            g = grad_logit(b_terms, a_terms_[r], b, a_index_[r], dot);
+          } else {
+            g = grad_logit(a_terms_[r], b_terms, a_index_[r], b, dot);
+          }
+        }
+        tile_dscale = fmaf(g, dot, tile_dscale);
+        dot = g * grad_scale_;
+      });
+    });
     dscale_ += tile_dscale;
   }
 
@@ -1078,40 +1039,34 @@ class SiglipGrad {
         scale_(*p.scale),
         bias_(*p.bias),
         grad_scale_(p.grad_scale != nullptr ? *p.grad_scale : 1.f) {
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) {
+    for_each_frag_row<Shape>([&](int r) {
       a_index_[r] = a_row0 + fc.row(r);
       a_label_[r] = label_or_zero(kColumns ? p.k_labels : p.q_labels, a_index_[r],
                                   kColumns ? p.m : p.n);
       a_coef_[r] = kColumns ? 0.f : load_or_zero(p.row_coef, a_index_[r], p.n);
-    }
+    });
   }
 
   __device__ void tile(LogitFrag<Shape>& dots, int b_row0) {
     const int a_rows = kColumns ? p_.m : p_.n;
     const int b_rows = kColumns ? p_.n : p_.m;
     float tile_dscale = 0.f, tile_dbias = 0.f;
-#pragma unroll
-    for (int n8 = 0; n8 < Shape::kFragN; ++n8) {
-#pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const int b = b_row0 + fc_.col(n8, c);
-        const int64_t b_label = label_or_zero(kColumns ? p_.q_labels : p_.k_labels, b, b_rows);
-        const float b_coef = kColumns ? load_or_zero(p_.row_coef, b, p_.n) : 0.f;
-#pragma unroll
-        for (int r = 0; r < kRows; ++r) {
-          float& dot = frag_at(dots, r, n8, c);
-          const float coef = kColumns ? b_coef : a_coef_[r];
-          const float z = kColumns ? siglip_sign(p_, b_label, a_label_[r])
-                                   : siglip_sign(p_, a_label_[r], b_label);
-          float g = -z * coef * sigmoid(-z * fmaf(scale_, dot, bias_));
-          if (!(a_index_[r] < a_rows && b < b_rows) || coef == 0.f) g = 0.f;
-          tile_dscale = fmaf(g, dot, tile_dscale);
-          tile_dbias += g;
-          dot = g * grad_scale_;
-        }
-      }
-    }
+    for_each_frag_col<Shape::kFragN>([&](int n8, int c) {
+      const int b = b_row0 + fc_.col(n8, c);
+      const int64_t b_label = label_or_zero(kColumns ? p_.q_labels : p_.k_labels, b, b_rows);
+      const float b_coef = kColumns ? load_or_zero(p_.row_coef, b, p_.n) : 0.f;
+      for_each_frag_row<Shape>([&](int r) {
+        float& dot = frag_at(dots, r, n8, c);
+        const float coef = kColumns ? b_coef : a_coef_[r];
+        const float z = kColumns ? siglip_sign(p_, b_label, a_label_[r])
+                                 : siglip_sign(p_, a_label_[r], b_label);
+        float g = -z * coef * sigmoid(-z * fmaf(scale_, dot, bias_));
+        if (!(a_index_[r] < a_rows && b < b_rows) || coef == 0.f) g = 0.f;
+        tile_dscale = fmaf(g, dot, tile_dscale);
+        tile_dbias += g;
+        dot = g * grad_scale_;
+      });
+    });
     dscale_ += tile_dscale;
     dbias_ += tile_dbias;
   }
@@ -1132,19 +1087,6 @@ class SiglipGrad {
 
 // --------------------------------------------------------------------- launching
 
-template <typename F>
-cudaError_t with_element_type(ElementType type, F&& body) {
-  switch (type) {
-    case ElementType::kFloat32:
-      return body(float{});
-    case ElementType::kFloat16:
-      return body(__half{});
-    case ElementType::kBFloat16:
-      return body(__nv_bfloat16{});
-  }
-  return cudaErrorInvalidValue;
-}
-
 template <typename T>
 Operands<T> make_operands(const void* a, const void* b, int64_t a_rows, int64_t b_rows,
                           int64_t dim) {
@@ -1155,6 +1097,17 @@ Operands<T> make_operands(const void* a, const void* b, int64_t a_rows, int64_t 
   const int chunks = dim > 0 ? static_cast<int>((dim + kChunk - 1) / kChunk) : 1;
   return {static_cast<const T*>(a), static_cast<const T*>(b), static_cast<int>(a_rows),
           static_cast<int>(b_rows), static_cast<int>(dim), chunks, aligned, false};
+}
+
+// Row passes: a = q, b = k. Column passes: a = k, b = q.
+template <typename T>
+Operands<T> row_operands(const CoreProblem& p) {
+  return make_operands<T>(p.q, p.k, p.n, p.m, p.dim);
+}
+
+template <typename T>
+Operands<T> column_operands(const CoreProblem& p) {
+  return make_operands<T>(p.k, p.q, p.m, p.n, p.dim);
 }
 
 // Launches one pass; the block's a rows stay resident in shared memory when
@@ -1216,84 +1169,74 @@ int grad_blocks(int64_t n) { return static_cast<int>((n + kGradBlockM - 1) / kGr
 
 size_t grad_workspace_doubles(int64_t n) { return 2 * static_cast<size_t>(grad_blocks(n)); }
 
-cudaError_t infonce_fwd(ElementType type, const void* q, const void* k, int64_t n, int64_t m,
-                        int64_t dim, const float* scale, const PairMasks& masks, float* row_lse,
-                        float* pos_sum, float* pos_count, float* col_lse, cudaStream_t stream) {
-  return with_element_type(type, [&](auto tag) {
+cudaError_t infonce_fwd(const CoreProblem& p, float* row_lse, float* pos_sum, float* pos_count,
+                        float* col_lse, cudaStream_t stream) {
+  return with_element_type<false>(p.type, [&](auto tag) {
     using T = decltype(tag);
-    const LseStatsParams params{scale, masks, static_cast<int>(n), static_cast<int>(m),
+    const LseStatsParams params{p.scale, p.masks, static_cast<int>(p.n), static_cast<int>(p.m),
                                 row_lse, pos_sum, pos_count, col_lse};
     cudaError_t err =
-        launch_stats<LseStats<StatsShape<T>, false>>(make_operands<T>(q, k, n, m, dim), params,
-                                                     stream);
+        launch_stats<LseStats<StatsShape<T>, false>>(row_operands<T>(p), params, stream);
     if (err != cudaSuccess || col_lse == nullptr) return err;
-    return launch_stats<LseStats<StatsShape<T>, true>>(make_operands<T>(k, q, m, n, dim), params,
-                                                       stream);
+    return launch_stats<LseStats<StatsShape<T>, true>>(column_operands<T>(p), params, stream);
   });
 }
 
-cudaError_t infonce_pair_fwd(ElementType type, const void* q, const void* k, int64_t n,
-                             int64_t m, int64_t dim, const float* scale, const PairMasks& masks,
-                             const float* neg_lse, float* loss_sum, float* sigmoid_sum,
-                             cudaStream_t stream) {
-  return with_element_type(type, [&](auto tag) {
+cudaError_t infonce_pair_fwd(const CoreProblem& p, const float* neg_lse, float* loss_sum,
+                             float* sigmoid_sum, cudaStream_t stream) {
+  return with_element_type<false>(p.type, [&](auto tag) {
     using T = decltype(tag);
-    const PairStatsParams params{scale, masks, static_cast<int>(n), static_cast<int>(m),
+    const PairStatsParams params{p.scale, p.masks, static_cast<int>(p.n), static_cast<int>(p.m),
                                  neg_lse, loss_sum, sigmoid_sum};
-    return launch_stats<PairStats<StatsShape<T>>>(make_operands<T>(q, k, n, m, dim), params,
-                                                  stream);
+    return launch_stats<PairStats<StatsShape<T>>>(row_operands<T>(p), params, stream);
   });
 }
 
-cudaError_t infonce_bwd(ElementType type, const void* q, const void* k, int64_t n, int64_t m,
-                        int64_t dim, const float* scale, const PairMasks& masks,
-                        const InfoNceGradTerms& terms, const float* grad_scale, void* dq, void* dk,
-                        float* dscale, double* workspace, cudaStream_t stream) {
-  return with_element_type(type, [&](auto tag) {
+cudaError_t infonce_bwd(const CoreProblem& p, const InfoNceGradTerms& terms,
+                        const float* grad_scale, void* dq, void* dk, float* dscale,
+                        double* workspace, cudaStream_t stream) {
+  return with_element_type<false>(p.type, [&](auto tag) {
     using T = decltype(tag);
-    const InfoNceGradParams params{scale, masks, static_cast<int>(n), static_cast<int>(m), terms,
-                                   grad_scale};
+    const InfoNceGradParams params{p.scale, p.masks, static_cast<int>(p.n),
+                                   static_cast<int>(p.m), terms, grad_scale};
     cudaError_t err = launch_grad<InfoNceGrad<GradShape<T>, false>>(
-        make_operands<T>(q, k, n, m, dim), params, {static_cast<T*>(dq), workspace}, stream);
+        row_operands<T>(p), params, {static_cast<T*>(dq), workspace}, stream);
     if (err == cudaSuccess && dk != nullptr) {
-      err = launch_grad<InfoNceGrad<GradShape<T>, true>>(make_operands<T>(k, q, m, n, dim), params,
+      err = launch_grad<InfoNceGrad<GradShape<T>, true>>(column_operands<T>(p), params,
                                                          {static_cast<T*>(dk), nullptr}, stream);
     }
     if (err != cudaSuccess) return err;
-    return sum_partials(workspace, grad_blocks(n), dscale, nullptr, stream);
+    return sum_partials(workspace, grad_blocks(p.n), dscale, nullptr, stream);
   });
 }
 
-cudaError_t siglip_fwd(ElementType type, const void* q, const void* k, int64_t n, int64_t m,
-                       int64_t dim, const float* scale, const float* bias,
-                       const int64_t* q_labels, const int64_t* k_labels, float* row_loss,
+cudaError_t siglip_fwd(const CoreProblem& p, const float* bias, float* row_loss,
                        cudaStream_t stream) {
-  return with_element_type(type, [&](auto tag) {
+  return with_element_type<false>(p.type, [&](auto tag) {
     using T = decltype(tag);
-    const SiglipParams params{scale, bias, q_labels, k_labels, static_cast<int>(n),
-                              static_cast<int>(m), row_loss, nullptr, nullptr};
-    return launch_stats<SiglipStats<StatsShape<T>>>(make_operands<T>(q, k, n, m, dim), params,
-                                                    stream);
+    const SiglipParams params{p.scale, bias, p.masks.q_labels, p.masks.k_labels,
+                              static_cast<int>(p.n), static_cast<int>(p.m), row_loss, nullptr,
+                              nullptr};
+    return launch_stats<SiglipStats<StatsShape<T>>>(row_operands<T>(p), params, stream);
   });
 }
 
-cudaError_t siglip_bwd(ElementType type, const void* q, const void* k, int64_t n, int64_t m,
-                       int64_t dim, const float* scale, const float* bias,
-                       const int64_t* q_labels, const int64_t* k_labels, const float* row_coef,
+cudaError_t siglip_bwd(const CoreProblem& p, const float* bias, const float* row_coef,
                        const float* grad_scale, void* dq, void* dk, float* dscale, float* dbias,
                        double* workspace, cudaStream_t stream) {
-  return with_element_type(type, [&](auto tag) {
+  return with_element_type<false>(p.type, [&](auto tag) {
     using T = decltype(tag);
-    const SiglipParams params{scale, bias, q_labels, k_labels, static_cast<int>(n),
-                              static_cast<int>(m), nullptr, row_coef, grad_scale};
+    const SiglipParams params{p.scale, bias, p.masks.q_labels, p.masks.k_labels,
+                              static_cast<int>(p.n), static_cast<int>(p.m), nullptr, row_coef,
+                              grad_scale};
     cudaError_t err = launch_grad<SiglipGrad<GradShape<T>, false>>(
-        make_operands<T>(q, k, n, m, dim), params, {static_cast<T*>(dq), workspace}, stream);
+        row_operands<T>(p), params, {static_cast<T*>(dq), workspace}, stream);
     if (err == cudaSuccess && dk != nullptr) {
-      err = launch_grad<SiglipGrad<GradShape<T>, true>>(make_operands<T>(k, q, m, n, dim), params,
+      err = launch_grad<SiglipGrad<GradShape<T>, true>>(column_operands<T>(p), params,
                                                         {static_cast<T*>(dk), nullptr}, stream);
     }
     if (err != cudaSuccess) return err;
-    return sum_partials(workspace, grad_blocks(n), dscale, dbias, stream);
+    return sum_partials(workspace, grad_blocks(p.n), dscale, dbias, stream);
   });
 }
 

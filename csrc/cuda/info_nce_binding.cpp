@@ -9,9 +9,9 @@
 
 #include <climits>
 #include <optional>
-#include <string>
 #include <tuple>
 
+#include "pyclloss/cuda_binding.h"
 #include "pyclloss/info_nce_cuda.h"
 
 namespace pyclloss::cuda {
@@ -19,43 +19,6 @@ namespace {
 
 using at::Tensor;
 using OptionalTensor = std::optional<Tensor>;
-
-ElementType element_type(const Tensor& x) {
-  switch (x.scalar_type()) {
-    case at::kFloat:
-      return ElementType::kFloat32;
-    case at::kHalf:
-      return ElementType::kFloat16;
-    case at::kBFloat16:
-      return ElementType::kBFloat16;
-    default:
-      TORCH_CHECK(false, "pyclloss CUDA kernels take float32, float16 or bfloat16 inputs, got ",
-                  x.scalar_type());
-  }
-}
-
-// "cuda:0" or "cpu": spelled here rather than by streaming a c10::Device. A
-// failed scale check that streamed devices into its message crashed the process
-// on an H200 (cause not established); the other checks, which stream none, raise.
-std::string device_text(const Tensor& t) {
-  if (t.is_cuda()) return "cuda:" + std::to_string(t.get_device());
-  return t.is_cpu() ? "cpu" : "another device";
-}
-
-void check_operands(const Tensor& q, const Tensor& k) {
-  TORCH_CHECK(q.is_cuda() && k.is_cuda(), "q and k must be CUDA tensors");
-  TORCH_CHECK(q.device() == k.device(), "q and k must be on one device, got ", device_text(q),
-              " and ", device_text(k));
-  TORCH_CHECK(q.dim() == 2 && k.dim() == 2 && q.size(1) == k.size(1),
-              "q must be (N, D) and k (M, D), got ", q.sizes(), " and ", k.sizes());
-  TORCH_CHECK(q.size(1) > 0, "the embedding dimension D must be positive");
-  TORCH_CHECK(q.scalar_type() == k.scalar_type(), "q and k must have one dtype, got ",
-              q.scalar_type(), " and ", k.scalar_type());
-  TORCH_CHECK(q.is_contiguous() && k.is_contiguous(), "q and k must be contiguous");
-  TORCH_CHECK(q.size(0) < INT_MAX && k.size(0) < INT_MAX && q.size(1) < INT_MAX,
-              "q and k have too many rows or columns for the CUDA kernels");
-  element_type(q);
-}
 
 // A 0-dim float32 tensor on q's device (the logit scale, the SigLIP bias).
 const float* scalar_pointer(const Tensor& t, const Tensor& q, const char* name) {
@@ -81,9 +44,24 @@ const float* stats_pointer(const OptionalTensor& t, const Tensor& q, const char*
   return t->data_ptr<float>();
 }
 
-PairMasks pair_masks(const Tensor& q, const Tensor& k, const OptionalTensor& q_labels,
-                     const OptionalTensor& k_labels, std::optional<int64_t> exclude_offset,
-                     bool neg_only) {
+// The set-up of every op, done in one place: the checks of q, k, scale and
+// labels, and the launch's operands and masks (SigLIP passes no exclusion).
+CoreProblem core_problem(const Tensor& q, const Tensor& k, const Tensor& scale,
+                         const OptionalTensor& q_labels, const OptionalTensor& k_labels,
+                         std::optional<int64_t> exclude_offset, bool neg_only) {
+  TORCH_CHECK(q.is_cuda() && k.is_cuda(), "q and k must be CUDA tensors");
+  TORCH_CHECK(q.device() == k.device(), "q and k must be on one device, got ", device_text(q),
+              " and ", device_text(k));
+  TORCH_CHECK(q.dim() == 2 && k.dim() == 2 && q.size(1) == k.size(1),
+              "q must be (N, D) and k (M, D), got ", q.sizes(), " and ", k.sizes());
+  TORCH_CHECK(q.size(1) > 0, "the embedding dimension D must be positive");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type(), "q and k must have one dtype, got ",
+              q.scalar_type(), " and ", k.scalar_type());
+  TORCH_CHECK(q.is_contiguous() && k.is_contiguous(), "q and k must be contiguous");
+  TORCH_CHECK(q.size(0) < INT_MAX && k.size(0) < INT_MAX && q.size(1) < INT_MAX,
+              "q and k have too many rows or columns for the CUDA kernels");
+  const ElementType type = element_type(q, false);
+  const float* scale_ptr = scalar_pointer(scale, q, "scale");
   TORCH_CHECK(q_labels.has_value() == k_labels.has_value(),
               "q_labels and k_labels must be given together");
   PairMasks masks;
@@ -96,12 +74,7 @@ PairMasks pair_masks(const Tensor& q, const Tensor& k, const OptionalTensor& q_l
   masks.has_exclude = exclude_offset.has_value();
   masks.exclude_offset = exclude_offset.value_or(0);
   masks.neg_only = neg_only;
-  return masks;
-}
-
-void check_launch(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, "pyclloss CUDA kernel ", op, " failed: ",
-              cudaGetErrorString(err));
+  return {type, q.data_ptr(), k.data_ptr(), q.size(0), k.size(0), q.size(1), scale_ptr, masks};
 }
 
 Tensor stats_vector(const Tensor& q, int64_t length) {
@@ -142,19 +115,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> infonce_fwd_cuda(
     const Tensor& q, const Tensor& k, const Tensor& scale, const OptionalTensor& q_labels,
     const OptionalTensor& k_labels, std::optional<int64_t> exclude_offset, bool neg_only,
     bool col_stats) {
-  check_operands(q, k);
   TORCH_CHECK(!(col_stats && neg_only),
               "infonce_fwd: col_stats together with neg_only is an error");
-  const float* scale_ptr = scalar_pointer(scale, q, "scale");
-  const PairMasks masks = pair_masks(q, k, q_labels, k_labels, exclude_offset, neg_only);
-  const int64_t n = q.size(0), m = k.size(0);
+  const CoreProblem p = core_problem(q, k, scale, q_labels, k_labels, exclude_offset, neg_only);
   // The device guard comes after the argument checks: a failed check throws
   // before any device state changes.
   const c10::cuda::CUDAGuard guard(q.device());
-  Tensor row_lse = stats_vector(q, n), pos_sum = stats_vector(q, n), pos_count = stats_vector(q, n);
-  Tensor col_lse = stats_vector(q, col_stats ? m : 0);
-  check_launch(infonce_fwd(element_type(q), q.data_ptr(), k.data_ptr(), n, m, q.size(1), scale_ptr,
-                           masks, row_lse.data_ptr<float>(), pos_sum.data_ptr<float>(),
+  Tensor row_lse = stats_vector(q, p.n), pos_sum = stats_vector(q, p.n);
+  Tensor pos_count = stats_vector(q, p.n), col_lse = stats_vector(q, col_stats ? p.m : 0);
+  check_launch(infonce_fwd(p, row_lse.data_ptr<float>(), pos_sum.data_ptr<float>(),
                            pos_count.data_ptr<float>(),
                            col_stats ? col_lse.data_ptr<float>() : nullptr,
                            c10::cuda::getCurrentCUDAStream()),
@@ -167,17 +136,12 @@ std::tuple<Tensor, Tensor> infonce_pair_fwd_cuda(const Tensor& q, const Tensor& 
                                                  const Tensor& k_labels,
                                                  std::optional<int64_t> exclude_offset,
                                                  const Tensor& neg_lse) {
-  check_operands(q, k);
-  const float* scale_ptr = scalar_pointer(scale, q, "scale");
-  const PairMasks masks = pair_masks(q, k, q_labels, k_labels, exclude_offset, false);
-  const int64_t n = q.size(0), m = k.size(0);
-  check_vector(neg_lse, q, "neg_lse", n, at::kFloat);
+  const CoreProblem p = core_problem(q, k, scale, q_labels, k_labels, exclude_offset, false);
+  check_vector(neg_lse, q, "neg_lse", p.n, at::kFloat);
   const c10::cuda::CUDAGuard guard(q.device());
-  Tensor loss_sum = stats_vector(q, n), sigmoid_sum = stats_vector(q, n);
-  check_launch(infonce_pair_fwd(element_type(q), q.data_ptr(), k.data_ptr(), n, m, q.size(1),
-                                scale_ptr, masks, neg_lse.data_ptr<float>(),
-                                loss_sum.data_ptr<float>(), sigmoid_sum.data_ptr<float>(),
-                                c10::cuda::getCurrentCUDAStream()),
+  Tensor loss_sum = stats_vector(q, p.n), sigmoid_sum = stats_vector(q, p.n);
+  check_launch(infonce_pair_fwd(p, neg_lse.data_ptr<float>(), loss_sum.data_ptr<float>(),
+                                sigmoid_sum.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()),
                "infonce_pair_fwd");
   return {loss_sum, sigmoid_sum};
 }
@@ -188,25 +152,21 @@ std::tuple<Tensor, Tensor, Tensor> infonce_bwd_cuda(
     const OptionalTensor& row_lse, const OptionalTensor& row_coef, const OptionalTensor& col_lse,
     const OptionalTensor& col_coef, const OptionalTensor& pos_coef,
     const OptionalTensor& pair_lse, bool need_dk) {
-  check_operands(q, k);
-  const float* scale_ptr = scalar_pointer(scale, q, "scale");
-  const PairMasks masks = pair_masks(q, k, q_labels, k_labels, exclude_offset, neg_only);
-  const int64_t n = q.size(0), m = k.size(0);
+  const CoreProblem p = core_problem(q, k, scale, q_labels, k_labels, exclude_offset, neg_only);
   InfoNceGradTerms terms;
-  terms.row_lse = stats_pointer(row_lse, q, "row_lse", n);
-  terms.row_coef = stats_pointer(row_coef, q, "row_coef", n);
-  terms.col_lse = stats_pointer(col_lse, q, "col_lse", m);
-  terms.col_coef = stats_pointer(col_coef, q, "col_coef", m);
-  terms.pos_coef = stats_pointer(pos_coef, q, "pos_coef", n);
-  terms.pair_lse = stats_pointer(pair_lse, q, "pair_lse", n);
+  terms.row_lse = stats_pointer(row_lse, q, "row_lse", p.n);
+  terms.row_coef = stats_pointer(row_coef, q, "row_coef", p.n);
+  terms.col_lse = stats_pointer(col_lse, q, "col_lse", p.m);
+  terms.col_coef = stats_pointer(col_coef, q, "col_coef", p.m);
+  terms.pos_coef = stats_pointer(pos_coef, q, "pos_coef", p.n);
+  terms.pair_lse = stats_pointer(pair_lse, q, "pair_lse", p.n);
   const c10::cuda::CUDAGuard guard(q.device());
   const OptionalTensor grad_scale =
       fp16_grad_scale(q, {present(row_coef), present(col_coef), present(pos_coef)});
   Tensor dq = at::empty_like(q), dk = empty_grad(k, need_dk);
   Tensor dscale = at::empty({}, q.options().dtype(at::kFloat));
   Tensor workspace = grad_workspace(q);
-  check_launch(infonce_bwd(element_type(q), q.data_ptr(), k.data_ptr(), n, m, q.size(1), scale_ptr,
-                           masks, terms, optional_float_pointer(grad_scale), dq.data_ptr(),
+  check_launch(infonce_bwd(p, terms, optional_float_pointer(grad_scale), dq.data_ptr(),
                            need_dk ? dk.data_ptr() : nullptr, dscale.data_ptr<float>(),
                            workspace.data_ptr<double>(), c10::cuda::getCurrentCUDAStream()),
                "infonce_bwd");
@@ -215,15 +175,11 @@ std::tuple<Tensor, Tensor, Tensor> infonce_bwd_cuda(
 
 Tensor siglip_fwd_cuda(const Tensor& q, const Tensor& k, const Tensor& scale, const Tensor& bias,
                        const OptionalTensor& q_labels, const OptionalTensor& k_labels) {
-  check_operands(q, k);
-  const float* scale_ptr = scalar_pointer(scale, q, "scale");
+  const CoreProblem p = core_problem(q, k, scale, q_labels, k_labels, std::nullopt, false);
   const float* bias_ptr = scalar_pointer(bias, q, "bias");
-  const PairMasks masks = pair_masks(q, k, q_labels, k_labels, std::nullopt, false);
-  const int64_t n = q.size(0), m = k.size(0);
   const c10::cuda::CUDAGuard guard(q.device());
-  Tensor row_loss = stats_vector(q, n);
-  check_launch(siglip_fwd(element_type(q), q.data_ptr(), k.data_ptr(), n, m, q.size(1), scale_ptr,
-                          bias_ptr, masks.q_labels, masks.k_labels, row_loss.data_ptr<float>(),
+  Tensor row_loss = stats_vector(q, p.n);
+  check_launch(siglip_fwd(p, bias_ptr, row_loss.data_ptr<float>(),
                           c10::cuda::getCurrentCUDAStream()),
                "siglip_fwd");
   return row_loss;
@@ -233,20 +189,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> siglip_bwd_cuda(
     const Tensor& q, const Tensor& k, const Tensor& scale, const Tensor& bias,
     const OptionalTensor& q_labels, const OptionalTensor& k_labels, const Tensor& row_coef,
     bool need_dk) {
-  check_operands(q, k);
-  const float* scale_ptr = scalar_pointer(scale, q, "scale");
+  const CoreProblem p = core_problem(q, k, scale, q_labels, k_labels, std::nullopt, false);
   const float* bias_ptr = scalar_pointer(bias, q, "bias");
-  const PairMasks masks = pair_masks(q, k, q_labels, k_labels, std::nullopt, false);
-  const int64_t n = q.size(0), m = k.size(0);
-  check_vector(row_coef, q, "row_coef", n, at::kFloat);
+  check_vector(row_coef, q, "row_coef", p.n, at::kFloat);
   const c10::cuda::CUDAGuard guard(q.device());
   const OptionalTensor grad_scale = fp16_grad_scale(q, {&row_coef});
   Tensor dq = at::empty_like(q), dk = empty_grad(k, need_dk);
   Tensor dscale = at::empty({}, q.options().dtype(at::kFloat));
   Tensor dbias = at::empty({}, q.options().dtype(at::kFloat));
   Tensor workspace = grad_workspace(q);
-  check_launch(siglip_bwd(element_type(q), q.data_ptr(), k.data_ptr(), n, m, q.size(1), scale_ptr,
-                          bias_ptr, masks.q_labels, masks.k_labels, row_coef.data_ptr<float>(),
+  check_launch(siglip_bwd(p, bias_ptr, row_coef.data_ptr<float>(),
                           optional_float_pointer(grad_scale), dq.data_ptr(),
                           need_dk ? dk.data_ptr() : nullptr, dscale.data_ptr<float>(),
                           dbias.data_ptr<float>(), workspace.data_ptr<double>(),

@@ -92,24 +92,8 @@ struct Element<__nv_bfloat16> {
 template <typename T>
 using AccOf = typename Element<T>::Acc;
 
-// Calls fn(T{}) with the element type of `type`.
-template <typename Fn>
-cudaError_t with_element_type(SortElementType type, Fn&& fn) {
-  switch (type) {
-    case SortElementType::kFloat64:
-      return fn(double{});
-    case SortElementType::kFloat32:
-      return fn(float{});
-    case SortElementType::kFloat16:
-      return fn(__half{});
-    case SortElementType::kBFloat16:
-      return fn(__nv_bfloat16{});
-  }
-  return cudaErrorInvalidValue;
-}
-
-size_t acc_bytes(SortElementType type) {
-  return type == SortElementType::kFloat64 ? sizeof(double) : sizeof(float);
+size_t acc_bytes(ElementType type) {
+  return type == ElementType::kFloat64 ? sizeof(double) : sizeof(float);
 }
 
 // ------------------------------------------------------------------- relaxations
@@ -610,12 +594,12 @@ struct LaunchShape {
   int64_t records_per_warp;
 
   int64_t warps() const { return int64_t{blocks} * warps_per_block; }
-  size_t records_bytes(SortElementType type) const {
+  size_t records_bytes(ElementType type) const {
     return static_cast<size_t>(warps() * records_per_warp) * acc_bytes(type);
   }
 };
 
-LaunchShape launch_shape(SortOp op, SortElementType type, int64_t rows,
+LaunchShape launch_shape(SortOp op, ElementType type, int64_t rows,
                          const SortNetwork& network) {
   const WarpFootprint per_warp = footprint(op, network);
   const size_t warp_bytes = per_warp.shared * acc_bytes(type);
@@ -640,7 +624,7 @@ LaunchShape launch_shape(SortOp op, SortElementType type, int64_t rows,
 // [, records]) on the op's launch shape. Workspace: the warps' records, then
 // the runs (count + 2 ints).
 template <typename A, typename Kernel, typename... Args>
-cudaError_t launch(Kernel kernel, SortOp op, SortElementType type, int64_t rows,
+cudaError_t launch(Kernel kernel, SortOp op, ElementType type, int64_t rows,
                    const SortNetwork& network, const SortRelaxation& relaxation,
                    void* workspace, cudaStream_t stream, Args... args) {
   if (rows == 0) return cudaSuccess;
@@ -672,13 +656,13 @@ cudaError_t launch(Kernel kernel, SortOp op, SortElementType type, int64_t rows,
 
 }  // namespace
 
-size_t sort_workspace_bytes(SortOp op, SortElementType type, int64_t rows,
+size_t sort_workspace_bytes(SortOp op, ElementType type, int64_t rows,
                             const SortNetwork& network) {
   const size_t records = rows == 0 ? 0 : launch_shape(op, type, rows, network).records_bytes(type);
   return records + (network.count + 2) * sizeof(int);
 }
 
-cudaError_t diff_sort_forward(SortElementType type, const void* x, int64_t rows,
+cudaError_t diff_sort_forward(ElementType type, const void* x, int64_t rows,
                               const SortNetwork& network, const SortRelaxation& relaxation,
                               void* sorted, void* perm, void* workspace, cudaStream_t stream) {
   return with_element_type(type, [&](auto tag) {
@@ -689,7 +673,7 @@ cudaError_t diff_sort_forward(SortElementType type, const void* x, int64_t rows,
   });
 }
 
-cudaError_t diff_sort_backward(SortElementType type, const void* x, const void* grad_sorted,
+cudaError_t diff_sort_backward(ElementType type, const void* x, const void* grad_sorted,
                                const void* grad_perm, int64_t rows, const SortNetwork& network,
                                const SortRelaxation& relaxation, void* grad_x, void* workspace,
                                cudaStream_t stream) {
@@ -708,7 +692,7 @@ cudaError_t diff_sort_backward(SortElementType type, const void* x, const void* 
   });
 }
 
-cudaError_t diff_sort_apply_forward(SortElementType type, const void* x, const void* v,
+cudaError_t diff_sort_apply_forward(ElementType type, const void* x, const void* v,
                                     int64_t rows, const SortNetwork& network,
                                     const SortRelaxation& relaxation, void* out, void* workspace,
                                     cudaStream_t stream) {
@@ -720,7 +704,7 @@ cudaError_t diff_sort_apply_forward(SortElementType type, const void* x, const v
   });
 }
 
-cudaError_t diff_sort_apply_backward(SortElementType type, const void* x, const void* v,
+cudaError_t diff_sort_apply_backward(ElementType type, const void* x, const void* v,
                                      const void* grad_out, int64_t rows,
                                      const SortNetwork& network, const SortRelaxation& relaxation,
                                      void* grad_x, void* grad_v, void* workspace,

@@ -11,6 +11,7 @@
 #include <optional>
 #include <tuple>
 
+#include "pyclloss/cuda_binding.h"
 #include "pyclloss/sorting_cuda.h"
 
 namespace pyclloss::cuda {
@@ -18,22 +19,6 @@ namespace {
 
 using at::Tensor;
 using OptionalTensor = std::optional<Tensor>;
-
-SortElementType sort_element_type(const Tensor& x) {
-  switch (x.scalar_type()) {
-    case at::kDouble:
-      return SortElementType::kFloat64;
-    case at::kFloat:
-      return SortElementType::kFloat32;
-    case at::kHalf:
-      return SortElementType::kFloat16;
-    case at::kBFloat16:
-      return SortElementType::kBFloat16;
-    default:
-      TORCH_CHECK(false, "pyclloss CUDA sorting kernels take float64, float32, float16 or "
-                  "bfloat16 inputs, got ", x.scalar_type());
-  }
-}
 
 // x: a contiguous (B, n) CUDA tensor with 1 <= n <= max_wires.
 void check_rows(const Tensor& x, int64_t max_wires) {
@@ -43,7 +28,6 @@ void check_rows(const Tensor& x, int64_t max_wires) {
   TORCH_CHECK(x.size(1) >= 1 && x.size(1) <= max_wires,
               "the CUDA kernels take rows of 1 to ", max_wires, " values here, got n = ",
               x.size(1));
-  sort_element_type(x);
 }
 
 // t: contiguous, of `shape`, x's dtype and device.
@@ -72,14 +56,24 @@ SortRelaxation relaxation_of(int64_t distribution, double steepness, double art_
   return {distribution, steepness, art_lambda};
 }
 
-Tensor workspace(SortOp op, const Tensor& x, const SortNetwork& network) {
-  const size_t bytes = sort_workspace_bytes(op, sort_element_type(x), x.size(0), network);
-  return at::empty({static_cast<int64_t>(bytes)}, x.options().dtype(at::kByte));
+// The set-up of every op, done in one place (sort_args): the checks of x and
+// the network, and the launch's element type, network and relaxation.
+struct SortArgs {
+  ElementType type;
+  SortNetwork network;
+  SortRelaxation relaxation;
+};
+
+SortArgs sort_args(const Tensor& x, int64_t max_wires, const Tensor& comparators,
+                   double steepness, int64_t distribution, double art_lambda) {
+  check_rows(x, max_wires);
+  return {element_type(x, true), network_of(comparators, x),
+          relaxation_of(distribution, steepness, art_lambda)};
 }
 
-void check_launch(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, "pyclloss CUDA kernel ", op, " failed: ",
-              cudaGetErrorString(err));
+Tensor workspace(SortOp op, const Tensor& x, const SortArgs& args) {
+  const size_t bytes = sort_workspace_bytes(op, args.type, x.size(0), args.network);
+  return at::empty({static_cast<int64_t>(bytes)}, x.options().dtype(at::kByte));
 }
 
 const void* optional_pointer(const OptionalTensor& t) {
@@ -89,15 +83,14 @@ const void* optional_pointer(const OptionalTensor& t) {
 std::tuple<Tensor, Tensor> diff_sort_fwd_cuda(const Tensor& x, const Tensor& comparators,
                                               double steepness, int64_t distribution,
                                               double art_lambda) {
-  check_rows(x, kMaxSortWires);
+  const SortArgs args =
+      sort_args(x, kMaxSortWires, comparators, steepness, distribution, art_lambda);
   const c10::cuda::CUDAGuard guard(x.device());
-  const SortNetwork network = network_of(comparators, x);
-  const SortRelaxation relaxation = relaxation_of(distribution, steepness, art_lambda);
   const int64_t rows = x.size(0), n = x.size(1);
   Tensor sorted = at::empty_like(x);
   Tensor perm = at::empty({rows, n, n}, x.options());
-  Tensor scratch = workspace(SortOp::kSortForward, x, network);
-  check_launch(diff_sort_forward(sort_element_type(x), x.data_ptr(), rows, network, relaxation,
+  Tensor scratch = workspace(SortOp::kSortForward, x, args);
+  check_launch(diff_sort_forward(args.type, x.data_ptr(), rows, args.network, args.relaxation,
                                  sorted.data_ptr(), perm.data_ptr(), scratch.data_ptr(),
                                  c10::cuda::getCurrentCUDAStream()),
                "diff_sort_fwd");
@@ -107,19 +100,18 @@ std::tuple<Tensor, Tensor> diff_sort_fwd_cuda(const Tensor& x, const Tensor& com
 Tensor diff_sort_bwd_cuda(const Tensor& x, const OptionalTensor& grad_sorted,
                           const OptionalTensor& grad_perm, const Tensor& comparators,
                           double steepness, int64_t distribution, double art_lambda) {
-  check_rows(x, kMaxSortWires);
-  const c10::cuda::CUDAGuard guard(x.device());
-  const SortNetwork network = network_of(comparators, x);
-  const SortRelaxation relaxation = relaxation_of(distribution, steepness, art_lambda);
+  const SortArgs args =
+      sort_args(x, kMaxSortWires, comparators, steepness, distribution, art_lambda);
   const int64_t rows = x.size(0), n = x.size(1);
   if (grad_sorted.has_value()) check_like(*grad_sorted, x.sizes(), x, "grad_sorted");
   if (grad_perm.has_value()) check_like(*grad_perm, {rows, n, n}, x, "grad_perm");
+  const c10::cuda::CUDAGuard guard(x.device());
   Tensor grad_x = at::empty_like(x);
   const SortOp op = grad_perm.has_value() ? SortOp::kSortBackwardWithPerm : SortOp::kSortBackward;
-  Tensor scratch = workspace(op, x, network);
-  check_launch(diff_sort_backward(sort_element_type(x), x.data_ptr(),
+  Tensor scratch = workspace(op, x, args);
+  check_launch(diff_sort_backward(args.type, x.data_ptr(),
                                   optional_pointer(grad_sorted), optional_pointer(grad_perm),
-                                  rows, network, relaxation, grad_x.data_ptr(),
+                                  rows, args.network, args.relaxation, grad_x.data_ptr(),
                                   scratch.data_ptr(), c10::cuda::getCurrentCUDAStream()),
                "diff_sort_bwd");
   return grad_x;
@@ -127,15 +119,14 @@ Tensor diff_sort_bwd_cuda(const Tensor& x, const OptionalTensor& grad_sorted,
 
 Tensor diff_sort_apply_fwd_cuda(const Tensor& x, const Tensor& v, const Tensor& comparators,
                                 double steepness, int64_t distribution, double art_lambda) {
-  check_rows(x, kMaxApplyWires);
+  const SortArgs args =
+      sort_args(x, kMaxApplyWires, comparators, steepness, distribution, art_lambda);
   check_like(v, x.sizes(), x, "v");
   const c10::cuda::CUDAGuard guard(x.device());
-  const SortNetwork network = network_of(comparators, x);
-  const SortRelaxation relaxation = relaxation_of(distribution, steepness, art_lambda);
   Tensor out = at::empty_like(x);
-  Tensor scratch = workspace(SortOp::kApplyForward, x, network);
-  check_launch(diff_sort_apply_forward(sort_element_type(x), x.data_ptr(), v.data_ptr(),
-                                       x.size(0), network, relaxation, out.data_ptr(),
+  Tensor scratch = workspace(SortOp::kApplyForward, x, args);
+  check_launch(diff_sort_apply_forward(args.type, x.data_ptr(), v.data_ptr(),
+                                       x.size(0), args.network, args.relaxation, out.data_ptr(),
                                        scratch.data_ptr(), c10::cuda::getCurrentCUDAStream()),
                "diff_sort_apply_fwd");
   return out;
@@ -145,18 +136,17 @@ std::tuple<Tensor, Tensor> diff_sort_apply_bwd_cuda(const Tensor& x, const Tenso
                                                     const Tensor& grad_out,
                                                     const Tensor& comparators, double steepness,
                                                     int64_t distribution, double art_lambda) {
-  check_rows(x, kMaxApplyWires);
+  const SortArgs args =
+      sort_args(x, kMaxApplyWires, comparators, steepness, distribution, art_lambda);
   check_like(v, x.sizes(), x, "v");
   check_like(grad_out, x.sizes(), x, "grad_out");
   const c10::cuda::CUDAGuard guard(x.device());
-  const SortNetwork network = network_of(comparators, x);
-  const SortRelaxation relaxation = relaxation_of(distribution, steepness, art_lambda);
   Tensor grad_x = at::empty_like(x), grad_v = at::empty_like(v);
-  Tensor scratch = workspace(SortOp::kApplyBackward, x, network);
-  check_launch(diff_sort_apply_backward(sort_element_type(x), x.data_ptr(), v.data_ptr(),
-                                        grad_out.data_ptr(), x.size(0), network, relaxation,
-                                        grad_x.data_ptr(), grad_v.data_ptr(), scratch.data_ptr(),
-                                        c10::cuda::getCurrentCUDAStream()),
+  Tensor scratch = workspace(SortOp::kApplyBackward, x, args);
+  check_launch(diff_sort_apply_backward(args.type, x.data_ptr(), v.data_ptr(),
+                                        grad_out.data_ptr(), x.size(0), args.network,
+                                        args.relaxation, grad_x.data_ptr(), grad_v.data_ptr(),
+                                        scratch.data_ptr(), c10::cuda::getCurrentCUDAStream()),
                "diff_sort_apply_bwd");
   return {grad_x, grad_v};
 }

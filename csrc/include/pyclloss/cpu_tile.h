@@ -1,7 +1,6 @@
-// Tile building blocks of the CPU kernels: the matrix product on raw
-// row-major tile buffers, and the blocked transposed layout that lets it read
-// key tiles without copying. Meant to run inside at::parallel_for, one task
-// per block of rows.
+// Tile building blocks of the CPU kernels: the loop over the tiles of a pass
+// (for_each_tile), the matrix product on raw row-major tile buffers, and the
+// blocked transposed layout that lets it read column tiles without copying.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -10,11 +9,41 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "pyclloss/cpu_schedule.h"
+
 namespace pyclloss::cpu {
+
+constexpr int64_t kOuterBlock = 64;   // rows of a tile: a task's output rows
+constexpr int64_t kInnerBlock = 512;  // columns of a tile, streamed
 
 // Number of blocks of `block` items covering `count` items.
 inline int64_t num_blocks(int64_t count, int64_t block) {
   return (count + block - 1) / block;
+}
+
+// The tiles of a pass of `rows` output rows against `cols` columns: blocks of
+// kOuterBlock rows, split into `groups` consecutive runs, one task each on
+// the intra-op threads (run_tasks); a task visits its row blocks in order,
+// each against the blocks of kInnerBlock columns in order. Each thread makes
+// its buffers once with make_buffers(). Per row block: start(buffers, row0,
+// count), then tile(buffers, row0, count, col0, col_count, group) for every
+// column block, then finish(buffers, row0, count).
+template <typename MakeBuffers, typename Start, typename Tile, typename Finish>
+void for_each_tile(int64_t rows, int64_t cols, int64_t groups, const MakeBuffers& make_buffers,
+                   const Start& start, const Tile& tile, const Finish& finish) {
+  const int64_t row_blocks = num_blocks(rows, kOuterBlock);
+  run_tasks(groups, make_buffers, [&](auto& buffers, int64_t group) {
+    const int64_t block_end = (group + 1) * row_blocks / groups;
+    for (int64_t block = group * row_blocks / groups; block < block_end; ++block) {
+      const int64_t row0 = block * kOuterBlock;
+      const int64_t count = std::min(kOuterBlock, rows - row0);
+      start(buffers, row0, count);
+      for (int64_t col0 = 0; col0 < cols; col0 += kInnerBlock) {
+        tile(buffers, row0, count, col0, std::min(kInnerBlock, cols - col0), group);
+      }
+      finish(buffers, row0, count);
+    }
+  });
 }
 
 template <typename T>

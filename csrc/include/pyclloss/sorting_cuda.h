@@ -20,9 +20,9 @@
 #include <cstddef>
 #include <cstdint>
 
-namespace pyclloss::cuda {
+#include "pyclloss/cuda_element.h"
 
-enum class SortElementType { kFloat64, kFloat32, kFloat16, kBFloat16 };
+namespace pyclloss::cuda {
 
 // Largest row for which diff_sort forms P: a warp keeps the row's Pᵀ in shared
 // memory (wires × (wires + 1) values: 66 KiB at 128 float32 wires, 133 KiB in
@@ -51,29 +51,29 @@ enum class SortOp { kSortForward, kSortBackward, kSortBackwardWithPerm, kApplyFo
                     kApplyBackward };
 
 // Workspace of one launch of `op` on the current device.
-size_t sort_workspace_bytes(SortOp op, SortElementType type, int64_t rows,
+size_t sort_workspace_bytes(SortOp op, ElementType type, int64_t rows,
                             const SortNetwork& network);
 
 // sorted (rows, wires) and perm (rows, wires, wires); wires <= kMaxSortWires.
-cudaError_t diff_sort_forward(SortElementType type, const void* x, int64_t rows,
+cudaError_t diff_sort_forward(ElementType type, const void* x, int64_t rows,
                               const SortNetwork& network, const SortRelaxation& relaxation,
                               void* sorted, void* perm, void* workspace, cudaStream_t stream);
 
 // grad_x from grad_sorted and grad_perm, either may be null (taken as zero);
 // workspace for kSortBackwardWithPerm when grad_perm is given, else kSortBackward.
-cudaError_t diff_sort_backward(SortElementType type, const void* x, const void* grad_sorted,
+cudaError_t diff_sort_backward(ElementType type, const void* x, const void* grad_sorted,
                                const void* grad_perm, int64_t rows, const SortNetwork& network,
                                const SortRelaxation& relaxation, void* grad_x, void* workspace,
                                cudaStream_t stream);
 
 // out = P v per row, without forming P.
-cudaError_t diff_sort_apply_forward(SortElementType type, const void* x, const void* v,
+cudaError_t diff_sort_apply_forward(ElementType type, const void* x, const void* v,
                                     int64_t rows, const SortNetwork& network,
                                     const SortRelaxation& relaxation, void* out, void* workspace,
                                     cudaStream_t stream);
 
 // grad_x and grad_v of diff_sort_apply_forward given grad_out.
-cudaError_t diff_sort_apply_backward(SortElementType type, const void* x, const void* v,
+cudaError_t diff_sort_apply_backward(ElementType type, const void* x, const void* v,
                                      const void* grad_out, int64_t rows,
                                      const SortNetwork& network, const SortRelaxation& relaxation,
                                      void* grad_x, void* grad_v, void* workspace,

@@ -1,0 +1,95 @@
+"""Plain-PyTorch CACR (contrastive attraction and repulsion, Zheng et al.,
+NeurIPS 2021): the spec of the loss and of the fused kernels' contract.
+
+Kernels (the contract of ``pyclloss.ops.cacr``), for anchors a (n, D) and the
+other view's rows b (m, D), anchor i paired with row ``i + offset`` of b
+(itself in the other view, left out of its softmax):
+
+* ``cacr_repulsion_fwd(a, b, τ, offset) -> (mean, lse)``:
+  ``d_ij = ‖a_i − b_j‖²``, ``mean_i = Σ_{j ≠ i+offset} softmax_j(−τ·d_ij)·d_ij``
+  and ``lse_i = LSE_{j ≠ i+offset}(−τ·d_ij)``, both (n,);
+* ``cacr_repulsion_bwd(a, b, mean, lse, grad, τ, offset) -> (grad_a, grad_b)``:
+  the gradient of ``Σ_i grad_i·mean_i`` (through the softmax weights too).
+
+Here they are dense (n×m matrices) and differentiated by autograd.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from .._stats import reduce_anchors, stats_dtype
+
+Tensor = torch.Tensor
+
+
+def squared_distances(a: Tensor, b: Tensor) -> Tensor:
+    """‖a_i − b_j‖² from the differences themselves (exact for near rows, where
+    |a|² + |b|² − 2a·b cancels)."""
+    return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist").square()
+
+
+def _repulsion_stats(a: Tensor, b: Tensor, temperature, offset: int):
+    d = squared_distances(a, b)
+    rows = torch.arange(a.shape[0], device=a.device)
+    other = torch.arange(b.shape[0], device=a.device)[None, :] != (rows + offset)[:, None]
+    logits = (-temperature * d).masked_fill(~other, float("-inf"))
+    weights = torch.softmax(logits, dim=1)
+    mean = torch.where(other, weights * d, torch.zeros_like(d)).sum(1)
+    return mean, torch.logsumexp(logits, dim=1)
+
+
+def cacr_repulsion_fwd(a: Tensor, b: Tensor, temperature: float, offset: int):
+    return _repulsion_stats(a, b, temperature, offset)
+
+
+def cacr_repulsion_bwd(a: Tensor, b: Tensor, mean: Tensor, lse: Tensor, grad: Tensor,
+                       temperature: float, offset: int):
+    with torch.enable_grad():
+        a, b = a.detach().requires_grad_(), b.detach().requires_grad_()
+        recomputed, _ = _repulsion_stats(a, b, temperature, offset)
+        return torch.autograd.grad(recomputed, (a, b), grad)
+
+
+def attraction(z: Tensor, temperature) -> Tensor:
+    """(B,): for views z (V, B, D), Σ_{y≠x} softmax_y(τ⁺·c_xy)·c_xy with
+    c_xy = ‖z^x_i − z^y_i‖², averaged over x. O(V²·B·D): no kernel needed."""
+    views = z.shape[0]
+    cost = (z[:, None] - z[None, :]).square().sum(-1)  # (V, V, B)
+    other = ~torch.eye(views, dtype=torch.bool, device=z.device)[:, :, None]
+    logits = (temperature * cost).masked_fill(~other, float("-inf"))
+    weights = torch.softmax(logits, dim=1)
+    return torch.where(other, weights * cost, torch.zeros_like(cost)).sum(1).mean(0)
+
+
+def view_pairs(views: int):
+    """The repulsion's view pairs (x, y), x < y: anchors in the earlier view."""
+    return [(x, y) for x in range(views) for y in range(x + 1, views)]
+
+
+def cacr_loss(z1, z2, *more_views, attraction_temperature=1.0, repulsion_temperature=1.0,
+              alpha=1.0, beta=1.0, normalize=True, weights=None, reduction="mean"):
+    """CACR (Zheng et al., NeurIPS 2021), the authors' ``our_loss1 + our_loss2``.
+
+    Views z¹…z^V (B, D), V ≥ 2, L2-normalised first unless ``normalize=False``
+    (the authors' encoder ends in an L2 normalisation; their loss itself does
+    not normalise). Per sample i:
+
+    * attraction: α · mean_x Σ_{y≠x} softmax_y(τ⁺·c_xy,i)·c_xy,i, c = ‖z^x_i − z^y_i‖²
+      (the farther positive weighs more);
+    * repulsion: −β · mean_{x<y} Σ_{j≠i} softmax_j(−τ⁻·d_ij)·d_ij, d = ‖z^x_i − z^y_j‖²
+      (anchors of view x against the other samples of each later view y; the
+      nearer negative weighs more).
+
+    The temperatures multiply the costs, as in the authors' code. The softmax
+    weights are not detached. ``reduction="none"`` gives the (B,) per-sample
+    losses; ``weights`` (B,) weigh them.
+    """
+    acc = stats_dtype(z1.dtype)
+    z = torch.stack([z1, z2, *more_views]).to(acc)  # (V, B, D)
+    if normalize:
+        z = F.normalize(z, dim=-1)
+    pairs = view_pairs(z.shape[0])
+    repulsion = torch.stack([_repulsion_stats(z[x], z[y], repulsion_temperature, 0)[0]
+                             for x, y in pairs]).mean(0)
+    per_sample = alpha * attraction(z, attraction_temperature) - beta * repulsion
+    return reduce_anchors(per_sample, None, weights, reduction)

@@ -24,6 +24,7 @@ from .info_nce import (
     siglip_loss,
     supcon,
 )
+from .pair_quality import CACRLoss, cacr_loss
 from .rnc import RnCLoss, rnc_loss
 from .sorting import (
     DiffSortNet,
@@ -71,4 +72,6 @@ __all__ = [
     "rnc_loss",
     "SupReMixLoss",
     "RnCLoss",
+    "cacr_loss",
+    "CACRLoss",
 ]

@@ -298,6 +298,18 @@ class DirectPredictor(nn.Module):
 # ------------------------------------------------------------------------------ CACR
 
 
+def _fixed_real(name: str, value, nonnegative: bool = False) -> float:
+    """A finite hyper-parameter (>= 0 if ``nonnegative``) that gets no gradient,
+    as the float the kernels take (checked on the device while compiling)."""
+    if isinstance(value, Tensor) and value.requires_grad:
+        raise ValueError(f"{name} must be a fixed number (no gradient), got a tensor that "
+                         f"requires grad")
+    ok = (lambda v: torch.isfinite(v) & (v >= 0)) if nonnegative else torch.isfinite
+    _checks._checked_scalar(name, value, torch.device("cpu"), torch.float64, ok,
+                            ">= 0 and finite" if nonnegative else "finite")
+    return float(value)
+
+
 def _cacr_views(views) -> Tuple[Tensor, ...]:
     for k, z in enumerate(views):
         _checks.features(f"z{k + 1}", z)
@@ -333,24 +345,27 @@ def cacr_loss(z1: Tensor, z2: Tensor, *more_views: Tensor, attraction_temperatur
         normalize: L2-normalise each view first (the authors' encoder does).
         weights: optional (B,) per-sample weights >= 0 ("mean" is Σ w L / Σ w).
         reduction: "mean", "sum" or "none" ((B,) per-sample losses).
-        backend: "auto", "cpp", "triton" or "reference".
+        backend: "auto", "cpp", "triton" (float32 statistics: not for float64
+            inputs, which "auto" gives the reference kernels) or "reference".
         gather_distributed, process_group: run over a torch.distributed group:
             the anchors stay local, each later view's rows are gathered from
             every rank (docs/distributed.md: the loss of the global batch,
             gradients of the sum over ranks).
     """
     views = _cacr_views((z1, z2) + tuple(more_views))
-    tau_pos = _real("attraction_temperature", attraction_temperature, low=0.0)
-    tau_neg = _real("repulsion_temperature", repulsion_temperature, low=0.0)
-    alpha, beta = _real("alpha", alpha), _real("beta", beta)
+    tau_pos = _fixed_real("attraction_temperature", attraction_temperature, nonnegative=True)
+    tau_neg = _fixed_real("repulsion_temperature", repulsion_temperature, nonnegative=True)
+    alpha, beta = _fixed_real("alpha", alpha), _fixed_real("beta", beta)
     if not isinstance(normalize, bool):
         raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
     reduction = _checks.reduction(reduction)
     b, device, acc = z1.shape[0], z1.device, stats_dtype(z1.dtype)
     weights = _checks.weights("weights", weights, b, device, acc)
     ex = distributed.exchange(gather_distributed, process_group, "all_gather")
-    backend = resolve(backend, device, cacr_ops.KERNELS.backends, family="cacr",
-                      dtype=z1.dtype, size=z1.shape[1])
+    requested = backend
+    backend = resolve(backend, device, cacr_ops.KERNELS.backends)
+    if requested == "auto" and backend == "triton" and acc == torch.float64:
+        backend = "reference"  # the Triton kernels keep float32 statistics
     if backend == "reference" and ex is None:
         return cacr_reference.cacr_loss(
             *views, attraction_temperature=tau_pos, repulsion_temperature=tau_neg, alpha=alpha,

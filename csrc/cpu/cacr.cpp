@@ -11,7 +11,8 @@
 //           (the weights' Jacobian included), and ∂d_ij/∂a_i = 2(a_i − b_j):
 //             grad a_i = 2·(Σ_j G_ij·a_i − Σ_j G_ij·b_j)
 //             grad b_j = 2·(Σ_i G_ij·b_j − Σ_i G_ij·a_i)
-//           one pass over blocks of a for grad a and one over blocks of b for
+//           (near pairs from their differences, below), one pass over
+//           blocks of a for grad a and one over blocks of b for
 //           grad b, each block written by one task: results do not depend on
 //           the number of threads, and no n×m buffer exists.
 //
@@ -85,10 +86,11 @@ PYCLLOSS_VECTOR_CLONES T direct_distance(const T* x, const T* y, int64_t d) {
   return sq;
 }
 
-// tile (rows x cols) = ‖x_{x0+r} − y_{y0+c}‖², accurate for near pairs.
+// tile (rows x cols) = ‖x_{x0+r} − y_{y0+c}‖², accurate for near pairs; the
+// entries recomputed from the differences are appended to `near` if given.
 template <typename T>
 void distance_tile(const Rows<T>& x, const Rows<T>& y, int64_t x0, int64_t rows, int64_t y0,
-                   int64_t cols, T* tile) {
+                   int64_t cols, T* tile, std::vector<int64_t>* near = nullptr) {
   const int64_t d = x.d;
   matmul(rows, cols, d, x.data + x0 * d, d, y.blocked_t + y0 * d, cols, tile, cols, false);
   for (int64_t r = 0; r < rows; ++r) {
@@ -98,11 +100,22 @@ void distance_tile(const Rows<T>& x, const Rows<T>& y, int64_t x0, int64_t rows,
     for (int64_t c = 0; c < cols; ++c) {
       const T norms = x_sq + y_sq[c];
       const T dist = norms - T(2) * out[c];
-      out[c] = dist < T(kNearFraction) * norms
-                   ? direct_distance(x.data + (x0 + r) * d, y.data + (y0 + c) * d, d)
-                   : dist;
+      if (dist < T(kNearFraction) * norms) {
+        out[c] = direct_distance(x.data + (x0 + r) * d, y.data + (y0 + c) * d, d);
+        if (near != nullptr) near->push_back(r * cols + c);
+      } else {
+        out[c] = dist;
+      }
     }
   }
+}
+
+// out += coef·(x − y): a near pair's gradient from its difference, which the
+// GEMM form Σ G·x − G·y would lose to cancellation like the distance itself.
+template <typename T>
+PYCLLOSS_VECTOR_CLONES void add_difference(T coef, const T* x, const T* y, int64_t d, T* out) {
+#pragma omp simd
+  for (int64_t e = 0; e < d; ++e) out[e] += coef * (x[e] - y[e]);
 }
 
 // Σ_c e^(−τ·d_c − shift) and Σ_c e^(−τ·d_c − shift)·d_c over a tile row,
@@ -203,12 +216,14 @@ struct AnchorStats {
 
 template <typename T>
 struct GradientBuffers {
-  std::vector<T> tile, grad_sum, coef_sum;
+  std::vector<T> tile, grad_sum, coef_sum, near_sum;
+  std::vector<int64_t> near;
 };
 
-// grad outer_p = 2·(Σ_q G_pq·outer_p − Σ_q G_pq·inner_q), one task per block of
-// outer rows. The anchors are the outer rows (grad a) or the inner rows
-// (grad b); anchor i pairs with row i + offset of the others.
+// grad outer_p = 2·Σ_q G_pq·(outer_p − inner_q), one task per block of outer
+// rows: as 2·(Σ_q G_pq·outer_p − G·inner) for far pairs (a GEMM), from the
+// differences for near ones. The anchors are the outer rows (grad a) or the
+// inner rows (grad b); anchor i pairs with row i + offset of the others.
 template <typename T, bool kAnchorsOuter>
 void gradient_pass(const Rows<T>& outer, const Rows<T>& inner, const AnchorStats<T>& stats,
                    int64_t offset, T* grad_out) {
@@ -217,28 +232,40 @@ void gradient_pass(const Rows<T>& outer, const Rows<T>& inner, const AnchorStats
       num_blocks(outer.n, kRowBlock),
       [d] {
         return GradientBuffers<T>{std::vector<T>(kRowBlock * kColBlock),
-                                  std::vector<T>(kRowBlock * d), std::vector<T>(kRowBlock)};
+                                  std::vector<T>(kRowBlock * d), std::vector<T>(kRowBlock),
+                                  std::vector<T>(kRowBlock * d), {}};
       },
       [&](GradientBuffers<T>& buffers, int64_t block) {
         const int64_t p0 = block * kRowBlock, rows = std::min(kRowBlock, outer.n - p0);
         T* tile = buffers.tile.data();
         T* grad_sum = buffers.grad_sum.data();
         T* coef_sum = buffers.coef_sum.data();
+        T* near_sum = buffers.near_sum.data();
         std::fill(grad_sum, grad_sum + rows * d, T(0));
+        std::fill(near_sum, near_sum + rows * d, T(0));
         std::fill(coef_sum, coef_sum + rows, T(0));
         for (int64_t q0 = 0; q0 < inner.n; q0 += kColBlock) {
           const int64_t cols = std::min(kColBlock, inner.n - q0);
-          distance_tile(outer, inner, p0, rows, q0, cols, tile);
+          buffers.near.clear();
+          distance_tile(outer, inner, p0, rows, q0, cols, tile, &buffers.near);
           for (int64_t r = 0; r < rows; ++r) {
             T* g = tile + r * cols;
             const int64_t p = p0 + r;
-            T total = 0;
             for (int64_t c = 0; c < cols; ++c) {
               const int64_t q = q0 + c;
               const int64_t i = kAnchorsOuter ? p : q, j = kAnchorsOuter ? q : p;
               g[c] = j == i + offset ? T(0) : stats.coefficient(i, g[c]);
-              total += g[c];
             }
+          }
+          for (const int64_t entry : buffers.near) {
+            const int64_t r = entry / cols, c = entry % cols;
+            add_difference(tile[entry], outer.data + (p0 + r) * d, inner.data + (q0 + c) * d, d,
+                           near_sum + r * d);
+            tile[entry] = T(0);  // out of the GEMM part
+          }
+          for (int64_t r = 0; r < rows; ++r) {
+            T total = 0;
+            for (int64_t c = 0; c < cols; ++c) total += tile[r * cols + c];
             coef_sum[r] += total;
           }
           matmul(rows, d, cols, tile, cols, inner.data + q0 * d, d, grad_sum, d, true);
@@ -246,7 +273,8 @@ void gradient_pass(const Rows<T>& outer, const Rows<T>& inner, const AnchorStats
         for (int64_t r = 0; r < rows; ++r) {
           const T* x = outer.data + (p0 + r) * d;
           T* out = grad_out + (p0 + r) * d;
-          for (int64_t e = 0; e < d; ++e) out[e] = T(2) * (coef_sum[r] * x[e] - grad_sum[r * d + e]);
+          for (int64_t e = 0; e < d; ++e)
+            out[e] = T(2) * (coef_sum[r] * x[e] - grad_sum[r * d + e] + near_sum[r * d + e]);
         }
       });
 }

@@ -105,15 +105,23 @@ def test_float32_small_distances_are_exact(backend, case, normalize):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_extreme_temperatures_and_equal_rows(backend):
-    # τ⁻ = 0 (uniform weights), a very sharp τ⁻, and a batch of equal rows
-    # (every distance 0): finite, and the reference's values.
+    # τ⁻ = 0 (uniform weights) and a sharp τ⁻; at τ⁻ = 1e4 the weights magnify a
+    # float32 rounding δ of d by τ⁻·δ (about 1e-3 here), which bounds any float32
+    # kernel: finite, and the reference's value within that. A batch of equal rows
+    # (every distance 0) gives 0 and a finite gradient.
     b = SIZES[backend][-1]
     zs = [torch.randn(b, 5) for _ in range(2)]
-    for tau in (0.0, 1e4):
+    for tau in (0.0, 30.0):
         check_against_reference(
             lambda *z: pyclloss.cacr_loss(*z, repulsion_temperature=tau, backend=backend),
             lambda *z: ref.cacr_loss(*z, repulsion_temperature=tau), zs, torch.float32,
             f"{backend} tau={tau}")
+    fused = [z.clone().requires_grad_() for z in zs]
+    loss = pyclloss.cacr_loss(*fused, repulsion_temperature=1e4, backend=backend)
+    loss.backward()
+    assert_close_rel(loss, ref.cacr_loss(*[z.double() for z in zs], repulsion_temperature=1e4),
+                     1e-3, "tau=1e4")
+    assert all(torch.isfinite(z.grad).all() for z in fused)
     same = torch.ones(b, 5, requires_grad=True)
     loss = pyclloss.cacr_loss(same, same, backend=backend)
     loss.backward()

@@ -2,12 +2,15 @@
 the float64 reference on fresh random inputs (values and gradients, every
 dtype, odd sizes, 2 and 3 views, near-duplicate rows and rows far from the
 origin, weights, reductions), float64 gradcheck, the custom-op contract,
-torch.compile, bad input, and two gloo ranks against the global batch. The
+torch.compile, bad input, two gloo ranks against the global batch, and the
+trainer's ``--loss cacr``. The
 reference itself is checked against the authors' code in test_pair_quality."""
+
+import json
+import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import fused_backends
 from test_distributed import _spawn
 from test_info_nce import assert_close_rel, check_against_reference
@@ -246,3 +249,21 @@ def test_two_ranks_match_the_global_batch(tmp_path):
                 # gradients of the sum over ranks of the (equal) returned losses
                 assert_close_rel(g, 2 * z.grad[start:start + DIST_SIZES[rank]], 1e-5,
                                  f"{backend} rank {rank} grad")
+
+
+# --------------------------------------------------------------------- trainer
+
+
+def test_trainer_learns_with_cacr_on_the_default_data(tmp_path, monkeypatch):
+    from pyclloss.tools.train import main
+
+    monkeypatch.chdir(tmp_path)
+    summary_path = tmp_path / "summary.json"
+    assert main(["--loss", "cacr", "--epochs", "2", "--batch-size", "128", "--width", "8",
+                 "--threads", "1", "--quiet", "--summary", str(summary_path)]) == 0
+    summary = json.loads(summary_path.read_text())
+    losses = summary["epoch_losses"]
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+    assert losses[1] < losses[0]  # the loss goes down
+    for metric in ("knn_accuracy", "linear_probe_accuracy"):
+        assert 0.3 < summary["evaluation"]["final"][metric] <= 1.0  # 10 classes: chance 0.1

@@ -163,4 +163,11 @@ LOSSES: Dict[str, LossEntry] = {
         lambda dim, classes, cfg: GroCoViews(cfg.backend, cfg.temperature),
         temperature=1.0, about="GroCo: relaxed sorting of the positive above the hardest "
                                "negatives (steepness = 1 / temperature)"),
+    # CACR: the two views' embeddings, no labels; the temperature multiplies the
+    # costs of both softmaxes, as the authors' τ⁺ and τ⁻.
+    "cacr": LossEntry(
+        lambda dim, classes, cfg: QueryKeyLoss(pyclloss.CACRLoss(
+            cfg.temperature, cfg.temperature, backend=cfg.backend)),
+        temperature=1.0, about="CACR: contrastive attraction and repulsion (temperature = the "
+                               "authors' inverse temperature of both softmaxes)"),
 }

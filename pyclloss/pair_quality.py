@@ -370,15 +370,13 @@ def cacr_loss(z1: Tensor, z2: Tensor, *more_views: Tensor, attraction_temperatur
         return cacr_reference.cacr_loss(
             *views, attraction_temperature=tau_pos, repulsion_temperature=tau_neg, alpha=alpha,
             beta=beta, normalize=normalize, weights=weights, reduction=reduction)
-    z = torch.stack(views).to(acc)
-    if normalize:
-        z = F.normalize(z, dim=-1)
+    z = [F.normalize(v.to(acc), dim=1) if normalize else v.to(acc) for v in views]
     offset, sizes = 0, None
     if ex is not None:
         layout = ex.layout(b, z1, reduction, attraction_temperature=tau_pos,
                            repulsion_temperature=tau_neg)
         offset, sizes = layout.offset, layout.sizes
-    pairs = cacr_reference.view_pairs(z.shape[0])
+    pairs = cacr_reference.view_pairs(len(z))
     repulsion = 0
     for x, y in pairs:
         others = z[y] if ex is None else distributed.all_gather_with_grad(z[y], ex.group, sizes)

@@ -58,12 +58,16 @@ def cacr_repulsion_bwd(a: Tensor, b: Tensor, mean: Tensor, lse: Tensor, grad: Te
     return 2 * (g.sum(1)[:, None] * a - g @ b), 2 * (g.sum(0)[:, None] * b - g.T @ a)
 
 
-def attraction(z: Tensor, temperature) -> Tensor:
-    """(B,): for views z (V, B, D), Σ_{y≠x} softmax_y(τ⁺·c_xy)·c_xy with
-    c_xy = ‖z^x_i − z^y_i‖², averaged over x. O(V²·B·D): no kernel needed."""
-    views = z.shape[0]
-    cost = (z[:, None] - z[None, :]).square().sum(-1)  # (V, V, B)
-    other = ~torch.eye(views, dtype=torch.bool, device=z.device)[:, :, None]
+def attraction(z, temperature) -> Tensor:
+    """(B,): for views z (V of them, (B, D) each: a list or a (V, B, D) tensor),
+    Σ_{y≠x} softmax_y(τ⁺·c_xy)·c_xy with c_xy = ‖z^x_i − z^y_i‖², averaged over x.
+    O(V²·B·D) work, (B, D) temporaries: no kernel needed."""
+    views = len(z)
+    pair_cost = {(x, y): (z[x] - z[y]).square().sum(-1) for x, y in view_pairs(views)}
+    zero = torch.zeros_like(pair_cost[0, 1])
+    cost = torch.stack([torch.stack([zero if x == y else pair_cost[min(x, y), max(x, y)]
+                                     for y in range(views)]) for x in range(views)])  # (V, V, B)
+    other = ~torch.eye(views, dtype=torch.bool, device=cost.device)[:, :, None]
     logits = (temperature * cost).masked_fill(~other, float("-inf"))
     weights = torch.softmax(logits, dim=1)
     return torch.where(other, weights * cost, torch.zeros_like(cost)).sum(1).mean(0)

@@ -137,6 +137,10 @@ def _regression_rows(classes: int) -> Callable[[int, int, Draw], Dict]:
     return inputs
 
 
+def _cacr_views(n, d, draw: Draw) -> Dict:
+    return {"z1": draw(n, d).requires_grad_(), "z2": draw(n, d).requires_grad_()}
+
+
 def _supremix_rows(n, d, draw: Draw) -> Dict:
     import torch
 
@@ -288,6 +292,14 @@ WORKLOADS: Dict[str, Workload] = {
         # the reference's N_q×K logits and softmax
         dense_bytes={"reference": lambda n, d: 4.0 * 6 * min(n, FT_MOCO_QUERIES) * n},
         note=f"a queue of N rows, {FT_MOCO_QUERIES} queries", sizes=(4096, 16384, 65536),
+        in_default_run=False),
+    # CACR: two views of N rows each; the repulsion is the N×N part.
+    "cacr": Workload(
+        "cacr", _cacr_views,
+        lambda a, backend: lambda: _pyclloss().cacr_loss(a["z1"], a["z2"], backend=backend),
+        # the reference's distances, logits, weights and their products
+        dense_bytes={"reference": _dense(4.0 * 8)},
+        note="two views of N rows (N×N distances)", sizes=(1024, 2048, 4096),
         in_default_run=False),
 }
 

@@ -28,6 +28,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -86,6 +87,21 @@ PYCLLOSS_VECTOR_CLONES T direct_distance(const T* x, const T* y, int64_t d) {
   return sq;
 }
 
+// A tile row of dot products x·y_c becomes |x|² + |y_c|² − 2·x·y_c in place;
+// returns whether any entry is near (below kNearFraction of the norms).
+template <typename T>
+PYCLLOSS_VECTOR_CLONES bool gemm_distances(T* row, T x_sq, const T* y_sq, int64_t cols) {
+  int64_t near = 0;
+#pragma omp simd reduction(+ : near)
+  for (int64_t c = 0; c < cols; ++c) {
+    const T norms = x_sq + y_sq[c];
+    const T dist = norms - T(2) * row[c];
+    near += dist < T(kNearFraction) * norms;
+    row[c] = dist;
+  }
+  return near > 0;
+}
+
 // tile (rows x cols) = ‖x_{x0+r} − y_{y0+c}‖², accurate for near pairs; the
 // entries recomputed from the differences are appended to `near` if given.
 template <typename T>
@@ -93,18 +109,15 @@ void distance_tile(const Rows<T>& x, const Rows<T>& y, int64_t x0, int64_t rows,
                    int64_t cols, T* tile, std::vector<int64_t>* near = nullptr) {
   const int64_t d = x.d;
   matmul(rows, cols, d, x.data + x0 * d, d, y.blocked_t + y0 * d, cols, tile, cols, false);
+  const T* y_sq = y.sq_norms + y0;
   for (int64_t r = 0; r < rows; ++r) {
     const T x_sq = x.sq_norms[x0 + r];
-    const T* y_sq = y.sq_norms + y0;
     T* out = tile + r * cols;
+    if (!gemm_distances(out, x_sq, y_sq, cols)) continue;
     for (int64_t c = 0; c < cols; ++c) {
-      const T norms = x_sq + y_sq[c];
-      const T dist = norms - T(2) * out[c];
-      if (dist < T(kNearFraction) * norms) {
+      if (out[c] < T(kNearFraction) * (x_sq + y_sq[c])) {
         out[c] = direct_distance(x.data + (x0 + r) * d, y.data + (y0 + c) * d, d);
         if (near != nullptr) near->push_back(r * cols + c);
-      } else {
-        out[c] = dist;
       }
     }
   }
@@ -116,6 +129,15 @@ template <typename T>
 PYCLLOSS_VECTOR_CLONES void add_difference(T coef, const T* x, const T* y, int64_t d, T* out) {
 #pragma omp simd
   for (int64_t e = 0; e < d; ++e) out[e] += coef * (x[e] - y[e]);
+}
+
+// The smallest distance of a tile row, column `self` left out (inf if none).
+template <typename T>
+PYCLLOSS_VECTOR_CLONES T row_min(const T* dist, int64_t cols, int64_t self) {
+  T least = std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(min : least)
+  for (int64_t c = 0; c < cols; ++c) least = std::min(least, c == self ? least : dist[c]);
+  return least;
 }
 
 // Σ_c e^(−τ·d_c − shift) and Σ_c e^(−τ·d_c − shift)·d_c over a tile row,
@@ -178,9 +200,9 @@ std::tuple<Tensor, Tensor> cacr_repulsion_fwd(const Tensor& anchors, const Tenso
             for (int64_t r = 0; r < rows; ++r) {
               T* dist = tile.data() + r * cols;
               const int64_t self = i0 + r + offset - j0;  // column of the excluded row
-              T tile_max = kNegInf<T>;
-              for (int64_t c = 0; c < cols; ++c)
-                if (c != self) tile_max = std::max(tile_max, -tau * dist[c]);
+              const T least = row_min(dist, cols, self);
+              const T tile_max = least == std::numeric_limits<T>::infinity() ? kNegInf<T>
+                                                                              : -tau * least;
               const T new_max = std::max(run_max[r], tile_max);
               if (new_max == kNegInf<T>) continue;  // only the excluded column so far
               const T rescale = rescale_factor(run_max[r], new_max);
@@ -199,6 +221,24 @@ std::tuple<Tensor, Tensor> cacr_repulsion_fwd(const Tensor& anchors, const Tenso
   return {mean, lse};
 }
 
+// G = g·w·(1 − τ·(d − mean)), w = e^(−τ·d − lse), over a tile row of
+// distances d (in place, column `self` set to 0); the anchor's statistics
+// are scalars (stride 0) or one per column (stride 1). Returns Σ_c G_c.
+template <typename T>
+PYCLLOSS_VECTOR_CLONES T coefficients(T* dist, int64_t cols, int64_t self, T tau, const T* mean,
+                                      const T* lse, const T* grad, int64_t stride) {
+  T total = 0;
+#pragma omp simd reduction(+ : total)
+  for (int64_t c = 0; c < cols; ++c) {
+    const int64_t s = c * stride;
+    const T d = dist[c];
+    const T g = grad[s] * exp_approx(-tau * d - lse[s]) * (T(1) - tau * (d - mean[s]));
+    dist[c] = c == self ? T(0) : g;
+    total += dist[c];
+  }
+  return total;
+}
+
 // Per-anchor statistics of the forward and the incoming gradient.
 template <typename T>
 struct AnchorStats {
@@ -207,10 +247,14 @@ struct AnchorStats {
   const T* grad;
   T tau;
 
-  // G_ij for anchor i at distance d from its other row j.
-  T coefficient(int64_t i, T d) const {
-    const T w = exp_approx(-tau * d - lse[i]);
-    return grad[i] * w * (T(1) - tau * (d - mean[i]));
+  // A tile row of anchor i against rows of the others.
+  T row(T* dist, int64_t cols, int64_t self, int64_t i) const {
+    return coefficients(dist, cols, self, tau, mean + i, lse + i, grad + i, 0);
+  }
+
+  // A tile row of one of the others against the anchors [i0, i0 + cols).
+  T column(T* dist, int64_t cols, int64_t self, int64_t i0) const {
+    return coefficients(dist, cols, self, tau, mean + i0, lse + i0, grad + i0, 1);
   }
 };
 
@@ -249,24 +293,18 @@ void gradient_pass(const Rows<T>& outer, const Rows<T>& inner, const AnchorStats
           buffers.near.clear();
           distance_tile(outer, inner, p0, rows, q0, cols, tile, &buffers.near);
           for (int64_t r = 0; r < rows; ++r) {
-            T* g = tile + r * cols;
-            const int64_t p = p0 + r;
-            for (int64_t c = 0; c < cols; ++c) {
-              const int64_t q = q0 + c;
-              const int64_t i = kAnchorsOuter ? p : q, j = kAnchorsOuter ? q : p;
-              g[c] = j == i + offset ? T(0) : stats.coefficient(i, g[c]);
-            }
+            // the excluded column: anchor i = p pairs with q = p + offset;
+            // anchor i = q with p = q + offset
+            const int64_t self = kAnchorsOuter ? p0 + r + offset - q0 : p0 + r - offset - q0;
+            coef_sum[r] += kAnchorsOuter ? stats.row(tile + r * cols, cols, self, p0 + r)
+                                         : stats.column(tile + r * cols, cols, self, q0);
           }
           for (const int64_t entry : buffers.near) {
             const int64_t r = entry / cols, c = entry % cols;
             add_difference(tile[entry], outer.data + (p0 + r) * d, inner.data + (q0 + c) * d, d,
                            near_sum + r * d);
+            coef_sum[r] -= tile[entry];
             tile[entry] = T(0);  // out of the GEMM part
-          }
-          for (int64_t r = 0; r < rows; ++r) {
-            T total = 0;
-            for (int64_t c = 0; c < cols; ++c) total += tile[r * cols + c];
-            coef_sum[r] += total;
           }
           matmul(rows, d, cols, tile, cols, inner.data + q0 * d, d, grad_sum, d, true);
         }

@@ -90,8 +90,9 @@ def _hard_rows(case, b, dim=24):
 @pytest.mark.parametrize("normalize", [True, False])
 def test_float32_small_distances_are_exact(backend, case, normalize):
     # The same float32 values in float64 are the truth: the fused float32
-    # loss and gradients stay within 1e-4 of it. Sharp weights (τ⁻ = 50 after
-    # normalisation) make the loss depend on the small distances.
+    # loss and gradients stay within 5e-5 of it (the float32 reference's own
+    # error is about 1e-5). Sharp weights (τ⁻ = 50 after normalisation) make
+    # the loss depend on the small distances.
     zs = _hard_rows(case, SIZES[backend][-1])
     kw = dict(repulsion_temperature=50.0 if normalize else 1.0, normalize=normalize)
     exact = [z.double().requires_grad_() for z in zs]
@@ -100,10 +101,10 @@ def test_float32_small_distances_are_exact(backend, case, normalize):
     fused = [z.clone().requires_grad_() for z in zs]
     actual = pyclloss.cacr_loss(*fused, **kw, backend=backend)
     actual.backward()
-    assert_close_rel(actual, expected, 1e-4, "value")
+    assert_close_rel(actual, expected, 5e-5, "value")
     for f, e in zip(fused, exact):
         err = (f.grad.double() - e.grad).abs().max()
-        assert err <= 1e-4 * e.grad.abs().max(), f"gradient error {err:.2e}"
+        assert err <= 5e-5 * e.grad.abs().max(), f"gradient error {err:.2e}"
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -223,19 +223,25 @@ std::tuple<Tensor, Tensor> cacr_repulsion_fwd(const Tensor& anchors, const Tenso
 
 // G = g·w·(1 − τ·(d − mean)), w = e^(−τ·d − lse), over a tile row of
 // distances d (in place, column `self` set to 0); the anchor's statistics
-// are scalars (stride 0) or one per column (stride 1). Returns Σ_c G_c.
+// are scalars (stride 0) or one per column (stride 1).
 template <typename T>
-PYCLLOSS_VECTOR_CLONES T coefficients(T* dist, int64_t cols, int64_t self, T tau, const T* mean,
-                                      const T* lse, const T* grad, int64_t stride) {
-  T total = 0;
-#pragma omp simd reduction(+ : total)
+PYCLLOSS_VECTOR_CLONES void coefficients(T* dist, int64_t cols, int64_t self, T tau,
+                                         const T* mean, const T* lse, const T* grad,
+                                         int64_t stride) {
+#pragma omp simd
   for (int64_t c = 0; c < cols; ++c) {
     const int64_t s = c * stride;
     const T d = dist[c];
     const T g = grad[s] * exp_approx(-tau * d - lse[s]) * (T(1) - tau * (d - mean[s]));
     dist[c] = c == self ? T(0) : g;
-    total += dist[c];
   }
+}
+
+template <typename T>
+PYCLLOSS_VECTOR_CLONES T row_total(const T* row, int64_t cols) {
+  T total = 0;
+#pragma omp simd reduction(+ : total)
+  for (int64_t c = 0; c < cols; ++c) total += row[c];
   return total;
 }
 
@@ -248,13 +254,13 @@ struct AnchorStats {
   T tau;
 
   // A tile row of anchor i against rows of the others.
-  T row(T* dist, int64_t cols, int64_t self, int64_t i) const {
-    return coefficients(dist, cols, self, tau, mean + i, lse + i, grad + i, 0);
+  void row(T* dist, int64_t cols, int64_t self, int64_t i) const {
+    coefficients(dist, cols, self, tau, mean + i, lse + i, grad + i, 0);
   }
 
   // A tile row of one of the others against the anchors [i0, i0 + cols).
-  T column(T* dist, int64_t cols, int64_t self, int64_t i0) const {
-    return coefficients(dist, cols, self, tau, mean + i0, lse + i0, grad + i0, 1);
+  void column(T* dist, int64_t cols, int64_t self, int64_t i0) const {
+    coefficients(dist, cols, self, tau, mean + i0, lse + i0, grad + i0, 1);
   }
 };
 
@@ -296,16 +302,19 @@ void gradient_pass(const Rows<T>& outer, const Rows<T>& inner, const AnchorStats
             // the excluded column: anchor i = p pairs with q = p + offset;
             // anchor i = q with p = q + offset
             const int64_t self = kAnchorsOuter ? p0 + r + offset - q0 : p0 + r - offset - q0;
-            coef_sum[r] += kAnchorsOuter ? stats.row(tile + r * cols, cols, self, p0 + r)
-                                         : stats.column(tile + r * cols, cols, self, q0);
+            if (kAnchorsOuter) {
+              stats.row(tile + r * cols, cols, self, p0 + r);
+            } else {
+              stats.column(tile + r * cols, cols, self, q0);
+            }
           }
           for (const int64_t entry : buffers.near) {
             const int64_t r = entry / cols, c = entry % cols;
             add_difference(tile[entry], outer.data + (p0 + r) * d, inner.data + (q0 + c) * d, d,
                            near_sum + r * d);
-            coef_sum[r] -= tile[entry];
-            tile[entry] = T(0);  // out of the GEMM part
+            tile[entry] = T(0);  // out of the GEMM part, and of coef_sum: exactly
           }
+          for (int64_t r = 0; r < rows; ++r) coef_sum[r] += row_total(tile + r * cols, cols);
           matmul(rows, d, cols, tile, cols, inner.data + q0 * d, d, grad_sum, d, true);
         }
         for (int64_t r = 0; r < rows; ++r) {

@@ -13,8 +13,9 @@ Kernels (``backend`` "cpp", "triton" or "reference"; semantics in
 ``pyclloss.reference.cacr``): ``cacr_repulsion_fwd`` and ``cacr_repulsion_bwd``
 stream tiles of b with an online softmax (running max, Σe, Σe·d) and never
 hold an n×m buffer. Distances come from a GEMM with the near pairs, which the
-GEMM form loses to cancellation, recomputed from the differences. They take
-the statistics dtype (float32 or float64; Triton float32).
+GEMM form loses to cancellation, recomputed from the differences; rows far
+from the origin are centred first (``_centered``). They take the statistics
+dtype (float32 or float64; Triton float32).
 """
 
 from typing import Tuple
@@ -38,11 +39,24 @@ KERNELS = KernelFamily(
     triton=lazy_module(_triton_kernels), reference=module(reference))
 
 
+def _centered(anchors: Tensor, others: Tensor) -> Tuple[Tensor, Tensor]:
+    """Both row sets less a common c: the distances and their gradients do not
+    change, but the kernels' GEMM forms then cancel on the rows' spread, not
+    on their offset from the origin. c_k is the others' mean in the features
+    where it exceeds 8 standard deviations, 0 elsewhere: subtracting c_k from
+    a value within a factor 2 of it is exact (Sterbenz), so no difference
+    a_i − b_j changes for the rows within 4 standard deviations."""
+    mean = others.mean(0)
+    far = mean.abs() > 8 * others.std(0, correction=0)
+    c = torch.where(far, mean, torch.zeros_like(mean))
+    return (anchors - c).contiguous(), (others - c).contiguous()
+
+
 @torch.library.custom_op("pyclloss::cacr_repulsion", mutates_args=())
 def cacr_repulsion(anchors: Tensor, others: Tensor, temperature: float, offset: int,
                    backend: str) -> Tuple[Tensor, Tensor]:
     mean, lse = KERNELS.kernel(backend, "cacr_repulsion_fwd")(
-        anchors.contiguous(), others.contiguous(), temperature, offset)
+        *_centered(anchors, others), temperature, offset)
     return mean, lse
 
 
@@ -56,8 +70,8 @@ def cacr_repulsion_backward(anchors: Tensor, others: Tensor, mean: Tensor, lse: 
                             grad: Tensor, temperature: float, offset: int,
                             backend: str) -> Tuple[Tensor, Tensor]:
     grad_anchors, grad_others = KERNELS.kernel(backend, "cacr_repulsion_bwd")(
-        anchors.contiguous(), others.contiguous(), mean.contiguous(), lse.contiguous(),
-        grad.contiguous(), temperature, offset)
+        *_centered(anchors, others), mean.contiguous(), lse.contiguous(), grad.contiguous(),
+        temperature, offset)
     return grad_anchors, grad_others
 
 

@@ -90,6 +90,10 @@ def main(argv=None) -> int:
                      f"{peaks[impl] / 2**20:.1f} |")
     lines += ["", f"Speed-up of cpp over the reference: {statistics.median(ratios):.2f}× "
                   f"(per-round ratios {min(ratios):.2f}–{max(ratios):.2f})."]
+    if max(load_before[0], load_after[0]) > (os.cpu_count() or 1):
+        lines += ["", "The load exceeded the core count: other processes shared the cores, so "
+                      "absolute times vary from round to round; each round's ratio compares "
+                      "the two implementations under the same load."]
     report = "\n".join(lines) + "\n"
     print(report)
     if args.out:

@@ -160,6 +160,24 @@ def test_opcheck():
 
 
 @CPP
+def test_cpp_results_do_not_depend_on_the_thread_count():
+    a, b = torch.randn(150, 33), torch.randn(300, 33)
+    grad = torch.randn(150)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            mean, lse = ops.cacr_repulsion(a, b, 0.9, 7, "cpp")
+            results.append((mean, lse, *ops.cacr_repulsion_backward(a, b, mean, lse, grad, 0.9, 7,
+                                                                    "cpp")))
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
+
+
+@CPP
 def test_torch_compile_has_no_graph_break():
     compiled = torch.compile(pyclloss.CACRLoss(**KW, backend="cpp"), fullgraph=True,
                              dynamic=True, backend="aot_eager")

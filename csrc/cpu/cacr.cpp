@@ -302,7 +302,7 @@ void gradient_pass(const Rows<T>& outer, const Rows<T>& inner, const AnchorStats
             // the excluded column: anchor i = p pairs with q = p + offset;
             // anchor i = q with p = q + offset
             const int64_t self = kAnchorsOuter ? p0 + r + offset - q0 : p0 + r - offset - q0;
-            if (kAnchorsOuter) {
+            if constexpr (kAnchorsOuter) {
               stats.row(tile + r * cols, cols, self, p0 + r);
             } else {
               stats.column(tile + r * cols, cols, self, q0);

@@ -77,6 +77,18 @@ def test_kernels_with_an_offset(backend, offset):
         assert_close_rel(actual, expected, 1e-5, f"grad {name}")
 
 
+def test_reference_backward_kernel_is_the_autograd_derivative():
+    a = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(14, 4, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(9, dtype=torch.float64)
+    mean, lse = ref.cacr_repulsion_fwd(a, b, 0.8, 3)
+    expected = torch.autograd.grad(mean, (a, b), grad)
+    actual = ref.cacr_repulsion_bwd(a.detach(), b.detach(), mean.detach(), lse.detach(), grad,
+                                    0.8, 3)
+    for x, y in zip(actual, expected):
+        assert_close_rel(x, y, 1e-12, "reference backward")
+
+
 def _hard_rows(case, b, dim=24):
     """Rows whose distances the GEMM form |a|² + |b|² − 2a·b loses in float32."""
     if case == "far_from_origin":

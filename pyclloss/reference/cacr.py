@@ -11,7 +11,9 @@ other view's rows b (m, D), anchor i paired with row ``i + offset`` of b
 * ``cacr_repulsion_bwd(a, b, mean, lse, grad, τ, offset) -> (grad_a, grad_b)``:
   the gradient of ``Σ_i grad_i·mean_i`` (through the softmax weights too).
 
-Here they are dense (n×m matrices) and differentiated by autograd.
+Here they are dense (n×m matrices); the loss is differentiated by autograd, the
+backward kernel is the same derivative written out (a kernel runs without
+autograd).
 """
 
 import torch

@@ -298,18 +298,6 @@ class DirectPredictor(nn.Module):
 # ------------------------------------------------------------------------------ CACR
 
 
-def _fixed_real(name: str, value, nonnegative: bool = False) -> float:
-    """A finite hyper-parameter (>= 0 if ``nonnegative``) that gets no gradient,
-    as the float the kernels take (checked on the device while compiling)."""
-    if isinstance(value, Tensor) and value.requires_grad:
-        raise ValueError(f"{name} must be a fixed number (no gradient), got a tensor that "
-                         f"requires grad")
-    ok = (lambda v: torch.isfinite(v) & (v >= 0)) if nonnegative else torch.isfinite
-    _checks._checked_scalar(name, value, torch.device("cpu"), torch.float64, ok,
-                            ">= 0 and finite" if nonnegative else "finite")
-    return float(value)
-
-
 def _cacr_views(views) -> Tuple[Tensor, ...]:
     for k, z in enumerate(views):
         _checks.features(f"z{k + 1}", z)
@@ -353,9 +341,11 @@ def cacr_loss(z1: Tensor, z2: Tensor, *more_views: Tensor, attraction_temperatur
             gradients of the sum over ranks).
     """
     views = _cacr_views((z1, z2) + tuple(more_views))
-    tau_pos = _fixed_real("attraction_temperature", attraction_temperature, nonnegative=True)
-    tau_neg = _fixed_real("repulsion_temperature", repulsion_temperature, nonnegative=True)
-    alpha, beta = _fixed_real("alpha", alpha), _fixed_real("beta", beta)
+    tau_pos = _checks.fixed_real("attraction_temperature", attraction_temperature,
+                                 nonnegative=True)
+    tau_neg = _checks.fixed_real("repulsion_temperature", repulsion_temperature,
+                                 nonnegative=True)
+    alpha, beta = _checks.fixed_real("alpha", alpha), _checks.fixed_real("beta", beta)
     if not isinstance(normalize, bool):
         raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
     reduction = _checks.reduction(reduction)

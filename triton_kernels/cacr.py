@@ -31,38 +31,39 @@ _BLOCK_D = 16  # feature chunk of the distance products and of the exact recompu
 
 
 @triton.jit
+def _feature_chunk(ptr, rows, n, feats, D):
+    """Features ``feats`` of ``rows`` of an (n, D) matrix, 0 outside it."""
+    return tl.load(ptr + rows.to(tl.int64)[:, None] * D + feats[None, :],
+                   mask=(rows < n)[:, None] & (feats < D)[None, :], other=0.0)
+
+
+@triton.jit
 def _distance_tile(x_ptr, y_ptr, x_sq_ptr, y_sq_ptr, rows, cols, n_x, n_y, D,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """(rows × cols) ‖x_r − y_c‖² (0 outside the matrices)."""
-    row_ok, col_ok = rows < n_x, cols < n_y
     dots = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for d0 in range(0, D, BLOCK_D):
         feats = d0 + tl.arange(0, BLOCK_D)
-        x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * D + feats[None, :],
-                    mask=row_ok[:, None] & (feats < D)[None, :], other=0.0)
-        y = tl.load(y_ptr + cols.to(tl.int64)[:, None] * D + feats[None, :],
-                    mask=col_ok[:, None] & (feats < D)[None, :], other=0.0)
+        x = _feature_chunk(x_ptr, rows, n_x, feats, D)
+        y = _feature_chunk(y_ptr, cols, n_y, feats, D)
         dots = tl.dot(x, tl.trans(y), dots, input_precision="ieee")
-    norms = (tl.load(x_sq_ptr + rows, mask=row_ok, other=0.0)[:, None]
-             + tl.load(y_sq_ptr + cols, mask=col_ok, other=0.0)[None, :])
+    norms = (tl.load(x_sq_ptr + rows, mask=rows < n_x, other=0.0)[:, None]
+             + tl.load(y_sq_ptr + cols, mask=cols < n_y, other=0.0)[None, :])
     dist = norms - 2.0 * dots
     near = dist < 0.125 * norms
     if tl.sum(near.to(tl.int32)) > 0:
         exact = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for d0 in range(0, D, BLOCK_D):
             feats = d0 + tl.arange(0, BLOCK_D)
-            x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * D + feats[None, :],
-                        mask=row_ok[:, None] & (feats < D)[None, :], other=0.0)
-            y = tl.load(y_ptr + cols.to(tl.int64)[:, None] * D + feats[None, :],
-                        mask=col_ok[:, None] & (feats < D)[None, :], other=0.0)
-            diff = x[:, None, :] - y[None, :, :]
+            diff = (_feature_chunk(x_ptr, rows, n_x, feats, D)[:, None, :]
+                    - _feature_chunk(y_ptr, cols, n_y, feats, D)[None, :, :])
             exact += tl.sum(diff * diff, axis=2)
         dist = tl.where(near, exact, dist)
     return dist
 
 
 @triton.jit
-def _fwd_kernel(a_ptr, b_ptr, a_sq_ptr, b_sq_ptr, mean_ptr, lse_ptr, n, m, D, tau, offset,
+def _cacr_fwd_kernel(a_ptr, b_ptr, a_sq_ptr, b_sq_ptr, mean_ptr, lse_ptr, n, m, D, tau, offset,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     run_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -88,7 +89,7 @@ def _fwd_kernel(a_ptr, b_ptr, a_sq_ptr, b_sq_ptr, mean_ptr, lse_ptr, n, m, D, ta
 
 
 @triton.jit
-def _grad_kernel(x_ptr, y_ptr, x_sq_ptr, y_sq_ptr, mean_ptr, lse_ptr, grad_ptr, out_ptr,
+def _cacr_grad_kernel(x_ptr, y_ptr, x_sq_ptr, y_sq_ptr, mean_ptr, lse_ptr, grad_ptr, out_ptr,
                  n_x, n_y, D, tau, offset, ANCHORS_X: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr):
     """grad x_p = 2·(Σ_q G_pq·x_p − Σ_q G_pq·y_q) for a block of x's rows and a
@@ -118,11 +119,9 @@ def _grad_kernel(x_ptr, y_ptr, x_sq_ptr, y_sq_ptr, mean_ptr, lse_ptr, grad_ptr, 
         w = tl.exp(tl.where(other, -tau * dist - lse, float("-inf")))
         coef = grad * w * (1.0 - tau * (dist - mean))
         coef_sum += tl.sum(coef, axis=1)
-        y = tl.load(y_ptr + cols.to(tl.int64)[:, None] * D + feats[None, :],
-                    mask=col_ok[:, None] & feat_ok[None, :], other=0.0)
-        acc = tl.dot(coef, y, acc, input_precision="ieee")
-    x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * D + feats[None, :],
-                mask=row_ok[:, None] & feat_ok[None, :], other=0.0)
+        acc = tl.dot(coef, _feature_chunk(y_ptr, cols, n_y, feats, D), acc,
+                     input_precision="ieee")
+    x = _feature_chunk(x_ptr, rows, n_x, feats, D)
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * D + feats[None, :],
              2.0 * (coef_sum[:, None] * x - acc), mask=row_ok[:, None] & feat_ok[None, :])
 
@@ -144,7 +143,7 @@ def cacr_repulsion_fwd(a: Tensor, b: Tensor, temperature: float, offset: int):
     a, b, a_sq, b_sq = _operands(a, b, offset)
     (n, d), m = a.shape, b.shape[0]
     mean, lse = a.new_empty(n), a.new_empty(n)
-    _fwd_kernel[(triton.cdiv(n, _BLOCK_M),)](a, b, a_sq, b_sq, mean, lse, n, m, d,
+    _cacr_fwd_kernel[(triton.cdiv(n, _BLOCK_M),)](a, b, a_sq, b_sq, mean, lse, n, m, d,
                                              float(temperature), offset, BLOCK_M=_BLOCK_M,
                                              BLOCK_N=_BLOCK_N, BLOCK_D=_BLOCK_D)
     return mean, lse
@@ -160,7 +159,7 @@ def cacr_repulsion_bwd(a: Tensor, b: Tensor, mean: Tensor, lse: Tensor, grad: Te
     for x, y, x_sq, y_sq, anchors_x in ((a, b, a_sq, b_sq, True), (b, a, b_sq, a_sq, False)):
         out = torch.empty_like(x)
         grid = (triton.cdiv(x.shape[0], _BLOCK_M), triton.cdiv(d, block_do))
-        _grad_kernel[grid](x, y, x_sq, y_sq, *stats, out, x.shape[0], y.shape[0], d,
+        _cacr_grad_kernel[grid](x, y, x_sq, y_sq, *stats, out, x.shape[0], y.shape[0], d,
                            float(temperature), offset, ANCHORS_X=anchors_x, BLOCK_M=_BLOCK_M,
                            BLOCK_N=_BLOCK_N, BLOCK_D=_BLOCK_D, BLOCK_DO=block_do)
         grads.append(out)

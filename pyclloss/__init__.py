@@ -25,9 +25,11 @@ from .info_nce import (
     supcon,
 )
 from .pair_quality import (
+    CACRLoss,
     DCLLoss,
     DecoupledNTXentLoss,
     HCLLoss,
+    cacr_loss,
     dcl_loss,
     decoupled_nt_xent,
     hcl_loss,
@@ -85,4 +87,6 @@ __all__ = [
     "DCLLoss",
     "HCLLoss",
     "DecoupledNTXentLoss",
+    "cacr_loss",
+    "CACRLoss",
 ]

@@ -204,6 +204,18 @@ def fixed_positive(name: str, value) -> float:
     return float(value)
 
 
+def fixed_real(name: str, value, nonnegative: bool = False) -> float:
+    """A finite hyper-parameter (>= 0 if ``nonnegative``) that gets no gradient,
+    as a float (the ops take one); checked on the device while compiling."""
+    if isinstance(value, torch.Tensor) and value.requires_grad:
+        raise ValueError(f"{name} must be a fixed number (no gradient), got a tensor that "
+                         f"requires grad")
+    ok = (lambda v: torch.isfinite(v) & (v >= 0)) if nonnegative else torch.isfinite
+    _checked_scalar(name, value, torch.device("cpu"), torch.float64, ok,
+                    ">= 0 and finite" if nonnegative else "finite")
+    return float(value)
+
+
 def real_labels(name: str, y, n: int, device: torch.device, dtype: torch.dtype,
                 multi_dim: bool = False) -> Tensor:
     """Real-valued labels (n,) (or (n, L) with ``multi_dim``) in ``dtype``."""

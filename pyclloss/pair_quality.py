@@ -5,7 +5,9 @@
 * :class:`DBPM`: dynamic bad pair mining, a per-sample loss memory over the
   epochs that finds the noisy and faulty positive pairs and down-weights them;
 * :class:`DirectPredictor`: DirectPred's linear predictor, set from the running
-  correlation of its inputs instead of trained by gradient.
+  correlation of its inputs instead of trained by gradient;
+* :func:`cacr_loss` / :class:`CACRLoss`: contrastive attraction and repulsion,
+  its repulsion in fused kernels.
 
 The pair-quality losses themselves (CACR, AMCL, DCL, HCL, decoupled) are
 specified in ``pyclloss.reference.pair_quality``; docs/pair_quality.md has
@@ -27,9 +29,12 @@ from torch import nn
 
 from . import _checks, distributed
 from ._stats import stats_dtype, unit_rows
+from .backends import resolve
 from .info_nce import _backend as _info_nce_backend
 from .info_nce import _Distributable
+from .ops import cacr as cacr_ops
 from .ops import info_nce as core
+from .reference import cacr as cacr_reference
 from .reference import pair_quality as reference
 
 Tensor = torch.Tensor
@@ -516,3 +521,105 @@ class DecoupledNTXentLoss(_Distributable):
         return decoupled_nt_xent(z1, z2, self.temperature, self.weight, self.sigma,
                                  weights=weights, reduction=self.reduction, backend=self.backend,
                                  **self.distributed)
+# ------------------------------------------------------------------------------ CACR
+
+
+def _cacr_views(views) -> Tuple[Tensor, ...]:
+    for k, z in enumerate(views):
+        _checks.features(f"z{k + 1}", z)
+        if k:
+            _checks.same_kind(f"z{k + 1}", z, "z1", views[0], same_rows=True)
+    if views[0].shape[0] < 2:
+        raise ValueError(f"z1 needs at least 2 samples (the repulsion's negatives), got "
+                         f"{views[0].shape[0]}")
+    return tuple(views)
+
+
+def cacr_loss(z1: Tensor, z2: Tensor, *more_views: Tensor, attraction_temperature=1.0,
+              repulsion_temperature=1.0, alpha=1.0, beta=1.0, normalize: bool = True,
+              weights=None, reduction: str = "mean", backend: str = "auto",
+              gather_distributed: bool = False, process_group=None) -> Tensor:
+    """CACR, contrastive attraction and repulsion (Zheng et al., NeurIPS 2021).
+
+    Views z¹…z^V (B, D), V ≥ 2, L2-normalised first unless ``normalize=False``.
+    Per sample i, with c_xy = ‖z^x_i − z^y_i‖² and d_ij = ‖z^x_i − z^y_j‖²:
+
+        L_i = α·mean_x Σ_{y≠x} softmax_y(τ⁺·c_xy)·c_xy
+              − β·mean_{x<y} Σ_{j≠i} softmax_j(−τ⁻·d_ij)·d_ij
+
+    The "temperatures" multiply the costs, as in the authors' code (larger is
+    sharper). The softmax weights are not detached. The repulsion runs in the
+    fused kernels (``pyclloss.ops.cacr``: no B×B matrix, near distances exact
+    in float32); the attraction is O(V²·B·D) torch.
+
+    Args:
+        z1, z2, *more_views: (B, D) views of the same B samples, B >= 2.
+        attraction_temperature, repulsion_temperature: τ⁺, τ⁻ >= 0 (floats).
+        alpha, beta: weights of the attraction and the repulsion (floats).
+        normalize: L2-normalise each view first (the authors' encoder does).
+        weights: optional (B,) per-sample weights >= 0 ("mean" is Σ w L / Σ w).
+        reduction: "mean", "sum" or "none" ((B,) per-sample losses).
+        backend: "auto", "cpp", "triton" (float32 statistics: not for float64
+            inputs, which "auto" gives the reference kernels) or "reference".
+        gather_distributed, process_group: run over a torch.distributed group:
+            the anchors stay local, each later view's rows are gathered from
+            every rank (docs/distributed.md: the loss of the global batch,
+            gradients of the sum over ranks).
+    """
+    views = _cacr_views((z1, z2) + tuple(more_views))
+    tau_pos = _checks.fixed_real("attraction_temperature", attraction_temperature,
+                                 nonnegative=True)
+    tau_neg = _checks.fixed_real("repulsion_temperature", repulsion_temperature,
+                                 nonnegative=True)
+    alpha, beta = _checks.fixed_real("alpha", alpha), _checks.fixed_real("beta", beta)
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
+    reduction = _checks.reduction(reduction)
+    b, device, acc = z1.shape[0], z1.device, stats_dtype(z1.dtype)
+    weights = _checks.weights("weights", weights, b, device, acc)
+    ex = distributed.exchange(gather_distributed, process_group, "all_gather")
+    requested = backend
+    backend = resolve(backend, device, cacr_ops.KERNELS.backends)
+    if requested == "auto" and backend == "triton" and acc == torch.float64:
+        backend = "reference"  # the Triton kernels keep float32 statistics
+    if backend == "reference" and ex is None:
+        return cacr_reference.cacr_loss(
+            *views, attraction_temperature=tau_pos, repulsion_temperature=tau_neg, alpha=alpha,
+            beta=beta, normalize=normalize, weights=weights, reduction=reduction)
+    z = [F.normalize(v.to(acc), dim=1) if normalize else v.to(acc) for v in views]
+    offset, sizes = 0, None
+    if ex is not None:
+        layout = ex.layout(b, z1, reduction, attraction_temperature=tau_pos,
+                           repulsion_temperature=tau_neg)
+        offset, sizes = layout.offset, layout.sizes
+    pairs = cacr_reference.view_pairs(len(z))
+    repulsion = 0
+    for x, y in pairs:
+        others = z[y] if ex is None else distributed.all_gather_with_grad(z[y], ex.group, sizes)
+        repulsion = repulsion + cacr_ops.cacr_repulsion(z[x], others, tau_neg, offset, backend)[0]
+    per_sample = alpha * cacr_reference.attraction(z, tau_pos) - beta * repulsion / len(pairs)
+    return distributed.reduce(ex, per_sample, None, weights, reduction)
+
+
+class CACRLoss(nn.Module):
+    """CACR (contrastive attraction and repulsion); ``forward(z1, z2, *more_views,
+    weights=None)``. See :func:`pyclloss.pair_quality.cacr_loss`."""
+
+    def __init__(self, attraction_temperature: float = 1.0, repulsion_temperature: float = 1.0,
+                 alpha: float = 1.0, beta: float = 1.0, normalize: bool = True,
+                 reduction: str = "mean", backend: str = "auto",
+                 gather_distributed: bool = False, process_group=None):
+        super().__init__()
+        self.attraction_temperature = attraction_temperature
+        self.repulsion_temperature = repulsion_temperature
+        self.alpha, self.beta, self.normalize = alpha, beta, normalize
+        self.reduction, self.backend = reduction, backend
+        self.gather_distributed, self.process_group = gather_distributed, process_group
+
+    def forward(self, z1: Tensor, z2: Tensor, *more_views: Tensor, weights=None) -> Tensor:
+        return cacr_loss(z1, z2, *more_views, attraction_temperature=self.attraction_temperature,
+                         repulsion_temperature=self.repulsion_temperature, alpha=self.alpha,
+                         beta=self.beta, normalize=self.normalize, weights=weights,
+                         reduction=self.reduction, backend=self.backend,
+                         gather_distributed=self.gather_distributed,
+                         process_group=self.process_group)

@@ -132,7 +132,11 @@ def _family_calls():
         sorted_x, perm = pyclloss.diff_sort(x, backend="triton")
         (sorted_x.sum() + perm.sum()).backward()
 
-    return [gated, ft_moco, supremix, rnc, sorting]
+    def cacr():
+        zs = [torch.randn(40, 20, requires_grad=True) for _ in range(2)]
+        pyclloss.cacr_loss(*zs, backend="triton").backward()
+
+    return [gated, ft_moco, supremix, rnc, sorting, cacr]
 
 
 def capture(path: str):

@@ -6,7 +6,8 @@ hard-negative tilting). All are written from their authors' released code
 (docs/pair_quality.md gives the formulas and every deviation), dense (they
 build the N×N matrices) and differentiated by autograd:
 
-* ``cacr_loss``: contrastive attraction and repulsion (CACR), any number of views;
+* ``cacr_loss``: contrastive attraction and repulsion (CACR), any number of views
+  (defined in ``pyclloss.reference.cacr`` with its kernels' contract);
 * ``amcl_loss``: adaptive multi-head contrastive learning (AMCL), pair temperatures
   from a temperature network, top-k hardest negatives;
 * ``dcl_loss`` / ``hcl_loss``: debiased (Chuang et al.) and hard-negative
@@ -25,65 +26,15 @@ import torch
 import torch.nn.functional as F
 
 from .._stats import reduce_anchors, stats_dtype
+from . import cacr
 
 Tensor = torch.Tensor
 
 
 # ------------------------------------------------------------------------------ CACR
 
-
-def _squared_distances(a: Tensor, b: Tensor) -> Tensor:
-    """‖a_i − b_j‖² from the differences themselves (exact for near rows, where
-    |a|² + |b|² − 2a·b cancels)."""
-    return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist").square()
-
-
-def _cacr_attraction(z: Tensor, temperature) -> Tensor:
-    """(B,): for each view x, Σ_{y≠x} softmax_y(τ⁺·c_xy)·c_xy with c_xy = ‖z^x_i − z^y_i‖²,
-    averaged over x."""
-    views = z.shape[0]
-    cost = (z[:, None] - z[None, :]).square().sum(-1)  # (V, V, B)
-    other = ~torch.eye(views, dtype=torch.bool, device=z.device)[:, :, None]
-    logits = (temperature * cost).masked_fill(~other, float("-inf"))
-    weights = torch.softmax(logits, dim=1)
-    return torch.where(other, weights * cost, torch.zeros_like(cost)).sum(1).mean(0)
-
-
-def _cacr_repulsion(z_x: Tensor, z_y: Tensor, temperature) -> Tensor:
-    """(B,): −Σ_{j≠i} softmax_j(−τ⁻·d_ij)·d_ij with d_ij = ‖z^x_i − z^y_j‖²."""
-    d = _squared_distances(z_x, z_y)
-    other = ~torch.eye(d.shape[0], dtype=torch.bool, device=d.device)
-    weights = torch.softmax((-temperature * d).masked_fill(~other, float("-inf")), dim=1)
-    return -torch.where(other, weights * d, torch.zeros_like(d)).sum(1)
-
-
-def cacr_loss(z1, z2, *more_views, attraction_temperature=1.0, repulsion_temperature=1.0,
-              alpha=1.0, beta=1.0, normalize=True, weights=None, reduction="mean"):
-    """CACR (Zheng et al., NeurIPS 2021), the authors' ``our_loss1 + our_loss2``.
-
-    Views z¹…z^V (B, D), V ≥ 2, L2-normalised first unless ``normalize=False``
-    (the authors' encoder ends in an L2 normalisation; their loss itself does
-    not normalise). Per sample i:
-
-    * attraction: α · mean_x Σ_{y≠x} softmax_y(τ⁺·c_xy,i)·c_xy,i, c = ‖z^x_i − z^y_i‖²
-      (the farther positive weighs more);
-    * repulsion: −β · mean_{x<y} Σ_{j≠i} softmax_j(−τ⁻·d_ij)·d_ij, d = ‖z^x_i − z^y_j‖²
-      (anchors of view x against the other samples of each later view y; the
-      nearer negative weighs more).
-
-    The temperatures multiply the costs, as in the authors' code. The softmax
-    weights are not detached. ``reduction="none"`` gives the (B,) per-sample
-    losses; ``weights`` (B,) weigh them.
-    """
-    acc = stats_dtype(z1.dtype)
-    z = torch.stack([z1, z2, *more_views]).to(acc)  # (V, B, D)
-    if normalize:
-        z = F.normalize(z, dim=-1)
-    attraction = alpha * _cacr_attraction(z, attraction_temperature)
-    pairs = [(x, y) for x in range(z.shape[0]) for y in range(x + 1, z.shape[0])]
-    repulsion = torch.stack([_cacr_repulsion(z[x], z[y], repulsion_temperature)
-                             for x, y in pairs]).mean(0)
-    return reduce_anchors(attraction + beta * repulsion, None, weights, reduction)
+# The spec of CACR and of its fused kernels lives with them in reference.cacr.
+cacr_loss = cacr.cacr_loss
 
 
 # ------------------------------------------------------------------------------ AMCL

@@ -137,6 +137,10 @@ def _regression_rows(classes: int) -> Callable[[int, int, Draw], Dict]:
     return inputs
 
 
+def _cacr_views(n, d, draw: Draw) -> Dict:
+    return {"z1": draw(n, d).requires_grad_(), "z2": draw(n, d).requires_grad_()}
+
+
 def _supremix_rows(n, d, draw: Draw) -> Dict:
     import torch
 
@@ -307,6 +311,14 @@ WORKLOADS: Dict[str, Workload] = {
         lambda a, backend: lambda: _pyclloss().decoupled_nt_xent(*_views(a), 0.1, "vmf",
                                                                  backend=backend),
         dense_bytes={"reference": _LOGITS}, note="N rows = N/2 pairs, von Mises-Fisher weights",
+        in_default_run=False),
+    # CACR: two views of N rows each; the repulsion is the N×N part.
+    "cacr": Workload(
+        "cacr", _cacr_views,
+        lambda a, backend: lambda: _pyclloss().cacr_loss(a["z1"], a["z2"], backend=backend),
+        # the reference's distances, logits, weights and their products
+        dense_bytes={"reference": _dense(4.0 * 8)},
+        note="two views of N rows (N×N distances)", sizes=(1024, 2048, 4096),
         in_default_run=False),
 }
 

@@ -206,4 +206,11 @@ LOSSES: Dict[str, LossEntry] = {
                                            cfg.temperature, False),
         temperature=0.1, per_sample=True,
         about="decoupled NT-Xent (Yeh et al.): the positive out of the denominator"),
+    # CACR: the two views' embeddings, no labels; the temperature multiplies the
+    # costs of both softmaxes, as the authors' τ⁺ and τ⁻.
+    "cacr": LossEntry(
+        lambda dim, classes, cfg: QueryKeyLoss(pyclloss.CACRLoss(
+            cfg.temperature, cfg.temperature, backend=cfg.backend)),
+        temperature=1.0, about="CACR: contrastive attraction and repulsion (temperature = the "
+                               "authors' inverse temperature of both softmaxes)"),
 }

@@ -1,7 +1,8 @@
 """pyclloss: fused contrastive-learning losses for PyTorch.
 
 Functions (``pyclloss.nt_xent`` ...) and modules (``pyclloss.NTXentLoss`` ...)
-of the InfoNCE family, gated subspaces, embedding mixup and sorting networks,
+of the InfoNCE family, gated subspaces, embedding mixup, sorting networks and
+pair-quality losses,
 each with ``backend="auto" | "cpp" | "cuda" | "triton" | "reference"``;
 ``pyclloss.backends()`` says which backends are available here.
 """
@@ -24,6 +25,7 @@ from .info_nce import (
     siglip_loss,
     supcon,
 )
+from .pair_quality import AMCLLoss, amcl_loss
 from .rnc import RnCLoss, rnc_loss
 from .sorting import (
     DiffSortNet,
@@ -71,4 +73,6 @@ __all__ = [
     "rnc_loss",
     "SupReMixLoss",
     "RnCLoss",
+    "amcl_loss",
+    "AMCLLoss",
 ]

@@ -5,11 +5,13 @@
 * :class:`DBPM`: dynamic bad pair mining, a per-sample loss memory over the
   epochs that finds the noisy and faulty positive pairs and down-weights them;
 * :class:`DirectPredictor`: DirectPred's linear predictor, set from the running
-  correlation of its inputs instead of trained by gradient.
+  correlation of its inputs instead of trained by gradient;
+* :func:`amcl_loss`, :class:`AMCLLoss`: adaptive multi-head contrastive
+  learning on the fused ``amcl`` kernels (top-k hardest negatives, pair
+  temperatures from a temperature network).
 
-The pair-quality losses themselves (CACR, AMCL, DCL, HCL, decoupled) are
-specified in ``pyclloss.reference.pair_quality``; docs/pair_quality.md has
-the formulas.
+The pair-quality losses (CACR, AMCL, DCL, HCL, decoupled) are specified in
+``pyclloss.reference.pair_quality``; docs/pair_quality.md has the formulas.
 """
 
 import math
@@ -17,10 +19,14 @@ import numbers
 from typing import Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import _checks
-from ._stats import stats_dtype
+from ._stats import reduce_anchors, stats_dtype
+from .backends import resolve
+from .ops import amcl as amcl_ops
+from .reference import pair_quality as reference
 
 Tensor = torch.Tensor
 
@@ -287,3 +293,121 @@ class DirectPredictor(nn.Module):
         scaled = s.clamp_min(0) / top if top > 0 else torch.zeros_like(s)
         p = (scaled.sqrt() + self.eps).clamp_min(1e-4)
         return ((u * p) @ u.T).to(self.weight.dtype)
+
+
+# ------------------------------------------------------------------------------ AMCL
+
+
+def _amcl_features(z1, z2) -> None:
+    for name, z in (("z1", z1), ("z2", z2)):
+        _checks.features(name, z, ndims=(3,), min_rows=2)
+    _checks.same_kind("z2", z2, "z1", z1)
+    if z2.shape != z1.shape:
+        raise ValueError(f"z2 must have z1's shape {tuple(z1.shape)} (B, heads, D), "
+                         f"got {tuple(z2.shape)}")
+
+
+def _amcl_temperatures(tau_min, tau_max) -> Tuple[float, float]:
+    tau_min = _real("tau_min", tau_min, low=0.0)
+    if tau_min == 0:
+        raise ValueError("tau_min must be > 0 (the loss takes log τ), got 0.0")
+    return tau_min, _real("tau_max", tau_max, low=tau_min)
+
+
+def _amcl_phi(temperature_net, z: Tensor) -> Tensor:
+    """φ(z) (n, h) in z's dtype, the network fed its parameters' dtype."""
+    params = next(iter(temperature_net.parameters()), None) \
+        if isinstance(temperature_net, nn.Module) else None
+    phi = temperature_net(z if params is None else z.to(params.dtype))
+    if not isinstance(phi, Tensor) or phi.dim() != 2 or phi.shape[0] != z.shape[0] \
+            or phi.shape[1] == 0 or not phi.dtype.is_floating_point:
+        got = tuple(phi.shape) if isinstance(phi, Tensor) else type(phi).__name__
+        raise ValueError(f"temperature_net must map (n, D) rows to floating (n, h) outputs, "
+                         f"got {got} for input {tuple(z.shape)}")
+    return phi.to(z.dtype)
+
+
+def amcl_loss(z1: Tensor, z2: Tensor, temperature_net, tau_min=1e-5, tau_max=2.0, beta=0.01,
+              topk=100, weights=None, reduction="mean", backend="auto",
+              gather_distributed=False, process_group=None) -> Tensor:
+    """AMCL (adaptive multi-head contrastive learning), the authors' ``AMCLNTXentLoss``.
+
+    z1, z2 (B, C, D): C heads, each L2-normalised here. Per head, on the 2B rows
+    z = cat(z1, z2), pair temperatures ``τ_aj = τ_min + (τ_max − τ_min)·σ(−φ_a·φ_j)``
+    from the ``temperature_net`` φ (shared by the heads, applied to each
+    normalised row), and for anchor a with positive p and K its
+    k = min(topk, 2B − 2) negatives of largest ``s_aj = z_a·z_j``:
+
+        −s_ap/τ_ap + mean_K s_aj/τ_aj + β·((D/2)·log τ_ap + 1/τ_ap) − β·Σ_K (log τ_aj + 1/τ_aj)
+
+    Sample i's loss is the mean of its two directions summed over the heads
+    ((B,) with ``reduction="none"``; ``weights`` (B,) weigh them). The selection
+    of K gets no gradient; z1, z2 and φ's parameters get theirs through s and τ.
+
+    The fused backends (``cpp`` on the CPU, ``triton``) never build the 2B×2B
+    matrices: a streaming top-k of s per row keeps (2B, k) indices, the loss
+    and its gradient to z and φ(z) run over those pairs only, and autograd
+    takes dφ on through the network. ``reference`` is the dense
+    ``pyclloss.reference.pair_quality.amcl_loss``. docs/pair_quality.md has the
+    formulas and the differences from the authors' code.
+    """
+    _amcl_features(z1, z2)
+    if not callable(temperature_net):
+        raise TypeError(f"temperature_net must be callable (an nn.Module mapping (n, D) to "
+                        f"(n, h)), got {type(temperature_net).__name__}")
+    tau_min, tau_max = _amcl_temperatures(tau_min, tau_max)
+    beta = _real("beta", beta)
+    topk = _integer("topk", topk, 1)
+    reduction = _checks.reduction(reduction)
+    b, heads = z1.shape[:2]
+    acc = stats_dtype(z1.dtype)
+    weights = _checks.weights("weights", weights, b, z1.device, acc)
+    if gather_distributed or process_group is not None:
+        raise NotImplementedError("amcl_loss: gather_distributed=True (and process_group) "
+                                  "are not supported yet; call it on the global batch")
+    backend = resolve(backend, z1.device, amcl_ops.KERNELS.backends)
+    if backend == "reference":
+        return reference.amcl_loss(z1, z2, temperature_net, tau_min, tau_max, beta, topk,
+                                   weights, reduction)
+    z = F.normalize(torch.cat([z1, z2]).to(acc), dim=-1)
+    k = min(topk, 2 * b - 2)
+    rows = 0
+    for head in range(heads):
+        z_h = z[:, head].contiguous()
+        idx = amcl_ops.amcl_topk(z_h.detach(), k, backend)
+        rows = rows + amcl_ops.amcl_rows(z_h, _amcl_phi(temperature_net, z_h), idx, tau_min,
+                                         tau_max, beta, backend)
+    return reduce_anchors((rows[:b] + rows[b:]) / 2, None, weights, reduction)
+
+
+class AMCLLoss(nn.Module):
+    """AMCL with its temperature network ``temperature_net``, the authors'
+    ``Linear(dim, hidden) → ReLU → Linear(hidden, dim)`` (hidden = dim by
+    default); ``forward(z1, z2, weights=None)`` with z1, z2 (B, num_heads, dim).
+    See :func:`pyclloss.pair_quality.amcl_loss`."""
+
+    def __init__(self, dim: int, num_heads: int = 3, beta: float = 0.01, tau_min: float = 1e-5,
+                 tau_max: float = 2.0, topk: int = 100, hidden: int = None,
+                 reduction: str = "mean", backend: str = "auto"):
+        super().__init__()
+        self.dim = _integer("dim", dim, 1)
+        self.num_heads = _integer("num_heads", num_heads, 1)
+        hidden = self.dim if hidden is None else _integer("hidden", hidden, 1)
+        self.tau_min, self.tau_max = _amcl_temperatures(tau_min, tau_max)
+        self.beta = _real("beta", beta)
+        self.topk = _integer("topk", topk, 1)
+        self.reduction, self.backend = _checks.reduction(reduction), backend
+        self.temperature_net = nn.Sequential(nn.Linear(self.dim, hidden), nn.ReLU(),
+                                             nn.Linear(hidden, self.dim))
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, num_heads={self.num_heads}, beta={self.beta}, "
+                f"tau_min={self.tau_min}, tau_max={self.tau_max}, topk={self.topk}")
+
+    def forward(self, z1: Tensor, z2: Tensor, weights: Tensor = None) -> Tensor:
+        _amcl_features(z1, z2)
+        if tuple(z1.shape[1:]) != (self.num_heads, self.dim):
+            raise ValueError(f"z1 must have shape (B, {self.num_heads}, {self.dim}), "
+                             f"got {tuple(z1.shape)}")
+        return amcl_loss(z1, z2, self.temperature_net, self.tau_min, self.tau_max, self.beta,
+                         self.topk, weights, self.reduction, self.backend)

@@ -356,15 +356,19 @@ def amcl_loss(z1: Tensor, z2: Tensor, temperature_net, tau_min=1e-5, tau_max=2.0
         raise TypeError(f"temperature_net must be callable (an nn.Module mapping (n, D) to "
                         f"(n, h)), got {type(temperature_net).__name__}")
     tau_min, tau_max = _amcl_temperatures(tau_min, tau_max)
-    beta = _real("beta", beta)
-    topk = _integer("topk", topk, 1)
-    reduction = _checks.reduction(reduction)
-    b, heads = z1.shape[:2]
-    acc = stats_dtype(z1.dtype)
-    weights = _checks.weights("weights", weights, b, z1.device, acc)
     if gather_distributed or process_group is not None:
         raise NotImplementedError("amcl_loss: gather_distributed=True (and process_group) "
                                   "are not supported yet; call it on the global batch")
+    return _amcl(z1, z2, temperature_net, tau_min, tau_max, _real("beta", beta),
+                 _integer("topk", topk, 1), weights, _checks.reduction(reduction), backend)
+
+
+def _amcl(z1, z2, temperature_net, tau_min: float, tau_max: float, beta: float, topk: int,
+          weights, reduction: str, backend: str) -> Tensor:
+    """amcl_loss past the checks of the features and the hyper-parameters."""
+    b, heads = z1.shape[:2]
+    acc = stats_dtype(z1.dtype)
+    weights = _checks.weights("weights", weights, b, z1.device, acc)
     backend = resolve(backend, z1.device, amcl_ops.KERNELS.backends)
     if backend == "reference":
         return reference.amcl_loss(z1, z2, temperature_net, tau_min, tau_max, beta, topk,
@@ -409,5 +413,6 @@ class AMCLLoss(nn.Module):
         if tuple(z1.shape[1:]) != (self.num_heads, self.dim):
             raise ValueError(f"z1 must have shape (B, {self.num_heads}, {self.dim}), "
                              f"got {tuple(z1.shape)}")
-        return amcl_loss(z1, z2, self.temperature_net, self.tau_min, self.tau_max, self.beta,
-                         self.topk, weights, self.reduction, self.backend)
+        # the hyper-parameters were checked once, in __init__
+        return _amcl(z1, z2, self.temperature_net, self.tau_min, self.tau_max, self.beta,
+                     self.topk, weights, self.reduction, self.backend)

@@ -10,7 +10,7 @@
 // * amcl_topk: the k negatives (neither a nor p) of largest s per row, (n, k)
 //   column indices ordered by s descending, ties to the lower index. s comes
 //   from GEMMs of row blocks against all rows, sized to a fixed scratch
-//   budget; each row is a partial selection (nth_element) of its block row.
+//   budget; each row streams through a heap of its best k.
 // * amcl_fwd: per row, from the k + 1 dot products of z and of φ,
 //     row_a = −s_ap/τ_ap + mean_K s/τ + β·((D/2)·log τ_ap + 1/τ_ap) − β·Σ_K (log τ + 1/τ).
 // * amcl_bwd: per pair (a, j) of that list, c_s = ∂row_a/∂s_aj and
@@ -105,19 +105,29 @@ Tensor amcl_topk(const Tensor& z_in, int64_t k) {
     AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "amcl_topk", [&] {
       const scalar_t* s = scores.data_ptr<scalar_t>();
       at::parallel_for(r0, r1, 16, [&](int64_t begin, int64_t end) {
-        std::vector<std::pair<scalar_t, int64_t>> row;
+        // A heap of the row's best k so far, its worst entry on top: most
+        // similarities fall below that entry and cost one comparison.
+        std::vector<std::pair<scalar_t, int64_t>> best;
         const auto before = [](const auto& x, const auto& y) {
           return x.first > y.first || (x.first == y.first && x.second < y.second);
         };
         for (int64_t a = begin; a < end; ++a) {
           const scalar_t* s_a = s + (a - r0) * n;
           const int64_t p = partner(a, n);
-          row.clear();
-          for (int64_t j = 0; j < n; ++j)
-            if (j != a && j != p) row.emplace_back(s_a[j], j);
-          std::nth_element(row.begin(), row.begin() + (k - 1), row.end(), before);
-          std::sort(row.begin(), row.begin() + k, before);
-          for (int64_t c = 0; c < k; ++c) out[a * k + c] = row[c].second;
+          best.clear();
+          for (int64_t j = 0; j < n; ++j) {
+            if (j == a || j == p) continue;
+            if (static_cast<int64_t>(best.size()) < k) {
+              best.emplace_back(s_a[j], j);
+              std::push_heap(best.begin(), best.end(), before);
+            } else if (s_a[j] > best.front().first) {  // a tie keeps the lower column
+              std::pop_heap(best.begin(), best.end(), before);
+              best.back() = {s_a[j], j};
+              std::push_heap(best.begin(), best.end(), before);
+            }
+          }
+          std::sort(best.begin(), best.end(), before);
+          for (int64_t c = 0; c < k; ++c) out[a * k + c] = best[c].second;
         }
       });
     });

@@ -8,9 +8,10 @@
 // negatives of largest s per row. So the n×n matrices are never stored:
 //
 // * amcl_topk: the k negatives (neither a nor p) of largest s per row, (n, k)
-//   column indices ordered by s descending, ties to the lower index. s comes
-//   from GEMMs of row blocks against all rows, sized to a fixed scratch
-//   budget; each row streams through a heap of its best k.
+//   column indices, ties to the lower index, in no particular order. s comes
+//   from GEMMs of row blocks against all rows (1 MiB of scores per block,
+//   one block per task); each row then streams through the candidates above
+//   its k-th best so far.
 // * amcl_fwd: per row, from the k + 1 dot products of z and of φ,
 //     row_a = −s_ap/τ_ap + mean_K s/τ + β·((D/2)·log τ_ap + 1/τ_ap) − β·Σ_K (log τ + 1/τ).
 // * amcl_bwd: per pair (a, j) of that list, c_s = ∂row_a/∂s_aj and
@@ -27,6 +28,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -40,7 +42,7 @@ namespace {
 using at::Tensor;
 
 // Bytes of similarity rows one GEMM block of amcl_topk may use.
-constexpr int64_t kScoreBudget = int64_t(4) << 20;
+constexpr int64_t kScoreBudget = int64_t(1) << 20;
 
 template <typename T>
 PYCLLOSS_VECTOR_CLONES T dot(const T* x, const T* y, int64_t d) {
@@ -91,47 +93,89 @@ void check_pairs(const char* op, const Tensor& z, const Tensor& phi, const Tenso
               ", got shape ", idx.sizes(), " and dtype ", idx.scalar_type());
 }
 
+// One row's k best columns j ∉ {a, p} by s, ties to the lower column (in no
+// particular order: the loss does not depend on it).
+template <typename T>
+class RowTopK {
+ public:
+  explicit RowTopK(int64_t k) : k_(k) { best_.reserve(2 * k); }
+
+  void select(const T* s_a, int64_t n, int64_t a, int64_t p, int64_t* out) {
+    const int64_t stride = n / (4 * k_);
+    if (stride < 2 || !scan(s_a, n, a, p, lower_bar(s_a, n, a, p, stride)))
+      scan(s_a, n, a, p, kNegInf<T>);
+    for (int64_t c = 0; c < k_; ++c) out[c] = best_[c].second;
+  }
+
+ private:
+  static bool before(const std::pair<T, int64_t>& x, const std::pair<T, int64_t>& y) {
+    return x.first > y.first || (x.first == y.first && x.second < y.second);
+  }
+
+  // Just below the value of rank about 2k in the row, estimated from every
+  // stride-th column: almost always below the k-th best, so that the scan
+  // starts with a bar that lets few columns through.
+  T lower_bar(const T* s_a, int64_t n, int64_t a, int64_t p, int64_t stride) {
+    sample_.clear();
+    for (int64_t j = 0; j < n; j += stride)
+      if (j != a && j != p) sample_.push_back(s_a[j]);
+    const int64_t rank = std::min<int64_t>(static_cast<int64_t>(sample_.size()),
+                                           2 * k_ / stride + 1);
+    std::nth_element(sample_.begin(), sample_.begin() + (rank - 1), sample_.end(),
+                     std::greater<T>());
+    return std::nextafter(sample_[rank - 1], kNegInf<T>);
+  }
+
+  // Keeps the candidates above the bar; when 2k have gathered, a partial
+  // selection keeps the best k and raises the bar to the k-th. Columns come
+  // in ascending order, so a later one equal to the bar ranks below it. False
+  // when fewer than k columns passed the starting bar (then it was too high).
+  bool scan(const T* s_a, int64_t n, int64_t a, int64_t p, T bar) {
+    best_.clear();
+    for (int64_t j = 0; j < n; ++j) {
+      if (!(s_a[j] > bar) || j == a || j == p) continue;
+      best_.emplace_back(s_a[j], j);
+      if (static_cast<int64_t>(best_.size()) == 2 * k_) {
+        keep_best();
+        bar = best_[k_ - 1].first;
+      }
+    }
+    if (static_cast<int64_t>(best_.size()) > k_) keep_best();
+    return static_cast<int64_t>(best_.size()) == k_;
+  }
+
+  void keep_best() {
+    std::nth_element(best_.begin(), best_.begin() + (k_ - 1), best_.end(), before);
+    best_.resize(k_);
+  }
+
+  int64_t k_;
+  std::vector<std::pair<T, int64_t>> best_;
+  std::vector<T> sample_;
+};
+
 Tensor amcl_topk(const Tensor& z_in, int64_t k) {
   check_rows("amcl_topk", z_in);
   const Tensor z = z_in.contiguous();
   const int64_t n = z.size(0);
   TORCH_CHECK(k >= 1 && k <= n - 2, "amcl_topk: k must be in [1, ", n - 2, "], got ", k);
   Tensor idx = at::empty({n, k}, z.options().dtype(at::kLong));
-  const int64_t block = std::clamp<int64_t>(kScoreBudget / (n * z.element_size()), 1, n);
   int64_t* out = idx.data_ptr<int64_t>();
-  for (int64_t r0 = 0; r0 < n; r0 += block) {
-    const int64_t r1 = std::min(n, r0 + block);
-    const Tensor scores = at::mm(z.slice(0, r0, r1), z.t()).contiguous();  // GEMM threads itself
-    AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "amcl_topk", [&] {
-      const scalar_t* s = scores.data_ptr<scalar_t>();
-      at::parallel_for(r0, r1, 16, [&](int64_t begin, int64_t end) {
-        // A heap of the row's best k so far, its worst entry on top: most
-        // similarities fall below that entry and cost one comparison.
-        std::vector<std::pair<scalar_t, int64_t>> best;
-        const auto before = [](const auto& x, const auto& y) {
-          return x.first > y.first || (x.first == y.first && x.second < y.second);
-        };
-        for (int64_t a = begin; a < end; ++a) {
-          const scalar_t* s_a = s + (a - r0) * n;
-          const int64_t p = partner(a, n);
-          best.clear();
-          for (int64_t j = 0; j < n; ++j) {
-            if (j == a || j == p) continue;
-            if (static_cast<int64_t>(best.size()) < k) {
-              best.emplace_back(s_a[j], j);
-              std::push_heap(best.begin(), best.end(), before);
-            } else if (s_a[j] > best.front().first) {  // a tie keeps the lower column
-              std::pop_heap(best.begin(), best.end(), before);
-              best.back() = {s_a[j], j};
-              std::push_heap(best.begin(), best.end(), before);
-            }
-          }
-          std::sort(best.begin(), best.end(), before);
-          for (int64_t c = 0; c < k; ++c) out[a * k + c] = best[c].second;
-        }
-      });
+  // Each task: the GEMM of a block of rows against all rows (single-threaded
+  // inside the parallel region), then the selection on its rows.
+  const int64_t block = std::clamp<int64_t>(kScoreBudget / (n * z.element_size()), 1, n);
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "amcl_topk", [&] {
+    at::parallel_for(0, (n + block - 1) / block, 1, [&](int64_t begin, int64_t end) {
+      RowTopK<scalar_t> row(k);
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t r0 = b * block, r1 = std::min(n, r0 + block);
+        const Tensor scores = at::mm(z.slice(0, r0, r1), z.t()).contiguous();
+        const scalar_t* s = scores.data_ptr<scalar_t>();
+        for (int64_t a = r0; a < r1; ++a) row.select(s + (a - r0) * n, n, a, partner(a, n),
+                                                     out + a * k);
+      }
     });
-  }
+  });
   return idx;
 }
 

@@ -4,8 +4,9 @@ One head: n = 2B unit rows z (view-major; row a's positive is p = (a + B) mod n)
 and the temperature network's outputs φ (n, h).
 
 * ``pyclloss::amcl_topk(z, k) -> (n, k) int64``: per row, the k negatives
-  (neither a nor p) of largest ``s_aj = z_a·z_j``, by s descending, ties to the
-  lower index. A selection: no gradient.
+  (neither a nor p) of largest ``s_aj = z_a·z_j``, ties to the lower index, in
+  no particular order (the loss does not depend on it). A selection: no
+  gradient.
 * ``pyclloss::amcl_rows(z, phi, idx, tau_min, tau_max, beta) -> (n,)``: with
   ``τ_aj = τ_min + (τ_max − τ_min)·σ(−φ_a·φ_j)`` and K the columns ``idx[a]``,
   ``row_a = −s_ap/τ_ap + mean_K s/τ + β·((D/2)·log τ_ap + 1/τ_ap) − β·Σ_K (log τ + 1/τ)``.

@@ -373,11 +373,11 @@ def _amcl(z1, z2, temperature_net, tau_min: float, tau_max: float, beta: float, 
     if backend == "reference":
         return reference.amcl_loss(z1, z2, temperature_net, tau_min, tau_max, beta, topk,
                                    weights, reduction)
-    z = F.normalize(torch.cat([z1, z2]).to(acc), dim=-1)
+    # head-major (heads, 2B, D): each head's rows contiguous, one copy forth and back
+    z = F.normalize(torch.cat([z1, z2], dim=0).to(acc).transpose(0, 1).contiguous(), dim=-1)
     k = min(topk, 2 * b - 2)
     rows = 0
-    for head in range(heads):
-        z_h = z[:, head].contiguous()
+    for z_h in z.unbind(0):
         idx = amcl_ops.amcl_topk(z_h.detach(), k, backend)
         rows = rows + amcl_ops.amcl_rows(z_h, _amcl_phi(temperature_net, z_h), idx, tau_min,
                                          tau_max, beta, backend)

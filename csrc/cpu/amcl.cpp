@@ -23,7 +23,6 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -35,6 +34,7 @@
 
 #include "pyclloss/cpu_args.h"
 #include "pyclloss/cpu_math.h"
+#include "pyclloss/cpu_schedule.h"
 
 namespace pyclloss::cpu {
 namespace {
@@ -59,6 +59,15 @@ PYCLLOSS_VECTOR_CLONES void axpy(T alpha, const T* x, T* y, int64_t d) {
 }
 
 int64_t partner(int64_t a, int64_t n) { return (a + n / 2) % n; }
+
+// body(begin, end) over blocks of 64 rows, handed out one at a time.
+template <typename Body>
+void for_row_blocks(int64_t n, const Body& body) {
+  constexpr int64_t rows = 64;
+  run_tasks((n + rows - 1) / rows, [] { return 0; }, [&](int /*no state*/, int64_t block) {
+    body(block * rows, std::min(n, (block + 1) * rows));
+  });
+}
 
 // The loss's hyper-parameters and the pair temperature with its derivative.
 struct Params {
@@ -162,19 +171,18 @@ Tensor amcl_topk(const Tensor& z_in, int64_t k) {
   Tensor idx = at::empty({n, k}, z.options().dtype(at::kLong));
   int64_t* out = idx.data_ptr<int64_t>();
   // Each task: the GEMM of a block of rows against all rows (single-threaded
-  // inside the parallel region), then the selection on its rows.
+  // inside the parallel region), then the selection on its rows. Tasks are
+  // handed out one at a time, so a thread slowed by another process takes fewer.
   const int64_t block = std::clamp<int64_t>(kScoreBudget / (n * z.element_size()), 1, n);
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "amcl_topk", [&] {
-    at::parallel_for(0, (n + block - 1) / block, 1, [&](int64_t begin, int64_t end) {
-      RowTopK<scalar_t> row(k);
-      for (int64_t b = begin; b < end; ++b) {
-        const int64_t r0 = b * block, r1 = std::min(n, r0 + block);
-        const Tensor scores = at::mm(z.slice(0, r0, r1), z.t()).contiguous();
-        const scalar_t* s = scores.data_ptr<scalar_t>();
-        for (int64_t a = r0; a < r1; ++a) row.select(s + (a - r0) * n, n, a, partner(a, n),
-                                                     out + a * k);
-      }
-    });
+    run_tasks((n + block - 1) / block, [&] { return RowTopK<scalar_t>(k); },
+              [&](RowTopK<scalar_t>& row, int64_t b) {
+                const int64_t r0 = b * block, r1 = std::min(n, r0 + block);
+                const Tensor scores = at::mm(z.slice(0, r0, r1), z.t()).contiguous();
+                const scalar_t* s = scores.data_ptr<scalar_t>();
+                for (int64_t a = r0; a < r1; ++a)
+                  row.select(s + (a - r0) * n, n, a, partner(a, n), out + a * k);
+              });
   });
   return idx;
 }
@@ -193,7 +201,7 @@ Tensor amcl_fwd(const Tensor& z_in, const Tensor& phi_in, const Tensor& idx_in, 
     const int64_t* ip = idx.data_ptr<int64_t>();
     T* out = rows.data_ptr<T>();
     const T b = static_cast<T>(beta);
-    at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    for_row_blocks(n, [&](int64_t begin, int64_t end) {
       for (int64_t a = begin; a < end; ++a) {
         const T *za = zp + a * d, *fa = fp + a * h;
         const int64_t p = partner(a, n);
@@ -238,7 +246,7 @@ std::tuple<Tensor, Tensor> amcl_bwd(const Tensor& z_in, const Tensor& phi_in,
       return c == 0 ? partner(a, n) : ip[a * k + c - 1];
     };
     // Row a's own half: the coefficients, and dz_a, dφ_a from the rows it reads.
-    at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    for_row_blocks(n, [&](int64_t begin, int64_t end) {
       for (int64_t a = begin; a < end; ++a) {
         const T *za = zp + a * d, *fa = fp + a * h;
         T *dza = dzp + a * d, *dfa = dfp + a * h;
@@ -270,7 +278,7 @@ std::tuple<Tensor, Tensor> amcl_bwd(const Tensor& z_in, const Tensor& phi_in,
     for (int64_t j = 0; j < n; ++j) start[j + 1] += start[j];
     std::vector<int64_t> fill(start.begin(), start.end() - 1);
     for (int64_t e = 0; e < n * width; ++e) entry[fill[column(e / width, e % width)]++] = e;
-    at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    for_row_blocks(n, [&](int64_t begin, int64_t end) {
       for (int64_t j = begin; j < end; ++j)
         for (int64_t q = start[j]; q < start[j + 1]; ++q) {
           const int64_t e = entry[q], a = e / width;

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _checks
+from . import _checks, distributed
 from ._stats import reduce_anchors, stats_dtype
 from .backends import resolve
 from .ops import amcl as amcl_ops
@@ -350,17 +350,38 @@ def amcl_loss(z1: Tensor, z2: Tensor, temperature_net, tau_min=1e-5, tau_max=2.0
     takes dφ on through the network. ``reference`` is the dense
     ``pyclloss.reference.pair_quality.amcl_loss``. docs/pair_quality.md has the
     formulas and the differences from the authors' code.
+
+    ``gather_distributed=True`` (or a ``process_group``): the loss of the
+    global batch, the rank-major concatenation of every rank's z1 and z2
+    (docs/distributed.md: each rank returns the global value, or its own
+    samples' losses with "none"; gradients follow DDP's convention). Each rank
+    computes the whole global loss (no saving of work over one process).
     """
     _amcl_features(z1, z2)
     if not callable(temperature_net):
         raise TypeError(f"temperature_net must be callable (an nn.Module mapping (n, D) to "
                         f"(n, h)), got {type(temperature_net).__name__}")
     tau_min, tau_max = _amcl_temperatures(tau_min, tau_max)
-    if gather_distributed or process_group is not None:
-        raise NotImplementedError("amcl_loss: gather_distributed=True (and process_group) "
-                                  "are not supported yet; call it on the global batch")
-    return _amcl(z1, z2, temperature_net, tau_min, tau_max, _real("beta", beta),
-                 _integer("topk", topk, 1), weights, _checks.reduction(reduction), backend)
+    beta, topk = _real("beta", beta), _integer("topk", topk, 1)
+    reduction = _checks.reduction(reduction)
+    ex = distributed.exchange(gather_distributed, process_group, "all_gather")
+    if ex is None:
+        return _amcl(z1, z2, temperature_net, tau_min, tau_max, beta, topk, weights, reduction,
+                     backend)
+    # Every rank computes the loss of the global batch from the gathered views
+    # (the work of one process holding it); its gradient to the gathered rows
+    # is summed over the ranks on the way home, as docs/distributed.md says.
+    b = z1.shape[0]
+    _checks.weights("weights", weights, b, z1.device, stats_dtype(z1.dtype))
+    layout = ex.layout(b, z1.reshape(b, -1), reduction, topk=topk,
+                       weighted=float(weights is not None))
+    views = [distributed.all_gather_with_grad(z, ex.group, layout.sizes) for z in (z1, z2)]
+    weights = None if weights is None else ex.all_rows(weights, layout)
+    per_sample = _amcl(*views, temperature_net, tau_min, tau_max, beta, topk, weights, "none",
+                       backend)
+    if reduction == "none":
+        return per_sample[layout.offset:layout.offset + b]
+    return reduce_anchors(per_sample, None, weights, reduction)
 
 
 def _amcl(z1, z2, temperature_net, tau_min: float, tau_max: float, beta: float, topk: int,

@@ -216,7 +216,7 @@ def _wrong_width(x):
     (dict(weights=torch.ones(3)), ValueError, "weights must have shape (4,)"),
     (dict(reduction="batch"), ValueError, "reduction must be one of"),
     (dict(backend="gpu"), ValueError, "backend must be one of"),
-    (dict(gather_distributed=True), NotImplementedError, "gather_distributed"),
+    (dict(gather_distributed="yes"), TypeError, "gather_distributed must be a bool"),
 ])
 def test_bad_input(change, error, words):
     args = dict(z1=torch.randn(4, 2, 3), z2=torch.randn(4, 2, 3), temperature_net=make_net(3))
@@ -226,8 +226,82 @@ def test_bad_input(change, error, words):
     assert words in str(info.value)
 
 
+def test_without_a_process_group_it_is_one_process():
+    z1, z2, net = torch.randn(5, 2, 3), torch.randn(5, 2, 3), make_net(3)
+    assert_close_rel(pyclloss.amcl_loss(z1, z2, net, gather_distributed=True),
+                     pyclloss.amcl_loss(z1, z2, net), 0, "one process")
+
+
 def test_module_bad_input():
     with pytest.raises(ValueError, match="z1 must have shape \\(B, 2, 4\\)"):
         pyclloss.AMCLLoss(4, num_heads=2)(torch.randn(3, 3, 4), torch.randn(3, 3, 4))
     with pytest.raises(ValueError, match="tau_max must be"):
         pyclloss.AMCLLoss(4, tau_min=1.0, tau_max=0.5)
+
+
+# ------------------------------------------------------------------ distributed
+
+DISTRIBUTED_SIZES = (5, 4)  # local batch sizes of the two ranks
+
+
+def _distributed_case(seed):
+    """The global batch (every rank makes the same) and its temperature network."""
+    gen = torch.Generator().manual_seed(seed)
+    total = sum(DISTRIBUTED_SIZES)
+    z1, z2 = (torch.randn(total, 2, 4, generator=gen, dtype=torch.float64) for _ in range(2))
+    torch.manual_seed(seed)
+    return z1, z2, torch.rand(total, generator=gen, dtype=torch.float64), make_net(4).double()
+
+
+def _amcl_rank(rank, device, seed):
+    """One rank: its rows of the global batch, the loss over the group, the gradients."""
+    z1, z2, weights, net = _distributed_case(seed)
+    start = sum(DISTRIBUTED_SIZES[:rank])
+    rows = slice(start, start + DISTRIBUTED_SIZES[rank])
+    results = {}
+    for reduction in ("mean", "none"):
+        local = [z[rows].clone().requires_grad_() for z in (z1, z2)]
+        local_net = copy.deepcopy(net)
+        loss = pyclloss.amcl_loss(*local, local_net, topk=5, weights=weights[rows],
+                                  reduction=reduction, backend="cpp", gather_distributed=True,
+                                  **HYPER)
+        loss.sum().backward()
+        results[reduction] = (loss.detach(), [x.grad for x in local],
+                              [p.grad for p in local_net.parameters()])
+    return results
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="C++ extension not built")
+def test_gloo_world_of_two_is_the_global_batch(tmp_path):
+    # DDP's convention: each rank's rows get W·∂L/∂z, the parameters ∂L/∂θ of
+    # the value it returns (DDP averages them); with "none" each rank gets its
+    # own samples' losses and the gradients of their sum over the ranks.
+    from test_distributed import _spawn
+
+    seed, world = 7, len(DISTRIBUTED_SIZES)
+    per_rank = _spawn(world, str(tmp_path), seed, body=_amcl_rank)
+    z1, z2, weights, net = _distributed_case(seed)
+    for reduction in ("mean", "none"):
+        views = [z.clone().requires_grad_() for z in (z1, z2)]
+        global_net = copy.deepcopy(net)
+        expected = ref.amcl_loss(*views, global_net, topk=5, weights=weights,
+                                 reduction=reduction, **HYPER)
+        expected.sum().backward()
+        start = 0
+        for rank, results in enumerate(per_rank):
+            value, grads, net_grads = results[reduction]
+            rows = slice(start, start + DISTRIBUTED_SIZES[rank])
+            start = rows.stop
+            scale = world if reduction == "mean" else 1
+            what = f"rank {rank} {reduction}"
+            assert_close_rel(value, expected if reduction == "mean" else expected[rows], 1e-9,
+                             f"{what} value")
+            for grad, view in zip(grads, views):
+                assert_close_rel(grad, scale * view.grad[rows], 1e-9, f"{what} grad")
+            if reduction == "mean":
+                for grad, p in zip(net_grads, global_net.parameters()):
+                    assert_close_rel(grad, p.grad, 1e-9, f"{what} network grad")
+        if reduction == "none":
+            # the parameters' gradients over the ranks add up to the global batch's
+            for p, *grads in zip(global_net.parameters(), *(r["none"][2] for r in per_rank)):
+                assert_close_rel(sum(grads), p.grad, 1e-9, "network grads over ranks")

@@ -176,6 +176,10 @@ def test_opcheck():
                                           0.05, 2.0, 0.2, "cpp"))
     torch.library.opcheck(ops.amcl_rows_backward, (z, phi.detach(), idx, torch.randn(10), 0.05,
                                                    2.0, 0.2, "cpp"))
+    outside = idx.clone()
+    outside[3, 1] = 10
+    with pytest.raises(RuntimeError, match="idx must hold row indices in \\[0, 10\\)"):
+        ops.amcl_rows(z, phi.detach(), outside, 0.05, 2.0, 0.2, "cpp")
 
 
 @pytest.mark.skipif(not HAS_CPP, reason="C++ extension not built")

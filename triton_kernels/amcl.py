@@ -152,7 +152,8 @@ def amcl_topk(z: Tensor, k: int) -> Tensor:
     _check(z)
     n, d = z.shape
     if not 1 <= k <= min(n - 2, 256):
-        raise ValueError(f"amcl: the Triton top-k takes 1 <= k <= min(n - 2, 256), got {k}")
+        raise ValueError(f"amcl: the Triton backend takes topk <= 256 (k = min(topk, n − 2) "
+                         f"must be in [1, {min(n - 2, 256)}], got {k})")
     idx = torch.empty(n, k, dtype=torch.int64, device=z.device)
     _topk_kernel[(triton.cdiv(n, _BLOCK_M),)](z.contiguous(), idx, n, d, k, BLOCK_M=_BLOCK_M,
                                              KPAD=_block(k), BLOCK_D=min(64, _block(d)))

@@ -100,6 +100,10 @@ void check_pairs(const char* op, const Tensor& z, const Tensor& phi, const Tenso
                   idx.size(1) <= n - 2 && idx.scalar_type() == at::kLong,
               op, ": idx must be an (", n, ", k) int64 CPU tensor with 1 <= k <= ", n - 2,
               ", got shape ", idx.sizes(), " and dtype ", idx.scalar_type());
+  const auto [lo, hi] = at::aminmax(idx);  // the kernels read rows idx[a, c]
+  TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < n, op,
+              ": idx must hold row indices in [0, ", n, "), got [", lo.item<int64_t>(), ", ",
+              hi.item<int64_t>(), "]");
 }
 
 // One row's k best columns j ∉ {a, p} by s, ties to the lower column (in no

@@ -19,7 +19,7 @@ from pyclloss.reference import pair_quality as ref
 
 CPU_BACKENDS = fused_backends("cpu")
 # The Triton interpreter is slow: small sizes only (B samples per view).
-SIZES = {"cpp": (2, 3, 17, 33), "triton": (3, 9)}
+SIZES = {"cpp": (2, 3, 17, 33), "triton": (5,)}
 HAS_CPP = "cpp" in CPU_BACKENDS
 # τ_min away from 0 and a larger β: the τ terms weigh in the loss and its gradients.
 HYPER = dict(tau_min=0.05, tau_max=2.0, beta=0.2)
@@ -103,6 +103,8 @@ def test_ties(backend, case):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_weights_and_reductions(backend, reduction):
+    if backend == "triton" and reduction != "none":
+        pytest.skip("the Triton interpreter is slow: the per-sample losses cover its part")
     b = SIZES[backend][-1]
     check_against_reference(backend, torch.randn(2, b, 2, 5), make_net(5), torch.float32,
                             f"{backend} {reduction}", weights=torch.rand(b), reduction=reduction,

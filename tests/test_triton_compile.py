@@ -43,4 +43,5 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
     # every family's kernels were reached (a family whose Triton path broke
     # before launching would otherwise pass silently)
     assert {"_tiles_kernel", "_forward_kernel", "_neg_lse_kernel", "_supremix_fwd_kernel",
-            "_rnc_fwd_kernel", "_sort_fwd_kernel"} <= names, names
+            "_rnc_fwd_kernel", "_sort_fwd_kernel", "_topk_kernel",
+            "_rows_bwd_kernel"} <= names, names

@@ -46,7 +46,8 @@ def _real(name: str, value, low: float = -math.inf, high: float = math.inf,
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
     above_high = value >= high if high_open else value > high
-    if not math.isfinite(value) or value < low or above_high:
+    # comparisons rather than math.isfinite, which torch.compile cannot trace (NaN fails both)
+    if not -math.inf < value < math.inf or value < low or above_high:
         bound = f"[{low}, {high})" if high_open else f"[{low}, {high}]"
         raise ValueError(f"{name} must be finite and in {bound}, got {value}")
     return value

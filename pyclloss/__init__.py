@@ -1,7 +1,8 @@
 """pyclloss: fused contrastive-learning losses for PyTorch.
 
 Functions (``pyclloss.nt_xent`` ...) and modules (``pyclloss.NTXentLoss`` ...)
-of the InfoNCE family, gated subspaces, embedding mixup and sorting networks,
+of the InfoNCE family, gated subspaces, embedding mixup, sorting networks and
+pair-quality losses,
 each with ``backend="auto" | "cpp" | "cuda" | "triton" | "reference"``;
 ``pyclloss.backends()`` says which backends are available here.
 """
@@ -25,10 +26,12 @@ from .info_nce import (
     supcon,
 )
 from .pair_quality import (
+    AMCLLoss,
     CACRLoss,
     DCLLoss,
     DecoupledNTXentLoss,
     HCLLoss,
+    amcl_loss,
     cacr_loss,
     dcl_loss,
     decoupled_nt_xent,
@@ -89,4 +92,6 @@ __all__ = [
     "DecoupledNTXentLoss",
     "cacr_loss",
     "CACRLoss",
+    "amcl_loss",
+    "AMCLLoss",
 ]

@@ -7,16 +7,18 @@
 * :class:`DirectPredictor`: DirectPred's linear predictor, set from the running
   correlation of its inputs instead of trained by gradient;
 * :func:`cacr_loss` / :class:`CACRLoss`: contrastive attraction and repulsion,
-  its repulsion in fused kernels.
-
-The pair-quality losses themselves (CACR, AMCL, DCL, HCL, decoupled) are
-specified in ``pyclloss.reference.pair_quality``; docs/pair_quality.md has
-the formulas. Fused here, on the InfoNCE core's per-row statistics:
-
-* :func:`dcl_loss` / :class:`DCLLoss`: debiased contrastive loss (Chuang et al.);
-* :func:`hcl_loss` / :class:`HCLLoss`: hard-negative contrastive loss (Robinson et al.);
+  its repulsion in fused kernels (the ``cacr`` op family);
+* :func:`amcl_loss` / :class:`AMCLLoss`: adaptive multi-head contrastive
+  learning on the fused ``amcl`` kernels (top-k hardest negatives, pair
+  temperatures from a temperature network);
+* :func:`dcl_loss` / :class:`DCLLoss`: debiased contrastive loss (Chuang et al.),
+* :func:`hcl_loss` / :class:`HCLLoss`: hard-negative contrastive loss (Robinson et al.),
 * :func:`decoupled_nt_xent` / :class:`DecoupledNTXentLoss`: decoupled NT-Xent
-  (Yeh et al.), optionally von Mises-Fisher weighted.
+  (Yeh et al.), optionally von Mises-Fisher weighted, the last three on the
+  InfoNCE core's per-row statistics.
+
+The dense specifications are ``pyclloss.reference.pair_quality`` and
+``pyclloss.reference.cacr``; docs/pair_quality.md has the formulas.
 """
 
 import math
@@ -28,10 +30,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _checks, distributed
-from ._stats import stats_dtype, unit_rows
+from ._stats import reduce_anchors, stats_dtype, unit_rows
 from .backends import resolve
 from .info_nce import _backend as _info_nce_backend
 from .info_nce import _Distributable
+from .ops import amcl as amcl_ops
 from .ops import cacr as cacr_ops
 from .ops import info_nce as core
 from .reference import cacr as cacr_reference
@@ -55,7 +58,8 @@ def _real(name: str, value, low: float = -math.inf, high: float = math.inf,
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
     above_high = value >= high if high_open else value > high
-    if not math.isfinite(value) or value < low or above_high:
+    # comparisons rather than math.isfinite, which torch.compile cannot trace (NaN fails both)
+    if not -math.inf < value < math.inf or value < low or above_high:
         bound = f"[{low}, {high})" if high_open else f"[{low}, {high}]"
         raise ValueError(f"{name} must be finite and in {bound}, got {value}")
     return value
@@ -623,3 +627,146 @@ class CACRLoss(nn.Module):
                          reduction=self.reduction, backend=self.backend,
                          gather_distributed=self.gather_distributed,
                          process_group=self.process_group)
+
+# ------------------------------------------------------------------------------ AMCL
+
+
+def _amcl_features(z1, z2) -> None:
+    for name, z in (("z1", z1), ("z2", z2)):
+        _checks.features(name, z, ndims=(3,), min_rows=2)
+    _checks.same_kind("z2", z2, "z1", z1)
+    if z2.shape != z1.shape:
+        raise ValueError(f"z2 must have z1's shape {tuple(z1.shape)} (B, heads, D), "
+                         f"got {tuple(z2.shape)}")
+
+
+def _amcl_temperatures(tau_min, tau_max) -> Tuple[float, float]:
+    tau_min = _real("tau_min", tau_min, low=0.0)
+    if tau_min == 0:
+        raise ValueError("tau_min must be > 0 (the loss takes log τ), got 0.0")
+    return tau_min, _real("tau_max", tau_max, low=tau_min)
+
+
+def _amcl_phi(temperature_net, z: Tensor) -> Tensor:
+    """φ(z) (n, h) in z's dtype, the network fed its parameters' dtype."""
+    params = next(iter(temperature_net.parameters()), None) \
+        if isinstance(temperature_net, nn.Module) else None
+    phi = temperature_net(z if params is None else z.to(params.dtype))
+    if not isinstance(phi, Tensor) or phi.dim() != 2 or phi.shape[0] != z.shape[0] \
+            or phi.shape[1] == 0 or not phi.dtype.is_floating_point:
+        got = tuple(phi.shape) if isinstance(phi, Tensor) else type(phi).__name__
+        raise ValueError(f"temperature_net must map (n, D) rows to floating (n, h) outputs, "
+                         f"got {got} for input {tuple(z.shape)}")
+    return phi.to(z.dtype)
+
+
+def amcl_loss(z1: Tensor, z2: Tensor, temperature_net, tau_min=1e-5, tau_max=2.0, beta=0.01,
+              topk=100, weights=None, reduction="mean", backend="auto",
+              gather_distributed=False, process_group=None) -> Tensor:
+    """AMCL (adaptive multi-head contrastive learning), the authors' ``AMCLNTXentLoss``.
+
+    z1, z2 (B, C, D): C heads, each L2-normalised here. Per head, on the 2B rows
+    z = cat(z1, z2), pair temperatures ``τ_aj = τ_min + (τ_max − τ_min)·σ(−φ_a·φ_j)``
+    from the ``temperature_net`` φ (shared by the heads, applied to each
+    normalised row), and for anchor a with positive p and K its
+    k = min(topk, 2B − 2) negatives of largest ``s_aj = z_a·z_j``:
+
+        −s_ap/τ_ap + mean_K s_aj/τ_aj + β·((D/2)·log τ_ap + 1/τ_ap) − β·Σ_K (log τ_aj + 1/τ_aj)
+
+    Sample i's loss is the mean of its two directions summed over the heads
+    ((B,) with ``reduction="none"``; ``weights`` (B,) weigh them). The selection
+    of K gets no gradient; z1, z2 and φ's parameters get theirs through s and τ.
+
+    The fused backends (``cpp`` on the CPU, ``triton``) never build the 2B×2B
+    matrices: a streaming top-k of s per row keeps (2B, k) indices, the loss
+    and its gradient to z and φ(z) run over those pairs only, and autograd
+    takes dφ on through the network. ``reference`` is the dense
+    ``pyclloss.reference.pair_quality.amcl_loss``. docs/pair_quality.md has the
+    formulas and the differences from the authors' code.
+
+    ``gather_distributed=True`` (or a ``process_group``): the loss of the
+    global batch, the rank-major concatenation of every rank's z1 and z2
+    (docs/distributed.md: each rank returns the global value, or its own
+    samples' losses with "none"; gradients follow DDP's convention). Each rank
+    computes the whole global loss (no saving of work over one process).
+    """
+    _amcl_features(z1, z2)
+    if not callable(temperature_net):
+        raise TypeError(f"temperature_net must be callable (an nn.Module mapping (n, D) to "
+                        f"(n, h)), got {type(temperature_net).__name__}")
+    tau_min, tau_max = _amcl_temperatures(tau_min, tau_max)
+    beta, topk = _real("beta", beta), _integer("topk", topk, 1)
+    reduction = _checks.reduction(reduction)
+    ex = distributed.exchange(gather_distributed, process_group, "all_gather")
+    if ex is None:
+        return _amcl(z1, z2, temperature_net, tau_min, tau_max, beta, topk, weights, reduction,
+                     backend)
+    # Every rank computes the loss of the global batch from the gathered views
+    # (the work of one process holding it); its gradient to the gathered rows
+    # is summed over the ranks on the way home, as docs/distributed.md says.
+    b = z1.shape[0]
+    _checks.weights("weights", weights, b, z1.device, stats_dtype(z1.dtype))
+    layout = ex.layout(b, z1.reshape(b, -1), reduction, topk=topk,
+                       weighted=float(weights is not None))
+    views = [distributed.all_gather_with_grad(z, ex.group, layout.sizes) for z in (z1, z2)]
+    weights = None if weights is None else ex.all_rows(weights, layout)
+    per_sample = _amcl(*views, temperature_net, tau_min, tau_max, beta, topk, weights, "none",
+                       backend)
+    if reduction == "none":
+        return per_sample[layout.offset:layout.offset + b]
+    return reduce_anchors(per_sample, None, weights, reduction)
+
+
+def _amcl(z1, z2, temperature_net, tau_min: float, tau_max: float, beta: float, topk: int,
+          weights, reduction: str, backend: str) -> Tensor:
+    """amcl_loss past the checks of the features and the hyper-parameters."""
+    b, heads = z1.shape[:2]
+    acc = stats_dtype(z1.dtype)
+    weights = _checks.weights("weights", weights, b, z1.device, acc)
+    backend = resolve(backend, z1.device, amcl_ops.KERNELS.backends)
+    if backend == "reference":
+        return reference.amcl_loss(z1, z2, temperature_net, tau_min, tau_max, beta, topk,
+                                   weights, reduction)
+    # head-major (heads, 2B, D): each head's rows contiguous, one copy forth and back
+    z = F.normalize(torch.cat([z1, z2], dim=0).to(acc).transpose(0, 1).contiguous(), dim=-1)
+    k = min(topk, 2 * b - 2)
+    rows = 0
+    for z_h in z.unbind(0):
+        idx = amcl_ops.amcl_topk(z_h.detach(), k, backend)
+        rows = rows + amcl_ops.amcl_rows(z_h, _amcl_phi(temperature_net, z_h), idx, tau_min,
+                                         tau_max, beta, backend)
+    return reduce_anchors((rows[:b] + rows[b:]) / 2, None, weights, reduction)
+
+
+class AMCLLoss(nn.Module):
+    """AMCL with its temperature network ``temperature_net``, the authors'
+    ``Linear(dim, hidden) → ReLU → Linear(hidden, dim)`` (hidden = dim by
+    default); ``forward(z1, z2, weights=None)`` with z1, z2 (B, num_heads, dim).
+    See :func:`pyclloss.pair_quality.amcl_loss`."""
+
+    def __init__(self, dim: int, num_heads: int = 3, beta: float = 0.01, tau_min: float = 1e-5,
+                 tau_max: float = 2.0, topk: int = 100, hidden: int = None,
+                 reduction: str = "mean", backend: str = "auto"):
+        super().__init__()
+        self.dim = _integer("dim", dim, 1)
+        self.num_heads = _integer("num_heads", num_heads, 1)
+        hidden = self.dim if hidden is None else _integer("hidden", hidden, 1)
+        self.tau_min, self.tau_max = _amcl_temperatures(tau_min, tau_max)
+        self.beta = _real("beta", beta)
+        self.topk = _integer("topk", topk, 1)
+        self.reduction, self.backend = _checks.reduction(reduction), backend
+        self.temperature_net = nn.Sequential(nn.Linear(self.dim, hidden), nn.ReLU(),
+                                             nn.Linear(hidden, self.dim))
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, num_heads={self.num_heads}, beta={self.beta}, "
+                f"tau_min={self.tau_min}, tau_max={self.tau_max}, topk={self.topk}")
+
+    def forward(self, z1: Tensor, z2: Tensor, weights: Tensor = None) -> Tensor:
+        _amcl_features(z1, z2)
+        if tuple(z1.shape[1:]) != (self.num_heads, self.dim):
+            raise ValueError(f"z1 must have shape (B, {self.num_heads}, {self.dim}), "
+                             f"got {tuple(z1.shape)}")
+        # the hyper-parameters were checked once, in __init__
+        return _amcl(z1, z2, self.temperature_net, self.tau_min, self.tau_max, self.beta,
+                     self.topk, weights, self.reduction, self.backend)

@@ -14,6 +14,7 @@ from conftest import fused_backends
 
 BACKENDS = ["reference"] + [b for b in fused_backends("cpu") if b == "cpp"]
 D = 6
+AMCL_NET = torch.nn.Sequential(torch.nn.Linear(D, D), torch.nn.ReLU(), torch.nn.Linear(D, D))
 
 
 def _squares(*tensors):
@@ -59,6 +60,9 @@ CASES = {
         lambda n: [_features(n), torch.arange(n) * 1.0, torch.rand(n, n), 0.5, 0.7, 3.0]),
     "rnc_loss": (lambda x, y, t, backend: pyclloss.rnc_loss(x, y, t, backend=backend),
                  lambda n: [_features(n), torch.randn(n), 2.0]),
+    "amcl_loss": (lambda z1, z2, backend: pyclloss.amcl_loss(
+        z1, z2, AMCL_NET, tau_min=0.05, beta=0.2, topk=3, backend=backend),
+        lambda n: [torch.randn(n, 2, D, requires_grad=True), torch.randn(n, 2, D)]),
     # the sorting outputs' sums are constants: their squares have gradients
     "soft_rank": (lambda x, s, backend: _squares(sorting.soft_rank(x, steepness=s,
                                                                    backend=backend)),

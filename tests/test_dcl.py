@@ -60,7 +60,8 @@ def _value_and_grads(fn, z1, z2, **kw):
 def _assert_close(actual, expected, rtol, what):
     """Max error relative to the largest magnitude of ``expected``."""
     err = (actual.double() - expected.double()).abs().max()
-    scale = expected.double().abs().max().clamp_min(1e-6)  # d = 1: zero gradients
+    # d = 1: the true gradients are zero and the computed ones round-off (~1e-15)
+    scale = expected.double().abs().max().clamp_min(1e-3)
     assert torch.isfinite(actual).all(), what
     assert err <= rtol * scale, f"{what}: max error {err:.3g} vs max |value| {scale:.3g}"
 

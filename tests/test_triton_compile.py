@@ -44,4 +44,4 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
     # before launching would otherwise pass silently)
     assert {"_tiles_kernel", "_forward_kernel", "_neg_lse_kernel", "_supremix_fwd_kernel",
             "_rnc_fwd_kernel", "_sort_fwd_kernel", "_cacr_fwd_kernel",
-            "_cacr_grad_kernel"} <= names, names
+            "_cacr_grad_kernel", "_topk_kernel", "_rows_bwd_kernel"} <= names, names

@@ -136,7 +136,14 @@ def _family_calls():
         zs = [torch.randn(40, 20, requires_grad=True) for _ in range(2)]
         pyclloss.cacr_loss(*zs, backend="triton").backward()
 
-    return [gated, ft_moco, supremix, rnc, sorting, cacr]
+    def amcl():
+        net = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(),
+                                  torch.nn.Linear(16, 16))
+        for b, topk in ((60, 100), (130, 256)):  # k rounded up to 128 and 256 lanes
+            z1, z2 = torch.randn(b, 2, 16, requires_grad=True), torch.randn(b, 2, 16)
+            pyclloss.amcl_loss(z1, z2, net, topk=topk, backend="triton").backward()
+
+    return [gated, ft_moco, supremix, rnc, sorting, cacr, amcl]
 
 
 def capture(path: str):

@@ -160,6 +160,30 @@ def _moco_queue(n, d, draw: Draw) -> Dict:
             "perm": draw.permutation(n)}
 
 
+# AMCL: heads per sample and the negatives kept per row
+AMCL_HEADS, AMCL_TOPK = 3, 100
+
+
+def _amcl_views(n, d, draw: Draw) -> Dict:
+    """N = 2B rows: two views (B, heads, D) and the temperature network's
+    weights (Linear(D, D) → ReLU → Linear(D, D)), leaves that get gradients."""
+    b = n // 2
+    scale = d ** -0.5
+    return {"z1": draw(b, AMCL_HEADS, d).requires_grad_(),
+            "z2": draw(b, AMCL_HEADS, d).requires_grad_(),
+            **{name: (scale * draw(*shape)).requires_grad_() for name, shape in
+               (("w1", (d, d)), ("b1", (d,)), ("w2", (d, d)), ("b2", (d,)))}}
+
+
+def _amcl(a: Dict, backend: str) -> Callable:
+    import torch.nn.functional as F
+
+    def net(x):
+        return F.linear(F.relu(F.linear(x, a["w1"], a["b1"])), a["w2"], a["b2"])
+
+    return lambda: _pyclloss().amcl_loss(a["z1"], a["z2"], net, topk=AMCL_TOPK, backend=backend)
+
+
 # ------------------------------------------------------------ the calls
 
 
@@ -320,6 +344,12 @@ WORKLOADS: Dict[str, Workload] = {
         dense_bytes={"reference": _dense(4.0 * 8)},
         note="two views of N rows (N×N distances)", sizes=(1024, 2048, 4096),
         in_default_run=False),
+    "amcl": Workload(
+        "amcl", _amcl_views, _amcl,
+        # per head, the reference's N×N similarities, temperatures, masks and their gradients
+        dense_bytes={"reference": lambda n, d: 4.0 * 12 * AMCL_HEADS * n * n},
+        note=f"N = 2B rows, {AMCL_HEADS} heads, top-{AMCL_TOPK} negatives",
+        sizes=(1024, 2048, 4096), in_default_run=False),
 }
 
 

@@ -134,6 +134,26 @@ class GroCoViews(nn.Module):
         return loss / 2
 
 
+# ---------------------------------------------------------------------- AMCL
+
+
+class MultiHeadViews(nn.Module):
+    """AMCL's multi-head projector and loss: the embedding (B, dim) mapped by a
+    linear layer to ``heads`` heads (B, heads, dim), then ``pyclloss.AMCLLoss``
+    (which owns the temperature network) on the two views; ``temperature``
+    is AMCL's upper bound τ_max."""
+
+    def __init__(self, dim: int, heads: int, temperature: float, backend: str):
+        super().__init__()
+        self.heads = nn.Linear(dim, heads * dim)
+        self.loss = pyclloss.AMCLLoss(dim, heads, tau_max=temperature, backend=backend)
+
+    def forward(self, z1, z2, labels):
+        b = z1.shape[0]
+        return self.loss(*(self.heads(z.float()).view(b, self.loss.num_heads, -1)
+                           for z in (z1, z2)))
+
+
 @dataclass(frozen=True)
 class LossEntry:
     build: Callable[[int, int, Any], nn.Module]  # (embedding dim, classes, TrainConfig) -> loss
@@ -213,4 +233,8 @@ LOSSES: Dict[str, LossEntry] = {
             cfg.temperature, cfg.temperature, backend=cfg.backend)),
         temperature=1.0, about="CACR: contrastive attraction and repulsion (temperature = the "
                                "authors' inverse temperature of both softmaxes)"),
+    "amcl": LossEntry(
+        lambda dim, classes, cfg: MultiHeadViews(dim, 3, cfg.temperature, cfg.backend),
+        temperature=2.0, about="AMCL: 3 projection heads, pair temperatures from a temperature "
+                               "network, top-100 hardest negatives (temperature = τ_max)"),
 }

@@ -13,8 +13,7 @@ from pyclloss.ops import ft_moco as ops
 from pyclloss.reference import ft_moco as ref
 from pyclloss.reference import info_nce as ref_info_nce
 
-from conftest import fused_backends
-from test_info_nce import TOL, assert_close_rel, check_against_reference
+from helpers import TOL, assert_close_rel, check_against_reference, fused_backends
 
 CPU_BACKENDS = fused_backends("cpu")
 # (N, K): the Triton interpreter is slow and gets small sizes only.

@@ -9,7 +9,7 @@ import pyclloss
 from pyclloss.ops import gated_info_nce as gated_ops
 from pyclloss.reference import gated_info_nce as ref
 
-from conftest import HAS_CUDA, fused_backends
+from helpers import HAS_CUDA, fused_backends
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 # Statistics are float32 for every non-float64 input (fp16/bf16 values are

@@ -10,59 +10,13 @@ import pyclloss
 from pyclloss.ops import info_nce as core
 from pyclloss.reference import info_nce as ref
 
-from conftest import fused_backends
+from helpers import check_against_reference, fused_backends
 
 CPU_BACKENDS = fused_backends("cpu")
 # The Triton interpreter is slow: it gets the small sizes only.
 SIZES = {"cpp": (2, 5, 37, 130), "triton": (2, 19)}
-TOL = {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
-
-
 def _sizes(backend):
     return SIZES.get(backend, (2, 37))
-
-
-def _leaf(x):
-    return x.detach().clone().requires_grad_(True)
-
-
-def assert_close_rel(actual, expected, tol, what):
-    """max |a - e| <= tol * max(1, max |e|), with NaN never passing."""
-    actual, expected = actual.double(), expected.double()
-    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
-    err = (actual - expected).abs().max().item() if actual.numel() else 0.0
-    bound = tol * max(1.0, expected.abs().max().item() if expected.numel() else 0.0)
-    assert err <= bound, f"{what}: max error {err:.3e} > {bound:.3e}"
-
-
-def assert_same_value_and_grad(expected_fn, actual_fn, x, tol):
-    """Two computations of one loss on copies of ``x``: values and gradients within ``tol``."""
-    a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    expected, actual = expected_fn(a), actual_fn(b)
-    assert_close_rel(actual, expected, tol, "value")
-    expected.backward()
-    actual.backward()
-    assert_close_rel(b.grad, a.grad, tol, "grad")
-
-
-def check_against_reference(fused_fn, ref_fn, inputs, dtype, what):
-    """Loss and gradients of ``fused_fn`` (inputs in ``dtype``) against ``ref_fn``
-    on the same values in float64."""
-    fused_in = [_leaf(x.to(dtype) if x.is_floating_point() and x.dim() > 0 else x) for x in inputs]
-    ref_in = [_leaf(x.detach().double()) if x.is_floating_point() else x for x in fused_in]
-    fused_in = [x if x.is_floating_point() else x.detach() for x in fused_in]
-    ref_in = [x if x.is_floating_point() else x.detach() for x in ref_in]
-    out, expected = fused_fn(*fused_in), ref_fn(*ref_in)
-    tol = TOL[dtype]
-    assert_close_rel(out, expected, tol, f"{what} value")
-    probe = torch.randn_like(expected)
-    (out.double() * probe).sum().backward()
-    (expected * probe).sum().backward()
-    for i, (a, e) in enumerate(zip(fused_in, ref_in)):
-        if a.is_floating_point() and a.grad is not None:
-            assert e.grad is not None
-            assert_close_rel(a.grad, e.grad, tol * 10 if dtype != torch.float64 and a.dim() == 0
-                             else tol, f"{what} grad of input {i}")
 
 
 def _unit_pair(n, d=40):

@@ -16,6 +16,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 from pyclloss.backends import backends  # noqa: E402
+from pyclloss.reference import info_nce as ref_info_nce  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -227,3 +228,21 @@ def authors_rnc(features, labels, tau):
         in_set = (d >= d[:, k:k + 1]).to(logits.dtype)
         loss = loss - (logits[:, k] - (in_set * exp_logits).sum(1).log()).sum() / (n * (n - 1))
     return loss
+
+
+def infonce_pair_fwd_oracle(q, k, scale, q_labels, k_labels, exclude_offset, neg_lse):
+    """The reference's pair forward with the tail PyTorch's softplus leaves out
+    added back: F.softplus returns x above 20, an error of up to e^-20 per term,
+    far above float64 rounding (the C++ float64 kernel computes it)."""
+    loss_sum, sigmoid_sum = ref_info_nce.infonce_pair_fwd(
+        q, k, scale, q_labels, k_labels, exclude_offset, neg_lse)
+    _, pos, _ = ref_info_nce._masks(q, k, q_labels, k_labels, exclude_offset, False)
+    arg = neg_lse[:, None] - ref_info_nce._logits(q, k, scale)[1]
+    tail = torch.log1p(torch.exp(-arg.clamp_min(20)))
+    return loss_sum + torch.where(pos & (arg > 20), tail, torch.zeros_like(tail)).sum(1), sigmoid_sum
+
+
+def infonce_self_bwd_oracle(z, scale, *args):
+    """infonce_self_bwd (q = k = z) by the reference: dq + dk, and dscale."""
+    dq, dk, dscale = ref_info_nce.infonce_bwd(z, z, scale, *args, True)
+    return (dq.to(torch.float64) + dk.to(torch.float64)).to(z.dtype), dscale

@@ -33,10 +33,13 @@ def fused_backends(device: str):
 # input values (the oracle). Its largest error may be at most twice the largest
 # error of the reference itself run on the inputs in X (PyTorch's own error in
 # that dtype; flash-attention's tests use this rule), plus a floor of FLOOR_ULPS
-# units in the last place of the result's dtype at the result's magnitude, for
-# results the reference happens to compute exactly. float64 has no wider
-# oracle: PyTorch's own error there is its float32 error scaled by the ratio of
-# the two epsilons (rounding errors scale with the unit roundoff).
+# units in the last place at the result's magnitude, for results the reference
+# happens to compute exactly. The unit is that of the dtype the result was
+# carried in: a kernel's output dtype; a loss's input dtype (the losses hand
+# their kernels intermediates rounded to it). The magnitude is the largest
+# |oracle| unless a caller knows the size of the terms a result sums. float64
+# has no wider oracle: PyTorch's own error there is its float32 error scaled by
+# the ratio of the two epsilons (rounding errors scale with the unit roundoff).
 
 FLOOR_ULPS = 8
 _FLOAT64_PER_FLOAT32 = torch.finfo(torch.float64).eps / torch.finfo(torch.float32).eps
@@ -75,7 +78,7 @@ def assert_within(actual, oracle, own_error, what, magnitude=None, precision=Non
     with the oracle's infinities exactly and never a NaN. ``magnitude``: the size
     of the terms the result sums when they cancel (default: the largest |oracle|);
     ``precision``: the dtype the result was carried in (default: its own)."""
-    assert actual.shape == oracle.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(oracle.shape)}"
+    assert actual.shape == oracle.shape, f"{what}: shapes {actual.shape} != {oracle.shape}"
     a, o = actual.detach().cpu().double(), oracle.detach().cpu().double()
     assert not torch.isnan(a).any(), f"{what}: NaN"
     finite = torch.isfinite(o)
@@ -130,7 +133,7 @@ def check_against_reference(fused_fn, ref_fn, inputs, dtype, what):
     fused_in = [x.to(dtype) if x.is_floating_point() and x.dim() > 0 else x for x in inputs]
     leaves = [_leaf(x) if x.is_floating_point() else x for x in fused_in]
     out = fused_fn(*leaves)
-    probe = torch.randn(out.shape, dtype=torch.float64)
+    probe = torch.randn(out.shape, dtype=torch.float64).to(out.device)
     (out.double() * probe).sum().backward()
     with_grad = [i for i, x in enumerate(leaves) if x.is_floating_point() and x.grad is not None]
     got = (out, *[leaves[i].grad for i in with_grad])
@@ -239,7 +242,8 @@ def infonce_pair_fwd_oracle(q, k, scale, q_labels, k_labels, exclude_offset, neg
     _, pos, _ = ref_info_nce._masks(q, k, q_labels, k_labels, exclude_offset, False)
     arg = neg_lse[:, None] - ref_info_nce._logits(q, k, scale)[1]
     tail = torch.log1p(torch.exp(-arg.clamp_min(20)))
-    return loss_sum + torch.where(pos & (arg > 20), tail, torch.zeros_like(tail)).sum(1), sigmoid_sum
+    tail = torch.where(pos & (arg > 20), tail, torch.zeros_like(tail)).sum(1)
+    return loss_sum + tail, sigmoid_sum
 
 
 def infonce_self_bwd_oracle(z, scale, *args):

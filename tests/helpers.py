@@ -27,6 +27,27 @@ def fused_backends(device: str):
     return [n for n in names if backends()[n].available]
 
 
+# ------------------------------------------------------------- random inputs
+
+
+def unit_rows(n, d, dtype=torch.float32, device="cpu"):
+    """``n`` random unit rows of size ``d``: normalised in float64, then rounded."""
+    x = torch.nn.functional.normalize(torch.randn(n, d, dtype=torch.float64), dim=1)
+    return x.to(device, dtype).contiguous()
+
+
+def random_labels(n, classes, device="cpu"):
+    return torch.randint(0, classes, (n,)).to(device)
+
+
+def near_copies(rows, m, noise=1e-3):
+    """``m`` unit rows, each within about ``noise`` of one of ``rows`` (cycled):
+    near-duplicates, the hard input of low temperatures."""
+    base = rows.double()[torch.arange(m) % rows.shape[0]]
+    near = base + noise * torch.randn(base.shape, dtype=torch.float64).to(base.device)
+    return torch.nn.functional.normalize(near, dim=1).to(rows.dtype).contiguous()
+
+
 # ------------------------------------------------- the one tolerance rule
 #
 # A result in dtype X is compared with the reference run in float64 on the same

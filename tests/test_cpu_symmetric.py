@@ -9,10 +9,9 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import check_outputs, infonce_pair_fwd_oracle, infonce_self_bwd_oracle
+from helpers import check_outputs, infonce_pair_fwd_oracle, infonce_self_bwd_oracle, unit_rows
 
 import pyclloss
 import pyclloss._C  # noqa: F401  (registers torch.ops.pyclloss_C)
@@ -51,10 +50,6 @@ def _max(t):
     return float(t.max()) if t.numel() else 0.0
 
 
-def _rows(n, d, dtype):
-    return F.normalize(torch.randn(n, d, dtype=torch.float64), dim=1).to(dtype)
-
-
 def _labels(kind, n):
     if kind is None:
         return None, None
@@ -75,7 +70,7 @@ def _assert_close(actual, expected, atol):
 
 
 def _problem(n, d, dtype, labels, scale=14.0):
-    z = _rows(n, d, dtype)
+    z = unit_rows(n, d, dtype)
     ql, kl = _labels(labels, n)
     return z, torch.tensor(scale, dtype=_stats(dtype)), ql, kl
 
@@ -294,7 +289,7 @@ def test_clip_keeps_the_general_backward():
 def test_same_memory_as_different_tensors_keeps_dq_and_dk_apart():
     # k shares q's memory but is another tensor without a gradient: the
     # forward may use the symmetric schedule, the backward must give dq alone.
-    z = _rows(300, 9, torch.float64).requires_grad_()
+    z = unit_rows(300, 9, torch.float64).requires_grad_()
     s = torch.tensor(5.0, dtype=torch.float64)
     labels = torch.randint(0, 3, (300,))
     lse, pos_sum, _, _ = torch.ops.pyclloss.infonce_fwd(z, z.detach(), s, labels, labels, 0,

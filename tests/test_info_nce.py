@@ -10,7 +10,7 @@ import pyclloss
 from pyclloss.ops import info_nce as core
 from pyclloss.reference import info_nce as ref
 
-from helpers import check_against_reference, fused_backends
+from helpers import check_against_reference, fused_backends, random_labels, unit_rows
 
 CPU_BACKENDS = fused_backends("cpu")
 # The Triton interpreter is slow: it gets the small sizes only.
@@ -21,11 +21,7 @@ def _sizes(backend):
 
 def _unit_pair(n, d=40):
     """Paired image/text embeddings on the unit sphere (CLIP losses do not normalise)."""
-    return [torch.nn.functional.normalize(torch.randn(n, d), dim=1) for _ in range(2)]
-
-
-def _labels(n, classes):
-    return torch.randint(0, classes, (n,))
+    return [unit_rows(n, d), unit_rows(n, d)]
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -45,7 +41,7 @@ def test_nt_xent(backend, dtype, reduction):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_supcon_2d(backend, dtype):
     for n in _sizes(backend):
-        x, y = torch.randn(n, 33), _labels(n, 3)
+        x, y = torch.randn(n, 33), random_labels(n, 3)
         check_against_reference(
             lambda f, t: pyclloss.supcon(f, y, t, 0.07, backend=backend),
             lambda f, t: ref.supcon(f, y, t, 0.07),
@@ -56,7 +52,7 @@ def test_supcon_2d(backend, dtype):
 def test_supcon_multiview_and_weights(backend):
     b = _sizes(backend)[-1]
     x, w = torch.randn(b, 2, 16), torch.rand(b)
-    for labels in (None, _labels(b, 4)):
+    for labels in (None, random_labels(b, 4)):
         check_against_reference(
             lambda f: pyclloss.supcon(f, labels, 0.2, weights=w, backend=backend),
             lambda f: ref.supcon(f, labels, 0.2, weights=w),
@@ -79,7 +75,7 @@ def test_supcon_anchor_without_positive_is_left_out(backend):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_pair_nt_xent(backend, dtype):
     for n in _sizes(backend):
-        x, y = torch.randn(n, 20), _labels(n, max(2, n // 4))
+        x, y = torch.randn(n, 20), random_labels(n, max(2, n // 4))
         check_against_reference(
             lambda f, t: pyclloss.pair_nt_xent(f, y, t, backend=backend),
             lambda f, t: ref.pair_nt_xent(f, y, t),

@@ -16,9 +16,9 @@ from itertools import product
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from helpers import HAS_CUDA, check_outputs, infonce_pair_fwd_oracle, infonce_self_bwd_oracle
+from helpers import (HAS_CUDA, check_outputs, infonce_pair_fwd_oracle, infonce_self_bwd_oracle,
+                     near_copies, random_labels, unit_rows)
 from pyclloss._stats import stats_dtype
 from pyclloss.backends import backends
 from pyclloss.reference import info_nce as ref
@@ -94,10 +94,6 @@ def each_backend(*names):
 # ------------------------------------------------------------------ problems
 
 
-def unit_rows(n, d, dtype, device):
-    return F.normalize(torch.randn(n, d, dtype=F64), dim=1).to(device, dtype).contiguous()
-
-
 class Problem:
     """Random unit rows q (N×D) and k (M×D) in a dtype, labels from a few classes,
     and the scale and bias in the statistics dtype, on a backend's device."""
@@ -109,8 +105,8 @@ class Problem:
         self.stats = stats_dtype(dtype)
         self.scale = torch.tensor(scale, dtype=self.stats, device=device)
         self.bias = torch.tensor(-2.5, dtype=self.stats, device=device)
-        self.q_labels = torch.randint(0, classes, (n,)).to(device) if labels else None
-        self.k_labels = torch.randint(0, classes, (m,)).to(device) if labels else None
+        self.q_labels = random_labels(n, classes, device) if labels else None
+        self.k_labels = random_labels(m, classes, device) if labels else None
 
     def randn(self, size):
         return torch.randn(size, dtype=F64).to(self.q.device, self.stats)
@@ -302,8 +298,7 @@ def test_low_temperature(backend, dtype):
     finite and accurate, and so do the gradients."""
     n, m, d = LOW_TEMPERATURE[backend]
     p = Problem(backend, n, m, d, dtype, scale=100.0)
-    near = p.q.double()[torch.arange(m) % n] + 1e-3 * torch.randn(m, d, dtype=F64).to(p.q.device)
-    p.k = F.normalize(near, dim=1).to(dtype)
+    p.k = near_copies(p.q, m)
     row_lse, pos_sum, _, col_lse = check_fwd(p, 0, False, True)
     assert torch.isfinite(row_lse).all() and torch.isfinite(col_lse).all()
     assert torch.isfinite(pos_sum).all()

@@ -110,7 +110,7 @@ EOF
 
   # The argument checks of the CUDA ops once crashed the process: if they still
   # do, a native backtrace says where.
-  local probe=tests/test_cuda_kernels.py::test_bad_arguments_raise
+  local probe=tests/test_info_nce_kernels.py::test_cuda_bad_arguments_raise
   if ! stage crash-probe 40 "${PYTHON}" -m pytest -q -p no:cacheprovider "${probe}"; then
     failed=1
     command -v cuda-gdb >/dev/null && timeout 60 cuda-gdb -batch -ex run -ex bt \

@@ -4,20 +4,7 @@ import zlib
 import pytest
 import torch
 
-# Triton runs on CPU tensors only through its interpreter, which must be chosen
-# before triton is first imported.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from pyclloss.backends import backends  # noqa: E402
-
-HAS_CUDA = torch.cuda.is_available()
-
-
-def fused_backends(device: str):
-    """The fused backends that run on ``device`` here."""
-    names = ("cuda", "triton") if device == "cuda" else ("cpp", "triton")
-    return [n for n in names if backends()[n].available]
+from helpers import HAS_CUDA  # also picks the Triton interpreter without CUDA
 
 
 def pytest_collection_modifyitems(config, items):

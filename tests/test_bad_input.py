@@ -140,3 +140,51 @@ def test_all_finite_is_exact(dtype):
         assert not all_finite(y)
     huge = torch.full((8,), torch.finfo(dtype).max, dtype=dtype)
     assert all_finite(huge)
+
+
+# ------------------------- the C++ ops of the families other than InfoNCE
+# (test_info_nce_kernels.py checks InfoNCE's)
+
+
+def _short_argument_calls():
+    """(op, arguments with one of them one entry short, its name): each op
+    must name the argument, never read past it."""
+    n = 5
+    sim, dist, rows = -torch.rand(n, n), torch.rand(n, n), torch.randn(n)
+    gram, labels, lam, scale = torch.randn(n, n), torch.rand(n), torch.rand(n, n), torch.tensor(2.0)
+    queue, weight, perm = torch.randn(n, 3), torch.rand(n), torch.randperm(n)
+    x, pairs = torch.randn(2, n), torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+    sort = (pairs, 1.0, 3, 0.25)
+    q, gates, codes, stats = torch.randn(n, 3), torch.rand(n, 3), torch.arange(n), torch.zeros(n)
+    gated = (q, q, gates, scale, codes, codes, codes)
+    return [
+        ("rnc_fwd", (sim, dist[:-1]), "dist"),
+        ("rnc_bwd", (sim, dist, rows[:-1]), "grad_rows"),
+        ("rnc_distances_bwd", (queue, dist[:-1]), "weights"),
+        ("supremix_fwd", (gram, labels[:-1], lam, scale, 1.0), "labels"),
+        ("supremix_fwd", (gram, labels, lam[:-1], scale, 1.0), "lam"),
+        ("supremix_fwd", (gram, labels, lam, scale[None], 1.0), "scale"),
+        ("supremix_bwd", (gram, labels, lam, scale, 1.0, rows[:-1], rows, rows), "lse"),
+        ("supremix_bwd", (gram, labels, lam, scale, 1.0, rows, rows[:-1], rows), "grad_lse"),
+        ("supremix_bwd", (gram, labels, lam, scale, 1.0, rows, rows, rows[:-1]), "grad_pos"),
+        ("ft_moco_interpolate_queue", (queue, weight[:-1], weight, perm), "own_weight"),
+        ("ft_moco_interpolate_queue", (queue, weight, weight[:-1], perm), "partner_weight"),
+        ("ft_moco_interpolate_queue", (queue, weight, weight, perm[:-1]), "perm"),
+        ("diff_sort_bwd", (x, x[:, :-1], None, *sort), "grad_sorted"),
+        ("diff_sort_bwd", (x, None, torch.randn(2, n, n - 1), *sort), "grad_perm"),
+        ("diff_sort_apply_fwd", (x, x[:, :-1], *sort), "v"),
+        ("diff_sort_apply_bwd", (x, x, x[:, :-1], *sort), "grad_out"),
+        ("gated_fwd", (q, q, gates, scale, codes[:-1], codes, codes), "labels"),
+        ("gated_pair_fwd", (*gated, stats[:-1]), "neg_lse"),
+        ("gated_bwd", (*gated, stats, stats, stats[:-1], True), "pos_coef"),
+    ]
+
+
+@pytest.mark.skipif(not pyclloss.backends()["cpp"].available, reason="C++ extension not built")
+@pytest.mark.parametrize("op,args,name", _short_argument_calls(),
+                         ids=[f"{op}-{name}" for op, _, name in _short_argument_calls()])
+def test_short_arguments_are_named(op, args, name):
+    import pyclloss._C  # noqa: F401  (registers torch.ops.pyclloss_C)
+
+    with pytest.raises(RuntimeError, match=rf"\b{name} must be"):
+        getattr(torch.ops.pyclloss_C, op)(*[a.contiguous() if isinstance(a, torch.Tensor) else a for a in args])

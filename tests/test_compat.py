@@ -13,7 +13,7 @@ from pyclloss.compat import lightly as compat_lightly
 from pyclloss.compat import open_clip as compat_open_clip
 from pyclloss.compat import pml as compat_pml
 
-from conftest import fused_backends
+from helpers import fused_backends, spawn_ranks
 
 BACKENDS = ["reference"] + [b for b in fused_backends("cpu") if b == "cpp"]
 
@@ -348,11 +348,9 @@ def _distributed_adapters(rank, device, seed):
 
 
 def test_adapters_over_torch_distributed_equal_the_peers(tmp_path):
-    from test_distributed import _spawn
-
     _peer(peers.open_clip_losses)
     _peer(peers.lightly_ntxent)
-    per_rank = _spawn(2, str(tmp_path), 11, body=_distributed_adapters)
+    per_rank = spawn_ranks(2, str(tmp_path), _distributed_adapters, 11)
     names = {name for name, _ in per_rank[0]}
     for name in sorted(names):
         for what in ("loss", "x", "y", "scale", "bias"):

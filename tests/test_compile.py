@@ -10,7 +10,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 import pyclloss
 from pyclloss import sorting
 
-from conftest import fused_backends
+from helpers import fused_backends
 
 BACKENDS = ["reference"] + [b for b in fused_backends("cpu") if b == "cpp"]
 D = 6

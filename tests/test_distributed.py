@@ -9,14 +9,11 @@ batch sizes differ between ranks. Per the gradient convention
 get W·∂L/∂x_r, shared scalars get dL/ds on every rank.
 """
 
-import os
-import socket
 from typing import Callable, Dict, NamedTuple
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -24,9 +21,10 @@ import pyclloss
 import pyclloss as fn
 from pyclloss.tools.benchmark import peak_extra_bytes
 
+from helpers import spawn_ranks
+
 STRATEGIES = ("all_gather", "ring")
 BACKENDS = ("cpp", "reference")
-SPAWN_TIMEOUT_S = 150
 RTOL = 1e-5
 DIM = 16
 # the memory test: same local batch at every world size
@@ -145,23 +143,6 @@ def _peak_extra_bytes(loss: Callable, strategy: str) -> int:
     return peak
 
 
-def _worker(rank, world, port, out_dir, on_gpu, body, args):
-    """One rank: joins the group, saves what ``body(rank, device, *args)`` returns."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    device = torch.device("cuda", rank) if on_gpu else torch.device("cpu")
-    if on_gpu:
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if on_gpu else "gloo", rank=rank, world_size=world)
-    try:
-        torch.save(body(rank, device, *args), os.path.join(out_dir, f"rank{rank}.pt"))
-        # no rank tears its group down while another still has messages in
-        # flight for it (gloo then aborted a rank under load)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
 def _global_batch_results(rank, device, sizes, seed):
     """Every case on this rank's rows (and, on the CPU, the tests beyond the cases)."""
     on_gpu = device.type == "cuda"
@@ -232,42 +213,6 @@ def _moco_steps(name, sizes, seed, start, stop, rank, **kw):
     return steps
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn(world: int, out_dir: str, *args, on_gpu: bool = False, body=_global_batch_results):
-    """Run ``body(rank, device, *args)`` on every rank; a hang or a failed rank
-    fails the test instead of blocking."""
-    ctx = mp.get_context("spawn")
-    # a fixed mmap threshold: glibc hands large buffers back, so RSS follows live memory
-    env_before = os.environ.get("MALLOC_MMAP_THRESHOLD_")
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"
-    try:
-        port = _free_port()
-        procs = [ctx.Process(target=_worker, args=(r, world, port, out_dir, on_gpu, body, args))
-                 for r in range(world)]
-        for p in procs:
-            p.start()
-    finally:
-        if env_before is None:
-            del os.environ["MALLOC_MMAP_THRESHOLD_"]
-        else:
-            os.environ["MALLOC_MMAP_THRESHOLD_"] = env_before
-    for p in procs:
-        p.join(SPAWN_TIMEOUT_S)
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    assert not hung, f"ranks {hung} did not finish within {SPAWN_TIMEOUT_S} s"
-    codes = [p.exitcode for p in procs]
-    assert codes == [0] * world, f"worker exit codes {codes}"
-    return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]
-
-
 WORLD_SIZES = {2: (5, 7), 3: (6, 3, 5), 4: (4, 6, 5, 3)}
 
 
@@ -277,7 +222,7 @@ def spawned(tmp_path_factory):
     runs = {}
     for world, sizes in WORLD_SIZES.items():
         out_dir = str(tmp_path_factory.mktemp(f"world{world}"))
-        runs[world] = (seed, _spawn(world, out_dir, sizes, seed))
+        runs[world] = (seed, spawn_ranks(world, out_dir, _global_batch_results, sizes, seed))
     return runs
 
 
@@ -324,7 +269,7 @@ def test_nccl_matches_the_global_batch(tmp_path):
         pytest.skip("needs 2 or more GPUs")
     sizes = tuple(5 + (r % 3) for r in range(world))
     seed = int(torch.randint(0, 2**31, ()))
-    per_rank = _spawn(world, str(tmp_path), sizes, seed, on_gpu=True)
+    per_rank = spawn_ranks(world, str(tmp_path), _global_batch_results, sizes, seed, on_gpu=True)
     for name, strategy in RUNS:
         _assert_matches(per_rank, sizes, seed, name, strategy, "auto", "cuda")
 
@@ -493,7 +438,7 @@ def test_mismatched_arguments_raise_the_same_error_on_every_rank(tmp_path):
     ranks is one ValueError on every rank, before a collective it would break
     (gloo aborts the process on mismatched sizes); the group stays usable."""
     world = 3
-    per_rank = _spawn(world, str(tmp_path), body=_mismatched_calls)
+    per_rank = spawn_ranks(world, str(tmp_path), _mismatched_calls)
     for call, field in MISMATCHES.items():
         messages = {outcome[call] for outcome in per_rank}
         assert len(messages) == 1, (call, messages)

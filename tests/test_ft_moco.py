@@ -13,8 +13,7 @@ from pyclloss.ops import ft_moco as ops
 from pyclloss.reference import ft_moco as ref
 from pyclloss.reference import info_nce as ref_info_nce
 
-from conftest import fused_backends
-from test_info_nce import TOL, assert_close_rel, check_against_reference
+from helpers import assert_close_rel, check_against_reference, check_outputs, fused_backends
 
 CPU_BACKENDS = fused_backends("cpu")
 # (N, K): the Triton interpreter is slow and gets small sizes only.
@@ -76,10 +75,9 @@ def test_no_transformation_is_moco(backend):
     q, k, queue = torch.randn(n, DIM), torch.randn(n, DIM), torch.randn(size, DIM)
     loss = pyclloss.ft_moco_loss(q, k, queue, 1.0, 1.0, torch.randperm(size), 0.2,
                                  backend=backend)
-    expected = torch.stack([
-        ref_info_nce.info_nce(q[i:i + 1].double(), k[i:i + 1].double(), 0.2, queue=queue.double())
-        for i in range(n)]).mean()
-    assert_close_rel(loss, expected, TOL[torch.float32], "λ = 1")
+    check_outputs(loss, lambda q, k, queue: torch.stack([
+        ref_info_nce.info_nce(q[i:i + 1], k[i:i + 1], 0.2, queue=queue) for i in range(n)]).mean(),
+        [q, k, queue], "λ = 1")
 
 
 @pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
@@ -96,13 +94,16 @@ def test_gradient_reaches_q_through_both_mixed_views(backend):
                                  reduction="sum", backend=backend)
     loss.backward()
     assert k.grad is None
-    q_hat, k_hat = lam * q + (1 - lam) * k, lam * k + (1 - lam) * q
-    logits = torch.cat([(q_hat * k_hat).sum(1, keepdim=True), q_hat @ queue.T], 1) / tau
-    prob = torch.softmax(logits, 1)[0]
-    d_pos = (lam * k_hat + (1 - lam) * q_hat) / tau
-    d_neg = prob[1:] @ queue * lam / tau
-    expected = (prob[0] - 1) * d_pos + d_neg
-    assert_close_rel(q.grad, expected.detach(), TOL[dtype], "dL/dq")
+
+    def expected(q, k, queue):
+        q_hat, k_hat = lam * q + (1 - lam) * k, lam * k + (1 - lam) * q
+        logits = torch.cat([(q_hat * k_hat).sum(1, keepdim=True), q_hat @ queue.T], 1) / tau
+        prob = torch.softmax(logits, 1)[0]
+        d_pos = (lam * k_hat + (1 - lam) * q_hat) / tau
+        d_neg = prob[1:] @ queue * lam / tau
+        return (prob[0] - 1) * d_pos + d_neg
+
+    check_outputs(q.grad, expected, [q, k, queue], "dL/dq")
 
 
 GRADCHECK_BACKENDS = [b for b in ("reference", "cpp") if pyclloss.backends()[b].available]
@@ -175,12 +176,15 @@ def test_module_samples_the_paper_mix_and_enqueues_the_keys(backend):
     assert torch.equal(perm.sort().values, torch.arange(50))
     torch.set_rng_state(state)
     loss = module(q, k)
-    exact = q.detach().double().requires_grad_()
-    expected = ref.ft_moco_loss(exact, k.double(), before.double(), lam_pos, lam_neg, perm)
-    assert_close_rel(loss, expected, TOL[torch.float32], "module")
     loss.backward()
-    expected.backward()
-    assert_close_rel(q.grad, exact.grad, TOL[torch.float32], "module grad")
+
+    def expected(q, k, queue):
+        q = q.detach().requires_grad_()
+        value = ref.ft_moco_loss(q, k, queue, lam_pos, lam_neg, perm)
+        value.backward()
+        return value, q.grad
+
+    check_outputs((loss, q.grad), expected, [q, k, before], "module")
     assert torch.allclose(module.queue[:6], F.normalize(k, dim=1))
     assert torch.equal(module.queue[6:], before[6:])
 
@@ -256,9 +260,8 @@ def test_torch_compile_has_no_graph_break(backend):
     loss_fn = lambda q: pyclloss.ft_moco_loss(q, k, queue, 1.3, lam_neg, perm, backend=backend)  # noqa: E731
     loss = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")(q)
     loss.backward()
-    expected = ref.ft_moco_loss(q.detach().double(), k.double(), queue.double(),
-                                torch.tensor(1.3), lam_neg, perm)
-    assert_close_rel(loss, expected, TOL[torch.float32], "compiled")
+    check_outputs(loss, lambda q, k, queue, lam_neg: ref.ft_moco_loss(
+        q, k, queue, torch.tensor(1.3), lam_neg, perm), [q, k, queue, lam_neg], "compiled")
     assert torch.isfinite(q.grad).all() and q.grad.abs().sum() > 0
 
 

@@ -10,68 +10,18 @@ import pyclloss
 from pyclloss.ops import info_nce as core
 from pyclloss.reference import info_nce as ref
 
-from conftest import fused_backends
+from helpers import check_against_reference, fused_backends, random_labels, unit_rows
 
 CPU_BACKENDS = fused_backends("cpu")
 # The Triton interpreter is slow: it gets the small sizes only.
 SIZES = {"cpp": (2, 5, 37, 130), "triton": (2, 19)}
-TOL = {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
-
-
 def _sizes(backend):
     return SIZES.get(backend, (2, 37))
 
 
-def _leaf(x):
-    return x.detach().clone().requires_grad_(True)
-
-
-def assert_close_rel(actual, expected, tol, what):
-    """max |a - e| <= tol * max(1, max |e|), with NaN never passing."""
-    actual, expected = actual.double(), expected.double()
-    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
-    err = (actual - expected).abs().max().item() if actual.numel() else 0.0
-    bound = tol * max(1.0, expected.abs().max().item() if expected.numel() else 0.0)
-    assert err <= bound, f"{what}: max error {err:.3e} > {bound:.3e}"
-
-
-def assert_same_value_and_grad(expected_fn, actual_fn, x, tol):
-    """Two computations of one loss on copies of ``x``: values and gradients within ``tol``."""
-    a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    expected, actual = expected_fn(a), actual_fn(b)
-    assert_close_rel(actual, expected, tol, "value")
-    expected.backward()
-    actual.backward()
-    assert_close_rel(b.grad, a.grad, tol, "grad")
-
-
-def check_against_reference(fused_fn, ref_fn, inputs, dtype, what):
-    """Loss and gradients of ``fused_fn`` (inputs in ``dtype``) against ``ref_fn``
-    on the same values in float64."""
-    fused_in = [_leaf(x.to(dtype) if x.is_floating_point() and x.dim() > 0 else x) for x in inputs]
-    ref_in = [_leaf(x.detach().double()) if x.is_floating_point() else x for x in fused_in]
-    fused_in = [x if x.is_floating_point() else x.detach() for x in fused_in]
-    ref_in = [x if x.is_floating_point() else x.detach() for x in ref_in]
-    out, expected = fused_fn(*fused_in), ref_fn(*ref_in)
-    tol = TOL[dtype]
-    assert_close_rel(out, expected, tol, f"{what} value")
-    probe = torch.randn_like(expected)
-    (out.double() * probe).sum().backward()
-    (expected * probe).sum().backward()
-    for i, (a, e) in enumerate(zip(fused_in, ref_in)):
-        if a.is_floating_point() and a.grad is not None:
-            assert e.grad is not None
-            assert_close_rel(a.grad, e.grad, tol * 10 if dtype != torch.float64 and a.dim() == 0
-                             else tol, f"{what} grad of input {i}")
-
-
 def _unit_pair(n, d=40):
     """Paired image/text embeddings on the unit sphere (CLIP losses do not normalise)."""
-    return [torch.nn.functional.normalize(torch.randn(n, d), dim=1) for _ in range(2)]
-
-
-def _labels(n, classes):
-    return torch.randint(0, classes, (n,))
+    return [unit_rows(n, d), unit_rows(n, d)]
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -91,7 +41,7 @@ def test_nt_xent(backend, dtype, reduction):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_supcon_2d(backend, dtype):
     for n in _sizes(backend):
-        x, y = torch.randn(n, 33), _labels(n, 3)
+        x, y = torch.randn(n, 33), random_labels(n, 3)
         check_against_reference(
             lambda f, t: pyclloss.supcon(f, y, t, 0.07, backend=backend),
             lambda f, t: ref.supcon(f, y, t, 0.07),
@@ -102,7 +52,7 @@ def test_supcon_2d(backend, dtype):
 def test_supcon_multiview_and_weights(backend):
     b = _sizes(backend)[-1]
     x, w = torch.randn(b, 2, 16), torch.rand(b)
-    for labels in (None, _labels(b, 4)):
+    for labels in (None, random_labels(b, 4)):
         check_against_reference(
             lambda f: pyclloss.supcon(f, labels, 0.2, weights=w, backend=backend),
             lambda f: ref.supcon(f, labels, 0.2, weights=w),
@@ -125,7 +75,7 @@ def test_supcon_anchor_without_positive_is_left_out(backend):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_pair_nt_xent(backend, dtype):
     for n in _sizes(backend):
-        x, y = torch.randn(n, 20), _labels(n, max(2, n // 4))
+        x, y = torch.randn(n, 20), random_labels(n, max(2, n // 4))
         check_against_reference(
             lambda f, t: pyclloss.pair_nt_xent(f, y, t, backend=backend),
             lambda f, t: ref.pair_nt_xent(f, y, t),

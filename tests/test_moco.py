@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import pyclloss
 from pyclloss.tools import peers
 
-from conftest import fused_backends
+from helpers import fused_backends
 
 BACKENDS = ["reference"] + fused_backends("cpu")
 N, K, DIM, STEPS, TAU = 8, 24, 16, 4, 0.2  # 4 batches of 8 wrap around the queue of 24

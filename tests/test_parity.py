@@ -16,7 +16,7 @@ from torch import nn
 import pyclloss
 from pyclloss.tools import peers
 
-from conftest import fused_backends
+from helpers import authors_rnc, fused_backends
 
 # float64 inputs: the reference and the C++ kernels take them.
 BACKENDS = ["reference"] + [b for b in fused_backends("cpu") if b == "cpp"]
@@ -381,8 +381,6 @@ def test_ft_moco_equals_the_authors_code(backend, n, dim_mask, postmix_norm, tau
 @pytest.mark.parametrize("label_dims", [1, 3])
 @pytest.mark.parametrize("tau", [2.0, 1e-3])
 def test_rnc_equals_the_authors_code(backend, b, label_dims, tau):
-    from test_rnc import authors_rnc  # the authors' RnCLoss, (B, 2, D) features
-
     features = _rows(2 * b, 5, tau).view(b, 2, 5)
     labels = torch.randint(0, 4, (b, label_dims)).double()  # ties included
     res = _grad_pair(lambda f: pyclloss.rnc_loss(f, labels, tau, backend=backend),

@@ -5,8 +5,8 @@ custom-op contract and bad input."""
 
 import pytest
 import torch
-from conftest import fused_backends
-from test_info_nce import assert_close_rel, assert_same_value_and_grad, check_against_reference
+from helpers import (assert_close_rel, assert_same_value_and_grad, authors_rnc,
+                     check_against_reference, fused_backends)
 
 import pyclloss
 from pyclloss.ops import rnc as ops
@@ -24,24 +24,6 @@ def make_labels(shape, ties):
     if ties:
         return torch.randint(0, 5, shape).float()
     return (torch.rand(shape) * 512).floor() / 64
-
-
-def authors_rnc(features, labels, tau):
-    """The authors' RnCLoss: features (B, 2, D), labels (B, L); a loop over the
-    positive column with an (n, n−1) mask each."""
-    f = torch.cat([features[:, 0], features[:, 1]], dim=0)
-    y = labels.repeat(2, 1)
-    n = f.shape[0]
-    d = (y[:, None, :] - y[None, :, :]).abs().sum(-1)
-    logits = -(f[:, None, :] - f[None, :, :]).norm(2, dim=-1) / tau
-    logits = logits - logits.max(dim=1, keepdim=True).values.detach()
-    off = ~torch.eye(n, dtype=torch.bool)
-    logits, exp_logits, d = (x[off].view(n, n - 1) for x in (logits, logits.exp(), d))
-    loss = 0.0
-    for k in range(n - 1):
-        in_set = (d >= d[:, k:k + 1]).to(logits.dtype)
-        loss = loss - (logits[:, k] - (in_set * exp_logits).sum(1).log()).sum() / (n * (n - 1))
-    return loss
 
 
 @pytest.mark.parametrize("label_dims", [1, 3])

@@ -6,8 +6,8 @@ contract and bad input."""
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import fused_backends
-from test_info_nce import assert_close_rel, assert_same_value_and_grad, check_against_reference
+from helpers import (assert_close_rel, assert_same_value_and_grad, check_against_reference,
+                     fused_backends)
 
 import pyclloss
 from pyclloss.ops import supremix as ops

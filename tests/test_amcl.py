@@ -9,8 +9,7 @@ import copy
 
 import pytest
 import torch
-from conftest import fused_backends
-from test_info_nce import TOL, assert_close_rel
+from helpers import assert_close_rel, fused_backends
 from torch import nn
 
 import pyclloss
@@ -23,6 +22,11 @@ SIZES = {"cpp": (2, 3, 17, 33), "triton": (5,)}
 HAS_CPP = "cpp" in CPU_BACKENDS
 # τ_min away from 0 and a larger β: the τ terms weigh in the loss and its gradients.
 HYPER = dict(tau_min=0.05, tau_max=2.0, beta=0.2)
+
+
+# AMCL's stated precision against float64 per input dtype (its temperature
+# network runs in float32 below float64, so the rounding rule of helpers does not apply)
+TOL = {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
 
 def make_net(dim, hidden=7):
@@ -53,7 +57,7 @@ def check_against_reference(backend, z, net, dtype, what, views=_pair, weights=N
                              backend=backend, **hyper)
     expected = ref.amcl_loss(*views(ref_z), ref_net, weights=weights, reduction=reduction,
                              **hyper)
-    tol = TOL[dtype]
+    tol = TOL[dtype]  # φ and the selection run in float32 below float64
     assert_close_rel(out, expected, tol, f"{what} value")
     probe = torch.randn_like(expected)
     (out.double() * probe).sum().backward()
@@ -282,10 +286,10 @@ def test_gloo_world_of_two_is_the_global_batch(tmp_path):
     # DDP's convention: each rank's rows get W·∂L/∂z, the parameters ∂L/∂θ of
     # the value it returns (DDP averages them); with "none" each rank gets its
     # own samples' losses and the gradients of their sum over the ranks.
-    from test_distributed import _spawn
+    from helpers import spawn_ranks
 
     seed, world = 7, len(DISTRIBUTED_SIZES)
-    per_rank = _spawn(world, str(tmp_path), seed, body=_amcl_rank)
+    per_rank = spawn_ranks(world, str(tmp_path), _amcl_rank, seed)
     z1, z2, weights, net = _distributed_case(seed)
     for reduction in ("mean", "none"):
         views = [z.clone().requires_grad_() for z in (z1, z2)]

@@ -11,9 +11,7 @@ import math
 
 import pytest
 import torch
-from conftest import fused_backends
-from test_distributed import _spawn
-from test_info_nce import assert_close_rel, check_against_reference
+from helpers import assert_close_rel, check_against_reference, fused_backends, spawn_ranks
 
 import pyclloss
 from pyclloss.ops import cacr as ops
@@ -266,7 +264,7 @@ def _distributed_body(rank, device, seed):
 def test_two_ranks_match_the_global_batch(tmp_path):
     # one spawn for every backend (starting the ranks costs seconds)
     seed = int(torch.randint(0, 2**31, ()))
-    per_rank = _spawn(2, str(tmp_path), seed, body=_distributed_body)
+    per_rank = spawn_ranks(2, str(tmp_path), _distributed_body, seed)
     zs, w = _views(seed)
     zs = [z.clone().requires_grad_() for z in zs]
     expected = pyclloss.cacr_loss(*zs, **KW, weights=w, backend="reference")

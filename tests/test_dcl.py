@@ -15,7 +15,7 @@ from pyclloss import pair_quality
 from pyclloss.reference import pair_quality as ref
 from pyclloss.tools.benchmark import peak_extra_bytes
 
-from conftest import fused_backends
+from helpers import fused_backends
 
 F64 = torch.float64
 BACKENDS = fused_backends("cpu")
@@ -245,11 +245,11 @@ def _ranks_results(rank, device, seed):
 def test_distributed_matches_the_global_batch():
     """World size 2 over gloo: every rank returns the global loss, rank r's
     inputs get W·∂L/∂x_r, the temperature dL/dt (docs/distributed.md)."""
-    from test_distributed import _spawn
+    from helpers import spawn_ranks
 
     seed = int(torch.randint(0, 2**31, ()))
     with tempfile.TemporaryDirectory() as out_dir:
-        per_rank = _spawn(len(SIZES), out_dir, seed, body=_ranks_results)
+        per_rank = spawn_ranks(len(SIZES), out_dir, _ranks_results, seed)
     z1, z2, w = _global_batch(seed)
     for name, loss in DIST_LOSSES.items():
         value, g1, g2, gt = _dist_run(loss, z1, z2, w)

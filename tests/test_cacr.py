@@ -44,17 +44,35 @@ def test_backend_matches_reference(backend, dtype, views):
                                 f"{backend} B={b} V={views}")
 
 
+def _repulsion_term_sizes(anchors, others, coef):
+    """Sizes of the terms the repulsion's gradients add: the kernels form
+    sum_j G_ij (a_i - b_j) as (sum_j G_ij) a_i - sum_j G_ij b_j, whose terms are
+    |G||a| and |G||b| (larger than the result for rows off the sphere)."""
+    a, b = anchors.double(), others.double()
+    tau = KW["repulsion_temperature"]
+    mean, lse = ref.cacr_repulsion_fwd(a, b, tau, 0)
+    d = ref.squared_distances(a, b)
+    g = (coef[:, None] * torch.exp(-tau * d - lse[:, None]) * (1 - tau * (d - mean[:, None]))).abs()
+    g.fill_diagonal_(0)
+    return {0: 2 * (g.sum(1)[:, None] * a.abs() + g @ b.abs()).max().item(),
+            1: 2 * (g.sum(0)[:, None] * b.abs() + g.T @ a.abs()).max().item()}
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_weights_reductions_and_unnormalized(backend, reduction):
     b = SIZES[backend][-1]
     zs = [torch.randn(b, 6) for _ in range(2)]
     w = torch.rand(b)
+    per_sample = {"mean": w / w.sum(), "sum": w, "none": torch.ones(b)}[reduction].double()
     for normalize in (True, False):
         kw = dict(KW, normalize=normalize, weights=w, reduction=reduction)
+        # Unit rows: the default magnitudes; rows off the sphere: the terms' sizes.
+        sizes = None if normalize else (
+            lambda probe: _repulsion_term_sizes(*zs, KW["beta"] * per_sample * probe.abs().cpu()))
         check_against_reference(lambda *z: pyclloss.cacr_loss(*z, **kw, backend=backend),
                                 lambda *z: ref.cacr_loss(*z, **kw), zs, torch.float32,
-                                f"{backend} {reduction} normalize={normalize}")
+                                f"{backend} {reduction} normalize={normalize}", sizes)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -15,7 +15,6 @@ anything; the CPU time is the less sensitive to other processes.
 """
 
 import argparse
-import datetime
 import os
 import statistics
 import subprocess
@@ -28,8 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pyclloss  # noqa: E402
 from pyclloss.tools import workloads  # noqa: E402
-from pyclloss.tools.benchmark import peak_extra_bytes  # noqa: E402
-from pyclloss.tools.energy import cpu_model  # noqa: E402
+from pyclloss.tools.benchmark import cpu_run_lines, peak_extra_bytes, publish  # noqa: E402
 
 IMPLS = ("cpp", "reference")
 
@@ -85,10 +83,7 @@ def main():
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")  # freed buffers leave the RSS
     lines = [
         "# AMCL: forward+backward on the CPU\n",
-        f"- machine: CPU {cpu_model()}, {os.cpu_count()} cores, "
-        f"{torch.get_num_threads()} threads; 1-minute load average "
-        f"{os.getloadavg()[0]:.1f} at the start",
-        f"- date: {datetime.date.today().isoformat()}",
+        *cpu_run_lines(),
         f"- versions: pyclloss {pyclloss.__version__}, torch {torch.__version__}",
         f"- command: `python bench/bench_amcl.py {' '.join(sys.argv[1:])}`",
         f"- D = {args.dim}, float32, {workloads.AMCL_HEADS} heads, top-{workloads.AMCL_TOPK} "
@@ -112,10 +107,7 @@ def main():
         lines.append(f"| {n} | " + " | ".join(cells + ratios) + " |")
     lines.append(f"\n1-minute load average at the end: {os.getloadavg()[0]:.1f}")
     table = "\n".join(lines) + "\n"
-    print(table)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(table)
+    publish(table, args.out)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from pyclloss.tools.benchmark import _step_fn
+from pyclloss.tools.benchmark import publish, step_fn
 from pyclloss.tools.workloads import inputs
 
 IMPLS = ("cpp", "reference")
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
 
     load_before = os.getloadavg()
     a = inputs("cacr", args.n, args.dim, "cpu", torch.float32)
-    steps = {impl: _step_fn("cacr", impl, a) for impl in IMPLS}
+    steps = {impl: step_fn("cacr", impl, a) for impl in IMPLS}
     for step in steps.values():
         step()  # warm-up
     times = {impl: [] for impl in IMPLS}
@@ -95,10 +95,7 @@ def main(argv=None) -> int:
                       "absolute times vary from round to round; each round's ratio compares "
                       "the two implementations under the same load."]
     report = "\n".join(lines) + "\n"
-    print(report)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(report)
+    publish(report, args.out)
     return 0
 
 

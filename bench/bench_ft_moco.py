@@ -20,7 +20,6 @@ within one run mean anything on a shared machine.
 """
 
 import argparse
-import datetime
 import os
 import statistics
 import subprocess
@@ -33,8 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pyclloss  # noqa: E402
 import pyclloss._C  # noqa: E402,F401  (registers torch.ops.pyclloss_C)
-from pyclloss.tools.benchmark import peak_extra_bytes  # noqa: E402
-from pyclloss.tools.energy import cpu_model  # noqa: E402
+from pyclloss.tools.benchmark import cpu_run_lines, peak_extra_bytes, publish  # noqa: E402
 from pyclloss.ops import ft_moco as ops  # noqa: E402
 from pyclloss.ops import info_nce as core  # noqa: E402
 from pyclloss.reference import ft_moco as ref  # noqa: E402
@@ -152,10 +150,7 @@ def main():
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")  # freed buffers leave the RSS
     lines = [
         "# Feature-transformation MoCo loss: forward+backward on the CPU\n",
-        f"- machine: CPU {cpu_model()}, {os.cpu_count()} cores, "
-        f"{torch.get_num_threads()} threads; 1-minute load average "
-        f"{os.getloadavg()[0]:.1f} at the start",
-        f"- date: {datetime.date.today().isoformat()}",
+        *cpu_run_lines(),
         f"- versions: pyclloss {pyclloss.__version__}, torch {torch.__version__}",
         f"- command: `python bench/bench_ft_moco.py {' '.join(sys.argv[1:])}`",
         f"- N = {args.n}, D = {args.dim}, float32, scalar λ_p and λ_n; median of "
@@ -165,10 +160,7 @@ def main():
     lines += _table(args, LOSS_IMPLS, "cpp", "loss: ft_moco_loss, C++ backend and reference", env)
     lines += _table(args, DESIGNS, "kept", "design: negatives' LSE, how Q̂ reaches the core", env)
     table = "\n".join(lines) + "\n"
-    print(table)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(table)
+    publish(table, args.out)
 
 
 if __name__ == "__main__":

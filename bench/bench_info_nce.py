@@ -43,7 +43,7 @@ import pytest
 import torch
 
 import pyclloss
-from pyclloss.tools.benchmark import effective_flops, square_matmul
+from pyclloss.tools.benchmark import effective_flops, publish, square_matmul
 from pyclloss.tools.energy import cpu_model
 
 LOSSES = ("nt_xent", "supcon", "clip")
@@ -232,10 +232,8 @@ def main(argv=None):
                       + f", matmul {figures['matmul'][1] / 1e9:.0f} GFLOP/s, load "
                       + "{:.1f}-{:.1f}".format(*figures["load"]), file=sys.stderr)
     table = report(args, runs)
-    print(table)
+    publish(table, args.out)
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(table)
         with open(os.path.splitext(args.out)[0] + ".json", "w") as f:  # the raw figures
             json.dump([{"checkout": name, "busy": busy, "rounds": rounds}
                        for (name, busy), rounds in runs.items()], f)

@@ -24,7 +24,7 @@ import statistics
 import subprocess
 import sys
 
-from pyclloss.tools.benchmark import machine, main
+from pyclloss.tools.benchmark import machine, main, publish
 
 LOSSES = ("dcl", "hcl", "decoupled")
 
@@ -89,10 +89,8 @@ def rounds_main(argv) -> int:
         p.error("--rounds must be >= 1")
     raw = rounds(args.rounds, args.size, args.dim, args.fused)
     text = report(raw, args)
-    print(text)
+    publish(text, args.out)
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
         with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
             json.dump(raw, f, indent=1)
     return 0

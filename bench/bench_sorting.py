@@ -42,7 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pyclloss
 import pyclloss.sorting as S
 from pyclloss.backends import resolve
-from pyclloss.tools.benchmark import peak_extra_bytes
+from pyclloss.tools.benchmark import peak_extra_bytes, publish
 from pyclloss.ops import sorting as sorting_ops
 from pyclloss.reference.sorting import network_layers
 
@@ -480,7 +480,7 @@ def main():
         batch = DRY_RUN_BATCH if args.dry_run else GPU_CHECK_BATCH
         lines += gpu_check_lines(args.device, args.repeats, batch, GPU_CHECK_SIZE,
                                  args.time_budget, log)
-        write_report(lines, args.out or (None if args.dry_run else os.path.join(
+        publish("\n".join(lines), args.out or (None if args.dry_run else os.path.join(
             RESULTS_DIR, f"sorting-gpu-{slug(machine_name('cuda'))}.md")))
         return
 
@@ -494,19 +494,10 @@ def main():
                        f"GroCo: forward + backward, {GROCO_NEGATIVES} negatives, "
                        "n = 10 + positives", "loss")
 
-    write_report(lines, args.out or os.path.join(
+    publish("\n".join(lines), args.out or os.path.join(
         RESULTS_DIR, f"sorting-{slug(args.device + '-' + machine_name(args.device))}.md"))
 
 
-def write_report(lines, out):
-    """Prints the report and writes it to out (when given)."""
-    print("\n".join(lines))
-    if out is None:
-        return
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        f.write("\n".join(lines))
-    print(f"written to {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ one file checks against. (conftest.py holds only fixtures and markers.)"""
 import os
 import socket
 
+import pytest
 import torch
 
 # Triton runs on CPU tensors only through its interpreter, which must be chosen
@@ -16,6 +17,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 from pyclloss.backends import backends  # noqa: E402
+from pyclloss.tools import peers  # noqa: E402
 from pyclloss.reference import info_nce as ref_info_nce  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
@@ -25,6 +27,23 @@ def fused_backends(device: str):
     """The fused backends that run on ``device`` here."""
     names = ("cuda", "triton") if device == "cuda" else ("cpp", "triton")
     return [n for n in names if backends()[n].available]
+
+
+def skip_unfaithful(backend, dtype):
+    """Skips what the Triton kernels do not run here: float64 (their statistics
+    are float32) and bf16 (the interpreter's is not faithful; a GPU tests it)."""
+    if backend == "triton" and dtype in (torch.float64, torch.bfloat16):
+        pytest.skip("Triton: float32 statistics; bf16 is tested on a GPU (the interpreter's "
+                    "bf16 is not faithful)")
+
+
+def peer_or_skip(loader):
+    """A peer's code from ``loader`` (one of pyclloss.tools.peers), or the test
+    skipped with the reason it is not here."""
+    try:
+        return loader()
+    except peers.PeerUnavailable as exc:
+        pytest.skip(str(exc))
 
 
 # ------------------------------------------------------------- random inputs

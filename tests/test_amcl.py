@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from helpers import assert_close_rel, fused_backends
+from helpers import assert_close_rel, fused_backends, skip_unfaithful
 from torch import nn
 
 import pyclloss
@@ -32,11 +32,6 @@ TOL = {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 1e-2, torch.bflo
 def make_net(dim, hidden=7):
     return nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, dim))
 
-
-def _skip_triton_dtype(backend, dtype):
-    if backend == "triton" and dtype in (torch.float64, torch.bfloat16):
-        pytest.skip("Triton: float32 statistics; bf16 is tested on a GPU (the interpreter's "
-                    "bf16 is not faithful)")
 
 
 def _pair(x):
@@ -72,7 +67,7 @@ def check_against_reference(backend, z, net, dtype, what, views=_pair, weights=N
 @pytest.mark.parametrize("topk", [3, 1000])
 def test_backend_matches_reference(backend, dtype, topk):
     # topk = 1000 >= 2B − 2: every negative is selected
-    _skip_triton_dtype(backend, dtype)
+    skip_unfaithful(backend, dtype)
     for b in SIZES[backend]:
         check_against_reference(backend, torch.randn(2, b, 2, 6), make_net(6), dtype,
                                 f"{backend} B={b} k={topk}", topk=topk)

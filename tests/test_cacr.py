@@ -11,7 +11,8 @@ import math
 
 import pytest
 import torch
-from helpers import assert_close_rel, check_against_reference, fused_backends, spawn_ranks
+from helpers import (assert_close_rel, check_against_reference, fused_backends, skip_unfaithful,
+                     spawn_ranks)
 
 import pyclloss
 from pyclloss.ops import cacr as ops
@@ -26,17 +27,12 @@ CPP = pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="C++ extension not bu
 KW = dict(attraction_temperature=0.7, repulsion_temperature=1.6, alpha=0.8, beta=1.3)
 
 
-def _skip_unsupported(backend, dtype):
-    if backend == "triton" and dtype in (torch.float64, torch.bfloat16):
-        pytest.skip("Triton: float32 statistics; bf16 is tested on a GPU (the interpreter's "
-                    "bf16 is not faithful)")
-
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("views", [2, 3])
 def test_backend_matches_reference(backend, dtype, views):
-    _skip_unsupported(backend, dtype)
+    skip_unfaithful(backend, dtype)
     for b in SIZES[backend]:
         zs = [torch.randn(b, 19) for _ in range(views)]
         check_against_reference(lambda *z: pyclloss.cacr_loss(*z, **KW, backend=backend),

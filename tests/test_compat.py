@@ -13,16 +13,9 @@ from pyclloss.compat import lightly as compat_lightly
 from pyclloss.compat import open_clip as compat_open_clip
 from pyclloss.compat import pml as compat_pml
 
-from helpers import fused_backends, spawn_ranks
+from helpers import fused_backends, peer_or_skip, spawn_ranks
 
 BACKENDS = ["reference"] + [b for b in fused_backends("cpu") if b == "cpp"]
-
-
-def _peer(loader):
-    try:
-        return loader()
-    except peers.PeerUnavailable as exc:
-        pytest.skip(str(exc))
 
 
 def _pml():
@@ -60,7 +53,7 @@ def _assert_same(loss_a, loss_b, leaves_a, leaves_b, rtol=1e-6, atol=1e-9):
 
 
 def test_open_clip_signatures():
-    theirs = _peer(peers.open_clip_losses)
+    theirs = peer_or_skip(peers.open_clip_losses)
     _assert_same_signatures(theirs.ClipLoss, compat_open_clip.ClipLoss)
     _assert_same_signatures(theirs.SigLipLoss, compat_open_clip.SigLipLoss)
 
@@ -80,7 +73,7 @@ def _open_clip_model_out(n=12, d=16, bias=True):
 @pytest.mark.parametrize("name,bias", [("ClipLoss", False), ("ClipLoss", True),
                                        ("SigLipLoss", True)])
 def test_open_clip_losses_in_open_clips_training_step(backend, name, bias):
-    theirs = getattr(_peer(peers.open_clip_losses), name)()
+    theirs = getattr(peer_or_skip(peers.open_clip_losses), name)()
     ours = getattr(compat_open_clip, name)(backend=backend)
     model_out = _open_clip_model_out(bias=bias)
     keys = list(model_out)
@@ -95,7 +88,7 @@ def test_open_clip_losses_in_open_clips_training_step(backend, name, bias):
 
 
 def test_open_clip_positional_call_and_siglip_without_bias():
-    losses = _peer(peers.open_clip_losses)
+    losses = peer_or_skip(peers.open_clip_losses)
     out = _open_clip_model_out(bias=False)
     args = list(out.values())
     torch.testing.assert_close(compat_open_clip.ClipLoss()(*args), losses.ClipLoss()(*args))
@@ -119,12 +112,12 @@ def test_open_clip_settings_it_cannot_reproduce_raise():
 
 
 def test_lightly_signatures():
-    _assert_same_signatures(_peer(peers.lightly_ntxent), compat_lightly.NTXentLoss)
+    _assert_same_signatures(peer_or_skip(peers.lightly_ntxent), compat_lightly.NTXentLoss)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_lightly_simclr_step(backend):
-    theirs = _peer(peers.lightly_ntxent)(temperature=0.5)
+    theirs = peer_or_skip(peers.lightly_ntxent)(temperature=0.5)
     ours = compat_lightly.NTXentLoss(temperature=0.5, backend=backend)
     z0, z1 = torch.randn(10, 32, dtype=torch.float64), torch.randn(10, 32, dtype=torch.float64)
     leaves_a, leaves_b = _leaves(z0, z1), _leaves(z0, z1)
@@ -139,7 +132,7 @@ def test_lightly_memory_bank_over_steps_that_fill_and_restart_the_bank(backend):
     """One seed gives both the same bank; over steps (the fourth reaches the
     end of the bank, the last is an evaluation that must not enqueue) the
     losses, gradients, banks and pointers stay the same."""
-    peer = _peer(peers.lightly_ntxent)
+    peer = peer_or_skip(peers.lightly_ntxent)
     size = (10, 8)
     torch.manual_seed(7)
     theirs = peer(0.2, size)
@@ -162,7 +155,7 @@ def test_lightly_memory_bank_over_steps_that_fill_and_restart_the_bank(backend):
 
 
 def test_lightly_bank_size_without_the_feature_size_is_refused_at_construction():
-    peer = _peer(peers.lightly_ntxent)
+    peer = peer_or_skip(peers.lightly_ntxent)
     with pytest.raises(ValueError):
         peer(0.1, 4096)
     with pytest.raises(ValueError, match=r"memory_bank_size .*\(4096, 128\)"):
@@ -172,7 +165,7 @@ def test_lightly_bank_size_without_the_feature_size_is_refused_at_construction()
 
 
 def test_lightly_dcl_signatures():
-    theirs = _peer(peers.lightly_dcl)
+    theirs = peer_or_skip(peers.lightly_dcl)
     _assert_same_signatures(theirs.DCLLoss, compat_lightly.DCLLoss)
     _assert_same_signatures(theirs.DCLWLoss, compat_lightly.DCLWLoss)
 
@@ -187,7 +180,7 @@ def test_lightly_dcl_signatures():
     ("DCLLoss", (0.1, lambda a, b: torch.sum((a - b) ** 2, dim=1))),
 ])
 def test_lightly_dcl_step(backend, dtype, name, args):
-    theirs = getattr(_peer(peers.lightly_dcl), name)(*args)
+    theirs = getattr(peer_or_skip(peers.lightly_dcl), name)(*args)
     ours = getattr(compat_lightly, name)(*args, backend=backend)
     z0, z1 = torch.randn(11, 16, dtype=dtype), torch.randn(11, 16, dtype=dtype)
     leaves_a, leaves_b = _leaves(z0, z1), _leaves(z0, z1)
@@ -348,8 +341,8 @@ def _distributed_adapters(rank, device, seed):
 
 
 def test_adapters_over_torch_distributed_equal_the_peers(tmp_path):
-    _peer(peers.open_clip_losses)
-    _peer(peers.lightly_ntxent)
+    peer_or_skip(peers.open_clip_losses)
+    peer_or_skip(peers.lightly_ntxent)
     per_rank = spawn_ranks(2, str(tmp_path), _distributed_adapters, 11)
     names = {name for name, _ in per_rank[0]}
     for name in sorted(names):

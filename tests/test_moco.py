@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import pyclloss
 from pyclloss.tools import peers
 
-from helpers import fused_backends
+from helpers import fused_backends, peer_or_skip
 
 BACKENDS = ["reference"] + fused_backends("cpu")
 N, K, DIM, STEPS, TAU = 8, 24, 16, 4, 0.2  # 4 batches of 8 wrap around the queue of 24
@@ -106,10 +106,7 @@ def test_moco_loss_equals_ft_moco_loss_without_transformation(backend):
 def test_moco_loss_equals_lightly_memory_bank(backend):
     """lightly's NTXentLoss with memory_bank_size: the own key and the bank as
     negatives, then the keys enqueued; gradients to the queries and the keys."""
-    try:
-        ntxent = peers.lightly_ntxent()
-    except peers.PeerUnavailable as exc:
-        pytest.skip(str(exc))
+    ntxent = peer_or_skip(peers.lightly_ntxent)
     moco = pyclloss.MoCoLoss(DIM, K, TAU, backend=backend)
     lightly = ntxent(temperature=TAU, memory_bank_size=(K, DIM))
     lightly.memory_bank.bank.copy_(moco.queue)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import norm
 from torch import nn
+from helpers import peer_or_skip
 
 import pyclloss
 from pyclloss.tools import peers
@@ -338,10 +339,7 @@ def test_dcl_hcl_equal_features():
 
 @pytest.fixture(scope="module")
 def lightly_dcl():
-    try:
-        return peers.lightly_dcl()
-    except peers.PeerUnavailable as exc:
-        pytest.skip(str(exc))
+    return peer_or_skip(peers.lightly_dcl)
 
 
 # lightly's DCLW weights re-wrap a tensor in torch.tensor(), which warns

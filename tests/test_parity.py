@@ -16,7 +16,7 @@ from torch import nn
 import pyclloss
 from pyclloss.tools import peers
 
-from helpers import authors_rnc, fused_backends
+from helpers import authors_rnc, fused_backends, peer_or_skip
 
 # float64 inputs: the reference and the C++ kernels take them.
 BACKENDS = ["reference"] + [b for b in fused_backends("cpu") if b == "cpp"]
@@ -38,15 +38,8 @@ def _assert_same(a, b, ours, theirs, rtol=2e-5, atol=1e-6):
         assert torch.allclose(x.grad, y.grad, rtol=1e-4, atol=1e-6)
 
 
-def _peer(loader):
-    try:
-        return loader()
-    except peers.PeerUnavailable as exc:
-        pytest.skip(str(exc))
-
-
 def _pml():
-    return _peer(peers.pml_losses)
+    return peer_or_skip(peers.pml_losses)
 
 
 def _pml_per_element(loss, x, y):
@@ -276,7 +269,7 @@ def test_supcon_leaves_anchors_without_a_positive_out_of_the_mean(backend):
 @pytest.mark.parametrize("b", [1, 2, 17])
 @pytest.mark.parametrize("tau", [0.5, 1e-3])
 def test_nt_xent_equals_lightly(backend, b, tau):
-    ntxent = _peer(peers.lightly_ntxent)
+    ntxent = peer_or_skip(peers.lightly_ntxent)
     z1, z2 = torch.randn(b, 32, dtype=torch.float64), torch.randn(b, 32, dtype=torch.float64)
     res = _grad_pair(lambda a, c: pyclloss.nt_xent(a, c, tau, backend=backend),
                      lambda a, c: ntxent(temperature=tau)(a, c), z1, z2)
@@ -290,7 +283,7 @@ def test_nt_xent_equals_lightly(backend, b, tau):
 @pytest.mark.parametrize("n", [1, 2, 29])
 @pytest.mark.parametrize("scale", [20.0, 1000.0])
 def test_clip_and_siglip_equal_open_clip(backend, n, scale):
-    oc = _peer(peers.open_clip_losses)
+    oc = peer_or_skip(peers.open_clip_losses)
     img = nn.functional.normalize(torch.randn(n, 24, dtype=torch.float64), dim=1)
     txt = nn.functional.normalize(torch.randn(n, 24, dtype=torch.float64), dim=1)
     scale = torch.tensor(scale, dtype=torch.float64)
@@ -311,7 +304,7 @@ def test_clip_and_siglip_equal_open_clip(backend, n, scale):
 @pytest.mark.parametrize("rows, n", [(1, 2), (2, 3), (2, 8)])
 @pytest.mark.parametrize("steepness", [10.0, 1000.0])
 def test_diff_sort_net_equals_diffsort(backend, network, rows, n, steepness):
-    diffsort = _peer(peers.diffsort_net)
+    diffsort = peer_or_skip(peers.diffsort_net)
     x = torch.randn(rows, n, dtype=torch.float64)
     ours_net = pyclloss.sorting.DiffSortNet(network, n, steepness, backend=backend)
     theirs_net = diffsort(network, n, steepness=steepness)

@@ -6,7 +6,7 @@ custom-op contract and bad input."""
 import pytest
 import torch
 from helpers import (assert_close_rel, assert_same_value_and_grad, authors_rnc,
-                     check_against_reference, fused_backends)
+                     check_against_reference, fused_backends, skip_unfaithful)
 
 import pyclloss
 from pyclloss.ops import rnc as ops
@@ -40,9 +40,7 @@ def test_reference_equals_authors_formulation(label_dims, ties):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("ties", [True, False])
 def test_backend_matches_reference(backend, dtype, ties):
-    if backend == "triton" and dtype in (torch.float64, torch.bfloat16):
-        pytest.skip("Triton: float32 statistics; bf16 is tested on a GPU (the interpreter's "
-                    "bf16 is not faithful)")
+    skip_unfaithful(backend, dtype)
     for n in SIZES[backend]:
         v = torch.randn(n, 10) * 2
         y = make_labels((n,), ties)

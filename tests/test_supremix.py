@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import (assert_close_rel, assert_same_value_and_grad, check_against_reference,
-                     fused_backends)
+                     fused_backends, skip_unfaithful)
 
 import pyclloss
 from pyclloss.ops import supremix as ops
@@ -76,9 +76,7 @@ def test_reference_equals_explicit_mixtures(integer_labels):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("integer_labels", [True, False])
 def test_backend_matches_reference(backend, dtype, integer_labels):
-    if backend == "triton" and dtype in (torch.float64, torch.bfloat16):
-        pytest.skip("Triton: float32 statistics; bf16 is tested on a GPU (the interpreter's "
-                    "bf16 is not faithful)")
+    skip_unfaithful(backend, dtype)
     for n in SIZES[backend]:
         z, t, lam = make_inputs(n, integer_labels=integer_labels)
         check_against_reference(

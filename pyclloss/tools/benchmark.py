@@ -52,7 +52,7 @@ IMPLS = BACKEND_IMPLS + tuple(PEERS)
 GIB = 1024 ** 3
 
 
-def _step_fn(loss: str, impl: str, args: Dict) -> Callable[[], None]:
+def step_fn(loss: str, impl: str, args: Dict) -> Callable[[], None]:
     """One forward+backward of ``loss`` with ``impl``."""
     call = loss_call(loss, impl, args)
     leaves = [t for t in args.values() if t.requires_grad]
@@ -63,6 +63,16 @@ def _step_fn(loss: str, impl: str, args: Dict) -> Callable[[], None]:
         call().backward()
 
     return step
+
+
+def publish(report: str, out: Optional[str] = None) -> None:
+    """Prints a report and, when ``out`` is given, writes it there (the folder
+    made if needed)."""
+    print(report)
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            f.write(report if report.endswith("\n") else report + "\n")
 
 
 def rss_bytes(field: str) -> int:
@@ -169,8 +179,8 @@ def measure_one(loss: str, impl: str, n: int, d: int, device: str, dtype_name: s
     dtype = getattr(torch, dtype_name)
     # One-time library set-up (thread pools, JIT-compiled GEMM kernels) is not
     # memory of the loss: a tiny call first keeps it out of the peak.
-    _step_fn(loss, impl, inputs(loss, 64, d, device, dtype))()
-    step = _step_fn(loss, impl, inputs(loss, n, d, device, dtype))
+    step_fn(loss, impl, inputs(loss, 64, d, device, dtype))()
+    step = step_fn(loss, impl, inputs(loss, n, d, device, dtype))
     start = time.perf_counter()
     peak = peak_extra_bytes(step, device)
     once = time.perf_counter() - start
@@ -237,6 +247,13 @@ def machine(device: str) -> str:
     if device == "cuda":
         return f"GPU {torch.cuda.get_device_name()}"
     return f"CPU {cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+
+
+def cpu_run_lines() -> List[str]:
+    """The machine, the load at the start and the date, for a CPU report's head."""
+    return [f"- machine: {machine('cpu')}; 1-minute load average "
+            f"{os.getloadavg()[0]:.1f} at the start",
+            f"- date: {datetime.date.today().isoformat()}"]
 
 
 def _blocks_range(results: Dict) -> str:
@@ -517,10 +534,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                      f"![time and memory against N]({os.path.basename(plot_path)})")
         print(f"no plot: {why_not}" if why_not else f"plot: {plot_path}", file=sys.stderr)
     report = markdown(args, measured, plot_line)
-    print(report)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(report)
+    publish(report, args.out)
     return 0
 
 

@@ -498,7 +498,5 @@ def main():
         RESULTS_DIR, f"sorting-{slug(args.device + '-' + machine_name(args.device))}.md"))
 
 
-
-
 if __name__ == "__main__":
     main()

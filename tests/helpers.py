@@ -193,7 +193,8 @@ def check_against_reference(fused_fn, ref_fn, inputs, dtype, what, grad_magnitud
     magnitudes = {i: max(1.0, g.abs().max().item()) * (10 if i and g.dim() == 0 else 1)
                   for i, g in enumerate(got)}
     for i, size in (grad_magnitudes(probe) if grad_magnitudes else {}).items():
-        magnitudes[1 + with_grad.index(i)] = max(magnitudes[1 + with_grad.index(i)], size)
+        out = 1 + with_grad.index(i)  # gradients follow the loss in ``got``
+        magnitudes[out] = max(magnitudes[out], size)
     # The losses hand their kernels intermediates (unit rows) rounded to dtype.
     check_outputs(got, reference, fused_in, what, magnitudes, precision=dtype)
 

@@ -142,7 +142,7 @@ class Problem:
         if self.kernels.name == "triton" and self.q.dtype == torch.float16:
             # Measured under the interpreter: up to 10 units of fp16 against
             # these sizes, where rounding the G tile to fp16 accounts for
-            # about one; twice the floor until the cause is found.
+            # less than one; twice the floor until the cause is found.
             input_size = 2 * input_size
         return {0: s * (input_size @ k.abs()).max().item() if size.numel() else 0.0,
                 1: s * (input_size.T @ q.abs()).max().item() if size.numel() else 0.0,

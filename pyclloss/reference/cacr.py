@@ -49,14 +49,21 @@ def cacr_repulsion_fwd(a: Tensor, b: Tensor, temperature: float, offset: int):
     return _repulsion_stats(a, b, temperature, offset)
 
 
-def cacr_repulsion_bwd(a: Tensor, b: Tensor, mean: Tensor, lse: Tensor, grad: Tensor,
-                       temperature: float, offset: int):
-    """Written out (a custom op's kernel runs without autograd):
-    G_ij = g_i·w_ij·(1 − τ·(d_ij − mean_i)), ∂d_ij/∂a_i = 2(a_i − b_j) = −∂d_ij/∂b_j."""
+def repulsion_coefficients(a: Tensor, b: Tensor, mean: Tensor, lse: Tensor, grad: Tensor,
+                           temperature: float, offset: int) -> Tensor:
+    """(n, m): G_ij = g_i·w_ij·(1 − τ·(d_ij − mean_i)) = ∂(Σ_i g_i·mean_i)/∂d_ij,
+    0 where j is not a negative of anchor i."""
     d = squared_distances(a, b)
     other = _others_mask(a.shape[0], b.shape[0], offset, a.device)
     w = torch.exp((-temperature * d - lse[:, None]).masked_fill(~other, float("-inf")))
-    g = grad[:, None] * w * (1 - temperature * (d - mean[:, None]))
+    return grad[:, None] * w * (1 - temperature * (d - mean[:, None]))
+
+
+def cacr_repulsion_bwd(a: Tensor, b: Tensor, mean: Tensor, lse: Tensor, grad: Tensor,
+                       temperature: float, offset: int):
+    """Written out (a custom op's kernel runs without autograd): with G of
+    repulsion_coefficients, ∂d_ij/∂a_i = 2(a_i − b_j) = −∂d_ij/∂b_j."""
+    g = repulsion_coefficients(a, b, mean, lse, grad, temperature, offset)
     return 2 * (g.sum(1)[:, None] * a - g @ b), 2 * (g.sum(0)[:, None] * b - g.T @ a)
 
 

@@ -1,10 +1,9 @@
 """Statistics helpers every family shares: the dtype the kernels accumulate
-and keep statistics in, the reduction of per-anchor losses, and unit rows."""
+and keep statistics in, and the reduction of per-anchor losses."""
 
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 Tensor = torch.Tensor
 
@@ -29,8 +28,3 @@ def reduce_anchors(per_anchor: Tensor, valid: Optional[Tensor], weights: Optiona
     if reduction == "sum":
         return total
     return total / w.sum().clamp_min(torch.finfo(per_anchor.dtype).tiny)
-
-
-def unit_rows(x: Tensor) -> Tensor:
-    """L2-normalise rows in the statistics dtype; hand the kernels the input dtype."""
-    return F.normalize(x.to(stats_dtype(x.dtype)), dim=-1).to(x.dtype).contiguous()

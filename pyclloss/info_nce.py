@@ -21,9 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _checks, distributed
-from ._stats import reduce_anchors, stats_dtype, unit_rows
+from ._stats import reduce_anchors, stats_dtype
 from .backends import resolve
 from .ops import info_nce as core
+from .ops.unit_rows import unit_rows
 from .reference import info_nce as reference
 
 Tensor = torch.Tensor
@@ -67,7 +68,7 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature=0.5, *, weights: Optional[Tensor
     if backend == "reference" and exchange is None:
         return reference.nt_xent(z1, z2, tau, weights=weights, reduction=reduction)
     weights = torch.cat([weights, weights]) if weights is not None else None  # both views
-    z = unit_rows(torch.cat([z1, z2]))
+    z = unit_rows([z1, z2], backend)
     if exchange is not None:
         # rows (z1, z2) of the local samples; a row's positive shares its sample id
         layout = exchange.layout(b, z, reduction, temperature=tau)
@@ -113,7 +114,7 @@ def pair_nt_xent(embeddings: Tensor, labels: Tensor, temperature=0.07, *,
     backend = _backend(backend, embeddings)
     if backend == "reference" and exchange is None:
         return reference.pair_nt_xent(embeddings, labels, tau, reduction=reduction)
-    z = unit_rows(embeddings)
+    z = unit_rows([embeddings], backend)
     if exchange is not None:
         layout = exchange.layout(n, z, reduction, temperature=tau)
         pos_count, loss_sum = core.pair_stats(exchange, z, labels, layout,
@@ -191,7 +192,7 @@ def supcon(features: Tensor, labels: Optional[Tensor] = None, temperature=0.1,
     backend = _backend(backend, features)
     if backend == "reference" and exchange is None:
         return reference.supcon(features, labels, tau, tau_b, weights=weights, reduction=reduction)
-    z = unit_rows(features)
+    z = unit_rows([features], backend)
     if exchange is not None:
         tau, tau_b = exchange.replicated(tau), exchange.replicated(tau_b)
         lse, pos_sum, pos_count = core.row_stats(exchange, z, labels, z, labels,
@@ -264,7 +265,7 @@ def info_nce(query: Tensor, key: Tensor, temperature=0.07, targets: Optional[Ten
     if backend == "reference" and exchange is None:
         return reference.info_nce(query, key, tau, targets, queue, weights, normalize,
                                   reduction=reduction, in_batch_negatives=in_batch_negatives)
-    prep = unit_rows if normalize else (lambda x: x.contiguous())
+    prep = (lambda x: unit_rows([x], backend)) if normalize else (lambda x: x.contiguous())
     q, k = prep(query), prep(key)
     if exchange is not None:
         keys = exchange.layout(m, k, reduction, temperature=tau)

@@ -30,13 +30,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _checks, distributed
-from ._stats import reduce_anchors, stats_dtype, unit_rows
+from ._stats import reduce_anchors, stats_dtype
 from .backends import resolve
 from .info_nce import _backend as _info_nce_backend
 from .info_nce import _Distributable
 from .ops import amcl as amcl_ops
 from .ops import cacr as cacr_ops
 from .ops import info_nce as core
+from .ops.unit_rows import unit_rows
 from .reference import cacr as cacr_reference
 from .reference import pair_quality as reference
 
@@ -344,7 +345,7 @@ def _pairs(z1, z2, temperature, weights, reduction, backend, gather_distributed,
     tau = _checks.temperature("temperature", temperature, device, acc)
     exchange = distributed.exchange(gather_distributed, process_group, strategy)
     backend = _info_nce_backend(backend, z1)
-    z = unit_rows(torch.cat([z1, z2]))
+    z = unit_rows([z1, z2], backend)
     pair_weights = torch.cat([weights, weights]) if weights is not None else None
     if exchange is None:
         samples, layout, ids = b, None, torch.arange(b, device=device).repeat(2)

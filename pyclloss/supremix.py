@@ -6,9 +6,10 @@ import torch
 from torch import nn
 
 from . import _checks
-from ._stats import reduce_anchors, stats_dtype, unit_rows
+from ._stats import reduce_anchors, stats_dtype
 from .backends import resolve
 from .ops import supremix as ops
+from .ops.unit_rows import unit_rows
 from .reference import supremix as reference
 
 Tensor = torch.Tensor
@@ -49,7 +50,7 @@ def supremix_loss(z: Tensor, t: Tensor, lam_neg: Tensor, temperature=0.5, base_t
     backend = resolve(backend, device, ops.KERNELS.backends)
     if backend == "reference":
         return reference.supremix_loss(z, t, lam, tau, tau_b, gap, reduction)
-    lse, pos_sum, pos_count, _ = ops.supremix(unit_rows(z), t, lam, 1 / tau, gap, backend)
+    lse, pos_sum, pos_count, _ = ops.supremix(unit_rows([z], backend), t, lam, 1 / tau, gap, backend)
     per_anchor = (tau / tau_b) * (lse - pos_sum / pos_count.clamp_min(1))
     return reduce_anchors(per_anchor, pos_count > 0, None, reduction)
 

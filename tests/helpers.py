@@ -219,6 +219,10 @@ def _worker(rank, world, port, out_dir, on_gpu, body, args):
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    # The result is saved and the group is down: leave without the interpreter's
+    # teardown, where a gloo thread still winding down once aborted a rank
+    # under load ("terminate called without an active exception").
+    os._exit(0)
 
 
 def _free_port() -> int:

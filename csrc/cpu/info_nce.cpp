@@ -296,6 +296,19 @@ struct LogitGradTerms {
 // of dscale; `out` may be the tile itself. One pass per present term keeps
 // every loop branch-free; a term is active only where its coefficient is
 // nonzero, so a zero coefficient never meets an infinite LSE.
+//
+// Probabilities below e^kNegligibleLogProb (2^-60; 2^-110 in double) are left
+// out of G: a softmax's dropped mass in a gradient row stays below 2^-60 times
+// the row's terms for any practical M, far under rounding, and what remains of
+// coef * probability is a normal float for any coefficient above 2^-66. Kept,
+// such products are subnormal (CLIP's logits spread over hundreds, say), and
+// the tile GEMMs that read G slow down severalfold on them on CPUs that
+// handle subnormals in microcode. NaN arguments are not dropped.
+template <typename T>
+constexpr T kNegligibleLogProb = T(-41.588830833596715);  // ln 2^-60
+template <>
+constexpr double kNegligibleLogProb<double> = -76.246189861593985;  // ln 2^-110
+
 template <typename acc_t, bool kKeyMajor>
 PYCLLOSS_VECTOR_CLONES acc_t infonce_grad_tile(const acc_t* tile, acc_t* out, bool accumulate,
                                                int32_t outer, int32_t inner, acc_t scale,
@@ -312,8 +325,10 @@ PYCLLOSS_VECTOR_CLONES acc_t infonce_grad_tile(const acc_t* tile, acc_t* out, bo
         const int32_t j = key_index<kKeyMajor>(o, n);
         const bool den = !mask.excluded(i, j) & !(terms.neg_only & mask.positive(i, j));
         const acc_t coef = terms.row_coef[i];
-        const acc_t prob = exp_approx(scale * dots[n] - terms.row_lse[i]);
-        grad[n] = den & (coef != acc_t(0)) ? coef * prob : acc_t(0);
+        const acc_t log_prob = scale * dots[n] - terms.row_lse[i];
+        const acc_t prob = exp_approx(log_prob);
+        const bool kept = !(log_prob < kNegligibleLogProb<acc_t>);
+        grad[n] = den & kept & (coef != acc_t(0)) ? coef * prob : acc_t(0);
       }
     } else {
       std::fill(grad, grad + inner, acc_t(0));
@@ -324,8 +339,10 @@ PYCLLOSS_VECTOR_CLONES acc_t infonce_grad_tile(const acc_t* tile, acc_t* out, bo
         const int32_t i = query_index<kKeyMajor>(o, n);
         const int32_t j = key_index<kKeyMajor>(o, n);
         const acc_t coef = terms.col_coef[j];
-        const acc_t prob = exp_approx(scale * dots[n] - terms.col_lse[j]);
-        grad[n] += !mask.excluded(i, j) & (coef != acc_t(0)) ? coef * prob : acc_t(0);
+        const acc_t log_prob = scale * dots[n] - terms.col_lse[j];
+        const acc_t prob = exp_approx(log_prob);
+        const bool kept = !(log_prob < kNegligibleLogProb<acc_t>);
+        grad[n] += !mask.excluded(i, j) & kept & (coef != acc_t(0)) ? coef * prob : acc_t(0);
       }
     }
     if (terms.pos_coef != nullptr && terms.pair_lse != nullptr) {

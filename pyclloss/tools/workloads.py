@@ -110,6 +110,10 @@ def _labelled_rows(n, d, draw: Draw) -> Dict:
     return {"x": draw(n, d).requires_grad_(), "labels": draw.integers(max(2, n // 8), n)}
 
 
+def _weighted_rows(n, d, draw: Draw) -> Dict:
+    return {"x": draw(n, d).requires_grad_(), "w": draw(n, d)}
+
+
 def _image_text_pairs(n, d, draw: Draw) -> Dict:
     import torch
 
@@ -245,6 +249,12 @@ def _pyclloss_diff_sort(a: Dict, backend: str) -> Callable:
     return _sorted_and_p(sort, a)
 
 
+def _unit_rows(a: Dict, backend: str) -> Callable:
+    from pyclloss.ops.unit_rows import unit_rows
+
+    return lambda: (unit_rows(list(_views(a)), backend) * a["w"]).sum()
+
+
 # ------------------------------------------------------------ the registry
 
 # dense InfoNCE-family implementations: logits, masks, softmax and their gradients
@@ -350,6 +360,11 @@ WORKLOADS: Dict[str, Workload] = {
         dense_bytes={"reference": lambda n, d: 4.0 * 12 * AMCL_HEADS * n * n},
         note=f"N = 2B rows, {AMCL_HEADS} heads, top-{AMCL_TOPK} negatives",
         sizes=(1024, 2048, 4096), in_default_run=False),
+    # the normalisation before the cosine losses' kernels, not a loss
+    "unit_rows": Workload(
+        "unit_rows", _weighted_rows, _unit_rows,
+        note="normalize(cat(z1, z2)), z1 and z2 the halves of the N rows, weighted sum",
+        sizes=(4096, 16384, 65536), in_default_run=False),
 }
 
 

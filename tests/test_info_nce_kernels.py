@@ -313,6 +313,23 @@ def test_low_temperature(backend, dtype):
     check_siglip(p, need_dks=(True,))
 
 
+SPREAD = {"cpp": (300, 530, 33), "triton": (37, 100, 33), "cuda": (300, 300, 64)}
+
+
+@pytest.mark.parametrize("backend, dtype", grid({"cpp": [F64, F32], "triton": [F32],
+                                                 "cuda": [F32]}))
+def test_logits_spread_over_hundreds(backend, dtype):
+    """Rows of norm 4 at scale 14: logits over about ±220, where most of a
+    row's softmax is below 2^-60 and G of the rest reaches the subnormal range
+    (the CPU kernels leave such probabilities out of G): statistics and
+    gradients by the rule."""
+    n, m, d = SPREAD[backend]
+    p = Problem(backend, n, m, d, dtype)
+    p.q, p.k = 4 * p.q, 4 * p.k
+    check_fwd(p, 0, False, True)
+    check_bwd(p, 0, False, ("row", "col", "pos", "pair"))
+
+
 @pytest.mark.parametrize("backend, dtype", grid({"cpp": [F16, BF16], "triton": [F32, F16],
                                                  "cuda": [F16, BF16]}))
 def test_tiny_coefficients(backend, dtype):

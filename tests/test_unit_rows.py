@@ -125,3 +125,19 @@ def test_parts_that_do_not_stack_are_refused():
         unit_rows([torch.randn(3, 4), torch.randn(3, 4, dtype=torch.float64)], "cpp")
     with pytest.raises(RuntimeError, match="parts must be floating"):
         unit_rows([torch.ones(3, 4, dtype=torch.long)], "cpp")
+
+
+@needs_cpp
+@pytest.mark.parametrize("cut", ["halves", "reversed", "partial", "strided"])
+def test_views_of_one_batch(cut):
+    """Parts that are consecutive row blocks of one tensor (z.chunk(2)) are
+    normalised as that tensor, others part by part: the same values and
+    gradients either way."""
+    base = torch.randn(10, 6, dtype=torch.float64, requires_grad=True)
+    expected_base = base.detach().clone().requires_grad_()
+    take = {"halves": lambda z: [z[:4], z[4:]], "reversed": lambda z: [z[4:], z[:4]],
+            "partial": lambda z: [z[:3], z[3:7]], "strided": lambda z: [z[::2], z[1::2]]}[cut]
+    weights = torch.randn(sum(p.shape[0] for p in take(base)), 6, dtype=torch.float64)
+    (unit_rows(take(base), "cpp") * weights).sum().backward()
+    (torch_unit_rows(*take(expected_base)) * weights).sum().backward()
+    torch.testing.assert_close(base.grad, expected_base.grad, rtol=1e-13, atol=1e-13)

@@ -69,10 +69,29 @@ def _backward(ctx, grad_rows, grad_norms):
 unit_rows_op.register_autograd(_backward, setup_context=_setup)
 
 
+def _whole(parts: List[Tensor]) -> List[Tensor]:
+    """``[base]`` when the parts are consecutive row blocks that make up one
+    contiguous tensor (``z.chunk(2)`` of a batch of both views), else ``parts``:
+    the gradient then reaches the base directly instead of through one
+    slice backward per part, each a full-size zero fill and copy."""
+    base = parts[0]._base
+    if base is None or len(parts) < 2 or base.dim() != 2 or not base.is_contiguous():
+        return parts
+    row_bytes = base.shape[1] * base.element_size()
+    address = base.data_ptr()
+    for part in parts:
+        if (part._base is not base or part.shape[1] != base.shape[1]
+                or not part.is_contiguous() or part.data_ptr() != address):
+            return parts
+        address += part.shape[0] * row_bytes
+    return [base] if address == base.data_ptr() + base.shape[0] * row_bytes else parts
+
+
 def unit_rows(parts: List[Tensor], backend: str) -> Tensor:
     """``normalize(cat(parts))`` in the statistics dtype, returned in the parts'
     dtype, contiguous: through the cpp kernels on ``backend="cpp"``, through
     torch's ops on the others (whose devices have their own fused kernels)."""
+    parts = _whole(parts)
     if backend == "cpp":
         return unit_rows_op(parts, backend)[0]
     x = torch.cat(parts) if len(parts) > 1 else parts[0]

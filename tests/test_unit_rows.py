@@ -123,7 +123,7 @@ def test_parts_that_do_not_stack_are_refused():
         unit_rows([torch.randn(3, 4), torch.randn(3, 5)], "cpp")
     with pytest.raises(RuntimeError, match="parts must be 2-D CPU tensors of one dtype and width"):
         unit_rows([torch.randn(3, 4), torch.randn(3, 4, dtype=torch.float64)], "cpp")
-    with pytest.raises(RuntimeError, match="parts must be floating"):
+    with pytest.raises(RuntimeError, match="parts must be float64, float32, float16 or bfloat16"):
         unit_rows([torch.ones(3, 4, dtype=torch.long)], "cpp")
 
 

@@ -314,9 +314,7 @@ void check_inputs(const char* op, const Tensor& q, const Tensor& k, const Tensor
   TORCH_CHECK(k.scalar_type() == dtype && gates.scalar_type() == dtype, op,
               ": q, k and gates must have the same dtype, got ", dtype, ", ", k.scalar_type(),
               " and ", gates.scalar_type());
-  TORCH_CHECK(dtype == at::kDouble || dtype == at::kFloat || dtype == at::kHalf ||
-                  dtype == at::kBFloat16,
-              op, ": q must be float64, float32, float16 or bfloat16, got ", dtype);
+  check_kernel_dtype(op, "q", dtype);
   TORCH_CHECK(scale.device().is_cpu() && scale.dim() == 0 &&
                   scale.scalar_type() == stats_dtype(dtype),
               op, ": scale must be a 0-dim CPU tensor of dtype ", stats_dtype(dtype));

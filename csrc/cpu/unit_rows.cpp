@@ -61,9 +61,7 @@ std::vector<Tensor> checked_parts(const char* op, const std::vector<Tensor>& par
   TORCH_CHECK(!parts.empty(), op, ": parts must hold at least one tensor");
   const auto& first = parts.front();
   const auto dtype = first.scalar_type();
-  TORCH_CHECK(dtype == at::kDouble || dtype == at::kFloat || dtype == at::kHalf ||
-                  dtype == at::kBFloat16,
-              op, ": parts must be floating (float64/32/16, bfloat16), got ", dtype);
+  check_kernel_dtype(op, "parts", dtype);
   std::vector<Tensor> out;
   for (const auto& part : parts) {
     TORCH_CHECK(part.device().is_cpu() && part.dim() == 2 && part.scalar_type() == dtype &&

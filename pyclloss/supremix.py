@@ -50,7 +50,8 @@ def supremix_loss(z: Tensor, t: Tensor, lam_neg: Tensor, temperature=0.5, base_t
     backend = resolve(backend, device, ops.KERNELS.backends)
     if backend == "reference":
         return reference.supremix_loss(z, t, lam, tau, tau_b, gap, reduction)
-    lse, pos_sum, pos_count, _ = ops.supremix(unit_rows([z], backend), t, lam, 1 / tau, gap, backend)
+    lse, pos_sum, pos_count, _ = ops.supremix(unit_rows([z], backend), t, lam, 1 / tau, gap,
+                                              backend)
     per_anchor = (tau / tau_b) * (lse - pos_sum / pos_count.clamp_min(1))
     return reduce_anchors(per_anchor, pos_count > 0, None, reduction)
 

@@ -309,6 +309,12 @@ constexpr T kNegligibleLogProb = T(-41.588830833596715);  // ln 2^-60
 template <>
 constexpr double kNegligibleLogProb<double> = -76.246189861593985;  // ln 2^-110
 
+// e^log_prob, or 0 below e^kNegligibleLogProb.
+template <typename T>
+inline T kept_prob(T log_prob) {
+  return log_prob < kNegligibleLogProb<T> ? T(0) : exp_approx(log_prob);
+}
+
 template <typename acc_t, bool kKeyMajor>
 PYCLLOSS_VECTOR_CLONES acc_t infonce_grad_tile(const acc_t* tile, acc_t* out, bool accumulate,
                                                int32_t outer, int32_t inner, acc_t scale,
@@ -325,10 +331,8 @@ PYCLLOSS_VECTOR_CLONES acc_t infonce_grad_tile(const acc_t* tile, acc_t* out, bo
         const int32_t j = key_index<kKeyMajor>(o, n);
         const bool den = !mask.excluded(i, j) & !(terms.neg_only & mask.positive(i, j));
         const acc_t coef = terms.row_coef[i];
-        const acc_t log_prob = scale * dots[n] - terms.row_lse[i];
-        const acc_t prob = exp_approx(log_prob);
-        const bool kept = !(log_prob < kNegligibleLogProb<acc_t>);
-        grad[n] = den & kept & (coef != acc_t(0)) ? coef * prob : acc_t(0);
+        const acc_t prob = kept_prob(scale * dots[n] - terms.row_lse[i]);
+        grad[n] = den & (coef != acc_t(0)) ? coef * prob : acc_t(0);
       }
     } else {
       std::fill(grad, grad + inner, acc_t(0));
@@ -339,10 +343,8 @@ PYCLLOSS_VECTOR_CLONES acc_t infonce_grad_tile(const acc_t* tile, acc_t* out, bo
         const int32_t i = query_index<kKeyMajor>(o, n);
         const int32_t j = key_index<kKeyMajor>(o, n);
         const acc_t coef = terms.col_coef[j];
-        const acc_t log_prob = scale * dots[n] - terms.col_lse[j];
-        const acc_t prob = exp_approx(log_prob);
-        const bool kept = !(log_prob < kNegligibleLogProb<acc_t>);
-        grad[n] += !mask.excluded(i, j) & kept & (coef != acc_t(0)) ? coef * prob : acc_t(0);
+        const acc_t prob = kept_prob(scale * dots[n] - terms.col_lse[j]);
+        grad[n] += !mask.excluded(i, j) & (coef != acc_t(0)) ? coef * prob : acc_t(0);
       }
     }
     if (terms.pos_coef != nullptr && terms.pair_lse != nullptr) {
@@ -712,9 +714,7 @@ void check_core_inputs(const char* op, const Tensor& q, const Tensor& k, const T
   TORCH_CHECK(q.scalar_type() == k.scalar_type(), op, ": q and k must have the same dtype, got ",
               q.scalar_type(), " and ", k.scalar_type());
   const auto dtype = q.scalar_type();
-  TORCH_CHECK(dtype == at::kDouble || dtype == at::kFloat || dtype == at::kHalf ||
-                  dtype == at::kBFloat16,
-              op, ": q and k must be float64, float32, float16 or bfloat16, got ", dtype);
+  check_kernel_dtype(op, "q and k", dtype);
   TORCH_CHECK(q.is_contiguous() && k.is_contiguous(), op, ": q and k must be contiguous");
   TORCH_CHECK(scale.device().is_cpu() && scale.dim() == 0 &&
                   scale.scalar_type() == stats_dtype(dtype),

@@ -139,8 +139,10 @@ def _family_calls():
     def amcl():
         net = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(),
                                   torch.nn.Linear(16, 16))
-        for b, topk in ((60, 100), (130, 256)):  # k rounded up to 128 and 256 lanes
-            z1, z2 = torch.randn(b, 2, 16, requires_grad=True), torch.randn(b, 2, 16)
+        # k = min(topk, 2B − 2) rounded up to 128 and to 256 lanes, on one head and
+        # the fewest rows that reach it: the interpreter's tl.sort takes seconds a program
+        for b, topk in ((34, 100), (66, 256)):
+            z1, z2 = torch.randn(b, 1, 16, requires_grad=True), torch.randn(b, 1, 16)
             pyclloss.amcl_loss(z1, z2, net, topk=topk, backend="triton").backward()
 
     return [gated, ft_moco, supremix, rnc, sorting, cacr, amcl]

@@ -142,7 +142,7 @@ PYCLLOSS_VECTOR_CLONES void infonce_row_stats_tile(acc_t* tile, int32_t rows, in
     acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
     for (int32_t j = 0; j < cols; ++j) {
-      sum += exp_approx(logits[j] - new_max);
+      sum += exp_nonpositive(logits[j] - new_max);
     }
     stats.sum[i] = stats.sum[i] * rescale_factor(stats.max[i], new_max) + sum;
     stats.max[i] = new_max;
@@ -176,21 +176,40 @@ PYCLLOSS_VECTOR_CLONES void infonce_key_major_stats_tile(const acc_t* tile, int3
     for (int32_t n = 0; n < queries; ++n) {
       const bool den = !mask.excluded(n, o) & !(neg_only & mask.positive(n, o));
       // Where den is false the max may still be -inf: the select drops the inf.
-      const acc_t term = exp_approx(scale * dots[n] - fresh.max[n]);
+      const acc_t term = exp_nonpositive(scale * dots[n] - fresh.max[n]);
       fresh.sum[n] += den ? term : acc_t(0);
     }
   }
 }
 
+// e^(logit - max) of a masked logit: 0 where excluded (-inf), also against a
+// column whose max is still -inf.
+template <typename acc_t>
+inline acc_t masked_exp(acc_t logit, acc_t max) {
+  return logit == kNegInf<acc_t> ? acc_t(0) : exp_nonpositive(logit - max);
+}
+
 // Folds a query-major tile of masked logits (-inf where excluded) into running
-// per-key (max, sum) states (pointers at the tile's first key).
+// per-key (max, sum) states (pointers at the tile's first key). Rows go four
+// at a time: the per-key states then make one load and store for four rows.
 template <typename acc_t>
 PYCLLOSS_VECTOR_CLONES void column_lse_tile(const acc_t* logits, int32_t rows, int32_t cols,
                                             acc_t* col_max, acc_t* col_sum) {
   acc_t tile_max[kInnerBlock];
   std::fill(tile_max, tile_max + cols, kNegInf<acc_t>);
-  for (int32_t i = 0; i < rows; ++i) {
+  int32_t i = 0;
+  for (; i + 4 <= rows; i += 4) {
     const acc_t* row = logits + i * cols;  // per-row pointers keep the loads contiguous
+    const acc_t* row1 = row + cols;
+    const acc_t* row2 = row1 + cols;
+    const acc_t* row3 = row2 + cols;
+#pragma omp simd
+    for (int32_t j = 0; j < cols; ++j) {
+      tile_max[j] = max_of(max_of(tile_max[j], max_of(row[j], row1[j])), max_of(row2[j], row3[j]));
+    }
+  }
+  for (; i < rows; ++i) {
+    const acc_t* row = logits + i * cols;
 #pragma omp simd
     for (int32_t j = 0; j < cols; ++j) {
       tile_max[j] = max_of(tile_max[j], row[j]);
@@ -202,13 +221,23 @@ PYCLLOSS_VECTOR_CLONES void column_lse_tile(const acc_t* logits, int32_t rows, i
     col_sum[j] *= rescale_factor(col_max[j], new_max);
     col_max[j] = new_max;
   }
-  for (int32_t i = 0; i < rows; ++i) {
+  for (i = 0; i + 4 <= rows; i += 4) {
+    const acc_t* row = logits + i * cols;
+    const acc_t* row1 = row + cols;
+    const acc_t* row2 = row1 + cols;
+    const acc_t* row3 = row2 + cols;
+#pragma omp simd
+    for (int32_t j = 0; j < cols; ++j) {
+      const acc_t max = col_max[j];
+      col_sum[j] += (masked_exp(row[j], max) + masked_exp(row1[j], max)) +
+                    (masked_exp(row2[j], max) + masked_exp(row3[j], max));
+    }
+  }
+  for (; i < rows; ++i) {
     const acc_t* row = logits + i * cols;
 #pragma omp simd
     for (int32_t j = 0; j < cols; ++j) {
-      const acc_t logit = row[j];
-      // An excluded entry may meet a column whose max is still -inf.
-      col_sum[j] += logit == kNegInf<acc_t> ? acc_t(0) : exp_approx(logit - col_max[j]);
+      col_sum[j] += masked_exp(row[j], col_max[j]);
     }
   }
 }
@@ -291,11 +320,52 @@ struct LogitGradTerms {
   }
 };
 
+// Probabilities below e^kNegligibleLogProb (2^-60; 2^-110 in double) are left
+// out of G (infonce_grad_tile says why).
+template <typename T>
+constexpr T kNegligibleLogProb = T(-41.588830833596715);  // ln 2^-60
+template <>
+constexpr double kNegligibleLogProb<double> = -76.246189861593985;  // ln 2^-110
+
+// e^log_prob, or 0 below e^kNegligibleLogProb. A log-probability is at most
+// 0 (up to rounding): the exponential needs no clamps.
+template <typename T>
+inline T kept_prob(T log_prob) {
+  return log_prob < kNegligibleLogProb<T> ? T(0) : exp_in_range(log_prob);
+}
+
+// The last pass of infonce_grad_tile over one row of a tile: adds the
+// constant positive term (kPositive: pos_coef without pair_lse) to the row's
+// G, writes or adds it into out_row, and returns the row's sum G * dot.
+template <typename acc_t, bool kKeyMajor, bool kAccumulate, bool kPositive>
+inline acc_t write_grad_row(const acc_t* grad, const acc_t* dots, acc_t* out_row, int32_t o,
+                            int32_t inner, PairMask mask, const acc_t* pos_coef) {
+  acc_t dscale = 0;
+#pragma omp simd reduction(+ : dscale)
+  for (int32_t n = 0; n < inner; ++n) {
+    acc_t g = grad[n];
+    if constexpr (kPositive) {
+      const int32_t i = query_index<kKeyMajor>(o, n);
+      const int32_t j = key_index<kKeyMajor>(o, n);
+      const acc_t term = pos_coef[i];
+      g += mask.positive(i, j) ? term : acc_t(0);
+    }
+    dscale += g * dots[n];
+    if constexpr (kAccumulate) {
+      out_row[n] += g;
+    } else {
+      out_row[n] = g;
+    }
+  }
+  return dscale;
+}
+
 // Writes G (docs/fused_core.md) of a tile of dot products into `out`, or
 // adds it there when `accumulate`, and returns sum G * dot, the tile's share
-// of dscale; `out` may be the tile itself. One pass per present term keeps
-// every loop branch-free; a term is active only where its coefficient is
-// nonzero, so a zero coefficient never meets an infinite LSE.
+// of dscale; `out` may be the tile itself. A few passes per row, each for a
+// set of terms known to be present, keep every loop branch-free; a term is
+// active only where its coefficient is nonzero, so a zero coefficient never
+// meets an infinite LSE.
 //
 // Probabilities below e^kNegligibleLogProb (2^-60; 2^-110 in double) are left
 // out of G: a softmax's dropped mass in a gradient row stays below 2^-60 times
@@ -304,48 +374,50 @@ struct LogitGradTerms {
 // such products are subnormal (CLIP's logits spread over hundreds, say), and
 // the tile GEMMs that read G slow down severalfold on them on CPUs that
 // handle subnormals in microcode. NaN arguments are not dropped.
-template <typename T>
-constexpr T kNegligibleLogProb = T(-41.588830833596715);  // ln 2^-60
-template <>
-constexpr double kNegligibleLogProb<double> = -76.246189861593985;  // ln 2^-110
-
-// e^log_prob, or 0 below e^kNegligibleLogProb.
-template <typename T>
-inline T kept_prob(T log_prob) {
-  return log_prob < kNegligibleLogProb<T> ? T(0) : exp_approx(log_prob);
-}
-
 template <typename acc_t, bool kKeyMajor>
 PYCLLOSS_VECTOR_CLONES acc_t infonce_grad_tile(const acc_t* tile, acc_t* out, bool accumulate,
                                                int32_t outer, int32_t inner, acc_t scale,
                                                PairMask mask, LogitGradTerms<acc_t> terms) {
+  // The softmax terms of row and column (the row's only if den(i, j)).
+  const auto row_term = [&](int32_t i, int32_t j, acc_t logit) {
+    const bool den = !mask.excluded(i, j) & !(terms.neg_only & mask.positive(i, j));
+    const acc_t coef = terms.row_coef[i];
+    const acc_t prob = kept_prob(logit - terms.row_lse[i]);
+    return den & (coef != acc_t(0)) ? coef * prob : acc_t(0);
+  };
+  const auto column_term = [&](int32_t i, int32_t j, acc_t logit) {
+    const acc_t coef = terms.col_coef[j];
+    const acc_t prob = kept_prob(logit - terms.col_lse[j]);
+    return !mask.excluded(i, j) & (coef != acc_t(0)) ? coef * prob : acc_t(0);
+  };
+  const bool constant_positive = terms.pos_coef != nullptr && terms.pair_lse == nullptr;
   acc_t grad[kInnerBlock];
   acc_t dscale = 0;
   for (int32_t o = 0; o < outer; ++o) {
     const acc_t* dots = tile + o * inner;
     acc_t* out_row = out + o * inner;
-    if (terms.row_coef != nullptr) {
+    if (terms.row_coef != nullptr && terms.col_coef != nullptr) {  // CLIP: one pass for both
 #pragma omp simd
       for (int32_t n = 0; n < inner; ++n) {
         const int32_t i = query_index<kKeyMajor>(o, n);
         const int32_t j = key_index<kKeyMajor>(o, n);
-        const bool den = !mask.excluded(i, j) & !(terms.neg_only & mask.positive(i, j));
-        const acc_t coef = terms.row_coef[i];
-        const acc_t prob = kept_prob(scale * dots[n] - terms.row_lse[i]);
-        grad[n] = den & (coef != acc_t(0)) ? coef * prob : acc_t(0);
+        const acc_t logit = scale * dots[n];
+        grad[n] = row_term(i, j, logit) + column_term(i, j, logit);
+      }
+    } else if (terms.row_coef != nullptr) {
+#pragma omp simd
+      for (int32_t n = 0; n < inner; ++n) {
+        grad[n] = row_term(query_index<kKeyMajor>(o, n), key_index<kKeyMajor>(o, n),
+                           scale * dots[n]);
+      }
+    } else if (terms.col_coef != nullptr) {
+#pragma omp simd
+      for (int32_t n = 0; n < inner; ++n) {
+        grad[n] = column_term(query_index<kKeyMajor>(o, n), key_index<kKeyMajor>(o, n),
+                              scale * dots[n]);
       }
     } else {
       std::fill(grad, grad + inner, acc_t(0));
-    }
-    if (terms.col_coef != nullptr) {
-#pragma omp simd
-      for (int32_t n = 0; n < inner; ++n) {
-        const int32_t i = query_index<kKeyMajor>(o, n);
-        const int32_t j = key_index<kKeyMajor>(o, n);
-        const acc_t coef = terms.col_coef[j];
-        const acc_t prob = kept_prob(scale * dots[n] - terms.col_lse[j]);
-        grad[n] += !mask.excluded(i, j) & (coef != acc_t(0)) ? coef * prob : acc_t(0);
-      }
     }
     if (terms.pos_coef != nullptr && terms.pair_lse != nullptr) {
 #pragma omp simd
@@ -355,28 +427,21 @@ PYCLLOSS_VECTOR_CLONES acc_t infonce_grad_tile(const acc_t* tile, acc_t* out, bo
         const acc_t term = terms.pos_coef[i] * sigmoid(terms.pair_lse[i] - scale * dots[n]);
         grad[n] += mask.positive(i, j) ? term : acc_t(0);
       }
-    } else if (terms.pos_coef != nullptr) {
-#pragma omp simd
-      for (int32_t n = 0; n < inner; ++n) {
-        const int32_t i = query_index<kKeyMajor>(o, n);
-        const int32_t j = key_index<kKeyMajor>(o, n);
-        const acc_t term = terms.pos_coef[i];
-        grad[n] += mask.positive(i, j) ? term : acc_t(0);
-      }
     }
-    // Two loops: GCC leaves a loop scalar whose store selects on `accumulate`.
+    // One loop a case: GCC leaves a loop scalar whose store selects on `accumulate`.
+    const acc_t* pos = terms.pos_coef;
     if (accumulate) {
-#pragma omp simd reduction(+ : dscale)
-      for (int32_t n = 0; n < inner; ++n) {
-        dscale += grad[n] * dots[n];
-        out_row[n] += grad[n];
-      }
+      dscale += constant_positive
+                    ? write_grad_row<acc_t, kKeyMajor, true, true>(grad, dots, out_row, o, inner,
+                                                                  mask, pos)
+                    : write_grad_row<acc_t, kKeyMajor, true, false>(grad, dots, out_row, o, inner,
+                                                                   mask, pos);
     } else {
-#pragma omp simd reduction(+ : dscale)
-      for (int32_t n = 0; n < inner; ++n) {
-        dscale += grad[n] * dots[n];
-        out_row[n] = grad[n];
-      }
+      dscale += constant_positive
+                    ? write_grad_row<acc_t, kKeyMajor, false, true>(grad, dots, out_row, o,
+                                                                   inner, mask, pos)
+                    : write_grad_row<acc_t, kKeyMajor, false, false>(grad, dots, out_row, o,
+                                                                    inner, mask, pos);
     }
   }
   return dscale;
@@ -623,16 +688,39 @@ void for_each_block_pair(const TileOperand& z, int64_t pending,
                                  pending, make_contribution, compute, add, finish);
 }
 
+// Per-block sums that the tasks of a schedule add gradient tiles into: a
+// buffer of blocks of kPairBlock rows (or their transposes), not zero-filled:
+// a block's first addition overwrites it, so the page faults of fresh memory
+// fall on the worker threads, and a block never added into reads as zero.
+// All additions into a block are made under its turn (OrderedAdditions),
+// which orders the accesses to its flag.
+template <typename acc_t>
+struct BlockSums {
+  BlockSums(int64_t rows, int64_t d, at::ScalarType dtype)
+      : data(at::empty({rows * d}, at::TensorOptions().dtype(dtype))),
+        written(num_blocks(rows, kPairBlock), 0) {}
+
+  // The block starting at row0, if anything was added into it.
+  const acc_t* block(int64_t row0, int64_t d) const {
+    return written[row0 / kPairBlock] ? data.data_ptr<acc_t>() + row0 * d : nullptr;
+  }
+
+  Tensor data;
+  std::vector<uint8_t> written;  // per block
+};
+
 // Rows [row0, row0 + count) of `out` = scale * (the same rows of `by_rows`
 // plus the transpose of the block of `by_columns` stored from row0 * d, d x
-// count); a null source counts as zero.
+// count); a null or unwritten source counts as zero.
 template <typename scalar_t, typename acc_t>
-void write_block(scalar_t* out, const acc_t* by_rows, const acc_t* by_columns, int64_t row0,
-                 int64_t count, int64_t d, acc_t scale) {
-  const acc_t* transposed = by_columns == nullptr ? nullptr : by_columns + row0 * d;
+void write_block(scalar_t* out, const BlockSums<acc_t>* by_rows,
+                 const BlockSums<acc_t>* by_columns, int64_t row0, int64_t count, int64_t d,
+                 acc_t scale) {
+  const acc_t* rows = by_rows == nullptr ? nullptr : by_rows->block(row0, d);
+  const acc_t* transposed = by_columns == nullptr ? nullptr : by_columns->block(row0, d);
   for (int64_t r = 0; r < count; ++r) {
     for (int64_t c = 0; c < d; ++c) {
-      const acc_t row_part = by_rows == nullptr ? acc_t(0) : by_rows[(row0 + r) * d + c];
+      const acc_t row_part = rows == nullptr ? acc_t(0) : rows[r * d + c];
       const acc_t column_part = transposed == nullptr ? acc_t(0) : transposed[c * count + r];
       out[(row0 + r) * d + c] = static_cast<scalar_t>(scale * (row_part + column_part));
     }
@@ -645,15 +733,20 @@ void write_block(scalar_t* out, const acc_t* by_rows, const acc_t* by_columns, i
 // (blocked_t layout) times g, into the transposed by_columns.
 template <typename acc_t>
 void add_gradient_tile(const acc_t* g, PairTile span, bool row_side, int64_t d,
-                       const acc_t* col_rows, const acc_t* row_blocked_t, acc_t* by_rows,
-                       acc_t* by_columns) {
+                       const acc_t* col_rows, const acc_t* row_blocked_t,
+                       BlockSums<acc_t>& by_rows, BlockSums<acc_t>& by_columns) {
+  BlockSums<acc_t>& sums = row_side ? by_rows : by_columns;
+  const int64_t row0 = row_side ? span.row0 : span.col0;
+  uint8_t& written = sums.written[row0 / kPairBlock];
+  acc_t* block = sums.data.template data_ptr<acc_t>() + row0 * d;
   if (row_side) {
-    matmul(span.rows, d, span.cols, g, span.cols, col_rows + span.col0 * d, d,
-           by_rows + span.row0 * d, d, true);
+    matmul(span.rows, d, span.cols, g, span.cols, col_rows + span.col0 * d, d, block, d,
+           written != 0);
   } else {
     matmul(d, span.cols, span.rows, row_blocked_t + span.row0 * d, span.rows, g, span.cols,
-           by_columns + span.col0 * d, span.cols, true);
+           block, span.cols, written != 0);
   }
+  written = 1;
 }
 
 // dq = scale * G k and dk = scale * G^T q from one pass over the tiles of
@@ -677,25 +770,24 @@ void gradient_both_sides(const TileOperand& q, const TileOperand& k, acc_t scale
   const acc_t* k_rows = k.rows.data_ptr<acc_t>();
   const TileSchedule schedule =
       rectangular_schedule(num_blocks(n, kPairBlock), num_blocks(m, kPairBlock));
-  std::vector<acc_t> by_rows(n * d, acc_t(0));     // sum over J of G_IJ k_J
-  std::vector<acc_t> by_columns(m * d, acc_t(0));  // sum over I of q_I^T G_IJ
+  BlockSums<acc_t> by_rows(n, d, q.rows.scalar_type());     // sum over J of G_IJ k_J
+  BlockSums<acc_t> by_columns(m, d, q.rows.scalar_type());  // sum over I of q_I^T G_IJ
   for_each_scheduled_tile<acc_t>(
       q, k, schedule, kPendingTiles, [] { return std::vector<acc_t>(kPairBlock * kPairBlock); },
       [&](std::vector<acc_t>& g, acc_t* tile, BlockPair, PairTile span, int64_t task) {
         grad_tile(tile, g.data(), span.row0, span.rows, span.col0, span.cols, task);
       },
       [&](std::vector<acc_t>& g, PairTile span, bool row_side) {
-        add_gradient_tile(g.data(), span, row_side, d, k_rows, q_blocked_t, by_rows.data(),
-                          by_columns.data());
+        add_gradient_tile(g.data(), span, row_side, d, k_rows, q_blocked_t, by_rows, by_columns);
       },
       [&](int32_t accumulator) {  // complete: dq or dk of its rows
         if (accumulator < schedule.first_col) {
           const int64_t row0 = accumulator * kPairBlock;
-          write_block(dq, by_rows.data(), static_cast<const acc_t*>(nullptr), row0,
+          write_block(dq, &by_rows, static_cast<const BlockSums<acc_t>*>(nullptr), row0,
                       std::min(kPairBlock, n - row0), d, scale);
         } else {
           const int64_t row0 = (accumulator - schedule.first_col) * kPairBlock;
-          write_block(dk, static_cast<const acc_t*>(nullptr), by_columns.data(), row0,
+          write_block(dk, static_cast<const BlockSums<acc_t>*>(nullptr), &by_columns, row0,
                       std::min(kPairBlock, m - row0), d, scale);
         }
       });
@@ -1043,8 +1135,8 @@ acc_t symmetric_gradient(const TileOperand& z, acc_t scale, const TileMasks& mas
   const acc_t* rows = z.rows.data_ptr<acc_t>();
   const acc_t* blocked_t = n > 0 ? z.blocked_t.data_ptr<acc_t>() : nullptr;
   const int64_t blocks = num_blocks(n, kPairBlock);
-  std::vector<acc_t> by_rows(n * d, acc_t(0));        // sum over J >= I of H_IJ z_J
-  std::vector<acc_t> by_columns(n * d, acc_t(0));     // sum over I < J of z_I^T H_IJ
+  BlockSums<acc_t> by_rows(n, d, z.rows.scalar_type());     // sum over J >= I of H_IJ z_J
+  BlockSums<acc_t> by_columns(n, d, z.rows.scalar_type());  // sum over I < J of z_I^T H_IJ
   std::vector<acc_t> dscale_parts(blocks * (blocks + 1) / 2);
   // A contribution: H_IJ.
   for_each_block_pair<acc_t>(
@@ -1062,13 +1154,11 @@ acc_t symmetric_gradient(const TileOperand& z, acc_t scale, const TileMasks& mas
         dscale_parts[task] = pair.diagonal() ? by_row : by_row + by_column;
       },
       [&](std::vector<acc_t>& h, PairTile span, bool row_side) {
-        add_gradient_tile(h.data(), span, row_side, d, rows, blocked_t, by_rows.data(),
-                          by_columns.data());
+        add_gradient_tile(h.data(), span, row_side, d, rows, blocked_t, by_rows, by_columns);
       },
       [&](int32_t block) {  // complete: dz of its rows
         const int64_t row0 = block * kPairBlock;
-        write_block(dz, by_rows.data(), by_columns.data(), row0, std::min(kPairBlock, n - row0), d,
-                    scale);
+        write_block(dz, &by_rows, &by_columns, row0, std::min(kPairBlock, n - row0), d, scale);
       });
   acc_t dscale = 0;
   for (const acc_t part : dscale_parts) {

@@ -89,6 +89,9 @@ void matmul(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b
 // stored contiguously from offset row0 * d. A tile product then reads the
 // transposed block in place with leading dimension `rows`, which, unlike the
 // full transpose's stride n, does not alias in the caches.
+// The copy stays on the calling thread: a parallel region of its own would
+// cost, on a machine where another process keeps a core busy, a scheduler
+// slice whenever a thread of it is descheduled (docs/fused_core.md).
 inline at::Tensor transposed_blocks(const at::Tensor& rows, int64_t block) {
   const int64_t n = rows.size(0);
   const int64_t d = rows.size(1);

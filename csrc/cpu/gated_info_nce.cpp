@@ -109,7 +109,7 @@ PYCLLOSS_VECTOR_CLONES void negatives_tile(acc_t* logits, int32_t rows, int32_t 
     acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
     for (int32_t j = 0; j < cols; ++j) {
-      sum += exp_approx(row[j] - new_max);
+      sum += exp_nonpositive(row[j] - new_max);
     }
     run_sum[i] = run_sum[i] * rescale_factor(run_max[i], new_max) + sum;
     run_max[i] = new_max;

@@ -168,6 +168,7 @@ def test_supcon_differs_from_pml_where_documented(backend):
     y = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
     x = torch.randn(8, 12, dtype=torch.float64)
     x[1] = x[0]  # anchors 0 and 1: a positive at similarity 1, every other term ~e^-400 of it
+    x[3] = -x[2]  # anchors 2 and 3: a positive at similarity -1, a loss far from 0
     per_anchor = pyclloss.supcon(x, y, 1e-3, reduction="none", backend=backend)
     theirs, anchors = _pml_per_element(losses.SupConLoss(temperature=1e-3), x, y)
     torch.testing.assert_close(per_anchor[anchors], theirs, rtol=1e-9, atol=1e-12)

@@ -22,6 +22,12 @@ def pytest_report_header(config):
     return f"pyclloss test seed: PYCLLOSS_TEST_SEED={SEED}"
 
 
+def pytest_terminal_summary(terminalreporter, exitstatus):
+    # Also under -q, which hides the header: a failure can be rerun as it was.
+    if exitstatus != 0:
+        terminalreporter.write_line(f"rerun with PYCLLOSS_TEST_SEED={SEED}")
+
+
 @pytest.fixture(autouse=True)
 def _seed(request):
     torch.manual_seed(SEED + zlib.crc32(request.node.nodeid.encode()))

@@ -30,6 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import pyclloss  # noqa: E402
+from pyclloss.tools.benchmark import publish  # noqa: E402
 
 LOSSES = ("clip_loss", "supcon")
 BACKENDS = ("cuda", "triton", "reference")
@@ -374,13 +375,6 @@ def results_path(name: str) -> str:
     return os.path.join(ROOT, "bench", "results", name)
 
 
-def write_report(text: str, out: str):
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        f.write(text)
-    print(f"wrote {out}", flush=True)
-
-
 def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
@@ -441,9 +435,8 @@ def main(argv=None) -> int:
              ["Notes:", ""] + [f"- {note}" for note in notes] +
              [f"- wall time of this run: {time.monotonic() - start:.0f} s", ""])
     report = "\n".join(lines)
-    print("\n" + report, flush=True)
-    if not args.dry_run:
-        write_report(report, args.out or results_path(f"gpu-{slug(name)}.md"))
+    print(flush=True)
+    publish(report, None if args.dry_run else args.out or results_path(f"gpu-{slug(name)}.md"))
     return 0
 
 

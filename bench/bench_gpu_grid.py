@@ -33,8 +33,9 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import pyclloss  # noqa: E402
-from bench_gpu import (Clock, environment, measure, release, results_path, short_error,  # noqa: E402
-                       slug, write_report)
+from pyclloss.tools.benchmark import publish  # noqa: E402
+from bench_gpu import (Clock, environment, measure, release, results_path,  # noqa: E402
+                       short_error, slug)
 
 MODES = {"bfloat16": (torch.bfloat16, False), "float32-tf32": (torch.float32, True),
          "float32": (torch.float32, False)}
@@ -270,9 +271,7 @@ def main(argv=None) -> int:
     notes.append(f"wall time of this run: {time.monotonic() - start:.0f} s")
     text = report(rows, headline, impls, rates, [f"# CLIP on {name}: fused vs dense", ""] +
                   header, notes)
-    print(text, flush=True)
-    if not args.dry_run:
-        write_report(text, args.out or results_path(f"gpu-grid-{slug(name)}.md"))
+    publish(text, None if args.dry_run else args.out or results_path(f"gpu-grid-{slug(name)}.md"))
     return 0
 
 

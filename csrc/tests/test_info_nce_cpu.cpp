@@ -24,6 +24,10 @@
 
 #include "pyclloss/cpu_schedule.h"
 
+#ifdef __linux__
+#include <sched.h>
+#endif
+
 namespace {
 
 using at::Tensor;
@@ -395,6 +399,41 @@ void check_schedules() {
   at::set_num_threads(threads);
 }
 
+// Two workers that start on the same CPU end on different ones, each with
+// the affinity it had.
+void check_worker_cpus() {
+#ifdef __linux__
+  cpu_set_t allowed;
+  CPU_ZERO(&allowed);
+  if (sched_getaffinity(0, sizeof(allowed), &allowed) != 0 || CPU_COUNT(&allowed) < 2) {
+    std::printf("skipped: worker CPUs (fewer than 2 CPUs allowed)\n");
+    return;
+  }
+  int first = 0;
+  while (!CPU_ISSET(first, &allowed)) ++first;
+  pyclloss::cpu::WorkerCpus cpus(2);
+  std::vector<int> ran_on(2, -1);
+  std::atomic<bool> restored{true};
+  const auto start_on_first = [&](int64_t slot) {
+    cpu_set_t only;
+    CPU_ZERO(&only);
+    CPU_SET(first, &only);
+    sched_setaffinity(0, sizeof(only), &only);  // migrates there
+    sched_setaffinity(0, sizeof(allowed), &allowed);
+    cpus.claim(slot);
+    ran_on[slot] = sched_getcpu();
+    cpu_set_t now;
+    CPU_ZERO(&now);
+    sched_getaffinity(0, sizeof(now), &now);
+    restored = restored && CPU_EQUAL(&now, &allowed);
+  };
+  std::thread(start_on_first, 0).join();
+  std::thread(start_on_first, 1).join();
+  expect(ran_on[0] >= 0 && ran_on[0] != ran_on[1] && restored,
+         "workers on the same CPU move apart, affinity restored");
+#endif
+}
+
 }  // namespace
 
 int main() {
@@ -411,6 +450,7 @@ int main() {
   check(make_self_problem(300, 4, at::kDouble, true, -1, true), "f64 self 300 neg_only offset -1");
   check(make_self_problem(2, 3, at::kBFloat16, false, 0, false), "bf16 self 2 no labels");
   check_schedules();
+  check_worker_cpus();
   std::printf("%d failure(s)\n", failures);
   return failures;
 }

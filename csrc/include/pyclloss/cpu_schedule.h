@@ -18,7 +18,57 @@
 #include <utility>
 #include <vector>
 
+#ifdef __linux__
+#include <sched.h>
+#endif
+
 namespace pyclloss::cpu {
+
+// The CPUs that the workers of one run_workers call run on. When a machine
+// has other work, Linux often wakes an intra-op thread on the CPU of the
+// thread that wakes it (wake-affine placement, which is not corrected later:
+// moving one of three runnable threads between two CPUs changes no CPU's
+// count), so that both workers of a 2-thread kernel share one core while the
+// other process keeps the other core. A worker that finds its CPU taken by
+// another worker of the call moves itself, once, to a CPU of its allowed
+// set that no worker has: its affinity narrowed to those CPUs, which
+// migrates it, and restored at once, which leaves it there.
+class WorkerCpus {
+ public:
+  explicit WorkerCpus(int64_t workers) : cpus_(workers, -1) {}
+
+  // Called by worker `slot` as it starts.
+  void claim(int64_t slot) {
+#ifdef __linux__
+    std::lock_guard<std::mutex> lock(mutex_);
+    int cpu = sched_getcpu();
+    if (cpu >= 0 && std::find(cpus_.begin(), cpus_.end(), cpu) != cpus_.end()) {
+      cpu_set_t allowed;
+      CPU_ZERO(&allowed);
+      if (sched_getaffinity(0, sizeof(allowed), &allowed) == 0) {
+        cpu_set_t unclaimed = allowed;
+        for (const int other : cpus_) {
+          if (other >= 0 && other < CPU_SETSIZE) {
+            CPU_CLR(other, &unclaimed);
+          }
+        }
+        if (CPU_COUNT(&unclaimed) > 0 &&
+            sched_setaffinity(0, sizeof(unclaimed), &unclaimed) == 0) {
+          sched_setaffinity(0, sizeof(allowed), &allowed);
+          cpu = sched_getcpu();
+        }
+      }
+    }
+    cpus_[slot] = cpu;
+#else
+    (void)slot;
+#endif
+  }
+
+ private:
+  std::mutex mutex_;
+  std::vector<int> cpus_;  // per worker, -1 before it starts
+};
 
 // Runs worker() once on each of up to `workers` intra-op threads (on the
 // calling thread alone inside a parallel region). A thread done with its
@@ -34,6 +84,7 @@ void run_workers(int64_t workers, const Worker& worker) {
   std::mutex mutex;
   std::condition_variable all_done;
   int64_t done = 0;  // of [0, threads), under mutex
+  WorkerCpus cpus(threads);
   at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
     struct Arrival {  // counted even when worker() throws
       std::mutex& mutex;
@@ -48,6 +99,9 @@ void run_workers(int64_t workers, const Worker& worker) {
     };
     {
       Arrival arrival{mutex, all_done, done, end - begin};
+      if (threads > 1) {
+        cpus.claim(begin);
+      }
       c10::InferenceMode no_autograd;
       worker();
     }

@@ -139,11 +139,6 @@ class Problem:
         q, k, s = self.q.double(), self.k.double(), abs(float(self.scale))
         size = grad.abs() * (1 + s)
         input_size = size if self.q.dtype == self.stats else grad.abs()
-        if self.kernels.name == "triton" and self.q.dtype == torch.float16:
-            # Measured under the interpreter: up to 10 units of fp16 against
-            # these sizes, where rounding the G tile to fp16 accounts for
-            # less than one; twice the floor until the cause is found.
-            input_size = 2 * input_size
         return {0: s * (input_size @ k.abs()).max().item() if size.numel() else 0.0,
                 1: s * (input_size.T @ q.abs()).max().item() if size.numel() else 0.0,
                 2: (size * dot.abs()).sum().item(), 3: size.sum().item()}

@@ -11,7 +11,8 @@ fp32 tile. What the epilogue does is the pass:
   sum-of-exp over the block's rows — all four statistics from one tile pass;
 - ``_PAIR`` / ``_SIGLIP``: row sums of softplus / sigmoid terms;
 - ``_GRAD``: the logit gradient G of the tile (docs/fused_core.md), written to
-  a row chunk of G in the operands' dtype (bf16 for fp16 operands), plus
+  a row chunk of G in the operands' dtype (fp16: scaled by a power of two
+  that keeps it in range, _fp16_grad_scale), plus
   per-row Σ G·dot (and Σ G); with ``SELF_GRAD`` (q and k the same rows) the
   tiles of G + Gᵀ, so that one product gives the whole gradient.
 
@@ -536,11 +537,23 @@ def siglip_fwd(q, k, scale, bias, q_labels, k_labels):
     return row[:, 0].sum(0)
 
 
-def _grad_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype G is stored in for the products: the operands', except bf16 for
-    fp16 operands — G's entries (coefficients of 1/N times probabilities) fall
-    far below fp16's range, never below bf16's."""
-    return torch.bfloat16 if dtype == torch.float16 else dtype
+def _fp16_grad_scale(coefs, self_grad: bool, device: torch.device) -> Tensor:
+    """The power of two that G is scaled by before it is stored in fp16, as a
+    0-dim tensor (no host sync): G's entries (coefficients of about 1/N times
+    probabilities) fall far below fp16's normal range, and bf16, which would
+    hold them, carries 8 times fp16's rounding error (measured: up to about 6
+    units of fp16 in dq with G and k in bf16, 0.7 with both in fp16). Each
+    term of G is a coefficient times a probability or a sigmoid, so
+    |G| <= the sum of the coefficients' largest magnitudes (twice that for
+    G + Gᵀ); the scale puts that bound at most at 2^15. G is linear in its
+    coefficients: scaling them scales G exactly."""
+    bound = sum(c.abs().amax() for c in coefs if c is not None and c.numel())
+    if not torch.is_tensor(bound):
+        return torch.ones((), dtype=torch.float32, device=device)
+    bound = bound.float() * (2 if self_grad else 1)
+    grad_scale = torch.exp2(torch.floor(15 - torch.log2(bound)))
+    usable = torch.isfinite(grad_scale) & (grad_scale > 0)
+    return torch.where(usable, grad_scale, torch.ones_like(grad_scale))
 
 
 def _backward(q, k, scale, bias, q_labels, k_labels, exclude_offset, neg_only,
@@ -553,14 +566,18 @@ def _backward(q, k, scale, bias, q_labels, k_labels, exclude_offset, neg_only,
     gradient, one product instead of two."""
     tiles = _Tiles(q, k, scale, q_labels, k_labels, exclude_offset, bias)
     n, m = tiles.n, tiles.m
-    grad_dtype = _grad_dtype(q.dtype)
-    q_operand, k_operand = tiles.q.to(grad_dtype), tiles.k.to(grad_dtype)
+    grad_scale = None
+    if q.dtype == torch.float16:
+        grad_scale = _fp16_grad_scale((row_coef, col_coef, pos_coef), self_grad, q.device)
+        row_coef, col_coef, pos_coef = (None if c is None else c * grad_scale
+                                        for c in (row_coef, col_coef, pos_coef))
+    out_scale = scale if grad_scale is None else scale / grad_scale
     dq = torch.zeros_like(tiles.q)
     dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device) if need_dk else None
     sums = torch.zeros(2, dtype=torch.float32, device=q.device)
     chunks = tiles.row_chunks(m * q.element_size(), CHUNK_BYTES) if n > 0 and m > 0 else []
     if chunks:
-        grad_buffer = torch.empty(chunks[0][1] - chunks[0][0], m, dtype=grad_dtype,
+        grad_buffer = torch.empty(chunks[0][1] - chunks[0][0], m, dtype=q.dtype,
                                   device=q.device)
     flags = dict(PASS=_GRAD, SIGLIP=bias is not None, NEG_ONLY=neg_only and q_labels is not None,
                  ROW_TERM=row_coef is not None, COL_TERM=col_coef is not None,
@@ -572,11 +589,11 @@ def _backward(q, k, scale, bias, q_labels, k_labels, exclude_offset, neg_only,
         grad = grad_buffer[: r1 - r0]
         row_part, _ = tiles.launch("info_nce.grad", r0, r1, vectors, {"grad": grad}, **flags)
         sums += row_part[:, :2].sum((0, 2))
-        dq[r0:r1] = _mm_fp32(grad, k_operand).mul_(scale)
+        dq[r0:r1] = _mm_fp32(grad, tiles.k).mul_(out_scale)
         if need_dk:
-            dk = _mm_fp32(grad.t(), q_operand[r0:r1], dk)
-    dk = dk.mul_(scale).to(k.dtype) if need_dk else k.new_empty(0)
-    return dq, dk, sums
+            dk = _mm_fp32(grad.t(), tiles.q[r0:r1], dk)
+    dk = dk.mul_(out_scale).to(k.dtype) if need_dk else k.new_empty(0)
+    return dq, dk, sums if grad_scale is None else sums / grad_scale
 
 
 # cuBLAS can return fp32 products of 16-bit operands (torch's out_dtype, CUDA only);

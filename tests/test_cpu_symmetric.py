@@ -6,6 +6,7 @@ reference and the general path on fresh random inputs, at sizes below, at and
 across the 256-row blocks, and bit for bit across thread counts."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -340,3 +341,26 @@ def test_results_are_bit_identical_across_thread_counts(dtype):
     for count, outs in results.items():
         for a, b in zip(outs, results[1]):
             assert torch.equal(a, b), f"{count} threads differ from one"
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs Linux and two CPUs")
+def test_workers_leave_every_affinity_as_it_was():
+    # A worker that starts on another worker's CPU narrows its affinity to
+    # move, then restores it: the calling thread's mask is unchanged after the
+    # kernels, and a narrowed mask is kept (a worker bound there stays).
+    z = torch.randn(600, 16, requires_grad=True)
+    before = os.sched_getaffinity(0)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for _ in range(3):
+            pyclloss.nt_xent(z[:300], z[300:], 0.5, backend="cpp").backward()
+        assert os.sched_getaffinity(0) == before
+        one = {min(before)}
+        os.sched_setaffinity(0, one)
+        pyclloss.nt_xent(z[:300], z[300:], 0.5, backend="cpp").backward()
+        assert os.sched_getaffinity(0) == one
+    finally:
+        os.sched_setaffinity(0, before)
+        torch.set_num_threads(threads)

@@ -538,15 +538,11 @@ def siglip_fwd(q, k, scale, bias, q_labels, k_labels):
 
 
 def _fp16_grad_scale(coefs, self_grad: bool, device: torch.device) -> Tensor:
-    """The power of two that G is scaled by before it is stored in fp16, as a
-    0-dim tensor (no host sync): G's entries (coefficients of about 1/N times
-    probabilities) fall far below fp16's normal range, and bf16, which would
-    hold them, carries 8 times fp16's rounding error (measured: up to about 6
-    units of fp16 in dq with G and k in bf16, 0.7 with both in fp16). Each
-    term of G is a coefficient times a probability or a sigmoid, so
-    |G| <= the sum of the coefficients' largest magnitudes (twice that for
-    G + Gᵀ); the scale puts that bound at most at 2^15. G is linear in its
-    coefficients: scaling them scales G exactly."""
+    """The power of two that G is scaled by before it is stored in fp16
+    (docs/gpu.md), as a 0-dim tensor (no host sync): it brings the bound
+    |G| <= the sum of the coefficients' largest magnitudes (each term of G is
+    a coefficient times a probability or a sigmoid; twice that for G + Gᵀ)
+    to at most 2^15."""
     bound = sum(c.abs().amax() for c in coefs if c is not None and c.numel())
     if not torch.is_tensor(bound):
         return torch.ones((), dtype=torch.float32, device=device)

@@ -413,7 +413,7 @@ void check_worker_cpus() {
   while (!CPU_ISSET(first, &allowed)) ++first;
   pyclloss::cpu::WorkerCpus cpus(2);
   std::vector<int> ran_on(2, -1);
-  std::atomic<bool> restored{true};
+  bool restored = true;  // the threads run one after the other
   const auto start_on_first = [&](int64_t slot) {
     cpu_set_t only;
     CPU_ZERO(&only);

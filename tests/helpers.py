@@ -167,11 +167,13 @@ def assert_same_value_and_grad(expected_fn, actual_fn, x, tol):
     assert_close_rel(b.grad, a.grad, tol, "grad")
 
 
-def check_against_reference(fused_fn, ref_fn, inputs, dtype, what, grad_magnitudes=None):
+def check_against_reference(fused_fn, ref_fn, inputs, dtype, what, grad_magnitudes=None,
+                            loss_magnitude=None):
     """Loss and gradients (of the floating inputs that get one) of ``fused_fn`` on
     ``inputs`` in ``dtype`` (0-dim ones stay as given) against ``ref_fn`` by the rule.
     ``grad_magnitudes(probe)``: where a loss knows the terms its gradients sum,
-    their sizes for the output's cotangent ``probe`` ({index of the input: size})."""
+    their sizes for the output's cotangent ``probe`` ({index of the input: size});
+    ``loss_magnitude``: likewise the size of the terms the loss sums."""
     fused_in = [x.to(dtype) if x.is_floating_point() and x.dim() > 0 else x for x in inputs]
     leaves = [_leaf(x) if x.is_floating_point() else x for x in fused_in]
     out = fused_fn(*leaves)
@@ -192,6 +194,8 @@ def check_against_reference(fused_fn, ref_fn, inputs, dtype, what, grad_magnitud
     # without the terms at hand, their size is taken as 10x the sum's.
     magnitudes = {i: max(1.0, g.abs().max().item()) * (10 if i and g.dim() == 0 else 1)
                   for i, g in enumerate(got)}
+    if loss_magnitude is not None:
+        magnitudes[0] = max(magnitudes[0], loss_magnitude)
     for i, size in (grad_magnitudes(probe) if grad_magnitudes else {}).items():
         out = 1 + with_grad.index(i)  # gradients follow the loss in ``got``
         magnitudes[out] = max(magnitudes[out], size)

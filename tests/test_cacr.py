@@ -51,6 +51,17 @@ def _repulsion_term_sizes(anchors, others, coef):
             1: 2 * (g.sum(0)[:, None] * b.abs() + g.T @ a.abs()).max().item()}
 
 
+def _loss_term_sizes(zs, normalize, per_sample):
+    """Sizes of the terms the loss adds, per sample: α·attraction and −β·repulsion,
+    weighted as the reduction weighs the samples."""
+    z = torch.stack(zs).double()
+    if normalize:
+        z = torch.nn.functional.normalize(z, dim=-1)
+    attraction = ref.attraction(z, KW["attraction_temperature"]).abs()
+    repulsion = ref.cacr_repulsion_fwd(z[0], z[1], KW["repulsion_temperature"], 0)[0].abs()
+    return per_sample * (KW["alpha"] * attraction + KW["beta"] * repulsion)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_weights_reductions_and_unnormalized(backend, reduction):
@@ -63,9 +74,12 @@ def test_weights_reductions_and_unnormalized(backend, reduction):
         # Unit rows: the default magnitudes; rows off the sphere: the terms' sizes.
         sizes = None if normalize else (
             lambda probe: _repulsion_term_sizes(*zs, KW["beta"] * per_sample * probe.abs().cpu()))
+        # a sum over samples: its terms, not the sum, set the round-off
+        terms = _loss_term_sizes(zs, normalize, per_sample)
+        terms = (terms.max() if reduction == "none" else terms.sum()).item()
         check_against_reference(lambda *z: pyclloss.cacr_loss(*z, **kw, backend=backend),
                                 lambda *z: ref.cacr_loss(*z, **kw), zs, torch.float32,
-                                f"{backend} {reduction} normalize={normalize}", sizes)
+                                f"{backend} {reduction} normalize={normalize}", sizes, terms)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

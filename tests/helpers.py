@@ -299,6 +299,16 @@ def infonce_pair_fwd_oracle(q, k, scale, q_labels, k_labels, exclude_offset, neg
     return loss_sum + tail, sigmoid_sum
 
 
+def absolute_coefficients(row_lse, row_coef, col_lse, col_coef, pos_coef, pair_lse):
+    """infonce_bwd's statistics and coefficients, the coefficients made |c|. Every
+    term of G (docs/fused_core.md) is a coefficient times a weight >= 0 (a
+    probability or a sigmoid), so the G they give is the sum of the sizes of
+    its terms: G's rounding scales with that, not with |G|, which is far
+    smaller where the terms cancel."""
+    size = lambda c: None if c is None else c.abs()
+    return row_lse, size(row_coef), col_lse, size(col_coef), size(pos_coef), pair_lse
+
+
 def infonce_self_bwd_oracle(z, scale, *args):
     """infonce_self_bwd (q = k = z) by the reference: dq + dk, and dscale."""
     dq, dk, dscale = ref_info_nce.infonce_bwd(z, z, scale, *args, True)

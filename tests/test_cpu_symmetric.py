@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import check_outputs, infonce_pair_fwd_oracle, infonce_self_bwd_oracle, unit_rows
+from helpers import (absolute_coefficients, check_outputs, infonce_pair_fwd_oracle,
+                     infonce_self_bwd_oracle, unit_rows)
 
 import pyclloss
 import pyclloss._C  # noqa: F401  (registers torch.ops.pyclloss_C)
@@ -176,19 +177,20 @@ def test_infonce_self_bwd_is_dq_plus_dk(dtype, shape, terms, labels, offset, neg
     z, s, ql, kl = _problem(*shape, dtype, labels)
     args = _grad_args(z, s, ql, kl, offset, neg_only, terms)
     dz, dscale = ops.infonce_self_bwd(z, s, ql, kl, offset, neg_only, *args.values())
-    grad, _ = ref.infonce_grad_logits(_f64(z), _f64(z), _f64(s), ql, kl, offset, neg_only,
-                                      *[_f64(v) for v in args.values()])
-    # The sizes of the terms dz and dscale sum: |G| + |G^T| bounds every term of
-    # (G + G^T) z, and a dot product's rounding scales with sum_d |z_id z_jd|.
+    terms_g, _ = ref.infonce_grad_logits(_f64(z), _f64(z), _f64(s), ql, kl, offset, neg_only,
+                                         *absolute_coefficients(*map(_f64, args.values())))
+    # The sizes of the terms dz and dscale sum: terms_g, the sizes of G's own
+    # terms (helpers.absolute_coefficients), bounds every term of (G + G^T) z,
+    # and a dot product's rounding scales with sum_d |z_id z_jd|.
     # G, an exp of logits up to s, carries relative errors of about (1 + s)
     # units of the statistics dtype: so do results kept in it.
     cond = 1 + float(s)
-    mag = (grad.abs() + grad.abs().T) * (cond if dtype == _stats(dtype) else 1)
+    mag = (terms_g + terms_g.T) * (cond if dtype == _stats(dtype) else 1)
     dot_scale = _f64(z).abs() @ _f64(z).abs().T
     check_outputs((dz, dscale), infonce_self_bwd_oracle,
                   [z, s, ql, kl, offset, neg_only, *args.values()], "infonce_self_bwd",
                   {0: float(s) * _max(mag @ _f64(z).abs()),
-                   1: cond * (grad.abs() * dot_scale).sum().item()})
+                   1: cond * (terms_g * dot_scale).sum().item()})
     assert dz.dtype == dtype and dscale.dtype == _stats(dtype)
 
 

@@ -17,8 +17,8 @@ from itertools import product
 import pytest
 import torch
 
-from helpers import (HAS_CUDA, check_outputs, infonce_pair_fwd_oracle, infonce_self_bwd_oracle,
-                     near_copies, random_labels, unit_rows)
+from helpers import (HAS_CUDA, absolute_coefficients, check_outputs, infonce_pair_fwd_oracle,
+                     infonce_self_bwd_oracle, near_copies, random_labels, unit_rows)
 from pyclloss._stats import stats_dtype
 from pyclloss.backends import backends
 from pyclloss.reference import info_nce as ref
@@ -132,7 +132,8 @@ class Problem:
         return got
 
     def grad_magnitudes(self, grad, dot):
-        """The sizes of the terms each gradient sums, from the dense G and dot:
+        """The sizes of the terms each gradient sums, from ``grad``, the sizes of
+        the terms of the dense G (``term_sizes``), and dot:
         s |G| |k| for dq, s |G|ᵀ |q| for dk, |G dot| for dscale, |G| for dbias.
         G, an exp or sigmoid of logits up to s, carries relative errors of about
         (1 + s) units of the statistics dtype: so do results kept in it."""
@@ -211,8 +212,13 @@ def bwd_args(p, exclude_offset, neg_only, terms):
             coef(n) if "pos" in terms else None, pair_lse if "pair" in terms else None)
 
 
+def term_sizes(p, args):
+    """The sizes of the terms of G (helpers.absolute_coefficients) and the dots."""
+    return p.ref("infonce_grad_logits", *args[:4], *absolute_coefficients(*args[4:]))
+
+
 def check_bwd_args(p, args, need_dk):
-    grad, dot = p.ref("infonce_grad_logits", *args)
+    grad, dot = term_sizes(p, args)
     dq, dk, dscale = p.check("infonce_bwd", *args, need_dk,
                              magnitudes=p.grad_magnitudes(grad, dot))
     assert dq.dtype == p.q.dtype and dk.dtype == p.q.dtype and dscale.dtype == p.stats
@@ -645,7 +651,7 @@ def test_triton_self_bwd_is_dq_plus_dk(backend, dtype, case, exclude_offset, neg
     p.k, p.k_labels = p.q, p.q_labels
     terms = BWD_CASES[case][0]
     args = bwd_args(p, exclude_offset, neg_only and "col" not in terms, terms)
-    grad, dot = p.ref("infonce_grad_logits", *args)
+    grad, dot = term_sizes(p, args)
     size = p.grad_magnitudes(grad + grad.T, dot)
 
     got = tri.infonce_self_bwd(p.q, p.scale, *args)

@@ -33,8 +33,9 @@ MEMORY_ROWS, MEMORY_DIM = 256, 1024
 
 class Case(NamedTuple):
     """A loss call on row tensors (split by rank along dim 0) and shared scalars;
-    ``terms(rows, scalars)``: per scalar, a bound on the size of the terms its
-    gradient sums (they cancel: the sum's round-off is measured against them)."""
+    ``terms(rows, scalars)``: for the loss and per scalar, a bound on the size of
+    the terms the value or the scalar's gradient sums (they cancel: the round-off
+    is measured against them, not against a sum that can be tiny)."""
     call: Callable
     rows: Dict[str, torch.Tensor]
     scalars: Dict[str, float]
@@ -45,14 +46,20 @@ class Case(NamedTuple):
 
 
 def _cosine_terms(t, rows=1):
-    """Cosine logits l = c/t: a row's dL/dt sums G_j·l_j/t with Σ_j |G_j| ≤ 2 and
-    |l| ≤ 1/t; ``rows``: how many rows the reduction adds (1 for a mean)."""
-    return 2 * rows / t ** 2
+    """Cosine logits l = c/t, |l| ≤ 1/t: a row's loss adds its LSE and a positive's
+    logit, and its dL/dt sums G_j·l_j/t with Σ_j |G_j| ≤ 2. ``rows``: how many
+    rows the reduction adds (1 for a mean)."""
+    return {"loss": 2 * rows / t, "t": 2 * rows / t ** 2}
 
 
-def _dot_terms(a, b, rows=1):
-    """Scaled dot products l = s·a_i·b_j: ∂l/∂s = a_i·b_j."""
-    return 2 * rows * float(a.norm(dim=1).max() * b.norm(dim=1).max())
+def _dot_terms(x, a, b, s, rows=1, bias=0.0):
+    """Scaled dot products l = s·a_i·b_j + bias of the rows x[a], x[b]: ∂l/∂s =
+    a_i·b_j, ∂l/∂bias = 1, and a_i's gradient sums s·G_ij·b_j over its row and
+    column of G (Σ |G| ≤ 2 each)."""
+    norm_a, norm_b = (float(x[key].norm(dim=1).max()) for key in (a, b))
+    return {"loss": 2 * rows * (abs(s) * norm_a * norm_b + abs(bias)),
+            "s": 2 * rows * norm_a * norm_b, "b": 2 * rows,
+            a: 4 * rows * abs(s) * norm_b, b: 4 * rows * abs(s) * norm_a}
 
 
 def _cases(sizes, seed: int) -> Dict[str, Case]:
@@ -68,45 +75,44 @@ def _cases(sizes, seed: int) -> Dict[str, Case]:
         "nt_xent": Case(lambda x, s, o, **kw: fn.nt_xent(x["z1"], x["z2"], s["t"],
                                                          weights=x["w"], **kw),
                         {"z1": feats(n), "z2": feats(n), "w": torch.rand(n, generator=gen)},
-                        {"t": 0.5}, ("z1", "z2"), lambda x, s: {"t": _cosine_terms(s["t"])}),
+                        {"t": 0.5}, ("z1", "z2"), lambda x, s: _cosine_terms(s["t"])),
         "pair_nt_xent": Case(lambda x, s, o, **kw: fn.pair_nt_xent(x["z"], x["y"], s["t"], **kw),
                              {"z": feats(n), "y": labels}, {"t": 0.2}, ("z",),
-                             lambda x, s: {"t": _cosine_terms(s["t"])}),
+                             lambda x, s: _cosine_terms(s["t"])),
         "supcon": Case(lambda x, s, o, **kw: fn.supcon(x["z"], x["y"], s["t"], 0.5, **kw),
                        {"z": feats(n), "y": labels}, {"t": 0.1}, ("z",),
-                       lambda x, s: {"t": _cosine_terms(s["t"])}),
+                       lambda x, s: _cosine_terms(s["t"])),
         "supcon_views": Case(lambda x, s, o, **kw: pyclloss.SupConLoss(s["t"], **kw)(
                                  x["z"], None, x["w"]),
                              {"z": feats(n, 2), "w": torch.rand(n, generator=gen)}, {"t": 0.3},
-                             ("z",), lambda x, s: {"t": _cosine_terms(s["t"])}),
+                             ("z",), lambda x, s: _cosine_terms(s["t"])),
         "info_nce": Case(lambda x, s, o, **kw: fn.info_nce(x["q"], x["k"], s["t"], x["t"] - o,
                                                            reduction="sum", **kw),
                          {"q": feats(n), "k": feats(n), "t": local_targets}, {"t": 0.07},
-                         ("q", "k"), lambda x, s: {"t": _cosine_terms(s["t"], len(x["q"]))}),
+                         ("q", "k"), lambda x, s: _cosine_terms(s["t"], len(x["q"]))),
         "info_nce_own_key": Case(lambda x, s, o, **kw: fn.info_nce(
                                      x["q"], x["k"], s["t"], x["t"] - o, queue,
                                      in_batch_negatives=False, **kw),
                                  {"q": feats(n), "k": feats(n), "t": local_targets},
                                  {"t": 0.2}, ("q", "k"),
-                                 lambda x, s: {"t": _cosine_terms(s["t"])}),
+                                 lambda x, s: _cosine_terms(s["t"])),
         "clip": Case(lambda x, s, o, **kw: fn.clip_loss(x["i"], x["x"], s["s"], **kw),
                      {"i": feats(n), "x": feats(n)}, {"s": 5.0}, ("i", "x"),
-                     lambda x, s: {"s": _dot_terms(x["i"], x["x"])}),
+                     lambda x, s: _dot_terms(x, "i", "x", s["s"])),
         "clip_fp16": Case(lambda x, s, o, **kw: fn.clip_loss(x["i"].half(), x["x"].half(),
                                                              s["s"], **kw),
                           {"i": feats(n), "x": feats(n)}, {"s": 5.0}, ("i", "x"),
-                          lambda x, s: {"s": _dot_terms(x["i"], x["x"])}, rtol=2e-3),
+                          lambda x, s: _dot_terms(x, "i", "x", s["s"]), rtol=2e-3),
         "siglip": Case(lambda x, s, o, **kw: pyclloss.SigLipLoss(**kw)(x["i"], x["x"], s["s"],
                                                                       s["b"]),
                        {"i": feats(n), "x": feats(n)}, {"s": 4.0, "b": -2.0}, ("i", "x"),
                        # a row sums its sigmoid terms over every key
-                       lambda x, s: {"s": _dot_terms(x["i"], x["x"], len(x["x"])),
-                                     "b": 2.0 * len(x["x"])}),
+                       lambda x, s: _dot_terms(x, "i", "x", s["s"], len(x["x"]), s["b"])),
         "gated": Case(lambda x, s, o, **kw: fn.gated_info_nce(x["q"], x["k"], x["g"], x["y"],
                                                               x["p"], x["y"], s["t"], **kw),
                       {"q": feats(n), "k": feats(n), "g": torch.rand(n, DIM, generator=gen),
                        "y": labels, "p": torch.randint(0, 3, (n,), generator=gen)},
-                      {"t": 0.2}, ("q", "k", "g"), lambda x, s: {"t": _cosine_terms(s["t"])}),
+                      {"t": 0.2}, ("q", "k", "g"), lambda x, s: _cosine_terms(s["t"])),
     }
 
 
@@ -267,12 +273,12 @@ def _assert_matches(per_rank, sizes, seed, name, strategy, backend, device="cpu"
     loss, grads = _run(case, 0, sum(sizes), backend, device)
     for rank, results in enumerate(per_rank):
         got_loss, got_grads = results[name, strategy, backend]
-        _assert_close(got_loss, loss, f"rank {rank} loss", case.rtol)
+        terms = case.terms(case.rows, case.scalars)
+        _assert_close(got_loss, loss, f"rank {rank} loss", case.rtol, floor=terms["loss"])
         start, stop = sum(sizes[:rank]), sum(sizes[:rank + 1])
         for key in case.differentiable:
             _assert_close(got_grads[key] / world, grads[key][start:stop], f"rank {rank} d{key}",
-                          case.rtol)
-        terms = case.terms(case.rows, case.scalars)
+                          case.rtol, floor=terms.get(key, 0.0))
         for key in case.scalars:
             _assert_close(got_grads[key], grads[key], f"rank {rank} d{key}", case.rtol,
                           floor=terms[key])
@@ -311,7 +317,8 @@ def test_ddp_parameters_get_the_global_batch_gradient(spawned, world, strategy):
     single = _tower_grads(towers, case, 0, sum(sizes))
     with torch.no_grad():  # the logits s·a·b are their own derivatives in log s
         images, texts, scale = towers(case.rows["i"], case.rows["x"])
-        terms = {"log_scale": float(scale) * _dot_terms(images, texts)}
+        terms = {"log_scale": _dot_terms({"i": images, "x": texts}, "i", "x",
+                                         float(scale))["loss"]}
     for rank, results in enumerate(per_rank):
         for name, grad in single.items():
             _assert_close(results["ddp", strategy]["module." + name], grad, f"rank {rank} {name}",
@@ -325,12 +332,12 @@ def test_a_group_of_one_rank_is_the_local_batch(spawned, world, strategy):
     seed, per_rank = spawned[world]
     sizes = WORLD_SIZES[world]
     case = _cases(sizes, seed)["clip"]
+    terms = case.terms(case.rows, case.scalars)
     for rank, results in enumerate(per_rank):
         start, stop = sum(sizes[:rank]), sum(sizes[:rank + 1])
         loss, grads = _run(case, start, stop, "cpp")
         got_loss, got_grads = results["alone", strategy]
-        _assert_close(got_loss, loss, f"rank {rank} loss")
-        terms = case.terms(case.rows, case.scalars)
+        _assert_close(got_loss, loss, f"rank {rank} loss", floor=terms["loss"])
         for key, grad in grads.items():
             _assert_close(got_grads[key], grad, f"rank {rank} d{key}", floor=terms.get(key, 0.0))
 
@@ -344,12 +351,18 @@ def test_reduction_none_gives_the_local_anchors(spawned, world):
     full = fn.clip_loss(clip.rows["i"], clip.rows["x"], 5.0, reduction="none")
     gated_full = gated.call(gated.rows, gated.scalars, 0, reduction="none")
     gated_sum = gated.call(gated.rows, gated.scalars, 0, reduction="sum")
+    n = sum(sizes)
+    clip_terms = clip.terms(clip.rows, clip.scalars)["loss"]
+    # an anchor's sum over its (up to n) positives, and the sum over the anchors
+    anchor_terms = _cosine_terms(gated.scalars["t"], n)["loss"]
     for rank, results in enumerate(per_rank):
         mine = slice(sum(sizes[:rank]), sum(sizes[:rank + 1]))
-        _assert_close(results["clip_none"], full[mine], f"rank {rank}")
+        _assert_close(results["clip_none"], full[mine], f"rank {rank}", floor=clip_terms)
         # the gated ring: each local anchor's sum over its positives on every rank
-        _assert_close(results["gated", "none"], gated_full[mine], f"rank {rank} gated")
-        _assert_close(results["gated", "sum"], gated_sum, f"rank {rank} gated sum")
+        _assert_close(results["gated", "none"], gated_full[mine], f"rank {rank} gated",
+                      floor=anchor_terms)
+        _assert_close(results["gated", "sum"], gated_sum, f"rank {rank} gated sum",
+                      floor=n * anchor_terms)
 
 
 # one rank's travelling keys, fp32: NT-Xent's both views, the gated loss's keys

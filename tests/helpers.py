@@ -105,8 +105,9 @@ def _max_error(actual, oracle):
 def _own_error(actual, oracle):
     """_max_error over the entries PyTorch computed finite: where it overflows
     (1/|z| of a tiny float16 row, say) it shows nothing of its rounding."""
-    finite = torch.isfinite(actual.detach().cpu())
-    return _max_error(actual.detach().cpu()[finite], oracle.detach().cpu()[finite])
+    actual = actual.detach().cpu()
+    finite = torch.isfinite(actual)
+    return _max_error(actual[finite], oracle.detach().cpu()[finite])
 
 
 def own_errors(fn, args):

@@ -273,9 +273,9 @@ def _assert_matches(per_rank, sizes, seed, name, strategy, backend, device="cpu"
     world = len(sizes)
     case = _cases(sizes, seed)[name]
     loss, grads = _run(case, 0, sum(sizes), backend, device)
+    terms = case.terms(case.rows, case.scalars)
     for rank, results in enumerate(per_rank):
         got_loss, got_grads = results[name, strategy, backend]
-        terms = case.terms(case.rows, case.scalars)
         _assert_close(got_loss, loss, f"rank {rank} loss", case.rtol, floor=terms["loss"])
         start, stop = sum(sizes[:rank]), sum(sizes[:rank + 1])
         for key in case.differentiable:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One run on a machine with one NVIDIA GPU, every stage time-limited:
 #   1. versions; peers from wheels in .whl/ when present (diffsort, Inf-CL);
+#      fetch them with `pip download --no-deps diffsort==0.2.0 inf-cl==1.2.1 -d .whl`;
 #   2. the CUDA build of the extension (in place, in the background) while
 #      bench/tune_gpu.py compiles the Triton candidates;
 #   3. tuning: the Triton tile configurations and auto's backend per precision

@@ -27,21 +27,55 @@ def _has_cuda_compiler() -> bool:
     return True
 
 
-@pytest.mark.skipif(not _has_cuda_compiler(), reason="Triton without its NVIDIA backend")
-def test_every_kernel_compiles_for_sm90(tmp_path):
-    launches = str(tmp_path / "launches.json")
+# A folder holding another Triton to compile with as well, e.g. from
+# `pip install --no-deps --target DIR triton==3.6.0` (CI sets it): GPU users run
+# the Triton their torch's CUDA wheel installs (3.6 with torch 2.11), not the one
+# the tests pin.
+OTHER_TRITON = os.environ.get("PYCLLOSS_TRITON_SITE")
+# every family's kernels must be reached (a family whose Triton path broke
+# before launching would otherwise pass silently)
+KERNELS = {"_tiles_kernel", "_forward_kernel", "_neg_lse_kernel", "_supremix_fwd_kernel",
+           "_rnc_fwd_kernel", "_sort_fwd_kernel", "_cacr_fwd_kernel", "_cacr_grad_kernel",
+           "_topk_kernel", "_rows_bwd_kernel"}
+TOOL = [sys.executable, os.path.join(HERE, "triton_sm90.py")]
+
+
+def _without_interpreter(**extra):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    tool = [sys.executable, os.path.join(HERE, "triton_sm90.py")]
-    capture = subprocess.run(tool + ["capture", launches], env=env, capture_output=True,
-                             text=True, timeout=900)
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def launches(tmp_path_factory):
+    """Every launch the Triton paths make, recorded under the installed Triton's
+    interpreter (the launches are the same for any Triton; 3.6's interpreter
+    fails on numpy 2.x)."""
+    path = str(tmp_path_factory.mktemp("sm90") / "launches.json")
+    capture = subprocess.run(TOOL + ["capture", path], env=_without_interpreter(),
+                             capture_output=True, text=True, timeout=900)
     assert capture.returncode == 0, capture.stderr[-3000:]
-    compiled = subprocess.run(tool + ["compile", launches], env=env, capture_output=True,
+    return path
+
+
+def _compile(launches, env):
+    compiled = subprocess.run(TOOL + ["compile", launches], env=env, capture_output=True,
                               text=True, timeout=1800)
     lines = compiled.stdout.splitlines()
-    assert compiled.returncode == 0, "\n".join(l for l in lines if l.startswith("FAILED"))
+    assert compiled.returncode == 0, \
+        "\n".join(l for l in lines if l.startswith("FAILED")) or compiled.stderr[-3000:]
     names = {line.split()[1] for line in lines if line.startswith("ok")}
-    # every family's kernels were reached (a family whose Triton path broke
-    # before launching would otherwise pass silently)
-    assert {"_tiles_kernel", "_forward_kernel", "_neg_lse_kernel", "_supremix_fwd_kernel",
-            "_rnc_fwd_kernel", "_sort_fwd_kernel", "_cacr_fwd_kernel",
-            "_cacr_grad_kernel", "_topk_kernel", "_rows_bwd_kernel"} <= names, names
+    assert KERNELS <= names, names
+    return lines[0]  # "triton VERSION at PATH"
+
+
+@pytest.mark.skipif(not _has_cuda_compiler(), reason="Triton without its NVIDIA backend")
+def test_every_kernel_compiles_for_sm90(launches):
+    _compile(launches, _without_interpreter())
+
+
+@pytest.mark.skipif(not OTHER_TRITON, reason="PYCLLOSS_TRITON_SITE names no other Triton")
+def test_every_kernel_compiles_for_sm90_with_another_triton(launches):
+    path = os.pathsep.join(filter(None, [OTHER_TRITON, os.environ.get("PYTHONPATH")]))
+    used = _compile(launches, _without_interpreter(PYTHONPATH=path))
+    assert os.path.realpath(OTHER_TRITON) in used, used

@@ -279,6 +279,9 @@ def registers(ptx: str):
 
 def compile_all(path: str, report_registers: bool = False) -> int:
     os.environ.pop("TRITON_INTERPRET", None)
+    import triton
+
+    print(f"triton {triton.__version__} at {os.path.realpath(os.path.dirname(triton.__file__))}")
     with open(path) as f:
         records = json.load(f)
     failures = 0

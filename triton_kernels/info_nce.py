@@ -588,6 +588,7 @@ def _backward(q, k, scale, bias, q_labels, k_labels, exclude_offset, neg_only,
         dq[r0:r1] = _mm_fp32(grad, tiles.k).mul_(out_scale)
         if need_dk:
             dk = _mm_fp32(grad.t(), tiles.q[r0:r1], dk)
+    grad = grad_buffer = None  # freed before dk's cast allocates: not both at the peak
     dk = dk.mul_(out_scale).to(k.dtype) if need_dk else k.new_empty(0)
     return dq, dk, sums if grad_scale is None else sums / grad_scale
 

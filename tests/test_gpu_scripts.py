@@ -1,8 +1,8 @@
-"""The scripts a GPU session runs (bench/gpu_check.sh's stages) work, here on the CPU.
+"""The scripts of bench/gpu_check.sh's stages work, here on the CPU.
 
-Card time is scarce: a script that breaks on an argument, a report format or
-the tuned.json it writes would waste it. Each script's --dry-run runs the same
-code paths on tiny sizes (Triton's interpreter, or the cpp backend); these
+A script that breaks on an argument, a report format or the tuned.json it
+writes would otherwise show only on a GPU. Each script's --dry-run runs the
+same code paths on tiny sizes (Triton's interpreter, or the cpp backend); these
 tests run them and check what they computed and wrote.
 """
 
@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,7 +60,7 @@ def test_tune_gpu_writes_configurations_that_tuning_reads_back(tmp_path, monkeyp
             # what a launch at D = 20 or 64 on that card would use: D's bucket, else the nearest
             assert tuning.tuned_config(kernel, "float16", 20, card="interpreter") == recorded
             assert tuning.tuned_config(kernel, "float16", 64, card="interpreter") == recorded
-        assert tuning.preferred_backend("info_nce", __import__("torch").float16, 32,
+        assert tuning.preferred_backend("info_nce", torch.float16, 32,
                                         card="interpreter") == "triton"
     finally:
         tuning._tuned.cache_clear()

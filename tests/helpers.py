@@ -23,6 +23,15 @@ from pyclloss.reference import info_nce as ref_info_nce  # noqa: E402
 HAS_CUDA = torch.cuda.is_available()
 
 
+def env_without_interpreter(**extra):
+    """This process's environment, less the interpreter choice above, plus
+    ``extra``: for a subprocess that compiles Triton kernels for a GPU or picks
+    its own mode (a script's --dry-run)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(extra)
+    return env
+
+
 def fused_backends(device: str):
     """The fused backends that run on ``device`` here."""
     names = ("cuda", "triton") if device == "cuda" else ("cpp", "triton")

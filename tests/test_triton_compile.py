@@ -14,6 +14,8 @@ import sys
 
 import pytest
 
+from helpers import env_without_interpreter
+
 pytest.importorskip("triton")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -40,19 +42,13 @@ KERNELS = {"_tiles_kernel", "_forward_kernel", "_neg_lse_kernel", "_supremix_fwd
 TOOL = [sys.executable, os.path.join(HERE, "triton_sm90.py")]
 
 
-def _without_interpreter(**extra):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(extra)
-    return env
-
-
 @pytest.fixture(scope="module")
 def launches(tmp_path_factory):
     """Every launch the Triton paths make, recorded under the installed Triton's
     interpreter (the launches are the same for any Triton; 3.6's interpreter
     fails on numpy 2.x)."""
     path = str(tmp_path_factory.mktemp("sm90") / "launches.json")
-    capture = subprocess.run(TOOL + ["capture", path], env=_without_interpreter(),
+    capture = subprocess.run(TOOL + ["capture", path], env=env_without_interpreter(),
                              capture_output=True, text=True, timeout=900)
     assert capture.returncode == 0, capture.stderr[-3000:]
     return path
@@ -71,11 +67,11 @@ def _compile(launches, env):
 
 @pytest.mark.skipif(not _has_cuda_compiler(), reason="Triton without its NVIDIA backend")
 def test_every_kernel_compiles_for_sm90(launches):
-    _compile(launches, _without_interpreter())
+    _compile(launches, env_without_interpreter())
 
 
 @pytest.mark.skipif(not OTHER_TRITON, reason="PYCLLOSS_TRITON_SITE names no other Triton")
 def test_every_kernel_compiles_for_sm90_with_another_triton(launches):
     path = os.pathsep.join(filter(None, [OTHER_TRITON, os.environ.get("PYTHONPATH")]))
-    used = _compile(launches, _without_interpreter(PYTHONPATH=path))
+    used = _compile(launches, env_without_interpreter(PYTHONPATH=path))
     assert os.path.realpath(OTHER_TRITON) in used, used
